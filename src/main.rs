@@ -1,1 +1,293 @@
-fn main() {}
+//! `vhost-user-blk`: serve a disk image to a VM over the vhost-user protocol.
+//!
+//! Command line follows QEMU's vhost-user "Backend program conventions" for type `block`
+//! (`--socket-path`/`--fd`, `--print-capabilities`, `--blk-file`, `--read-only`), plus our own
+//! options. See README.md for examples.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{ArgAction, Parser};
+use log::info;
+
+use vhost_user_blk::backend::MAX_QUEUES;
+use vhost_user_blk::image::{create_image, open_image, ImageFormat, ImageOptions};
+use vhost_user_blk::server::{
+    bind_socket, handle_signals, listener_from_fd, systemd_listen_fd, ListenOn, Server,
+};
+use vhost_user_blk::virtio_blk::DeviceParams;
+use vhost_user_blk::{Error, Result};
+
+/// Capabilities printed by `--print-capabilities` (vhost-user.rst, type "block").
+const CAPABILITIES: &str = r#"{"type":"block","features":["read-only","blk-file"]}"#;
+
+/// Default number of queues offered. QEMU gives the guest one queue per vCPU by default and
+/// refuses to start if the backend offers fewer, so offer the most we can; unused queues cost
+/// an idle thread each and no file handle.
+const DEFAULT_QUEUES: u16 = MAX_QUEUES as u16;
+
+/// Serve a raw or qcow2 disk image to a virtual machine as a vhost-user-blk device.
+#[derive(Parser, Debug)]
+#[command(name = "vhost-user-blk", version, about, long_about = None)]
+struct Cli {
+    /// Listen for the VMM on this unix socket path (created with --socket-mode).
+    #[arg(long, value_name = "PATH", conflicts_with = "fd")]
+    socket_path: Option<PathBuf>,
+
+    /// Use this already-listening unix socket fd instead of --socket-path. Without either,
+    /// a systemd socket-activation fd (LISTEN_FDS) is used.
+    #[arg(long, value_name = "FD")]
+    fd: Option<i32>,
+
+    /// Print the vhost-user backend capabilities as JSON and exit.
+    #[arg(long)]
+    print_capabilities: bool,
+
+    /// The disk image (regular file or block device) to serve.
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "print_capabilities"
+    )]
+    blk_file: Option<PathBuf>,
+
+    /// Serve the disk read-only: every write-like request fails with IOERR.
+    #[arg(long)]
+    read_only: bool,
+
+    /// Image format. `auto` serves raw unless the file starts with the qcow2 magic, which it
+    /// refuses (never guesses qcow2).
+    #[arg(long, value_name = "FORMAT", default_value = "auto", value_parser = parse_format)]
+    format: ImageFormat,
+
+    /// Create the image with this size (e.g. 1G, 512M, 10737418240) if it does not exist.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    create: Option<u64>,
+
+    /// Number of virtqueues offered (1..=64), each served by its own thread.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_QUEUES,
+          value_parser = clap::value_parser!(u16).range(1..=MAX_QUEUES as i64))]
+    num_queues: u16,
+
+    /// Maximum virtqueue size (a power of two, 4..=32768); seg_max is this minus 2.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    queue_size: u16,
+
+    /// Serial number returned to the guest by GET_ID (at most 20 bytes are used).
+    #[arg(long, value_name = "STRING", default_value = "")]
+    serial: String,
+
+    /// Logical block size the guest sees: 512 or 4096.
+    #[arg(long, value_name = "BYTES", default_value_t = 512)]
+    logical_block_size: u32,
+
+    /// Open the image with O_DIRECT (bypass the host page cache).
+    #[arg(long)]
+    direct: bool,
+
+    /// Start in write-through mode: every write is durable before it completes. By default
+    /// the cache is write-back and the guest flushes; the guest can switch (CONFIG_WCE).
+    #[arg(long)]
+    writethrough: bool,
+
+    /// Permissions of the socket created by --socket-path, in octal.
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
+    socket_mode: u32,
+
+    /// More log output (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(short, long, action = ArgAction::Count)]
+    verbose: u8,
+}
+
+fn parse_format(s: &str) -> std::result::Result<ImageFormat, String> {
+    s.parse()
+}
+
+/// Parses a size with an optional K/M/G/T suffix (powers of 1024, optional "iB"/"B").
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("unknown size suffix in '{s}'")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size"))?;
+    n.checked_mul(1u64 << shift)
+        .filter(|&v| v > 0)
+        .ok_or_else(|| format!("size '{s}' is zero or too large"))
+}
+
+fn parse_mode(s: &str) -> std::result::Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|&m| m <= 0o777)
+        .ok_or_else(|| format!("'{s}' is not an octal permission mode"))
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_timestamp_millis()
+        .init();
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let path = cli
+        .blk_file
+        .clone()
+        .ok_or_else(|| Error::InvalidOption("--blk-file is required".into()))?;
+    if let Some(size) = cli.create {
+        if path.exists() {
+            info!("{} exists; --create ignored", path.display());
+        } else {
+            if cli.read_only {
+                return Err(Error::InvalidOption(
+                    "--create makes an empty image; it makes no sense with --read-only".into(),
+                ));
+            }
+            create_image(&path, cli.format, size)?;
+            info!("created {} ({size} bytes)", path.display());
+        }
+    }
+    let listen = match (cli.socket_path.clone(), cli.fd) {
+        (Some(p), None) => ListenOn::Path(p),
+        (None, Some(fd)) => ListenOn::Fd(fd),
+        (None, None) => match systemd_listen_fd() {
+            Some(fd) => ListenOn::Fd(fd),
+            None => {
+                return Err(Error::InvalidOption(
+                    "one of --socket-path or --fd is required (or systemd socket activation)"
+                        .into(),
+                ))
+            }
+        },
+        (Some(_), Some(_)) => {
+            return Err(Error::InvalidOption(
+                "--socket-path and --fd are mutually exclusive".into(),
+            ))
+        }
+    };
+
+    let image = open_image(&ImageOptions {
+        path: path.clone(),
+        format: cli.format,
+        read_only: cli.read_only,
+        direct: cli.direct,
+        logical_block_size: cli.logical_block_size,
+    })?;
+    let params = DeviceParams::new(
+        image.virtual_size(),
+        cli.logical_block_size,
+        image.discard_granularity(),
+        cli.num_queues,
+        cli.queue_size,
+        cli.read_only,
+        &cli.serial,
+    )
+    .map_err(Error::InvalidOption)?;
+
+    let (listener, socket_path) = match &listen {
+        ListenOn::Path(p) => (bind_socket(p, cli.socket_mode)?, Some(p.clone())),
+        ListenOn::Fd(fd) => (listener_from_fd(*fd)?, None),
+    };
+    handle_signals(image.clone(), socket_path)?;
+    info!(
+        "serving {} ({}, {} bytes{}) on {} with {} queues of {} (cache: {})",
+        path.display(),
+        image.format_name(),
+        params.capacity_sectors * 512,
+        if cli.read_only { ", read-only" } else { "" },
+        match &listen {
+            ListenOn::Path(p) => p.display().to_string(),
+            ListenOn::Fd(fd) => format!("fd {fd}"),
+        },
+        cli.num_queues,
+        cli.queue_size,
+        if cli.writethrough {
+            "write-through"
+        } else {
+            "write-back"
+        },
+    );
+    let server = Server {
+        image,
+        params: Arc::new(params),
+        queue_size: usize::from(cli.queue_size),
+        writeback: !cli.writethrough,
+    };
+    server.serve_forever(listener)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.print_capabilities {
+        println!("{CAPABILITIES}");
+        return ExitCode::SUCCESS;
+    }
+    init_logging(cli.verbose);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vhost-user-blk: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("1k"), Ok(1024));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn modes_parse_as_octal() {
+        assert_eq!(parse_mode("0600"), Ok(0o600));
+        assert_eq!(parse_mode("660"), Ok(0o660));
+        assert!(parse_mode("0800").is_err());
+        assert!(parse_mode("01777").is_err());
+    }
+
+    #[test]
+    fn cli_conflicts_are_rejected() {
+        assert!(
+            Cli::try_parse_from(["x", "--socket-path", "a", "--fd", "3", "--blk-file", "f"])
+                .is_err()
+        );
+        assert!(Cli::try_parse_from(["x", "--socket-path", "a"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--print-capabilities"]).is_ok());
+        assert!(Cli::try_parse_from(["x", "--blk-file", "f", "--num-queues", "65"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--blk-file", "f", "--format", "vmdk"]).is_err());
+    }
+}

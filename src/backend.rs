@@ -1,0 +1,245 @@
+//! The vhost-user backend: glue between vhost-user-backend's event loop and the virtio-blk
+//! device model.
+//!
+//! One [`BlkBackend`] exists per frontend connection (a reconnecting frontend gets fresh state).
+//! It implements the `&self` [`VhostUserBackend`] trait with one worker thread per virtqueue;
+//! each worker owns its [`RequestHandler`] (its own image handle and buffers). The handler sits
+//! behind a per-worker `Mutex` only because the trait hands us `&self`: each mutex is locked by
+//! exactly one thread, so it is never contended and no lock is shared by all queues.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use log::{debug, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::image::BlockImage;
+use crate::virtio_blk::config::{features, WRITEBACK_OFFSET};
+use crate::virtio_blk::{DeviceParams, DeviceState, RequestHandler};
+
+/// Largest number of queues: vhost-user-backend maps queues to threads with a 64-bit mask.
+pub const MAX_QUEUES: usize = 64;
+
+/// Guest memory as vhost-user-backend shares it with us.
+pub type GuestMemAtomic = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+
+/// One queue worker's private state.
+struct Worker {
+    /// Created on the first kick, so that idle queues cost no file handle.
+    handler: Option<RequestHandler>,
+}
+
+/// The vhost-user-blk backend for one frontend connection.
+pub struct BlkBackend {
+    image: Arc<dyn BlockImage>,
+    params: Arc<DeviceParams>,
+    state: Arc<DeviceState>,
+    default_writeback: bool,
+    queue_size: usize,
+    mem: GuestMemAtomic,
+    event_idx: AtomicBool,
+    workers: Vec<Mutex<Worker>>,
+    exit_events: Vec<(EventConsumer, EventNotifier)>,
+}
+
+impl BlkBackend {
+    /// A backend serving `image`; `mem` must be the same `GuestMemoryAtomic` given to the
+    /// `VhostUserDaemon`, so memory table updates are seen here.
+    pub fn new(
+        image: Arc<dyn BlockImage>,
+        params: Arc<DeviceParams>,
+        queue_size: usize,
+        writeback: bool,
+        mem: GuestMemAtomic,
+    ) -> io::Result<Self> {
+        let n = usize::from(params.num_queues);
+        let mut workers = Vec::with_capacity(n);
+        let mut exit_events = Vec::with_capacity(n);
+        for _ in 0..n {
+            workers.push(Mutex::new(Worker { handler: None }));
+            exit_events.push(new_event_consumer_and_notifier(EventFlag::NONBLOCK)?);
+        }
+        Ok(BlkBackend {
+            image,
+            state: Arc::new(DeviceState::new(writeback)),
+            params,
+            default_writeback: writeback,
+            queue_size,
+            mem,
+            event_idx: AtomicBool::new(false),
+            workers,
+            exit_events,
+        })
+    }
+
+    /// Per-connection device state (cache mode, acked features).
+    pub fn state(&self) -> &Arc<DeviceState> {
+        &self.state
+    }
+
+    /// Tells every worker thread to exit.
+    pub fn stop_workers(&self) {
+        for (_, notifier) in &self.exit_events {
+            if let Err(e) = notifier.notify() {
+                warn!("cannot signal a worker to exit: {e}");
+            }
+        }
+    }
+
+    fn process_vring(&self, vring: &VringRwLock, thread_id: usize) -> io::Result<()> {
+        let Some(worker) = self.workers.get(thread_id) else {
+            return Err(io::Error::other(format!("no worker {thread_id}")));
+        };
+        // Each worker mutex is only ever locked by its own thread; poisoning would mean a
+        // previous panic in this very thread, which we report instead of propagating.
+        let mut worker = worker
+            .lock()
+            .map_err(|_| io::Error::other("worker state poisoned"))?;
+        if worker.handler.is_none() {
+            let queue = self.image.queue_handle()?;
+            worker.handler = Some(RequestHandler::new(
+                queue,
+                self.params.clone(),
+                self.state.clone(),
+            ));
+        }
+        let Some(handler) = worker.handler.as_mut() else {
+            return Ok(());
+        };
+        let mem = self.mem.memory();
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let mut vring = vring.get_mut();
+        loop {
+            if event_idx {
+                vring
+                    .disable_notification()
+                    .map_err(|e| io::Error::other(format!("disable notification: {e}")))?;
+            }
+            let used = handler.process_queue(vring.get_queue_mut(), &mem);
+            if used
+                && vring
+                    .needs_notification()
+                    .map_err(|e| io::Error::other(format!("needs notification: {e}")))?
+            {
+                vring.signal_used_queue()?;
+            }
+            if !event_idx
+                || !vring
+                    .enable_notification()
+                    .map_err(|e| io::Error::other(format!("enable notification: {e}")))?
+            {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.params.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        self.params.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        debug!("driver acked features {features:#x}");
+        self.state.acked_features.store(features, Ordering::Relaxed);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn reset_device(&self) {
+        debug!("device reset");
+        self.state
+            .writeback
+            .store(self.default_writeback, Ordering::Relaxed);
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let wb = self.state.writeback.load(Ordering::Relaxed);
+        self.params.read_config(wb, offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        let wce = self.state.acked_features.load(Ordering::Relaxed) & features::CONFIG_WCE != 0;
+        if offset == WRITEBACK_OFFSET && buf.len() == 1 && wce {
+            let wb = buf[0] != 0;
+            debug!(
+                "guest set cache mode to {}",
+                if wb { "write-back" } else { "write-through" }
+            );
+            self.state.writeback.store(wb, Ordering::Relaxed);
+            return Ok(());
+        }
+        warn!(
+            "frontend tried to write {} config byte(s) at offset {offset}; only the writeback \
+             byte (with CONFIG_WCE) is writable",
+            buf.len()
+        );
+        Err(io::Error::from(io::ErrorKind::PermissionDenied))
+    }
+
+    fn update_memory(&self, _mem: GuestMemAtomic) -> io::Result<()> {
+        // `self.mem` is the same GuestMemoryAtomic the handler updates in place.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.params.num_queues).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (c, n) = self.exit_events.get(thread_index)?;
+        match (c.try_clone(), n.try_clone()) {
+            (Ok(c), Ok(n)) => Some((c, n)),
+            _ => {
+                warn!("cannot clone the exit event of worker {thread_index}");
+                None
+            }
+        }
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            return Err(io::Error::other(format!(
+                "unknown device event {device_event}"
+            )));
+        };
+        self.process_vring(vring, thread_id)
+    }
+}

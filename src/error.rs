@@ -1,0 +1,77 @@
+//! The crate's error type: every failure that ends the daemon or refuses an image carries the
+//! file or option at fault, so the one-line exit message names the problem.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Errors raised while setting up or running the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The image file could not be opened.
+    #[error("cannot open image {path}: {source}")]
+    OpenImage {
+        /// Path of the image.
+        path: PathBuf,
+        /// Underlying OS error.
+        source: io::Error,
+    },
+    /// The image file could not be created.
+    #[error("cannot create image {path}: {source}")]
+    CreateImage {
+        /// Path of the image.
+        path: PathBuf,
+        /// Underlying OS error.
+        source: io::Error,
+    },
+    /// The image is not usable with the requested options.
+    #[error("image {path}: {reason}")]
+    InvalidImage {
+        /// Path of the image.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An image format this build does not serve.
+    #[error("image {path}: format {format} is not supported")]
+    UnsupportedFormat {
+        /// Path of the image.
+        path: PathBuf,
+        /// The format name.
+        format: String,
+    },
+    /// Options that contradict each other or are out of range.
+    #[error("invalid option: {0}")]
+    InvalidOption(String),
+    /// The listening socket could not be set up.
+    #[error("cannot listen on {path}: {reason}")]
+    Socket {
+        /// Socket path or fd description.
+        path: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The vhost-user daemon framework failed.
+    #[error("vhost-user: {0}")]
+    VhostUser(String),
+    /// An I/O error with context.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// Underlying OS error.
+        source: io::Error,
+    },
+}
+
+/// Result alias for [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Wraps an I/O error with a description of what was being done.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,72 @@
+//! Disk images: the storage under the virtio-blk device.
+//!
+//! An image is opened once per daemon ([`BlockImage`]) and hands out one [`ImageQueue`] per
+//! virtqueue worker, so that each worker has its own file handle and scratch state and the I/O
+//! path takes no lock shared by all queues. The request layer (`virtio_blk`) only ever talks to
+//! these two traits; formats (raw, qcow2) plug in underneath.
+
+pub mod format;
+pub mod raw;
+
+use std::io;
+
+use vm_memory::VolatileSlice;
+
+pub use format::{create_image, open_image, ImageFormat, ImageOptions};
+
+/// One contiguous piece of guest memory taking part in a data transfer.
+///
+/// The slice points into the guest's mapped memory; it stays valid while the request that
+/// produced it holds its guest-memory guard.
+pub type GuestSlice<'a> = VolatileSlice<'a, ()>;
+
+/// A disk image shared by all queue workers of a device.
+pub trait BlockImage: Send + Sync {
+    /// Size of the disk the guest sees, in bytes.
+    fn virtual_size(&self) -> u64;
+
+    /// True when the image was opened read-only.
+    fn read_only(&self) -> bool;
+
+    /// Short name of the image format, for logs ("raw", "qcow2", ...).
+    fn format_name(&self) -> &'static str;
+
+    /// Granularity in bytes at which discard can really free space (used to fill in the
+    /// discard alignment the device advertises).
+    fn discard_granularity(&self) -> u64;
+
+    /// Opens an independent I/O handle for one queue worker.
+    fn queue_handle(&self) -> io::Result<Box<dyn ImageQueue>>;
+
+    /// Makes every write that has completed so far durable.
+    fn flush(&self) -> io::Result<()>;
+}
+
+/// The I/O handle one queue worker uses; never shared between threads.
+///
+/// Offsets and lengths are in bytes of the virtual disk and have been checked by the caller to
+/// lie within [`BlockImage::virtual_size`].
+pub trait ImageQueue: Send {
+    /// Reads `bufs.len()` buffers' worth of bytes starting at `offset`, in order.
+    fn read(&mut self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()>;
+
+    /// Writes the buffers at `offset`. With `durable`, the data is on stable storage when this
+    /// returns (write-through cache mode).
+    fn write(&mut self, offset: u64, bufs: &[GuestSlice<'_>], durable: bool) -> io::Result<()>;
+
+    /// Makes every write completed so far (on any queue) durable.
+    fn flush(&mut self) -> io::Result<()>;
+
+    /// Tells the image the range is no longer needed; its contents become unspecified but
+    /// reading it must not return another range's data. Implementations that cannot free space
+    /// may do nothing.
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// Makes the range read back as zeros. With `unmap`, the image may free the space.
+    fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
+}
+
+/// Total length in bytes of a list of guest slices.
+pub fn slices_len(bufs: &[GuestSlice<'_>]) -> u64 {
+    bufs.iter().map(|b| b.len() as u64).sum()
+}

@@ -1,0 +1,563 @@
+//! Raw images: regular files and block devices, byte for byte the guest's disk.
+//!
+//! - Reads and writes go straight between guest memory and the file with `preadv`/`pwritev`.
+//!   In write-through mode writes use `pwritev2(RWF_DSYNC)`, so each is durable on completion.
+//! - DISCARD punches a hole (`FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`, or `BLKDISCARD` on a
+//!   block device); a file system that cannot punch holes makes it a no-op, which virtio allows.
+//! - WRITE_ZEROES uses `FALLOC_FL_ZERO_RANGE` (or a punched hole with UNMAP; `BLKZEROOUT` on a
+//!   block device) and falls back to writing zeros.
+//! - FLUSH is `fdatasync`.
+//! - With O_DIRECT, guest buffers that are not aligned to the file's memory alignment go through
+//!   a per-queue aligned bounce buffer.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use log::{debug, warn};
+
+use super::format::{ImageOptions, QCOW2_MAGIC};
+use super::{slices_len, BlockImage, GuestSlice, ImageQueue};
+use crate::error::{Error, Result};
+
+/// `BLKDISCARD`: `_IO(0x12, 119)`.
+const BLKDISCARD: libc::c_ulong = 0x1277;
+/// `BLKZEROOUT`: `_IO(0x12, 127)`.
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+/// `BLKSSZGET`: `_IO(0x12, 104)`.
+const BLKSSZGET: libc::c_ulong = 0x1268;
+/// Largest number of iovecs one `preadv`/`pwritev` call accepts.
+const IOV_MAX: usize = 1024;
+/// Chunk size of the zero-writing fallback of write-zeroes.
+const ZERO_CHUNK: usize = 1 << 20;
+
+/// A raw image shared by all queues.
+pub struct RawImage {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    read_only: bool,
+    direct: bool,
+    block_device: bool,
+    /// Memory alignment O_DIRECT needs for guest buffers (1 without O_DIRECT).
+    mem_align: usize,
+    /// Refuse writes that would make sector 0 look like a qcow2 header (auto-detected raw).
+    guard_magic: bool,
+}
+
+impl RawImage {
+    /// Opens the file at `opts.path`. `probed` says the format was auto-detected, which turns on
+    /// the sector-0 guard described in [`super::format`].
+    pub fn open(opts: &ImageOptions, probed: bool) -> Result<Self> {
+        let path = &opts.path;
+        let open_err = |source| Error::OpenImage {
+            path: path.clone(),
+            source,
+        };
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(!opts.read_only);
+        if opts.direct {
+            oo.custom_flags(libc::O_DIRECT);
+        }
+        let file = oo.open(path).map_err(|e| {
+            if opts.direct && e.raw_os_error() == Some(libc::EINVAL) {
+                Error::InvalidImage {
+                    path: path.clone(),
+                    reason: "the file system does not support O_DIRECT (--direct)".into(),
+                }
+            } else {
+                open_err(e)
+            }
+        })?;
+        let meta = file.metadata().map_err(open_err)?;
+        let block_device = meta.file_type().is_block_device();
+        if !block_device && !meta.file_type().is_file() {
+            return Err(Error::InvalidImage {
+                path: path.clone(),
+                reason: "not a regular file or block device".into(),
+            });
+        }
+        let size = file_size(&file).map_err(open_err)?;
+        let (mem_align, offset_align) = if opts.direct {
+            direct_alignment(&file, block_device)
+        } else {
+            (1, 1)
+        };
+        if offset_align > opts.logical_block_size as usize {
+            return Err(Error::InvalidImage {
+                path: path.clone(),
+                reason: format!(
+                    "O_DIRECT needs {offset_align}-byte aligned I/O; use --logical-block-size \
+                     {offset_align} or drop --direct"
+                ),
+            });
+        }
+        debug!(
+            "opened raw image {} ({} bytes, block device: {}, O_DIRECT mem align {})",
+            path.display(),
+            size,
+            block_device,
+            mem_align
+        );
+        Ok(RawImage {
+            path: path.clone(),
+            file,
+            size,
+            read_only: opts.read_only,
+            direct: opts.direct,
+            block_device,
+            mem_align,
+            guard_magic: probed && !opts.read_only,
+        })
+    }
+
+    /// Path the image was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Size of a regular file or block device in bytes.
+fn file_size(file: &File) -> io::Result<u64> {
+    // SAFETY: lseek on a valid, owned fd; it only moves the file offset, which we never use
+    // (all I/O is positional).
+    let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
+    if end < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(end as u64)
+}
+
+/// (memory alignment, offset alignment) that O_DIRECT I/O on this file needs.
+fn direct_alignment(file: &File, block_device: bool) -> (usize, usize) {
+    if block_device {
+        let mut ssz: libc::c_int = 0;
+        // SAFETY: BLKSSZGET writes one c_int through the pointer, which points to a live local.
+        let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKSSZGET, &mut ssz) };
+        if r == 0 && ssz > 0 {
+            return (ssz as usize, ssz as usize);
+        }
+        return (4096, 4096);
+    }
+    // SAFETY: statx with an empty path and AT_EMPTY_PATH reads the open fd's attributes into
+    // a zero-initialised struct we own.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: see above; the path is a valid NUL-terminated empty string.
+    let r = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if r == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_mem_align > 0 {
+        return (
+            stx.stx_dio_mem_align as usize,
+            stx.stx_dio_offset_align.max(1) as usize,
+        );
+    }
+    // Unknown: assume the common 512-byte logical sector; a misjudged memory alignment is
+    // caught by EINVAL and retried through the bounce buffer.
+    (512, 512)
+}
+
+impl BlockImage for RawImage {
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn format_name(&self) -> &'static str {
+        "raw"
+    }
+
+    fn discard_granularity(&self) -> u64 {
+        4096
+    }
+
+    fn queue_handle(&self) -> io::Result<Box<dyn ImageQueue>> {
+        Ok(Box::new(RawQueue {
+            file: self.file.try_clone()?,
+            direct: self.direct,
+            block_device: self.block_device,
+            mem_align: self.mem_align,
+            guard_magic: self.guard_magic,
+            iovecs: IoVecs::default(),
+            bounce: AlignedBuf::default(),
+        }))
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file.sync_data()
+    }
+}
+
+/// A reusable list of `iovec`s, emptied after every system call.
+#[derive(Default)]
+struct IoVecs(Vec<libc::iovec>);
+
+// SAFETY: the raw pointers inside are only set and used within one call of a `RawQueue` method,
+// on the calling thread, and cleared before it returns; between calls the vector is empty.
+unsafe impl Send for IoVecs {}
+
+/// A heap buffer aligned for O_DIRECT, grown on demand and reused.
+struct AlignedBuf {
+    ptr: *mut u8,
+    len: usize,
+    align: usize,
+}
+
+impl Default for AlignedBuf {
+    fn default() -> Self {
+        AlignedBuf {
+            ptr: std::ptr::null_mut(),
+            len: 0,
+            align: 1,
+        }
+    }
+}
+
+// SAFETY: the buffer is exclusively owned heap memory; nothing else holds its pointer.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    /// Makes the buffer at least `len` bytes, aligned to `align`, and returns it.
+    fn get(&mut self, len: usize, align: usize) -> io::Result<&mut [u8]> {
+        let align = align.max(4096);
+        if self.len < len || self.align < align {
+            self.free();
+            let size = len.next_multiple_of(align);
+            let layout = std::alloc::Layout::from_size_align(size, align)
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            // SAFETY: layout has non-zero size (len > 0 is checked by callers, and size is
+            // rounded up to a non-zero alignment).
+            let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+            if ptr.is_null() {
+                return Err(io::Error::from(io::ErrorKind::OutOfMemory));
+            }
+            self.ptr = ptr;
+            self.len = size;
+            self.align = align;
+        }
+        // SAFETY: ptr points to `self.len >= len` initialised (zeroed at allocation, then only
+        // written through slices) bytes we own exclusively; the borrow of self ties the lifetime.
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr, len) })
+    }
+
+    fn free(&mut self) {
+        if !self.ptr.is_null() {
+            // SAFETY: ptr was allocated by `get` with exactly this size and alignment.
+            unsafe {
+                std::alloc::dealloc(
+                    self.ptr,
+                    std::alloc::Layout::from_size_align_unchecked(self.len, self.align),
+                )
+            };
+            self.ptr = std::ptr::null_mut();
+            self.len = 0;
+        }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        self.free();
+    }
+}
+
+/// One queue's handle on a raw image.
+struct RawQueue {
+    file: File,
+    direct: bool,
+    block_device: bool,
+    mem_align: usize,
+    guard_magic: bool,
+    iovecs: IoVecs,
+    bounce: AlignedBuf,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    Read,
+    Write { durable: bool },
+}
+
+/// Advances `iovs` past `n` bytes, dropping fully consumed entries. Returns the new start index.
+fn advance(iovs: &mut [libc::iovec], mut start: usize, mut n: usize) -> usize {
+    while n > 0 && start < iovs.len() {
+        let iov = &mut iovs[start];
+        if n >= iov.iov_len {
+            n -= iov.iov_len;
+            start += 1;
+        } else {
+            // SAFETY: n < iov_len, so the new base stays inside the same buffer.
+            iov.iov_base = unsafe { (iov.iov_base as *mut u8).add(n) } as *mut libc::c_void;
+            iov.iov_len -= n;
+            n = 0;
+        }
+    }
+    start
+}
+
+/// Transfers all of `iovs` at `offset`, looping over short transfers and EINTR. A read that
+/// hits end-of-file fills the rest with zeros.
+fn transfer_all(fd: i32, iovs: &mut [libc::iovec], mut offset: u64, dir: Dir) -> io::Result<()> {
+    let mut start = 0;
+    while start < iovs.len() {
+        let cnt = (iovs.len() - start).min(IOV_MAX) as libc::c_int;
+        let ptr = iovs[start..].as_ptr();
+        let off = offset as libc::off_t;
+        // SAFETY: every iovec points into live guest memory or our bounce buffer of the stated
+        // length (guaranteed by the caller for the duration of this call); cnt <= IOV_MAX.
+        let r = unsafe {
+            match dir {
+                Dir::Read => libc::preadv(fd, ptr, cnt, off),
+                Dir::Write { durable: false } => libc::pwritev(fd, ptr, cnt, off),
+                Dir::Write { durable: true } => libc::pwritev2(fd, ptr, cnt, off, libc::RWF_DSYNC),
+            }
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            if dir == Dir::Read {
+                for iov in &iovs[start..] {
+                    // SAFETY: as above, each iovec is a live writable buffer of iov_len bytes.
+                    unsafe { std::ptr::write_bytes(iov.iov_base as *mut u8, 0, iov.iov_len) };
+                }
+                return Ok(());
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "write made no progress",
+            ));
+        }
+        offset += r as u64;
+        start = advance(iovs, start, r as usize);
+    }
+    Ok(())
+}
+
+impl RawQueue {
+    fn fd(&self) -> i32 {
+        self.file.as_raw_fd()
+    }
+
+    fn aligned(&self, bufs: &[GuestSlice<'_>]) -> bool {
+        let a = self.mem_align;
+        bufs.iter().all(|b| {
+            (b.ptr_guard().as_ptr() as usize).is_multiple_of(a) && b.len().is_multiple_of(a)
+        })
+    }
+
+    /// preadv/pwritev straight on guest memory.
+    fn direct_io(&mut self, offset: u64, bufs: &[GuestSlice<'_>], dir: Dir) -> io::Result<()> {
+        let iovecs = &mut self.iovecs.0;
+        iovecs.clear();
+        for b in bufs {
+            let base = match dir {
+                Dir::Read => b.ptr_guard_mut().as_ptr(),
+                Dir::Write { .. } => b.ptr_guard().as_ptr() as *mut u8,
+            };
+            iovecs.push(libc::iovec {
+                iov_base: base as *mut libc::c_void,
+                iov_len: b.len(),
+            });
+        }
+        let fd = self.file.as_raw_fd();
+        let r = transfer_all(fd, iovecs, offset, dir);
+        iovecs.clear();
+        r
+    }
+
+    /// Transfer through the aligned bounce buffer (O_DIRECT with unaligned guest buffers).
+    fn bounce_io(&mut self, offset: u64, bufs: &[GuestSlice<'_>], dir: Dir) -> io::Result<()> {
+        let total = slices_len(bufs) as usize;
+        if total == 0 {
+            return Ok(());
+        }
+        let fd = self.fd();
+        let buf = self.bounce.get(total, self.mem_align)?;
+        if let Dir::Write { .. } = dir {
+            let mut pos = 0;
+            for b in bufs {
+                b.copy_to(&mut buf[pos..pos + b.len()]);
+                pos += b.len();
+            }
+        }
+        let mut iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+            iov_len: total,
+        }];
+        transfer_all(fd, &mut iov, offset, dir)?;
+        if dir == Dir::Read {
+            let mut pos = 0;
+            for b in bufs {
+                b.copy_from(&buf[pos..pos + b.len()]);
+                pos += b.len();
+            }
+        }
+        Ok(())
+    }
+
+    fn io(&mut self, offset: u64, bufs: &[GuestSlice<'_>], dir: Dir) -> io::Result<()> {
+        if !self.direct || self.aligned(bufs) {
+            match self.direct_io(offset, bufs, dir) {
+                Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                    // The file wanted a stricter memory alignment than we knew; bounce from
+                    // now on for this queue.
+                    warn!("O_DIRECT rejected guest buffer alignment; using a bounce buffer");
+                    self.mem_align = self.mem_align.max(4096);
+                }
+                r => return r,
+            }
+        }
+        self.bounce_io(offset, bufs, dir)
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        loop {
+            // SAFETY: fallocate on a valid fd with plain integer arguments.
+            let r = unsafe {
+                libc::fallocate(self.fd(), mode, offset as libc::off_t, len as libc::off_t)
+            };
+            if r == 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
+    fn blk_ioctl(&self, req: libc::c_ulong, offset: u64, len: u64) -> io::Result<()> {
+        let range: [u64; 2] = [offset, len];
+        // SAFETY: BLKDISCARD/BLKZEROOUT read two u64s from the pointer, which points to a
+        // live local array.
+        let r = unsafe { libc::ioctl(self.fd(), req, range.as_ptr()) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// Writes zeros over the range with ordinary writes (the fallback).
+    fn write_zero_bytes(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        let chunk = (len as usize).min(ZERO_CHUNK);
+        let fd = self.fd();
+        let buf = self.bounce.get(chunk, self.mem_align)?;
+        buf.fill(0);
+        let mut done = 0u64;
+        while done < len {
+            let n = ((len - done) as usize).min(chunk);
+            let mut iov = [libc::iovec {
+                iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+                iov_len: n,
+            }];
+            transfer_all(fd, &mut iov, offset + done, Dir::Write { durable: false })?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+fn unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::ENOTTY)
+    )
+}
+
+impl ImageQueue for RawQueue {
+    fn read(&mut self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()> {
+        self.io(offset, bufs, Dir::Read)
+    }
+
+    fn write(&mut self, offset: u64, bufs: &[GuestSlice<'_>], durable: bool) -> io::Result<()> {
+        if self.guard_magic && offset == 0 {
+            let mut head = [0u8; 4];
+            let mut pos = 0;
+            for b in bufs {
+                let n = b.len().min(head.len() - pos);
+                b.subslice(0, n)
+                    .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?
+                    .copy_to(&mut head[pos..pos + n]);
+                pos += n;
+                if pos == head.len() {
+                    break;
+                }
+            }
+            if pos == head.len() && head == QCOW2_MAGIC {
+                warn!(
+                    "refused a guest write of the qcow2 magic to sector 0 of an auto-detected \
+                     raw image (use --format raw to allow it)"
+                );
+                return Err(io::Error::from_raw_os_error(libc::EPERM));
+            }
+        }
+        self.io(offset, bufs, Dir::Write { durable })
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        let r = if self.block_device {
+            self.blk_ioctl(BLKDISCARD, offset, len)
+        } else {
+            self.fallocate(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+        };
+        match r {
+            Err(e) if unsupported(&e) => {
+                debug!("discard not supported by the host file: {e}");
+                Ok(())
+            }
+            r => r,
+        }
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let r = if self.block_device {
+            self.blk_ioctl(BLKZEROOUT, offset, len)
+        } else {
+            let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            let zero = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+            let first = if unmap { punch } else { zero };
+            match self.fallocate(first, offset, len) {
+                Err(e) if unsupported(&e) && !unmap => self.fallocate(punch, offset, len),
+                Err(e) if unsupported(&e) => self.fallocate(zero, offset, len),
+                r => r,
+            }
+        };
+        match r {
+            Err(e) if unsupported(&e) || e.raw_os_error() == Some(libc::EINVAL) => {
+                self.write_zero_bytes(offset, len)
+            }
+            r => r,
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! vhost-user-blk: a vhost-user block device backend serving raw and qcow2 images.
+//!
+//! Layering (see docs/ARCHITECTURE.md):
+//! - [`image`]: disk images behind the [`image::BlockImage`] / [`image::ImageQueue`] traits.
+//! - [`virtio_blk`]: virtio-blk request parsing and execution, knows nothing about sockets.
+//! - [`backend`]: the vhost-user backend, one worker thread per virtqueue.
+//! - [`server`]: listening socket, connection loop and signal handling.
+
+#![deny(missing_docs)]
+
+pub mod backend;
+pub mod error;
+pub mod image;
+pub mod server;
+pub mod virtio_blk;
+
+pub use error::{Error, Result};

@@ -1,0 +1,242 @@
+//! The listening socket, the per-connection loop and clean shutdown on signals.
+//!
+//! The daemon listens on one unix socket for its whole life and serves one frontend at a time.
+//! Each accepted connection gets a fresh [`BlkBackend`] (fresh features, cache mode, vrings and
+//! worker threads); when the frontend goes away the workers are stopped and joined, the image
+//! is flushed, and the next connection is accepted. A VM reboot or a QEMU restart with
+//! `reconnect-ms` therefore just works.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::io::{FromRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use log::{error, info, warn};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::backend::BlkBackend;
+use crate::error::{Error, Result};
+use crate::image::BlockImage;
+use crate::virtio_blk::DeviceParams;
+
+/// Where the listening socket comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenOn {
+    /// Bind a new socket at this path.
+    Path(PathBuf),
+    /// Use an already-listening socket passed as this fd (`--fd` or systemd `LISTEN_FDS`).
+    Fd(RawFd),
+}
+
+/// Binds a unix socket at `path` with permissions `mode`.
+///
+/// A leftover socket file nobody listens on (a crashed daemon's) is replaced; a live socket or
+/// any other kind of file at `path` is an error, so we never hijack another daemon's socket or
+/// delete a user's file.
+pub fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener> {
+    let sock_err = |reason: String| Error::Socket {
+        path: path.display().to_string(),
+        reason,
+    };
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
+            Ok(_) => return Err(sock_err("another process is listening on it".into())),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                info!("removing stale socket {}", path.display());
+                fs::remove_file(path).map_err(|e| sock_err(format!("remove stale socket: {e}")))?;
+            }
+            Err(e) => return Err(sock_err(format!("cannot check existing socket: {e}"))),
+        },
+        Ok(_) => return Err(sock_err("path exists and is not a socket".into())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(sock_err(e.to_string())),
+    }
+    // Create the socket inode with no permissions for others, then set the requested mode, so
+    // nobody can connect in between.
+    // SAFETY: umask only changes this process's file creation mask; called during start-up.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(|e| sock_err(e.to_string()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .map_err(|e| sock_err(format!("chmod {mode:o}: {e}")))?;
+    Ok(listener)
+}
+
+/// Takes over an inherited listening unix socket.
+pub fn listener_from_fd(fd: RawFd) -> Result<UnixListener> {
+    let sock_err = |reason: String| Error::Socket {
+        path: format!("fd {fd}"),
+        reason,
+    };
+    if fd < 0 {
+        return Err(sock_err("not a valid file descriptor".into()));
+    }
+    let mut val: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `val`, a live local.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            &mut val as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(sock_err(format!(
+            "not a socket: {}",
+            io::Error::last_os_error()
+        )));
+    }
+    if val == 0 {
+        return Err(sock_err("socket is not listening".into()));
+    }
+    let mut domain: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: as above.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            &mut domain as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if r != 0 || domain != libc::AF_UNIX {
+        return Err(sock_err("not a unix domain socket".into()));
+    }
+    // SAFETY: fcntl on an fd we just checked is an open socket.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // SAFETY: the fd is an open, listening unix socket handed to us to own (--fd / systemd);
+    // nothing else in this process uses it.
+    Ok(unsafe { UnixListener::from_raw_fd(fd) })
+}
+
+/// The listening fd passed by systemd socket activation, if any (`LISTEN_PID` is us and
+/// `LISTEN_FDS` >= 1: the first one, fd 3). Clears the variables so children don't inherit them.
+pub fn systemd_listen_fd() -> Option<RawFd> {
+    let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
+    let n: u32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
+    if pid != std::process::id() || n == 0 {
+        return None;
+    }
+    if n > 1 {
+        warn!("LISTEN_FDS={n}: using only the first socket (fd 3)");
+    }
+    std::env::remove_var("LISTEN_PID");
+    std::env::remove_var("LISTEN_FDS");
+    std::env::remove_var("LISTEN_FDNAMES");
+    Some(3)
+}
+
+/// Everything needed to serve connections.
+pub struct Server {
+    /// The image being served.
+    pub image: Arc<dyn BlockImage>,
+    /// Device parameters (config space, limits).
+    pub params: Arc<DeviceParams>,
+    /// Maximum virtqueue size.
+    pub queue_size: usize,
+    /// Default cache mode (true = write-back).
+    pub writeback: bool,
+}
+
+impl Server {
+    /// Serves frontends one after another, forever. Returns only on a setup error.
+    pub fn serve_forever(&self, listener: UnixListener) -> Result<()> {
+        let mut listener = Listener::from(listener);
+        loop {
+            self.serve_one(&mut listener)?;
+        }
+    }
+
+    /// Accepts one frontend and serves it until it disconnects.
+    pub fn serve_one(&self, listener: &mut Listener) -> Result<()> {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend = Arc::new(
+            BlkBackend::new(
+                self.image.clone(),
+                self.params.clone(),
+                self.queue_size,
+                self.writeback,
+                mem.clone(),
+            )
+            .map_err(|e| Error::io("create backend", e))?,
+        );
+        let mut daemon = VhostUserDaemon::new("vhost-user-blk".into(), backend.clone(), mem)
+            .map_err(|e| Error::VhostUser(e.to_string()))?;
+        if let Err(e) = daemon.start(listener) {
+            // Accept failures (e.g. out of fds) are transient: report and try again.
+            warn!("accepting a frontend failed: {e}");
+            std::thread::sleep(Duration::from_millis(100));
+            return Ok(());
+        }
+        info!("frontend connected");
+        match daemon.wait() {
+            Ok(()) => info!("frontend disconnected"),
+            Err(e) => info!("frontend connection ended: {e}"),
+        }
+        backend.stop_workers();
+        // Dropping the daemon joins its worker threads.
+        drop(daemon);
+        if let Err(e) = self.image.flush() {
+            error!("flush after disconnect failed: {e}");
+        }
+        Ok(())
+    }
+}
+
+/// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread (and so in every thread it starts
+/// later) and starts a thread that waits for them, flushes `image`, removes `socket` and exits
+/// the process. Call before any other thread is started.
+pub fn handle_signals(image: Arc<dyn BlockImage>, socket: Option<PathBuf>) -> Result<()> {
+    // SAFETY: sigset manipulation on a zeroed local set; pthread_sigmask only changes this
+    // thread's mask.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        let r = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if r != 0 {
+            return Err(Error::io("block signals", io::Error::from_raw_os_error(r)));
+        }
+        set
+    };
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: sigwait reads the set (a live local copy) and writes one c_int.
+            let r = unsafe { libc::sigwait(&set, &mut sig) };
+            if r != 0 {
+                error!("sigwait failed: {}", io::Error::from_raw_os_error(r));
+                std::process::exit(1);
+            }
+            info!("received signal {sig}, flushing and exiting");
+            let code = match image.flush() {
+                Ok(()) => 0,
+                Err(e) => {
+                    error!("final flush failed: {e}");
+                    1
+                }
+            };
+            if let Some(path) = socket {
+                let _ = fs::remove_file(path);
+            }
+            std::process::exit(code);
+        })
+        .map_err(|e| Error::io("start signal thread", e))?;
+    Ok(())
+}

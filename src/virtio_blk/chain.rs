@@ -1,0 +1,247 @@
+//! Reading a descriptor chain without assuming its layout.
+//!
+//! A virtio-blk request is a stream of device-readable bytes (16-byte header, then data for
+//! writes) followed by a stream of device-writable bytes (data for reads, then one status byte).
+//! The driver may split or merge these across descriptors any way it likes, so this module
+//! flattens the chain into two segment lists and offers byte-range access into each.
+//! Every guest address is checked against the guest memory map; nothing here panics on guest
+//! input.
+
+use std::ops::Deref;
+
+use virtio_queue::DescriptorChain;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::image::GuestSlice;
+
+/// Guest memory as the backend maps it.
+pub type GuestMem = GuestMemoryMmap<()>;
+
+/// One descriptor's buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// Guest physical address of the buffer.
+    pub addr: GuestAddress,
+    /// Length in bytes.
+    pub len: u32,
+}
+
+/// Why a chain cannot be read as a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChainError {
+    /// A device-readable descriptor follows a device-writable one.
+    ReadableAfterWritable,
+    /// A range is outside the segments (the chain is too short for the request).
+    OutOfSegments,
+    /// A buffer is not in guest memory.
+    BadGuestAddress,
+}
+
+/// A chain flattened into its readable and writable byte streams. Reused between requests
+/// to avoid allocating on the I/O path.
+#[derive(Debug, Default)]
+pub struct ChainLayout {
+    /// Device-readable segments, in order.
+    pub readable: Vec<Segment>,
+    /// Device-writable segments, in order.
+    pub writable: Vec<Segment>,
+    /// Total device-readable bytes.
+    pub readable_len: u64,
+    /// Total device-writable bytes.
+    pub writable_len: u64,
+    /// Set when the chain breaks the readable-then-writable rule.
+    pub error: Option<ChainError>,
+}
+
+impl ChainLayout {
+    /// Replaces the contents with the descriptors of `chain`.
+    pub fn load<M>(&mut self, chain: DescriptorChain<M>)
+    where
+        M: Deref<Target = GuestMem>,
+    {
+        self.readable.clear();
+        self.writable.clear();
+        self.readable_len = 0;
+        self.writable_len = 0;
+        self.error = None;
+        for desc in chain {
+            if desc.len() == 0 {
+                continue;
+            }
+            let seg = Segment {
+                addr: desc.addr(),
+                len: desc.len(),
+            };
+            if desc.is_write_only() {
+                self.writable.push(seg);
+                self.writable_len += u64::from(seg.len);
+            } else if !self.writable.is_empty() {
+                self.error = Some(ChainError::ReadableAfterWritable);
+            } else {
+                self.readable.push(seg);
+                self.readable_len += u64::from(seg.len);
+            }
+        }
+    }
+}
+
+/// Calls `f(addr, len)` for each piece of `segs` covering the byte range `[start, start + len)`
+/// of the segment stream. Returns the number of segments touched.
+fn for_each_piece(
+    segs: &[Segment],
+    start: u64,
+    len: u64,
+    mut f: impl FnMut(GuestAddress, u64) -> Result<(), ChainError>,
+) -> Result<usize, ChainError> {
+    if len == 0 {
+        return Ok(0);
+    }
+    let end = start.checked_add(len).ok_or(ChainError::OutOfSegments)?;
+    let mut pos = 0u64;
+    let mut touched = 0;
+    for seg in segs {
+        let seg_end = pos + u64::from(seg.len);
+        if seg_end > start && pos < end {
+            let from = start.max(pos);
+            let to = end.min(seg_end);
+            let addr = seg
+                .addr
+                .0
+                .checked_add(from - pos)
+                .ok_or(ChainError::BadGuestAddress)?;
+            f(GuestAddress(addr), to - from)?;
+            touched += 1;
+        }
+        pos = seg_end;
+        if pos >= end {
+            return Ok(touched);
+        }
+    }
+    Err(ChainError::OutOfSegments)
+}
+
+/// Copies `out.len()` bytes from offset `start` of the segment stream into `out`.
+pub fn gather(
+    mem: &GuestMem,
+    segs: &[Segment],
+    start: u64,
+    out: &mut [u8],
+) -> Result<(), ChainError> {
+    let mut pos = 0usize;
+    for_each_piece(segs, start, out.len() as u64, |addr, n| {
+        let n = n as usize;
+        mem.read_slice(&mut out[pos..pos + n], addr)
+            .map_err(|_| ChainError::BadGuestAddress)?;
+        pos += n;
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// Copies `data` into the segment stream at offset `start`.
+pub fn scatter(
+    mem: &GuestMem,
+    segs: &[Segment],
+    start: u64,
+    data: &[u8],
+) -> Result<(), ChainError> {
+    let mut pos = 0usize;
+    for_each_piece(segs, start, data.len() as u64, |addr, n| {
+        let n = n as usize;
+        mem.write_slice(&data[pos..pos + n], addr)
+            .map_err(|_| ChainError::BadGuestAddress)?;
+        pos += n;
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// Appends to `out` the guest memory slices covering `[start, start + len)` of the segment
+/// stream, split where guest memory regions end. Returns the number of descriptors touched.
+pub fn slices<'m>(
+    mem: &'m GuestMem,
+    segs: &[Segment],
+    start: u64,
+    len: u64,
+    out: &mut Vec<GuestSlice<'m>>,
+) -> Result<usize, ChainError> {
+    for_each_piece(segs, start, len, |addr, n| {
+        let n = usize::try_from(n).map_err(|_| ChainError::BadGuestAddress)?;
+        for s in GuestMemoryBackend::get_slices(mem, addr, n) {
+            out.push(s.map_err(|_| ChainError::BadGuestAddress)?);
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mem() -> GuestMem {
+        GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x10000),
+            (GuestAddress(0x10000), 0x10000),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn gather_spans_segments() {
+        let m = mem();
+        m.write_slice(&[1, 2, 3], GuestAddress(0x100)).unwrap();
+        m.write_slice(&[4, 5], GuestAddress(0x200)).unwrap();
+        let segs = [
+            Segment {
+                addr: GuestAddress(0x100),
+                len: 3,
+            },
+            Segment {
+                addr: GuestAddress(0x200),
+                len: 2,
+            },
+        ];
+        let mut out = [0u8; 4];
+        gather(&m, &segs, 1, &mut out).unwrap();
+        assert_eq!(out, [2, 3, 4, 5]);
+        let mut too_long = [0u8; 5];
+        assert_eq!(
+            gather(&m, &segs, 1, &mut too_long),
+            Err(ChainError::OutOfSegments)
+        );
+    }
+
+    #[test]
+    fn slices_split_at_region_boundary() {
+        let m = mem();
+        let segs = [Segment {
+            addr: GuestAddress(0xff00),
+            len: 0x200,
+        }];
+        let mut out = Vec::new();
+        assert_eq!(slices(&m, &segs, 0, 0x200, &mut out), Ok(1));
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].len() + out[1].len(), 0x200);
+    }
+
+    #[test]
+    fn slices_outside_memory_fail() {
+        let m = mem();
+        let segs = [Segment {
+            addr: GuestAddress(0x1f000),
+            len: 0x2000,
+        }];
+        let mut out = Vec::new();
+        assert_eq!(
+            slices(&m, &segs, 0, 0x2000, &mut out),
+            Err(ChainError::BadGuestAddress)
+        );
+        let wrap = [Segment {
+            addr: GuestAddress(u64::MAX - 1),
+            len: 16,
+        }];
+        assert!(slices(&m, &wrap, 4, 8, &mut out).is_err());
+        let mut b = [0u8; 8];
+        assert!(gather(&m, &wrap, 4, &mut b).is_err());
+    }
+}

@@ -1,0 +1,15 @@
+//! The virtio-blk device model: configuration space, request parsing and execution.
+//!
+//! This layer knows nothing about sockets or vhost-user: it takes descriptor chains from a
+//! virtqueue and guest memory, and runs requests against an [`crate::image::ImageQueue`].
+
+pub mod chain;
+pub mod config;
+pub mod request;
+
+#[cfg(test)]
+mod tests;
+
+pub use chain::GuestMem;
+pub use config::DeviceParams;
+pub use request::{DeviceState, QueueStats, RequestHandler};

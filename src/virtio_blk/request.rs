@@ -1,0 +1,397 @@
+//! Executing virtio-blk requests from a virtqueue against an [`ImageQueue`].
+//!
+//! [`RequestHandler`] owns one queue's image handle and scratch buffers. For each descriptor
+//! chain it validates everything the virtio spec asks a device to check, runs the I/O, writes
+//! the status byte and returns the chain to the used ring. A malformed chain costs that request
+//! an error status (or, when not even a status byte can be found, an empty used entry): never a
+//! panic, never a stuck queue.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use log::{debug, warn};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+
+use super::chain::{gather, scatter, slices, ChainError, ChainLayout, GuestMem};
+use super::config::{
+    features, req_type, status, DeviceParams, ID_BYTES, SECTOR_SHIFT, SECTOR_SIZE, SEG_FLAG_UNMAP,
+};
+use crate::image::{GuestSlice, ImageQueue};
+
+/// Size of the request header (type, ioprio, sector).
+const HEADER_LEN: u64 = 16;
+/// Size of one discard / write-zeroes segment.
+const DWZ_SEG_LEN: u64 = 16;
+
+/// Per-connection device state shared by the queue workers (read on every request, written
+/// only by the vhost-user control thread).
+#[derive(Debug)]
+pub struct DeviceState {
+    /// Virtio features the driver acknowledged.
+    pub acked_features: AtomicU64,
+    /// The `writeback` byte of the configuration space (CONFIG_WCE).
+    pub writeback: AtomicBool,
+}
+
+impl DeviceState {
+    /// Fresh state for a new connection; `writeback` is the configured default cache mode.
+    pub fn new(writeback: bool) -> Self {
+        DeviceState {
+            acked_features: AtomicU64::new(0),
+            writeback: AtomicBool::new(writeback),
+        }
+    }
+
+    /// Whether writes may complete before they are durable. Without a negotiated FLUSH
+    /// feature the driver cannot flush, so the device must be write-through.
+    pub fn write_back(&self) -> bool {
+        self.acked_features.load(Ordering::Relaxed) & features::FLUSH != 0
+            && self.writeback.load(Ordering::Relaxed)
+    }
+
+    fn acked(&self, feature: u64) -> bool {
+        self.acked_features.load(Ordering::Relaxed) & feature != 0
+    }
+}
+
+/// Counters of one queue, for logs and (later) the control socket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Requests completed.
+    pub requests: u64,
+    /// Requests completed with IOERR or UNSUPP.
+    pub errors: u64,
+    /// Chains that had no status byte and were returned empty.
+    pub dropped: u64,
+}
+
+/// A parsed request header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Header {
+    kind: u32,
+    sector: u64,
+}
+
+/// Outcome of one request: status byte and data bytes written into the guest's buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Done {
+    status: u8,
+    written: u64,
+}
+
+impl Done {
+    fn ok(written: u64) -> Self {
+        Done {
+            status: status::OK,
+            written,
+        }
+    }
+    fn err(status: u8) -> Self {
+        Done { status, written: 0 }
+    }
+}
+
+/// Executes one queue's requests.
+pub struct RequestHandler {
+    image: Box<dyn ImageQueue>,
+    params: Arc<DeviceParams>,
+    state: Arc<DeviceState>,
+    layout: ChainLayout,
+    stats: QueueStats,
+}
+
+impl RequestHandler {
+    /// A handler for one queue.
+    pub fn new(
+        image: Box<dyn ImageQueue>,
+        params: Arc<DeviceParams>,
+        state: Arc<DeviceState>,
+    ) -> Self {
+        RequestHandler {
+            image,
+            params,
+            state,
+            layout: ChainLayout::default(),
+            stats: QueueStats::default(),
+        }
+    }
+
+    /// This queue's counters.
+    pub fn stats(&self) -> QueueStats {
+        self.stats
+    }
+
+    /// Processes every available chain of `queue`. Returns whether any chain was returned to
+    /// the used ring (and so the driver may need a notification).
+    pub fn process_queue(&mut self, queue: &mut Queue, mem: &GuestMem) -> bool {
+        let mut used_any = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let len = self.process_chain(mem, chain);
+            if let Err(e) = queue.add_used(mem, head, len) {
+                warn!("cannot return descriptor {head} to the used ring: {e}");
+            }
+            used_any = true;
+        }
+        used_any
+    }
+
+    /// Handles one chain; returns the number of bytes written into its writable buffers.
+    pub fn process_chain(&mut self, mem: &GuestMem, chain: DescriptorChain<&GuestMem>) -> u32 {
+        self.layout.load(chain);
+        self.stats.requests += 1;
+        // The status byte is the last device-writable byte.
+        if self.layout.writable_len == 0 {
+            warn!("dropping a request without a status byte");
+            self.stats.dropped += 1;
+            return 0;
+        }
+        let status_pos = self.layout.writable_len - 1;
+        let done = self.execute(mem, status_pos);
+        if done.status != status::OK {
+            self.stats.errors += 1;
+        }
+        if scatter(mem, &self.layout.writable, status_pos, &[done.status]).is_err() {
+            warn!("cannot write a request's status byte: bad guest address");
+            self.stats.dropped += 1;
+            return 0;
+        }
+        // The used length counts the data we wrote plus the status byte; it fits in u32
+        // because the chain iterator caps chains at 4 GiB.
+        u32::try_from(done.written + 1).unwrap_or(u32::MAX)
+    }
+
+    fn execute(&mut self, mem: &GuestMem, status_pos: u64) -> Done {
+        if let Some(e) = self.layout.error {
+            debug!("malformed descriptor chain: {e:?}");
+            return Done::err(status::IOERR);
+        }
+        let mut hdr = [0u8; HEADER_LEN as usize];
+        if gather(mem, &self.layout.readable, 0, &mut hdr).is_err() {
+            debug!("request header missing or unreadable");
+            return Done::err(status::IOERR);
+        }
+        let header = Header {
+            kind: u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]),
+            sector: u64::from_le_bytes([
+                hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
+            ]),
+        };
+        match header.kind {
+            req_type::IN => self.read(mem, header, status_pos),
+            req_type::OUT => self.write(mem, header),
+            req_type::FLUSH | req_type::FLUSH_OUT => self.flush(header),
+            req_type::GET_ID => self.get_id(mem, status_pos),
+            req_type::DISCARD if self.state.acked(features::DISCARD) => {
+                self.discard_or_zero(mem, false)
+            }
+            req_type::WRITE_ZEROES if self.state.acked(features::WRITE_ZEROES) => {
+                self.discard_or_zero(mem, true)
+            }
+            other => {
+                debug!("unsupported request type {other:#x}");
+                Done::err(status::UNSUPP)
+            }
+        }
+    }
+
+    /// Checks that `len` bytes at `sector` are block-aligned and inside the disk.
+    fn range_ok(&self, sector: u64, len: u64) -> bool {
+        let lbs = u64::from(self.params.logical_block_size);
+        let Some(offset) = sector.checked_mul(SECTOR_SIZE) else {
+            return false;
+        };
+        let Some(end) = offset.checked_add(len) else {
+            return false;
+        };
+        offset.is_multiple_of(lbs)
+            && len.is_multiple_of(lbs)
+            && end <= self.params.capacity_sectors << SECTOR_SHIFT
+    }
+
+    fn read(&mut self, mem: &GuestMem, h: Header, status_pos: u64) -> Done {
+        // A read carries nothing device-readable but its header.
+        if self.layout.readable_len != HEADER_LEN {
+            debug!("IN request with device-readable data");
+            return Done::err(status::IOERR);
+        }
+        let len = status_pos;
+        if !self.range_ok(h.sector, len) {
+            debug!(
+                "IN out of range or unaligned: sector {} len {len}",
+                h.sector
+            );
+            return Done::err(status::IOERR);
+        }
+        let mut bufs: Vec<GuestSlice<'_>> = Vec::new();
+        match slices(mem, &self.layout.writable, 0, len, &mut bufs) {
+            Ok(n) if n <= self.params.seg_max as usize => {}
+            Ok(n) => {
+                debug!("IN with {n} segments > seg_max");
+                return Done::err(status::IOERR);
+            }
+            Err(e) => {
+                debug!("IN buffers: {e:?}");
+                return Done::err(status::IOERR);
+            }
+        }
+        match self.image.read(h.sector << SECTOR_SHIFT, &bufs) {
+            Ok(()) => Done::ok(len),
+            Err(e) => {
+                warn!("read of {len} bytes at sector {} failed: {e}", h.sector);
+                Done::err(status::IOERR)
+            }
+        }
+    }
+
+    fn write(&mut self, mem: &GuestMem, h: Header) -> Done {
+        if self.params.read_only {
+            debug!("write to a read-only disk refused");
+            return Done::err(status::IOERR);
+        }
+        // A write carries nothing device-writable but its status byte.
+        if self.layout.writable_len != 1 {
+            debug!("OUT request with device-writable data");
+            return Done::err(status::IOERR);
+        }
+        let len = self.layout.readable_len - HEADER_LEN.min(self.layout.readable_len);
+        if !self.range_ok(h.sector, len) {
+            debug!(
+                "OUT out of range or unaligned: sector {} len {len}",
+                h.sector
+            );
+            return Done::err(status::IOERR);
+        }
+        let mut bufs: Vec<GuestSlice<'_>> = Vec::new();
+        match slices(mem, &self.layout.readable, HEADER_LEN, len, &mut bufs) {
+            Ok(n) if n <= self.params.seg_max as usize => {}
+            Ok(n) => {
+                debug!("OUT with {n} segments > seg_max");
+                return Done::err(status::IOERR);
+            }
+            Err(e) => {
+                debug!("OUT buffers: {e:?}");
+                return Done::err(status::IOERR);
+            }
+        }
+        let durable = !self.state.write_back();
+        match self.image.write(h.sector << SECTOR_SHIFT, &bufs, durable) {
+            Ok(()) => Done::ok(0),
+            Err(e) => {
+                warn!("write of {len} bytes at sector {} failed: {e}", h.sector);
+                Done::err(status::IOERR)
+            }
+        }
+    }
+
+    fn flush(&mut self, h: Header) -> Done {
+        if h.sector != 0 {
+            debug!("FLUSH with non-zero sector {}", h.sector);
+            return Done::err(status::IOERR);
+        }
+        if self.params.read_only {
+            return Done::ok(0);
+        }
+        match self.image.flush() {
+            Ok(()) => Done::ok(0),
+            Err(e) => {
+                warn!("flush failed: {e}");
+                Done::err(status::IOERR)
+            }
+        }
+    }
+
+    fn get_id(&mut self, mem: &GuestMem, status_pos: u64) -> Done {
+        let n = (status_pos as usize).min(ID_BYTES);
+        match scatter(mem, &self.layout.writable, 0, &self.params.serial[..n]) {
+            Ok(()) => Done::ok(n as u64),
+            Err(_) => Done::err(status::IOERR),
+        }
+    }
+
+    /// DISCARD (`zero == false`) or WRITE_ZEROES. Every segment is validated before any is
+    /// executed, so a bad segment never leaves the request half-applied.
+    fn discard_or_zero(&mut self, mem: &GuestMem, zero: bool) -> Done {
+        if self.params.read_only {
+            debug!("discard/write-zeroes on a read-only disk refused");
+            return Done::err(status::IOERR);
+        }
+        let data_len = self.layout.readable_len.saturating_sub(HEADER_LEN);
+        let (max_seg, max_sectors) = if zero {
+            (
+                self.params.max_write_zeroes_seg,
+                self.params.max_write_zeroes_sectors,
+            )
+        } else {
+            (self.params.max_discard_seg, self.params.max_discard_sectors)
+        };
+        if data_len == 0 || !data_len.is_multiple_of(DWZ_SEG_LEN) {
+            debug!("discard/write-zeroes with {data_len} bytes of segments");
+            return Done::err(status::IOERR);
+        }
+        let nseg = data_len / DWZ_SEG_LEN;
+        if nseg > u64::from(max_seg) {
+            debug!("discard/write-zeroes with {nseg} segments > {max_seg}");
+            return Done::err(status::IOERR);
+        }
+        // Validate all segments first; reported status follows the spec's order: an unknown
+        // flag (or unmap on discard) is UNSUPP, a bad range IOERR.
+        let mut bad_range = false;
+        for i in 0..nseg {
+            let Some((sector, num, flags)) = self.dwz_segment(mem, i) else {
+                return Done::err(status::IOERR);
+            };
+            if flags & !SEG_FLAG_UNMAP != 0 || (!zero && flags & SEG_FLAG_UNMAP != 0) {
+                debug!("discard/write-zeroes with unsupported flags {flags:#x}");
+                return Done::err(status::UNSUPP);
+            }
+            if num > max_sectors || !self.range_ok(sector, u64::from(num) << SECTOR_SHIFT) {
+                bad_range = true;
+            }
+        }
+        if bad_range {
+            debug!("discard/write-zeroes out of range, unaligned or too large");
+            return Done::err(status::IOERR);
+        }
+        for i in 0..nseg {
+            let Some((sector, num, flags)) = self.dwz_segment(mem, i) else {
+                return Done::err(status::IOERR);
+            };
+            let (off, len) = (sector << SECTOR_SHIFT, u64::from(num) << SECTOR_SHIFT);
+            let r = if zero {
+                self.image
+                    .write_zeroes(off, len, flags & SEG_FLAG_UNMAP != 0)
+            } else {
+                self.image.discard(off, len)
+            };
+            if let Err(e) = r {
+                warn!("discard/write-zeroes of {len} bytes at {off} failed: {e}");
+                return Done::err(status::IOERR);
+            }
+        }
+        if !self.state.write_back() {
+            if let Err(e) = self.image.flush() {
+                warn!("write-through flush after discard/write-zeroes failed: {e}");
+                return Done::err(status::IOERR);
+            }
+        }
+        Done::ok(0)
+    }
+
+    /// Reads segment `i` of a discard / write-zeroes request: (sector, num_sectors, flags).
+    fn dwz_segment(&self, mem: &GuestMem, i: u64) -> Option<(u64, u32, u32)> {
+        let mut s = [0u8; DWZ_SEG_LEN as usize];
+        let r: Result<(), ChainError> = gather(
+            mem,
+            &self.layout.readable,
+            HEADER_LEN + i * DWZ_SEG_LEN,
+            &mut s,
+        );
+        r.ok()?;
+        Some((
+            u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]),
+            u32::from_le_bytes([s[8], s[9], s[10], s[11]]),
+            u32::from_le_bytes([s[12], s[13], s[14], s[15]]),
+        ))
+    }
+}
