@@ -14,7 +14,7 @@ use log::info;
 use vhost_user_blk::backend::MAX_QUEUES;
 use vhost_user_blk::image::{create_image, open_image, ImageFormat, ImageOptions};
 use vhost_user_blk::server::{
-    bind_socket, handle_signals, listener_from_fd, systemd_listen_fd, ListenOn, Server,
+    bind_socket, handle_signals, listener_from_fd, systemd_listen_fd, ListenOn, Server, Shutdown,
 };
 use vhost_user_blk::virtio_blk::DeviceParams;
 use vhost_user_blk::{Error, Result};
@@ -210,7 +210,8 @@ fn run(cli: Cli) -> Result<()> {
         ListenOn::Path(p) => (bind_socket(p, cli.socket_mode)?, Some(p.clone())),
         ListenOn::Fd(fd) => (listener_from_fd(*fd)?, None),
     };
-    handle_signals(image.clone(), socket_path)?;
+    let shutdown = Arc::new(Shutdown::default());
+    handle_signals(shutdown.clone())?;
     info!(
         "serving {} ({}, {} bytes{}) on {} with {} queues of {} (cache: {})",
         path.display(),
@@ -234,8 +235,13 @@ fn run(cli: Cli) -> Result<()> {
         params: Arc::new(params),
         queue_size: usize::from(cli.queue_size),
         writeback: !cli.writethrough,
+        shutdown,
     };
-    server.serve_forever(listener)
+    let result = server.serve(listener);
+    if let Some(path) = socket_path {
+        let _ = std::fs::remove_file(path);
+    }
+    result
 }
 
 fn main() -> ExitCode {

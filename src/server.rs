@@ -9,15 +9,16 @@
 use std::fs;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::io::{FromRawFd, RawFd};
+use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use log::{error, info, warn};
 use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::BlkBackend;
@@ -139,6 +140,50 @@ pub fn systemd_listen_fd() -> Option<RawFd> {
     Some(3)
 }
 
+/// Coordinates shutdown between the signal thread and the connection loop.
+#[derive(Default)]
+pub struct Shutdown {
+    requested: AtomicBool,
+    /// Handle to close the current frontend connection, if one is being served.
+    conn: Mutex<Option<ShutdownHandle>>,
+    /// The listening socket's fd, shut down to wake a blocked `accept`.
+    listener_fd: AtomicI32,
+}
+
+impl Shutdown {
+    /// True once shutdown was requested.
+    pub fn requested(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
+    }
+
+    /// Asks the connection loop to stop: closes the current connection (its workers then
+    /// stop) and wakes a pending `accept`.
+    pub fn request(&self) {
+        self.requested.store(true, Ordering::Release);
+        if let Ok(conn) = self.conn.lock() {
+            if let Some(h) = conn.as_ref() {
+                h.shutdown();
+            }
+        }
+        let fd = self.listener_fd.load(Ordering::Acquire);
+        if fd > 0 {
+            // SAFETY: shutdown(2) on the listening socket's fd, which stays open until the
+            // process exits; it only makes a blocked accept return.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        }
+    }
+
+    fn set_conn(&self, handle: Option<ShutdownHandle>) {
+        if let Ok(mut conn) = self.conn.lock() {
+            *conn = handle;
+        }
+        // A request that came in before the handle was stored must still close it.
+        if self.requested() {
+            self.request();
+        }
+    }
+}
+
 /// Everything needed to serve connections.
 pub struct Server {
     /// The image being served.
@@ -149,15 +194,25 @@ pub struct Server {
     pub queue_size: usize,
     /// Default cache mode (true = write-back).
     pub writeback: bool,
+    /// Shared with the signal thread.
+    pub shutdown: Arc<Shutdown>,
 }
 
 impl Server {
-    /// Serves frontends one after another, forever. Returns only on a setup error.
-    pub fn serve_forever(&self, listener: UnixListener) -> Result<()> {
+    /// Serves frontends one after another until shutdown is requested, then closes the image
+    /// (after every worker has stopped).
+    pub fn serve(&self, listener: UnixListener) -> Result<()> {
+        self.shutdown
+            .listener_fd
+            .store(listener.as_raw_fd(), Ordering::Release);
         let mut listener = Listener::from(listener);
-        loop {
+        while !self.shutdown.requested() {
             self.serve_one(&mut listener)?;
         }
+        info!("shutting down: closing the image");
+        self.image
+            .close()
+            .map_err(|e| Error::io("closing the image", e))
     }
 
     /// Accepts one frontend and serves it until it disconnects.
@@ -176,16 +231,20 @@ impl Server {
         let mut daemon = VhostUserDaemon::new("vhost-user-blk".into(), backend.clone(), mem)
             .map_err(|e| Error::VhostUser(e.to_string()))?;
         if let Err(e) = daemon.start(listener) {
-            // Accept failures (e.g. out of fds) are transient: report and try again.
-            warn!("accepting a frontend failed: {e}");
-            std::thread::sleep(Duration::from_millis(100));
+            if !self.shutdown.requested() {
+                // Accept failures (e.g. out of fds) are transient: report and try again.
+                warn!("accepting a frontend failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
             return Ok(());
         }
+        self.shutdown.set_conn(daemon.shutdown_handle());
         info!("frontend connected");
         match daemon.wait() {
             Ok(()) => info!("frontend disconnected"),
             Err(e) => info!("frontend connection ended: {e}"),
         }
+        self.shutdown.set_conn(None);
         backend.stop_workers();
         // Dropping the daemon joins its worker threads.
         drop(daemon);
@@ -196,10 +255,14 @@ impl Server {
     }
 }
 
+/// How long the signal thread waits for a clean shutdown before giving up.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread (and so in every thread it starts
-/// later) and starts a thread that waits for them, flushes `image`, removes `socket` and exits
-/// the process. Call before any other thread is started.
-pub fn handle_signals(image: Arc<dyn BlockImage>, socket: Option<PathBuf>) -> Result<()> {
+/// later) and starts a thread that waits for them and requests shutdown. If the connection
+/// loop has not finished within [`SHUTDOWN_TIMEOUT`] (a worker stuck in I/O), the process
+/// exits with status 1 without closing the image. Call before any other thread is started.
+pub fn handle_signals(shutdown: Arc<Shutdown>) -> Result<()> {
     // SAFETY: sigset manipulation on a zeroed local set; pthread_sigmask only changes this
     // thread's mask.
     let set = unsafe {
@@ -224,18 +287,14 @@ pub fn handle_signals(image: Arc<dyn BlockImage>, socket: Option<PathBuf>) -> Re
                 error!("sigwait failed: {}", io::Error::from_raw_os_error(r));
                 std::process::exit(1);
             }
-            info!("received signal {sig}, flushing and exiting");
-            let code = match image.flush() {
-                Ok(()) => 0,
-                Err(e) => {
-                    error!("final flush failed: {e}");
-                    1
-                }
-            };
-            if let Some(path) = socket {
-                let _ = fs::remove_file(path);
-            }
-            std::process::exit(code);
+            info!("received signal {sig}, shutting down");
+            shutdown.request();
+            std::thread::sleep(SHUTDOWN_TIMEOUT);
+            error!(
+                "shutdown did not finish within {}s; exiting without closing the image",
+                SHUTDOWN_TIMEOUT.as_secs()
+            );
+            std::process::exit(1);
         })
         .map_err(|e| Error::io("start signal thread", e))?;
     Ok(())

@@ -40,6 +40,12 @@ pub trait BlockImage: Send + Sync {
 
     /// Makes every write that has completed so far durable.
     fn flush(&self) -> io::Result<()>;
+
+    /// Clean shutdown: makes everything durable and leaves the image consistent on disk (for
+    /// qcow2, clears the dirty bit). Called once no queue worker is running any more.
+    fn close(&self) -> io::Result<()> {
+        self.flush()
+    }
 }
 
 /// The I/O handle one queue worker uses; never shared between threads.
