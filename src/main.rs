@@ -12,7 +12,8 @@ use clap::{ArgAction, Parser};
 use log::info;
 
 use vhost_user_blk::backend::MAX_QUEUES;
-use vhost_user_blk::image::{create_image, open_image, ImageFormat, ImageOptions};
+use vhost_user_blk::image::null::NullImage;
+use vhost_user_blk::image::{create_image, open_image, BlockImage, ImageFormat, ImageOptions};
 use vhost_user_blk::server::{
     bind_socket, handle_signals, listener_from_fd, systemd_listen_fd, ListenOn, Server, Shutdown,
 };
@@ -48,9 +49,14 @@ struct Cli {
     #[arg(
         long,
         value_name = "PATH",
-        required_unless_present = "print_capabilities"
+        required_unless_present_any = ["print_capabilities", "null_size"]
     )]
     blk_file: Option<PathBuf>,
+
+    /// Serve a null device of this size instead of an image (reads return without touching
+    /// guest memory, writes are dropped): the transport ceiling for benchmarks.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, conflicts_with = "blk_file")]
+    null_size: Option<u64>,
 
     /// Serve the disk read-only: every write-like request fails with IOERR.
     #[arg(long)]
@@ -151,7 +157,11 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// Opens (and with --create, first creates) the image the options name.
+fn open(cli: &Cli) -> Result<(PathBuf, Arc<dyn BlockImage>)> {
+    if let Some(size) = cli.null_size {
+        return Ok((PathBuf::from("null"), Arc::new(NullImage::new(size))));
+    }
     let path = cli
         .blk_file
         .clone()
@@ -169,6 +179,17 @@ fn run(cli: Cli) -> Result<()> {
             info!("created {} ({size} bytes)", path.display());
         }
     }
+    let image = open_image(&ImageOptions {
+        path: path.clone(),
+        format: cli.format,
+        read_only: cli.read_only,
+        direct: cli.direct,
+        logical_block_size: cli.logical_block_size,
+    })?;
+    Ok((path, image))
+}
+
+fn run(cli: Cli) -> Result<()> {
     let listen = match (cli.socket_path.clone(), cli.fd) {
         (Some(p), None) => ListenOn::Path(p),
         (None, Some(fd)) => ListenOn::Fd(fd),
@@ -188,13 +209,7 @@ fn run(cli: Cli) -> Result<()> {
         }
     };
 
-    let image = open_image(&ImageOptions {
-        path: path.clone(),
-        format: cli.format,
-        read_only: cli.read_only,
-        direct: cli.direct,
-        logical_block_size: cli.logical_block_size,
-    })?;
+    let (path, image) = open(&cli)?;
     let params = DeviceParams::new(
         image.virtual_size(),
         cli.logical_block_size,

@@ -6,6 +6,7 @@
 //! these two traits; formats (raw, qcow2) plug in underneath.
 
 pub mod format;
+pub mod null;
 pub mod raw;
 
 use std::io;
