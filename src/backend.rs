@@ -20,7 +20,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::image::BlockImage;
+use crate::device::Device;
 use crate::virtio_blk::config::{features, WRITEBACK_OFFSET};
 use crate::virtio_blk::{DeviceParams, DeviceState, RequestHandler};
 
@@ -38,11 +38,9 @@ struct Worker {
 
 /// The vhost-user-blk backend for one frontend connection.
 pub struct BlkBackend {
-    image: Arc<dyn BlockImage>,
+    device: Arc<Device>,
     params: Arc<DeviceParams>,
     state: Arc<DeviceState>,
-    default_writeback: bool,
-    queue_size: usize,
     mem: GuestMemAtomic,
     event_idx: AtomicBool,
     workers: Vec<Mutex<Worker>>,
@@ -50,15 +48,10 @@ pub struct BlkBackend {
 }
 
 impl BlkBackend {
-    /// A backend serving `image`; `mem` must be the same `GuestMemoryAtomic` given to the
+    /// A backend serving `device`; `mem` must be the same `GuestMemoryAtomic` given to the
     /// `VhostUserDaemon`, so memory table updates are seen here.
-    pub fn new(
-        image: Arc<dyn BlockImage>,
-        params: Arc<DeviceParams>,
-        queue_size: usize,
-        writeback: bool,
-        mem: GuestMemAtomic,
-    ) -> io::Result<Self> {
+    pub fn new(device: Arc<Device>, mem: GuestMemAtomic) -> io::Result<Self> {
+        let params = device.params.clone();
         let n = usize::from(params.num_queues);
         let mut workers = Vec::with_capacity(n);
         let mut exit_events = Vec::with_capacity(n);
@@ -67,11 +60,9 @@ impl BlkBackend {
             exit_events.push(new_event_consumer_and_notifier(EventFlag::NONBLOCK)?);
         }
         Ok(BlkBackend {
-            image,
-            state: Arc::new(DeviceState::new(writeback)),
+            state: Arc::new(DeviceState::new(device.writeback)),
+            device,
             params,
-            default_writeback: writeback,
-            queue_size,
             mem,
             event_idx: AtomicBool::new(false),
             workers,
@@ -103,11 +94,18 @@ impl BlkBackend {
             .lock()
             .map_err(|_| io::Error::other("worker state poisoned"))?;
         if worker.handler.is_none() {
-            let queue = self.image.queue_handle()?;
+            let queue = self.device.image.queue_handle()?;
+            let counters = self
+                .device
+                .queues
+                .get(thread_id)
+                .cloned()
+                .unwrap_or_default();
             worker.handler = Some(RequestHandler::new(
                 queue,
                 self.params.clone(),
                 self.state.clone(),
+                counters,
             ));
         }
         let Some(handler) = worker.handler.as_mut() else {
@@ -151,7 +149,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn max_queue_size(&self) -> usize {
-        self.queue_size
+        self.device.queue_size
     }
 
     fn features(&self) -> u64 {
@@ -174,7 +172,7 @@ impl VhostUserBackend for BlkBackend {
         debug!("device reset");
         self.state
             .writeback
-            .store(self.default_writeback, Ordering::Relaxed);
+            .store(self.device.writeback, Ordering::Relaxed);
     }
 
     fn set_event_idx(&self, enabled: bool) {

@@ -9,9 +9,11 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod device;
 pub mod error;
 pub mod image;
 pub mod server;
+pub mod stats;
 pub mod virtio_blk;
 
 pub use error::{Error, Result};

@@ -12,6 +12,7 @@ use clap::{ArgAction, Parser};
 use log::info;
 
 use vhost_user_blk::backend::MAX_QUEUES;
+use vhost_user_blk::device::Device;
 use vhost_user_blk::image::null::NullImage;
 use vhost_user_blk::image::{create_image, open_image, BlockImage, ImageFormat, ImageOptions};
 use vhost_user_blk::server::{
@@ -245,13 +246,13 @@ fn run(cli: Cli) -> Result<()> {
             "write-back"
         },
     );
-    let server = Server {
+    let device = Arc::new(Device::new(
         image,
-        params: Arc::new(params),
-        queue_size: usize::from(cli.queue_size),
-        writeback: !cli.writethrough,
-        shutdown,
-    };
+        params,
+        usize::from(cli.queue_size),
+        !cli.writethrough,
+    ));
+    let server = Server { device, shutdown };
     let result = server.serve(listener);
     if let Some(path) = socket_path {
         let _ = std::fs::remove_file(path);

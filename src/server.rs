@@ -22,9 +22,8 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::BlkBackend;
+use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::image::BlockImage;
-use crate::virtio_blk::DeviceParams;
 
 /// Where the listening socket comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -186,14 +185,8 @@ impl Shutdown {
 
 /// Everything needed to serve connections.
 pub struct Server {
-    /// The image being served.
-    pub image: Arc<dyn BlockImage>,
-    /// Device parameters (config space, limits).
-    pub params: Arc<DeviceParams>,
-    /// Maximum virtqueue size.
-    pub queue_size: usize,
-    /// Default cache mode (true = write-back).
-    pub writeback: bool,
+    /// The disk being served.
+    pub device: Arc<Device>,
     /// Shared with the signal thread.
     pub shutdown: Arc<Shutdown>,
 }
@@ -210,7 +203,8 @@ impl Server {
             self.serve_one(&mut listener)?;
         }
         info!("shutting down: closing the image");
-        self.image
+        self.device
+            .image
             .close()
             .map_err(|e| Error::io("closing the image", e))
     }
@@ -219,14 +213,8 @@ impl Server {
     pub fn serve_one(&self, listener: &mut Listener) -> Result<()> {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let backend = Arc::new(
-            BlkBackend::new(
-                self.image.clone(),
-                self.params.clone(),
-                self.queue_size,
-                self.writeback,
-                mem.clone(),
-            )
-            .map_err(|e| Error::io("create backend", e))?,
+            BlkBackend::new(self.device.clone(), mem.clone())
+                .map_err(|e| Error::io("create backend", e))?,
         );
         let mut daemon = VhostUserDaemon::new("vhost-user-blk".into(), backend.clone(), mem)
             .map_err(|e| Error::VhostUser(e.to_string()))?;
@@ -248,7 +236,7 @@ impl Server {
         backend.stop_workers();
         // Dropping the daemon joins its worker threads.
         drop(daemon);
-        if let Err(e) = self.image.flush() {
+        if let Err(e) = self.device.image.flush() {
             error!("flush after disconnect failed: {e}");
         }
         Ok(())

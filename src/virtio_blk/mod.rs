@@ -12,4 +12,4 @@ mod tests;
 
 pub use chain::GuestMem;
 pub use config::DeviceParams;
-pub use request::{DeviceState, QueueStats, RequestHandler};
+pub use request::{DeviceState, RequestHandler};

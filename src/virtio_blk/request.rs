@@ -8,6 +8,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use log::{debug, warn};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
@@ -17,6 +18,7 @@ use super::config::{
     features, req_type, status, DeviceParams, ID_BYTES, SECTOR_SHIFT, SECTOR_SIZE, SEG_FLAG_UNMAP,
 };
 use crate::image::{GuestSlice, ImageQueue};
+use crate::stats::{QueueCounters, ReqKind};
 
 /// Size of the request header (type, ioprio, sector).
 const HEADER_LEN: u64 = 16;
@@ -54,17 +56,6 @@ impl DeviceState {
     }
 }
 
-/// Counters of one queue, for logs and (later) the control socket.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct QueueStats {
-    /// Requests completed.
-    pub requests: u64,
-    /// Requests completed with IOERR or UNSUPP.
-    pub errors: u64,
-    /// Chains that had no status byte and were returned empty.
-    pub dropped: u64,
-}
-
 /// A parsed request header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Header {
@@ -72,11 +63,13 @@ struct Header {
     sector: u64,
 }
 
-/// Outcome of one request: status byte and data bytes written into the guest's buffers.
+/// Outcome of one request: status byte, data bytes written into the guest's buffers, and
+/// data bytes transferred to or from the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Done {
     status: u8,
     written: u64,
+    transferred: u64,
 }
 
 impl Done {
@@ -84,10 +77,33 @@ impl Done {
         Done {
             status: status::OK,
             written,
+            transferred: written,
+        }
+    }
+    fn wrote(transferred: u64) -> Self {
+        Done {
+            status: status::OK,
+            written: 0,
+            transferred,
         }
     }
     fn err(status: u8) -> Self {
-        Done { status, written: 0 }
+        Done {
+            status,
+            written: 0,
+            transferred: 0,
+        }
+    }
+}
+
+fn kind_of(req: u32) -> ReqKind {
+    match req {
+        req_type::IN => ReqKind::Read,
+        req_type::OUT => ReqKind::Write,
+        req_type::FLUSH | req_type::FLUSH_OUT => ReqKind::Flush,
+        req_type::DISCARD => ReqKind::Discard,
+        req_type::WRITE_ZEROES => ReqKind::WriteZeroes,
+        _ => ReqKind::Other,
     }
 }
 
@@ -97,7 +113,7 @@ pub struct RequestHandler {
     params: Arc<DeviceParams>,
     state: Arc<DeviceState>,
     layout: ChainLayout,
-    stats: QueueStats,
+    counters: Arc<QueueCounters>,
 }
 
 impl RequestHandler {
@@ -106,19 +122,20 @@ impl RequestHandler {
         image: Box<dyn ImageQueue>,
         params: Arc<DeviceParams>,
         state: Arc<DeviceState>,
+        counters: Arc<QueueCounters>,
     ) -> Self {
         RequestHandler {
             image,
             params,
             state,
             layout: ChainLayout::default(),
-            stats: QueueStats::default(),
+            counters,
         }
     }
 
     /// This queue's counters.
-    pub fn stats(&self) -> QueueStats {
-        self.stats
+    pub fn counters(&self) -> &Arc<QueueCounters> {
+        &self.counters
     }
 
     /// Processes every available chain of `queue`. Returns whether any chain was returned to
@@ -138,38 +155,43 @@ impl RequestHandler {
 
     /// Handles one chain; returns the number of bytes written into its writable buffers.
     pub fn process_chain(&mut self, mem: &GuestMem, chain: DescriptorChain<&GuestMem>) -> u32 {
+        let start = Instant::now();
         self.layout.load(chain);
-        self.stats.requests += 1;
         // The status byte is the last device-writable byte.
         if self.layout.writable_len == 0 {
             warn!("dropping a request without a status byte");
-            self.stats.dropped += 1;
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
             return 0;
         }
+        self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
         let status_pos = self.layout.writable_len - 1;
-        let done = self.execute(mem, status_pos);
-        if done.status != status::OK {
-            self.stats.errors += 1;
-        }
+        let (kind, done) = self.execute(mem, status_pos);
+        self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
         if scatter(mem, &self.layout.writable, status_pos, &[done.status]).is_err() {
             warn!("cannot write a request's status byte: bad guest address");
-            self.stats.dropped += 1;
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
             return 0;
         }
+        self.counters.complete(
+            kind,
+            done.transferred,
+            done.status != status::OK,
+            start.elapsed(),
+        );
         // The used length counts the data we wrote plus the status byte; it fits in u32
         // because the chain iterator caps chains at 4 GiB.
         u32::try_from(done.written + 1).unwrap_or(u32::MAX)
     }
 
-    fn execute(&mut self, mem: &GuestMem, status_pos: u64) -> Done {
+    fn execute(&mut self, mem: &GuestMem, status_pos: u64) -> (ReqKind, Done) {
         if let Some(e) = self.layout.error {
             debug!("malformed descriptor chain: {e:?}");
-            return Done::err(status::IOERR);
+            return (ReqKind::Other, Done::err(status::IOERR));
         }
         let mut hdr = [0u8; HEADER_LEN as usize];
         if gather(mem, &self.layout.readable, 0, &mut hdr).is_err() {
             debug!("request header missing or unreadable");
-            return Done::err(status::IOERR);
+            return (ReqKind::Other, Done::err(status::IOERR));
         }
         let header = Header {
             kind: u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]),
@@ -177,7 +199,7 @@ impl RequestHandler {
                 hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
             ]),
         };
-        match header.kind {
+        let done = match header.kind {
             req_type::IN => self.read(mem, header, status_pos),
             req_type::OUT => self.write(mem, header),
             req_type::FLUSH | req_type::FLUSH_OUT => self.flush(header),
@@ -192,7 +214,8 @@ impl RequestHandler {
                 debug!("unsupported request type {other:#x}");
                 Done::err(status::UNSUPP)
             }
-        }
+        };
+        (kind_of(header.kind), done)
     }
 
     /// Checks that `len` bytes at `sector` are block-aligned and inside the disk.
@@ -276,7 +299,7 @@ impl RequestHandler {
         }
         let durable = !self.state.write_back();
         match self.image.write(h.sector << SECTOR_SHIFT, &bufs, durable) {
-            Ok(()) => Done::ok(0),
+            Ok(()) => Done::wrote(len),
             Err(e) => {
                 warn!("write of {len} bytes at sector {} failed: {e}", h.sector);
                 Done::err(status::IOERR)

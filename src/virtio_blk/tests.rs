@@ -14,6 +14,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::config::{features, req_type, serial_bytes, status, DeviceParams};
 use super::{DeviceState, GuestMem, RequestHandler};
 use crate::image::{GuestSlice, ImageQueue};
+use crate::stats::{QueueCounters, ReqKind};
 
 const F_WRITE: u16 = 2;
 const F_INDIRECT: u16 = 4;
@@ -110,7 +111,12 @@ impl Rig {
             p.features() & !features::RO | features::FLUSH,
             Ordering::Relaxed,
         );
-        let handler = RequestHandler::new(Box::new(disk.clone()), Arc::new(p), state.clone());
+        let handler = RequestHandler::new(
+            Box::new(disk.clone()),
+            Arc::new(p),
+            state.clone(),
+            Arc::new(QueueCounters::default()),
+        );
         Rig {
             mem,
             disk,
@@ -277,7 +283,7 @@ fn chain_without_status_byte_is_returned_empty() {
     assert_eq!(len, 0);
     assert_eq!(st, 0xff, "nothing may be written");
     assert!(r.disk.calls().is_empty());
-    assert_eq!(r.handler.stats().dropped, 1);
+    assert_eq!(r.handler.counters().dropped.load(Ordering::Relaxed), 1);
 }
 
 #[test]
@@ -736,6 +742,9 @@ fn many_chains_in_one_kick_all_complete() {
         assert_eq!(used.id(), (i * 3) as u32);
         assert_eq!(used.len(), 1);
     }
-    assert_eq!(r.handler.stats().requests, 5);
-    assert_eq!(r.handler.stats().errors, 0);
+    let c = r.handler.counters();
+    assert_eq!(c.requests(ReqKind::Write), 5);
+    assert_eq!(c.bytes_written.load(Ordering::Relaxed), 5 * 512);
+    assert_eq!(c.errors.load(Ordering::Relaxed), 0);
+    assert_eq!(c.in_flight.load(Ordering::Relaxed), 0);
 }
