@@ -51,7 +51,6 @@ ensure_backports_source() {
     [[ -n "$mirror" ]] || mirror="http://deb.debian.org/debian"
     log "adding bookworm-backports source ($mirror)"
     echo "deb $mirror bookworm-backports main" | "${SUDO[@]}" tee /etc/apt/sources.list.d/backports.list >/dev/null
-    NEED_UPDATE=1
 }
 
 missing=()
@@ -66,7 +65,6 @@ done
 [[ "$(qemu_major qemu-img)" -ge 10 ]] 2>/dev/null || need_bpo=1
 [[ "$(qemu_major qemu-system-x86_64)" -ge 10 ]] 2>/dev/null || need_bpo=1
 
-NEED_UPDATE=0
 if (( ${#missing[@]} > 0 || need_bpo )); then
     ensure_backports_source
     # apt lists are needed for any install; update exactly once per run.

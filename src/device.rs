@@ -1,8 +1,10 @@
 //! What outlives frontend connections: the image, the device parameters, the counters.
 
-use std::sync::Arc;
+use std::io;
+use std::sync::{Arc, Mutex};
 
 use crate::image::BlockImage;
+use crate::interposer::Channel;
 use crate::stats::QueueCounters;
 use crate::virtio_blk::DeviceParams;
 
@@ -19,6 +21,8 @@ pub struct Device {
     pub writeback: bool,
     /// One set of counters per queue, accumulated over all connections.
     pub queues: Vec<Arc<QueueCounters>>,
+    /// The current frontend connection's relay channel (control path only).
+    channel: Mutex<Option<Arc<Channel>>>,
 }
 
 impl Device {
@@ -38,6 +42,24 @@ impl Device {
             queue_size,
             writeback,
             queues,
+            channel: Mutex::new(None),
+        }
+    }
+
+    /// Records the current connection's channel (None when no frontend is connected).
+    pub fn set_channel(&self, channel: Option<Arc<Channel>>) {
+        if let Ok(mut c) = self.channel.lock() {
+            *c = channel;
+        }
+    }
+
+    /// Tells the connected frontend that the configuration space changed. Returns whether a
+    /// frontend was told (false: none connected, or it has no backend channel).
+    pub fn notify_config_change(&self) -> io::Result<bool> {
+        let chan = self.channel.lock().ok().and_then(|c| c.clone());
+        match chan {
+            Some(c) => c.notify_config_change(),
+            None => Ok(false),
         }
     }
 }

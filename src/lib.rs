@@ -12,6 +12,7 @@ pub mod backend;
 pub mod device;
 pub mod error;
 pub mod image;
+pub mod interposer;
 pub mod server;
 pub mod stats;
 pub mod virtio_blk;

@@ -232,7 +232,7 @@ fn run(cli: Cli) -> Result<()> {
         "serving {} ({}, {} bytes{}) on {} with {} queues of {} (cache: {})",
         path.display(),
         image.format_name(),
-        params.capacity_sectors * 512,
+        params.capacity_sectors() * 512,
         if cli.read_only { ", read-only" } else { "" },
         match &listen {
             ListenOn::Path(p) => p.display().to_string(),

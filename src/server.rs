@@ -8,6 +8,7 @@
 
 use std::fs;
 use std::io;
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -17,12 +18,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use log::{error, info, warn};
-use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::BlkBackend;
 use crate::device::Device;
+use crate::interposer;
 use crate::error::{Error, Result};
 
 /// Where the listening socket comes from.
@@ -198,9 +199,9 @@ impl Server {
         self.shutdown
             .listener_fd
             .store(listener.as_raw_fd(), Ordering::Release);
-        let mut listener = Listener::from(listener);
+        let relay = RelaySocket::new()?;
         while !self.shutdown.requested() {
-            self.serve_one(&mut listener)?;
+            self.serve_one(&listener, &relay)?;
         }
         info!("shutting down: closing the image");
         self.device
@@ -210,7 +211,19 @@ impl Server {
     }
 
     /// Accepts one frontend and serves it until it disconnects.
-    pub fn serve_one(&self, listener: &mut Listener) -> Result<()> {
+    fn serve_one(&self, listener: &UnixListener, relay: &RelaySocket) -> Result<()> {
+        let frontend = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) => {
+                if !self.shutdown.requested() && e.kind() != io::ErrorKind::Interrupted {
+                    // Accept failures (e.g. out of fds) are transient: report and try again.
+                    warn!("accepting a frontend failed: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                return Ok(());
+            }
+        };
+        info!("frontend connected");
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let backend = Arc::new(
             BlkBackend::new(self.device.clone(), mem.clone())
@@ -218,29 +231,116 @@ impl Server {
         );
         let mut daemon = VhostUserDaemon::new("vhost-user-blk".into(), backend.clone(), mem)
             .map_err(|e| Error::VhostUser(e.to_string()))?;
-        if let Err(e) = daemon.start(listener) {
-            if !self.shutdown.requested() {
-                // Accept failures (e.g. out of fds) are transient: report and try again.
-                warn!("accepting a frontend failed: {e}");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            return Ok(());
-        }
+        // vhost-user-backend talks to our relay, which talks to the frontend.
+        daemon
+            .start_client(&relay.path_str)
+            .map_err(|e| Error::VhostUser(e.to_string()))?;
+        let handler_side = relay.accept()?;
+        let (channel, relay_threads) =
+            interposer::start(frontend, handler_side).map_err(|e| Error::io("start relay", e))?;
+        self.device.set_channel(Some(channel));
         self.shutdown.set_conn(daemon.shutdown_handle());
-        info!("frontend connected");
         match daemon.wait() {
             Ok(()) => info!("frontend disconnected"),
             Err(e) => info!("frontend connection ended: {e}"),
         }
         self.shutdown.set_conn(None);
+        self.device.set_channel(None);
         backend.stop_workers();
         // Dropping the daemon joins its worker threads.
         drop(daemon);
+        for t in relay_threads {
+            let _ = t.join();
+        }
         if let Err(e) = self.device.image.flush() {
             error!("flush after disconnect failed: {e}");
         }
         Ok(())
     }
+}
+
+/// The private socket vhost-user-backend connects to, in a fresh 0700 directory. Only a
+/// connection from this very process is accepted.
+struct RelaySocket {
+    dir: PathBuf,
+    path_str: String,
+    listener: UnixListener,
+}
+
+impl RelaySocket {
+    fn new() -> Result<Self> {
+        let mut template = std::env::temp_dir()
+            .join("vhost-user-blk.XXXXXX")
+            .into_os_string()
+            .into_vec();
+        template.push(0);
+        // SAFETY: mkdtemp rewrites the XXXXXX of the NUL-terminated buffer we own in place.
+        let p = unsafe { libc::mkdtemp(template.as_mut_ptr() as *mut libc::c_char) };
+        if p.is_null() {
+            return Err(Error::io(
+                "create a private directory for the relay socket",
+                io::Error::last_os_error(),
+            ));
+        }
+        template.pop();
+        let dir = PathBuf::from(std::ffi::OsString::from_vec(template));
+        let path = dir.join("handler.sock");
+        let listener = UnixListener::bind(&path).map_err(|e| Error::Socket {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let path_str = path
+            .to_str()
+            .ok_or_else(|| Error::InvalidOption("temporary directory path is not UTF-8".into()))?
+            .to_owned();
+        Ok(RelaySocket {
+            dir,
+            path_str,
+            listener,
+        })
+    }
+
+    /// Accepts vhost-user-backend's connection, refusing any other process.
+    fn accept(&self) -> Result<UnixStream> {
+        loop {
+            let (s, _) = self
+                .listener
+                .accept()
+                .map_err(|e| Error::io("accept on the relay socket", e))?;
+            if peer_pid(&s) == Some(std::process::id() as libc::pid_t) {
+                return Ok(s);
+            }
+            warn!("refused a foreign connection to the private relay socket");
+        }
+    }
+}
+
+impl Drop for RelaySocket {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path_str);
+        let _ = fs::remove_dir(&self.dir);
+    }
+}
+
+/// Process id of the peer of a connected unix socket.
+fn peer_pid(s: &UnixStream) -> Option<libc::pid_t> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED writes at most `len` bytes into `cred`, a live local.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut libc::ucred as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    (r == 0).then_some(cred.pid)
 }
 
 /// How long the signal thread waits for a clean shutdown before giving up.

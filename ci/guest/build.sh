@@ -7,9 +7,12 @@
 #   initramfs.cpio.gz     the initramfs (newc, gzip)
 #   stamp                 hash of all inputs; the build is skipped when it matches
 #
-# Needs: apt lists (apt-get update), busybox-static, fio, e2fsprogs, cpio, kmod,
-# xz-utils/zstd (run ci/setup.sh).  The kernel is fetched with
-# `apt-get download` and unpacked with dpkg-deb -x; nothing is installed.
+# Needs: apt lists (apt-get update), busybox-static, fio, e2fsprogs,
+# util-linux, cpio, kmod, xz-utils, zstd (run ci/setup.sh).  The kernel
+# (linux-image-cloud-amd64's current candidate and the linux-image-<abi>
+# package it depends on) is fetched with `apt-get download` into
+# $VUB_GUEST_DIR/debs and unpacked with dpkg-deb -x; nothing is installed.
+# The package ships no modules.dep, so depmod is run on the unpacked tree.
 #
 # Env: VUB_GUEST_DIR  output directory
 #      VUB_GUEST_FORCE=1  rebuild even if up to date
@@ -26,13 +29,14 @@ INIT_SRC=$HERE/init
 # and crc32c are built in.)
 WANT_MODULES=(virtio_pci virtio_blk ext4 crc32c_generic)
 
-# Host binaries copied into the initramfs together with their shared libraries.
-BINARIES=(/usr/bin/fio /usr/sbin/mke2fs)
+# Host binaries copied into the initramfs together with their shared libraries
+# (blkdiscard from util-linux: busybox's lacks -z, i.e. BLKZEROOUT).
+BINARIES=(/usr/bin/fio /usr/sbin/mke2fs /usr/sbin/blkdiscard)
 
 log() { echo "[guest/build] $*" >&2; }
 die() { echo "[guest/build] ERROR: $*" >&2; exit 1; }
 
-for tool in apt-get apt-cache dpkg-deb dpkg-query depmod cpio gzip ldd sha256sum; do
+for tool in apt-get apt-cache dpkg-deb dpkg-query depmod cpio gzip ldd sha256sum flock xz zstd; do
     command -v "$tool" >/dev/null || die "missing '$tool' (run ci/setup.sh)"
 done
 BUSYBOX=$(command -v busybox || true)
@@ -45,10 +49,22 @@ for b in "${BINARIES[@]}"; do
     [[ -x "$b" ]] || die "missing $b (run ci/setup.sh)"
 done
 
+# Serialise concurrent builds (e.g. two test runs sharing the cache dir).
+mkdir -p "$OUT"
+exec 9>"$OUT/.lock"
+flock 9
+
 # ---------------------------------------------------------------- freshness
 # The kernel package the meta package currently points to.
 KMETA=linux-image-cloud-amd64
-kmeta_ver=$(apt-cache policy "$KMETA" 2>/dev/null | sed -n 's/^ *Candidate: //p')
+candidate() { apt-cache policy "$1" 2>/dev/null | sed -n 's/^ *Candidate: //p'; }
+kmeta_ver=$(candidate "$KMETA")
+if [[ ( -z "$kmeta_ver" || "$kmeta_ver" == "(none)" ) && $(id -u) -eq 0 ]]; then
+    # Fresh machine whose apt lists were never fetched (or were cleaned).
+    log "no apt candidate for $KMETA; running apt-get update"
+    apt-get update -qq || true
+    kmeta_ver=$(candidate "$KMETA")
+fi
 if [[ -z "$kmeta_ver" || "$kmeta_ver" == "(none)" ]]; then
     # No apt lists: fall back to an existing build if there is one.
     if [[ -s "$OUT/vmlinuz" && -s "$OUT/initramfs.cpio.gz" ]]; then
@@ -62,7 +78,7 @@ stamp=$(
     {
         echo "kernel $KMETA $kmeta_ver"
         echo "modules ${WANT_MODULES[*]}"
-        dpkg-query -W -f='${Package} ${Version}\n' busybox-static fio e2fsprogs libc6 2>/dev/null || true
+        dpkg-query -W -f='${Package} ${Version}\n' busybox-static fio e2fsprogs util-linux libc6 2>/dev/null || true
         sha256sum "${BASH_SOURCE[0]}" "$INIT_SRC"
     } | sha256sum | cut -d' ' -f1
 )
@@ -72,7 +88,6 @@ if [[ "${VUB_GUEST_FORCE:-0}" != 1 && -s "$OUT/vmlinuz" && -s "$OUT/initramfs.cp
     exit 0
 fi
 
-mkdir -p "$OUT"
 WORK=$(mktemp -d "$OUT/.build.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
@@ -81,14 +96,25 @@ trap 'rm -rf "$WORK"' EXIT
 # init) does not fetch them again.
 DEBS=$OUT/debs
 mkdir -p "$DEBS"
-meta_deb=$(ls "$DEBS/${KMETA}_${kmeta_ver//:/%3a}_"*.deb 2>/dev/null | head -n1 || true)
-if [[ -z "$meta_deb" ]]; then
+# download_failed PKG=VER: with stale apt lists the mirror may no longer have
+# that version; refresh the lists once and start over, else give up.
+download_failed() {
+    if [[ -z "${VUB_GUEST_RETRIED:-}" && $(id -u) -eq 0 ]]; then
+        log "apt-get download $1 failed; refreshing apt lists and retrying"
+        apt-get update -qq || true
+        rm -rf "$WORK"
+        exec 9>&-  # release the build lock; the new run takes it again
+        VUB_GUEST_RETRIED=1 exec bash "${BASH_SOURCE[0]}"
+    fi
+    die "apt-get download $1 failed (run 'apt-get update'?)"
+}
+meta_deb=$DEBS/${KMETA}_${kmeta_ver//:/%3a}_amd64.deb
+if [[ ! -s "$meta_deb" ]]; then
     log "apt-get download $KMETA ($kmeta_ver)"
     # apt warns when it cannot drop privileges to _apt for the download dir;
     # that is harmless here.
     (cd "$DEBS" && apt-get download -q "$KMETA=$kmeta_ver" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2) || true
-    meta_deb=$(ls "$DEBS/${KMETA}_${kmeta_ver//:/%3a}_"*.deb 2>/dev/null | head -n1 || true)
-    [[ -n "$meta_deb" ]] || die "apt-get download $KMETA failed"
+    [[ -s "$meta_deb" ]] || download_failed "$KMETA=$kmeta_ver"
 fi
 # The meta package depends on linux-image-<abi>-cloud-amd64 (= version),
 # which holds the actual kernel.
@@ -100,7 +126,7 @@ kpkg_deb=$DEBS/${kpkg}_${kpkg_ver//:/%3a}_amd64.deb
 if [[ ! -s "$kpkg_deb" ]]; then
     log "apt-get download $kpkg ($kpkg_ver)"
     (cd "$DEBS" && apt-get download -q "$kpkg=$kpkg_ver" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2) || true
-    [[ -s "$kpkg_deb" ]] || die "apt-get download $kpkg=$kpkg_ver failed"
+    [[ -s "$kpkg_deb" ]] || download_failed "$kpkg=$kpkg_ver"
 fi
 # Drop older cached kernels.
 for f in "$DEBS"/*.deb; do
@@ -110,7 +136,8 @@ done
 log "unpacking $(basename "$kpkg_deb")"
 KROOT=$WORK/kernel
 dpkg-deb -x "$kpkg_deb" "$KROOT"
-vmlinuz=$(ls "$KROOT"/boot/vmlinuz-* | head -n1)
+vmlinuz=$(find "$KROOT/boot" -name 'vmlinuz-*' | head -n1)
+[[ -n "$vmlinuz" ]] || die "no kernel in $kpkg_deb"
 kver=${vmlinuz##*/vmlinuz-}
 # Modules live in lib/modules or (merged-/usr packages) usr/lib/modules.
 if [[ -d "$KROOT/lib/modules/$kver" ]]; then
@@ -186,6 +213,7 @@ add_module() {
     fi
     path=${MODPATH[$name]:-}
     [[ -n "$path" ]] || die "module $name is neither built in nor in modules.dep of $kver"
+    # shellcheck disable=SC2013  # modules.dep lists dependencies as words
     for dep in $(grep -E "^$path:" "$MODDIR/modules.dep" | cut -d: -f2-); do
         dep=${dep##*/}
         add_module "${dep%%.ko*}"

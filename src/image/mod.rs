@@ -42,6 +42,14 @@ pub trait BlockImage: Send + Sync {
     /// Makes every write that has completed so far durable.
     fn flush(&self) -> io::Result<()>;
 
+    /// Grows the image to `new_size` bytes (online resize). Callers refuse shrinking.
+    fn resize(&self, _new_size: u64) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("{} images cannot be resized", self.format_name()),
+        ))
+    }
+
     /// Clean shutdown: makes everything durable and leaves the image consistent on disk (for
     /// qcow2, clears the dirty bit). Called once no queue worker is running any more.
     fn close(&self) -> io::Result<()> {

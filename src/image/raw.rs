@@ -15,6 +15,7 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use log::{debug, warn};
 
@@ -37,7 +38,7 @@ const ZERO_CHUNK: usize = 1 << 20;
 pub struct RawImage {
     path: PathBuf,
     file: File,
-    size: u64,
+    size: AtomicU64,
     read_only: bool,
     direct: bool,
     block_device: bool,
@@ -104,7 +105,7 @@ impl RawImage {
         Ok(RawImage {
             path: path.clone(),
             file,
-            size,
+            size: AtomicU64::new(size),
             read_only: opts.read_only,
             direct: opts.direct,
             block_device,
@@ -167,7 +168,32 @@ fn direct_alignment(file: &File, block_device: bool) -> (usize, usize) {
 
 impl BlockImage for RawImage {
     fn virtual_size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn resize(&self, new_size: u64) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "image is read-only",
+            ));
+        }
+        if self.block_device {
+            // A block device cannot be grown from here, but the operator may have grown it
+            // (e.g. lvextend): accept sizes up to what the device now has.
+            let actual = file_size(&self.file)?;
+            if new_size > actual {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("block device has only {actual} bytes; grow the device first"),
+                ));
+            }
+        } else {
+            self.file.set_len(new_size)?;
+            self.file.sync_all()?;
+        }
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
     }
 
     fn read_only(&self) -> bool {

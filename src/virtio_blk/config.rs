@@ -1,6 +1,8 @@
 //! virtio-blk feature bits, request types and the device configuration space
 //! (virtio 1.2, section 5.2 "Block Device").
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 /// Size of a sector in virtio-blk requests, whatever the logical block size.
 pub const SECTOR_SIZE: u64 = 512;
 /// Shift of [`SECTOR_SIZE`].
@@ -75,10 +77,13 @@ pub const WRITEBACK_OFFSET: u32 = 32;
 pub const CONFIG_LEN: usize = 72;
 
 /// Everything the configuration space and the request validator need to know about the disk.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// Only the capacity can change while the device runs (online resize); it is an atomic read
+/// on every request.
+#[derive(Debug)]
 pub struct DeviceParams {
     /// Capacity in 512-byte sectors.
-    pub capacity_sectors: u64,
+    capacity_sectors: AtomicU64,
     /// Logical block size in bytes (512 or 4096).
     pub logical_block_size: u32,
     /// Maximum number of data segments per request.
@@ -104,6 +109,16 @@ pub struct DeviceParams {
 }
 
 impl DeviceParams {
+    /// Capacity in 512-byte sectors.
+    pub fn capacity_sectors(&self) -> u64 {
+        self.capacity_sectors.load(Ordering::Acquire)
+    }
+
+    /// Changes the capacity (online resize); the caller notifies the driver.
+    pub fn set_capacity_sectors(&self, sectors: u64) {
+        self.capacity_sectors.store(sectors, Ordering::Release);
+    }
+
     /// Virtio feature bits the device offers (transport bits included).
     pub fn features(&self) -> u64 {
         let mut f = features::VERSION_1
@@ -129,7 +144,7 @@ impl DeviceParams {
         let put = |c: &mut [u8; CONFIG_LEN], off: usize, bytes: &[u8]| {
             c[off..off + bytes.len()].copy_from_slice(bytes)
         };
-        put(&mut c, 0, &self.capacity_sectors.to_le_bytes());
+        put(&mut c, 0, &self.capacity_sectors().to_le_bytes());
         // size_max (8) stays 0: VIRTIO_BLK_F_SIZE_MAX is not offered.
         put(&mut c, 12, &self.seg_max.to_le_bytes());
         // geometry (16..20) stays 0: VIRTIO_BLK_F_GEOMETRY is not offered.
@@ -202,7 +217,7 @@ impl DeviceParams {
         let lbs_sectors = logical_block_size / SECTOR_SIZE as u32;
         let align = (discard_granularity.max(lbs) / SECTOR_SIZE).min(u64::from(MAX_DWZ_SECTORS));
         Ok(DeviceParams {
-            capacity_sectors: usable >> SECTOR_SHIFT,
+            capacity_sectors: AtomicU64::new(usable >> SECTOR_SHIFT),
             logical_block_size,
             seg_max: u32::from(queue_size) - 2,
             num_queues,
@@ -233,7 +248,7 @@ mod tests {
 
     fn params() -> DeviceParams {
         DeviceParams {
-            capacity_sectors: 2048,
+            capacity_sectors: AtomicU64::new(2048),
             logical_block_size: 4096,
             seg_max: 126,
             num_queues: 4,
@@ -288,7 +303,7 @@ mod tests {
     #[test]
     fn new_rounds_capacity_and_checks_options() {
         let p = DeviceParams::new(10_000, 4096, 65536, 2, 256, false, "x").unwrap();
-        assert_eq!(p.capacity_sectors, 16);
+        assert_eq!(p.capacity_sectors(), 16);
         assert_eq!(p.seg_max, 254);
         assert_eq!(p.discard_sector_alignment, 128);
         assert_eq!(p.max_discard_sectors % 8, 0);

@@ -229,7 +229,7 @@ impl RequestHandler {
         };
         offset.is_multiple_of(lbs)
             && len.is_multiple_of(lbs)
-            && end <= self.params.capacity_sectors << SECTOR_SHIFT
+            && end <= self.params.capacity_sectors() << SECTOR_SHIFT
     }
 
     fn read(&mut self, mem: &GuestMem, h: Header, status_pos: u64) -> Done {

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Boot the end-to-end test guest against an already-running vhost-user-blk
+# backend and report whether the in-guest tests (ci/guest/init) passed.
+#
+# Usage: ci/guest/run.sh SOCKET
+#
+# Exit status: 0 only if the console shows "E2E-RESULT PASS".
+#
+# Env: VUB_GUEST_DIR      guest build dir (default <repo>/ci/.cache/guest)
+#      VUB_GUEST_LOG      console log file (default: a new file in $TMPDIR)
+#      VUB_GUEST_TIMEOUT  seconds before the VM is killed (default 300; the
+#                         guest's own watchdog reports a hung step a bit earlier)
+#      VUB_GUEST_ACCEL    force "kvm" or "tcg" (default: kvm only with real
+#                         vmx/svm; this project's /dev/kvm may be PVM-based,
+#                         where a stock guest kernel does not run)
+#      VUB_GUEST_VERBOSE=1  also stream the console to stdout
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+GUEST=${VUB_GUEST_DIR:-$REPO/ci/.cache/guest}
+TIMEOUT=${VUB_GUEST_TIMEOUT:-300}
+
+log() { echo "[guest/run] $*" >&2; }
+die() { echo "[guest/run] ERROR: $*" >&2; exit 2; }
+
+[[ $# -eq 1 ]] || die "usage: $0 SOCKET"
+SOCK=$1
+[[ -S "$SOCK" ]] || die "$SOCK is not a unix socket (is the backend running?)"
+for f in vmlinuz initramfs.cpio.gz; do
+    [[ -s "$GUEST/$f" ]] || die "missing $GUEST/$f (run ci/guest/build.sh)"
+done
+QEMU=$(command -v qemu-system-x86_64 || true)
+[[ -n "$QEMU" ]] || die "qemu-system-x86_64 not found (run ci/setup.sh)"
+
+LOG=${VUB_GUEST_LOG:-$(mktemp "${TMPDIR:-/tmp}/vub-guest.XXXXXX.log")}
+: >"$LOG"
+
+# KVM only when the CPU really has hardware virtualisation; otherwise TCG.
+accel=${VUB_GUEST_ACCEL:-}
+if [[ -z "$accel" ]]; then
+    if grep -qwE 'vmx|svm' /proc/cpuinfo && [[ -w /dev/kvm ]]; then
+        accel=kvm
+    else
+        accel=tcg
+    fi
+fi
+case "$accel" in
+    kvm) cpu=host ;;
+    tcg) cpu=max ;;
+    *) die "VUB_GUEST_ACCEL must be kvm or tcg" ;;
+esac
+
+# The guest's own watchdog fires first, so a hang is reported with the stuck
+# step and the kernel's blocked-task dump rather than as a bare qemu timeout.
+guest_timeout=$(( TIMEOUT > 90 ? TIMEOUT - 60 : (TIMEOUT > 20 ? TIMEOUT - 10 : TIMEOUT) ))
+
+# The guest's RAM must be a shared memfd so the backend can map it.
+# shellcheck disable=SC2054  # commas are part of qemu option values
+args=(
+    -nodefaults -no-user-config
+    -machine q35,memory-backend=mem
+    -accel "$accel" -cpu "$cpu"
+    -smp 2 -m 512M
+    -object memory-backend-memfd,id=mem,size=512M,share=on
+    -chardev "socket,id=vub,path=$SOCK"
+    -device vhost-user-blk-pci,chardev=vub,num-queues=2
+    -kernel "$GUEST/vmlinuz"
+    -initrd "$GUEST/initramfs.cpio.gz"
+    -append "console=ttyS0 panic=-1 loglevel=4 mitigations=off E2E_TIMEOUT=$guest_timeout"
+    -display none -monitor none
+    -serial "file:$LOG"
+    -no-reboot
+)
+
+log "booting guest ($accel, timeout ${TIMEOUT}s), console log: $LOG"
+start=$(date +%s)
+tail_pid=
+if [[ "${VUB_GUEST_VERBOSE:-0}" == 1 ]]; then
+    tail -n +1 -f "$LOG" &
+    tail_pid=$!
+fi
+rc=0
+# qemu's own messages (e.g. a refused socket) go to the log as well.
+timeout --kill-after=10 "$TIMEOUT" "$QEMU" "${args[@]}" 2>"$LOG.qemu" </dev/null || rc=$?
+[[ -n "$tail_pid" ]] && kill "$tail_pid" 2>/dev/null
+elapsed=$(( $(date +%s) - start ))
+if [[ -s "$LOG.qemu" ]]; then
+    { echo "----- qemu stderr -----"; cat "$LOG.qemu"; } >>"$LOG"
+fi
+rm -f "$LOG.qemu"
+
+# The console uses CRLF line endings.
+grep -a '^E2E-' "$LOG" | tr -d '\r' >&2 || true
+if (( rc == 124 || rc == 137 )); then
+    log "qemu timed out after ${TIMEOUT}s"
+elif (( rc != 0 )); then
+    log "qemu exited with status $rc"
+fi
+if grep -aq '^E2E-RESULT PASS' "$LOG"; then
+    log "PASS in ${elapsed}s"
+    exit 0
+fi
+log "FAIL after ${elapsed}s; last 60 lines of $LOG:"
+tail -n 60 "$LOG" | tr -d '\r' >&2
+exit 1

@@ -1,0 +1,315 @@
+//! A vhost-user message interposer between the frontend and vhost-user-backend's handler.
+//!
+//! vhost-user-backend runs the protocol, but its `Backend` type (the backend-to-frontend
+//! channel) cannot send `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`, which online resize needs. So
+//! the daemon does not hand the frontend's socket to vhost-user-backend directly: it connects
+//! vhost-user-backend to a private socket of its own and relays every message, unchanged,
+//! between the two, with the file descriptors they carry. While relaying it keeps a duplicate
+//! of the backend channel passed in `SET_BACKEND_REQ_FD` and notes whether REPLY_ACK was
+//! negotiated, so [`Channel::notify_config_change`] can send the message itself.
+//!
+//! Only the control plane goes through here (a few dozen messages per connection, plus memory
+//! table updates); virtqueue kicks and calls are eventfds that never touch the relay.
+//! Messages are framed by their 12-byte header; a payload over [`MAX_PAYLOAD`] ends the
+//! connection.
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use log::{debug, warn};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+/// Largest payload relayed (vhost-user messages are far smaller).
+pub const MAX_PAYLOAD: usize = 64 * 1024;
+/// Most file descriptors one message may carry.
+const MAX_FDS: usize = 32;
+/// Header size: request, flags, size (three little-endian u32).
+const HDR: usize = 12;
+
+/// `VHOST_USER_SET_PROTOCOL_FEATURES`.
+const SET_PROTOCOL_FEATURES: u32 = 16;
+/// `VHOST_USER_SET_BACKEND_REQ_FD`.
+const SET_BACKEND_REQ_FD: u32 = 21;
+/// `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`.
+const BACKEND_CONFIG_CHANGE_MSG: u32 = 2;
+/// Protocol feature bit REPLY_ACK.
+const PROTOCOL_F_REPLY_ACK: u64 = 1 << 3;
+/// Header flag: protocol version 1.
+const FLAG_VERSION: u32 = 0x1;
+/// Header flag: this is a reply.
+const FLAG_REPLY: u32 = 0x4;
+/// Header flag: the sender wants a reply.
+const FLAG_NEED_REPLY: u32 = 0x8;
+
+/// What the relay learned about one connection, and the way back to the frontend.
+#[derive(Default)]
+pub struct Channel {
+    /// Our duplicate of the backend-to-frontend channel, once the frontend sent it.
+    backend_req: Mutex<Option<UnixStream>>,
+    reply_ack: AtomicBool,
+}
+
+impl Channel {
+    /// Tells the frontend the configuration space changed (e.g. the capacity grew), so it
+    /// re-reads it and notifies the guest. Returns `Ok(false)` when the frontend gave us no
+    /// backend channel (it did not negotiate BACKEND_REQ).
+    pub fn notify_config_change(&self) -> io::Result<bool> {
+        let mut guard = self
+            .backend_req
+            .lock()
+            .map_err(|_| io::Error::other("backend channel lock poisoned"))?;
+        let Some(sock) = guard.as_mut() else {
+            return Ok(false);
+        };
+        let need_reply = self.reply_ack.load(Ordering::Acquire);
+        let flags = FLAG_VERSION | if need_reply { FLAG_NEED_REPLY } else { 0 };
+        let mut msg = [0u8; HDR];
+        msg[0..4].copy_from_slice(&BACKEND_CONFIG_CHANGE_MSG.to_le_bytes());
+        msg[4..8].copy_from_slice(&flags.to_le_bytes());
+        sock.write_all(&msg)?;
+        if need_reply {
+            let mut reply = [0u8; HDR + 8];
+            sock.read_exact(&mut reply)?;
+            let req = u32::from_le_bytes([reply[0], reply[1], reply[2], reply[3]]);
+            let rflags = u32::from_le_bytes([reply[4], reply[5], reply[6], reply[7]]);
+            let mut v = [0u8; 8];
+            v.copy_from_slice(&reply[HDR..]);
+            if req != BACKEND_CONFIG_CHANGE_MSG || rflags & FLAG_REPLY == 0 {
+                return Err(io::Error::other("unexpected reply to CONFIG_CHANGE_MSG"));
+            }
+            if u64::from_le_bytes(v) != 0 {
+                return Err(io::Error::other("frontend failed CONFIG_CHANGE_MSG"));
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// One framed message with its descriptors.
+struct Message {
+    bytes: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+impl Message {
+    fn request(&self) -> u32 {
+        u32::from_le_bytes([self.bytes[0], self.bytes[1], self.bytes[2], self.bytes[3]])
+    }
+
+    fn flags(&self) -> u32 {
+        u32::from_le_bytes([self.bytes[4], self.bytes[5], self.bytes[6], self.bytes[7]])
+    }
+
+    fn payload(&self) -> &[u8] {
+        &self.bytes[HDR..]
+    }
+}
+
+/// Reads one message; `Ok(None)` on a clean end of stream.
+fn read_message(sock: &UnixStream) -> io::Result<Option<Message>> {
+    let mut bytes = vec![0u8; HDR];
+    let mut raw_fds = [-1 as RawFd; MAX_FDS];
+    let mut iov = [libc::iovec {
+        iov_base: bytes.as_mut_ptr() as *mut libc::c_void,
+        iov_len: HDR,
+    }];
+    // SAFETY: the iovec points to `bytes`, HDR writable bytes we own for this call.
+    let (n, nfds) = unsafe { sock.recv_with_fds(&mut iov, &mut raw_fds) }
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    let fds: Vec<OwnedFd> = raw_fds[..nfds]
+        .iter()
+        // SAFETY: recvmsg just gave us these descriptors; we are their only owner.
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    if n == 0 {
+        return Ok(None);
+    }
+    let mut r = sock;
+    r.read_exact(&mut bytes[n..])?;
+    let size = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize;
+    if size > MAX_PAYLOAD {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("vhost-user message payload of {size} bytes"),
+        ));
+    }
+    bytes.resize(HDR + size, 0);
+    r.read_exact(&mut bytes[HDR..])?;
+    Ok(Some(Message { bytes, fds }))
+}
+
+fn write_message(sock: &UnixStream, msg: &Message) -> io::Result<()> {
+    let raw: Vec<RawFd> = msg.fds.iter().map(|f| f.as_raw_fd()).collect();
+    let sent = if raw.is_empty() {
+        0
+    } else {
+        sock.send_with_fds(&[&msg.bytes[..]], &raw)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?
+    };
+    let mut w = sock;
+    w.write_all(&msg.bytes[sent..])
+}
+
+/// Relays messages from `from` to `to` until either side closes; `inspect` sees each one
+/// before it is forwarded.
+fn relay(
+    from: UnixStream,
+    to: UnixStream,
+    name: &'static str,
+    mut inspect: impl FnMut(&Message),
+) {
+    loop {
+        match read_message(&from) {
+            Ok(Some(msg)) => {
+                inspect(&msg);
+                if let Err(e) = write_message(&to, &msg) {
+                    debug!("{name}: forwarding failed: {e}");
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                warn!("{name}: {e}; closing the connection");
+                break;
+            }
+        }
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
+}
+
+/// Starts relaying between the `frontend` connection and the `handler`'s socket. Returns the
+/// channel and the two relay threads (they end when either side disconnects).
+pub fn start(
+    frontend: UnixStream,
+    handler: UnixStream,
+) -> io::Result<(Arc<Channel>, [JoinHandle<()>; 2])> {
+    let chan = Arc::new(Channel::default());
+    let (f2, h2) = (frontend.try_clone()?, handler.try_clone()?);
+    let c = chan.clone();
+    let to_handler = std::thread::Builder::new()
+        .name("vhost-relay-rx".into())
+        .spawn(move || {
+            relay(frontend, handler, "frontend->handler", |msg| {
+                inspect_frontend(&c, msg)
+            })
+        })?;
+    let to_frontend = std::thread::Builder::new()
+        .name("vhost-relay-tx".into())
+        .spawn(move || relay(h2, f2, "handler->frontend", |_| {}))?;
+    Ok((chan, [to_handler, to_frontend]))
+}
+
+fn inspect_frontend(chan: &Channel, msg: &Message) {
+    match msg.request() {
+        SET_PROTOCOL_FEATURES if msg.flags() & FLAG_REPLY == 0 => {
+            if let Some(b) = msg.payload().get(..8) {
+                let mut v = [0u8; 8];
+                v.copy_from_slice(b);
+                let features = u64::from_le_bytes(v);
+                chan.reply_ack
+                    .store(features & PROTOCOL_F_REPLY_ACK != 0, Ordering::Release);
+            }
+        }
+        SET_BACKEND_REQ_FD => {
+            let dup = msg
+                .fds
+                .first()
+                .and_then(|fd| fd.try_clone().ok())
+                .map(UnixStream::from);
+            if let Ok(mut g) = chan.backend_req.lock() {
+                debug!("frontend set the backend channel: {}", dup.is_some());
+                *g = dup;
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(req: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&req.to_le_bytes());
+        v.extend_from_slice(&flags.to_le_bytes());
+        v.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn relays_messages_and_fds_both_ways() {
+        let (vmm, frontend) = UnixStream::pair().unwrap();
+        let (handler, daemon) = UnixStream::pair().unwrap();
+        let (_chan, threads) = start(frontend, handler).unwrap();
+        // A message with a payload and an fd, sent in two pieces.
+        let (a, _b) = UnixStream::pair().unwrap();
+        let m = msg(5, 1, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        vmm.send_with_fds(&[&m[..4]], &[a.as_raw_fd()]).unwrap();
+        (&vmm).write_all(&m[4..]).unwrap();
+        let got = read_message(&daemon).unwrap().unwrap();
+        assert_eq!(got.bytes, m);
+        assert_eq!(got.fds.len(), 1);
+        // And a reply back.
+        let r = msg(5, 1 | FLAG_REPLY, &[9; 8]);
+        (&daemon).write_all(&r).unwrap();
+        let got = read_message(&vmm).unwrap().unwrap();
+        assert_eq!(got.bytes, r);
+        drop(vmm);
+        for t in threads {
+            t.join().unwrap();
+        }
+        // The daemon side sees the end of the connection.
+        assert!(read_message(&daemon).unwrap().is_none());
+    }
+
+    #[test]
+    fn oversized_payload_closes_the_connection() {
+        let (vmm, frontend) = UnixStream::pair().unwrap();
+        let (handler, daemon) = UnixStream::pair().unwrap();
+        let (_chan, threads) = start(frontend, handler).unwrap();
+        let mut m = msg(1, 1, &[]);
+        m[8..12].copy_from_slice(&(MAX_PAYLOAD as u32 + 1).to_le_bytes());
+        (&vmm).write_all(&m).unwrap();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(read_message(&daemon).unwrap().is_none());
+    }
+
+    #[test]
+    fn config_change_goes_over_the_backend_channel() {
+        let (vmm, frontend) = UnixStream::pair().unwrap();
+        let (handler, daemon) = UnixStream::pair().unwrap();
+        let (chan, _threads) = start(frontend, handler).unwrap();
+        assert!(!chan.notify_config_change().unwrap(), "no channel yet");
+        // Negotiate REPLY_ACK, then hand over the backend channel.
+        (&vmm)
+            .write_all(&msg(SET_PROTOCOL_FEATURES, 1, &PROTOCOL_F_REPLY_ACK.to_le_bytes()))
+            .unwrap();
+        read_message(&daemon).unwrap().unwrap();
+        let (ours, vmm_side) = UnixStream::pair().unwrap();
+        let m = msg(SET_BACKEND_REQ_FD, 1, &[]);
+        vmm.send_with_fds(&[&m[..]], &[ours.as_raw_fd()]).unwrap();
+        drop(ours);
+        read_message(&daemon).unwrap().unwrap();
+        let frontend_thread = std::thread::spawn(move || {
+            let got = read_message(&vmm_side).unwrap().unwrap();
+            assert_eq!(got.request(), BACKEND_CONFIG_CHANGE_MSG);
+            assert_ne!(got.flags() & FLAG_NEED_REPLY, 0);
+            (&vmm_side)
+                .write_all(&msg(BACKEND_CONFIG_CHANGE_MSG, 1 | FLAG_REPLY, &0u64.to_le_bytes()))
+                .unwrap();
+        });
+        assert!(chan.notify_config_change().unwrap());
+        frontend_thread.join().unwrap();
+        drop(vmm);
+    }
+}
