@@ -1,11 +1,13 @@
 //! What outlives frontend connections: the image, the device parameters, the counters.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use crate::image::BlockImage;
 use crate::interposer::Channel;
-use crate::stats::QueueCounters;
+use crate::stats::{now_ns, QueueCounters};
 use crate::virtio_blk::DeviceParams;
 
 /// The served disk, shared by the connection loop, every connection's backend and the
@@ -23,6 +25,12 @@ pub struct Device {
     pub queues: Vec<Arc<QueueCounters>>,
     /// The current frontend connection's relay channel (control path only).
     channel: Mutex<Option<Arc<Channel>>>,
+    /// Flushes requested outside the guest (control socket, disconnects).
+    pub host_flushes: AtomicU64,
+    /// [`now_ns`] of the last host-requested flush (0: never).
+    pub last_host_flush_ns: AtomicU64,
+    /// When the device was created.
+    pub started: Instant,
 }
 
 impl Device {
@@ -43,7 +51,23 @@ impl Device {
             writeback,
             queues,
             channel: Mutex::new(None),
+            host_flushes: AtomicU64::new(0),
+            last_host_flush_ns: AtomicU64::new(0),
+            started: Instant::now(),
         }
+    }
+
+    /// Flushes the image on behalf of the host (not the guest) and counts it.
+    pub fn flush(&self) -> io::Result<()> {
+        self.image.flush()?;
+        self.host_flushes.fetch_add(1, Ordering::Relaxed);
+        self.last_host_flush_ns.store(now_ns(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether a frontend is connected.
+    pub fn connected(&self) -> bool {
+        self.channel.lock().map(|c| c.is_some()).unwrap_or(false)
     }
 
     /// Records the current connection's channel (None when no frontend is connected).

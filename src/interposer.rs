@@ -157,12 +157,7 @@ fn write_message(sock: &UnixStream, msg: &Message) -> io::Result<()> {
 
 /// Relays messages from `from` to `to` until either side closes; `inspect` sees each one
 /// before it is forwarded.
-fn relay(
-    from: UnixStream,
-    to: UnixStream,
-    name: &'static str,
-    mut inspect: impl FnMut(&Message),
-) {
+fn relay(from: UnixStream, to: UnixStream, name: &'static str, mut inspect: impl FnMut(&Message)) {
     loop {
         match read_message(&from) {
             Ok(Some(msg)) => {
@@ -292,7 +287,11 @@ mod tests {
         assert!(!chan.notify_config_change().unwrap(), "no channel yet");
         // Negotiate REPLY_ACK, then hand over the backend channel.
         (&vmm)
-            .write_all(&msg(SET_PROTOCOL_FEATURES, 1, &PROTOCOL_F_REPLY_ACK.to_le_bytes()))
+            .write_all(&msg(
+                SET_PROTOCOL_FEATURES,
+                1,
+                &PROTOCOL_F_REPLY_ACK.to_le_bytes(),
+            ))
             .unwrap();
         read_message(&daemon).unwrap().unwrap();
         let (ours, vmm_side) = UnixStream::pair().unwrap();
@@ -305,7 +304,11 @@ mod tests {
             assert_eq!(got.request(), BACKEND_CONFIG_CHANGE_MSG);
             assert_ne!(got.flags() & FLAG_NEED_REPLY, 0);
             (&vmm_side)
-                .write_all(&msg(BACKEND_CONFIG_CHANGE_MSG, 1 | FLAG_REPLY, &0u64.to_le_bytes()))
+                .write_all(&msg(
+                    BACKEND_CONFIG_CHANGE_MSG,
+                    1 | FLAG_REPLY,
+                    &0u64.to_le_bytes(),
+                ))
                 .unwrap();
         });
         assert!(chan.notify_config_change().unwrap());

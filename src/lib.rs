@@ -9,10 +9,13 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod control;
+pub mod ctl;
 pub mod device;
 pub mod error;
 pub mod image;
 pub mod interposer;
+pub mod notify;
 pub mod server;
 pub mod stats;
 pub mod virtio_blk;

@@ -8,8 +8,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{ArgAction, Parser};
+use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand};
 use log::info;
+use serde_json::json;
 
 use vhost_user_blk::backend::MAX_QUEUES;
 use vhost_user_blk::device::Device;
@@ -19,7 +20,7 @@ use vhost_user_blk::server::{
     bind_socket, handle_signals, listener_from_fd, systemd_listen_fd, ListenOn, Server, Shutdown,
 };
 use vhost_user_blk::virtio_blk::DeviceParams;
-use vhost_user_blk::{Error, Result};
+use vhost_user_blk::{control, ctl, notify, Error, Result};
 
 /// Capabilities printed by `--print-capabilities` (vhost-user.rst, type "block").
 const CAPABILITIES: &str = r#"{"type":"block","features":["read-only","blk-file"]}"#;
@@ -31,8 +32,23 @@ const DEFAULT_QUEUES: u16 = MAX_QUEUES as u16;
 
 /// Serve a raw or qcow2 disk image to a virtual machine as a vhost-user-blk device.
 #[derive(Parser, Debug)]
-#[command(name = "vhost-user-blk", version, about, long_about = None)]
+#[command(
+    name = "vhost-user-blk",
+    version,
+    about,
+    long_about = None,
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    /// Also serve a control socket (JSON lines: stats, flush, resize, bitmaps) at this path,
+    /// created with --socket-mode. See docs/CONTROL.md.
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
+
     /// Listen for the VMM on this unix socket path (created with --socket-mode).
     #[arg(long, value_name = "PATH", conflicts_with = "fd")]
     socket_path: Option<PathBuf>,
@@ -105,6 +121,93 @@ struct Cli {
     /// More log output (-v debug, -vv trace). RUST_LOG overrides.
     #[arg(short, long, action = ArgAction::Count)]
     verbose: u8,
+}
+
+/// Subcommands (instead of serving a disk).
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Talk to a running daemon's control socket.
+    Ctl(CtlArgs),
+    /// Print the man page (roff) to stdout.
+    Manpage,
+    /// Print shell completions to stdout.
+    Completions {
+        /// Shell to generate completions for.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Arguments of `ctl`.
+#[derive(Args, Debug)]
+struct CtlArgs {
+    /// The daemon's --control-socket.
+    #[arg(long, value_name = "PATH")]
+    control_socket: PathBuf,
+    /// Print the raw JSON result instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    action: CtlAction,
+}
+
+/// What to ask the daemon.
+#[derive(Subcommand, Debug)]
+enum CtlAction {
+    /// Per-queue and image statistics.
+    Stats {
+        /// Output format: table (default), or prometheus text exposition.
+        #[arg(long, value_name = "FORMAT")]
+        format: Option<String>,
+    },
+    /// Refresh the statistics table once a second, with rates.
+    Watch,
+    /// Write everything back to stable storage now.
+    Flush,
+    /// Grow the disk online (the guest is told through the vhost-user backend channel).
+    Resize {
+        /// New size (e.g. 20G); shrinking is refused.
+        #[arg(value_parser = parse_size)]
+        size: u64,
+    },
+    /// List persistent dirty bitmaps.
+    Bitmaps,
+    /// Clear a persistent dirty bitmap (start a new incremental-backup epoch).
+    BitmapClear {
+        /// Bitmap name.
+        name: String,
+    },
+}
+
+fn run_ctl(args: CtlArgs) -> Result<()> {
+    let sock = &args.control_socket;
+    let request = match &args.action {
+        CtlAction::Watch => return ctl::watch(sock),
+        CtlAction::Stats { format } => match format.as_deref() {
+            Some("prometheus") => {
+                let r = ctl::call(sock, &json!({"command": "stats", "format": "prometheus"}))?;
+                print!("{}", r.as_str().unwrap_or_default());
+                return Ok(());
+            }
+            None | Some("table") => json!({"command": "stats"}),
+            Some(f) => return Err(Error::InvalidOption(format!("unknown --format {f}"))),
+        },
+        CtlAction::Flush => json!({"command": "flush"}),
+        CtlAction::Resize { size } => json!({"command": "resize", "size": size}),
+        CtlAction::Bitmaps => json!({"command": "bitmaps"}),
+        CtlAction::BitmapClear { name } => json!({"command": "bitmap-clear", "name": name}),
+    };
+    let result = ctl::call(sock, &request)?;
+    if args.json {
+        println!("{result}");
+    } else if matches!(args.action, CtlAction::Stats { .. }) {
+        print!("{}", ctl::stats_table(&result, None));
+    } else {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&result).unwrap_or_default()
+        );
+    }
+    Ok(())
 }
 
 fn parse_format(s: &str) -> std::result::Result<ImageFormat, String> {
@@ -228,6 +331,10 @@ fn run(cli: Cli) -> Result<()> {
     };
     let shutdown = Arc::new(Shutdown::default());
     handle_signals(shutdown.clone())?;
+    let control_listener = match &cli.control_socket {
+        Some(p) => Some(bind_socket(p, cli.socket_mode)?),
+        None => None,
+    };
     info!(
         "serving {} ({}, {} bytes{}) on {} with {} queues of {} (cache: {})",
         path.display(),
@@ -252,9 +359,15 @@ fn run(cli: Cli) -> Result<()> {
         usize::from(cli.queue_size),
         !cli.writethrough,
     ));
+    if let Some(l) = control_listener {
+        control::spawn(l, device.clone()).map_err(|e| Error::io("start control socket", e))?;
+    }
     let server = Server { device, shutdown };
+    if let Err(e) = notify::notify("READY=1\nSTATUS=waiting for a frontend") {
+        log::warn!("sd_notify failed: {e}");
+    }
     let result = server.serve(listener);
-    if let Some(path) = socket_path {
+    for path in socket_path.iter().chain(cli.control_socket.iter()) {
         let _ = std::fs::remove_file(path);
     }
     result
@@ -262,6 +375,37 @@ fn run(cli: Cli) -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Ctl(args)) => {
+            return match run_ctl(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("vhost-user-blk ctl: error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Some(Command::Manpage) => {
+            let page = clap_mangen::Man::new(Cli::command());
+            return match page.render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("vhost-user-blk: error: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Command::Completions { shell }) => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "vhost-user-blk",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
+        None => {}
+    }
     if cli.print_capabilities {
         println!("{CAPABILITIES}");
         return ExitCode::SUCCESS;

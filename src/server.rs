@@ -23,8 +23,9 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::BlkBackend;
 use crate::device::Device;
-use crate::interposer;
 use crate::error::{Error, Result};
+use crate::interposer;
+use crate::notify;
 
 /// Where the listening socket comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,17 +59,27 @@ pub fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(sock_err(e.to_string())),
     }
-    // Create the socket inode with no permissions for others, then set the requested mode, so
-    // nobody can connect in between.
+    // Bind and listen under a temporary name, set the mode, then rename into place: the path
+    // appears only once it accepts connections with the final permissions (a client that
+    // waits for the path never sees ECONNREFUSED), and the socket is created with no
+    // permissions for others, so nobody can connect before the chmod.
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp_name);
+    let _ = fs::remove_file(&tmp);
     // SAFETY: umask only changes this process's file creation mask; called during start-up.
     let old = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(path);
+    let bound = UnixListener::bind(&tmp);
     // SAFETY: as above, restoring the previous mask.
     unsafe { libc::umask(old) };
     let listener = bound.map_err(|e| sock_err(e.to_string()))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-        .map_err(|e| sock_err(format!("chmod {mode:o}: {e}")))?;
-    Ok(listener)
+    let placed = fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))
+        .map_err(|e| sock_err(format!("chmod {mode:o}: {e}")))
+        .and_then(|()| fs::rename(&tmp, path).map_err(|e| sock_err(format!("rename: {e}"))));
+    if placed.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    placed.map(|()| listener)
 }
 
 /// Takes over an inherited listening unix socket.
@@ -204,6 +215,7 @@ impl Server {
             self.serve_one(&listener, &relay)?;
         }
         info!("shutting down: closing the image");
+        let _ = notify::notify("STOPPING=1");
         self.device
             .image
             .close()
@@ -224,6 +236,7 @@ impl Server {
             }
         };
         info!("frontend connected");
+        let _ = notify::notify("STATUS=serving a frontend");
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let backend = Arc::new(
             BlkBackend::new(self.device.clone(), mem.clone())
@@ -246,13 +259,14 @@ impl Server {
         }
         self.shutdown.set_conn(None);
         self.device.set_channel(None);
+        let _ = notify::notify("STATUS=waiting for a frontend");
         backend.stop_workers();
         // Dropping the daemon joins its worker threads.
         drop(daemon);
         for t in relay_threads {
             let _ = t.join();
         }
-        if let Err(e) = self.device.image.flush() {
+        if let Err(e) = self.device.flush() {
             error!("flush after disconnect failed: {e}");
         }
         Ok(())

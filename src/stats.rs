@@ -5,7 +5,19 @@
 //! as the daemon, so they accumulate across frontend connections.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+/// Nanoseconds since the first call in this process (a monotonic clock for timestamps kept
+/// in atomics). Never 0, so 0 can mean "never".
+pub fn now_ns() -> u64 {
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    u64::try_from(epoch.elapsed().as_nanos())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
 
 /// Sub-buckets per power of two in the latency histogram (relative error <= 1/SUB).
 const SUB_BITS: u32 = 2;
@@ -136,6 +148,8 @@ pub struct QueueCounters {
     pub dropped: AtomicU64,
     /// Requests being executed right now.
     pub in_flight: AtomicU64,
+    /// [`now_ns`] of the last successful flush (0: never).
+    pub last_flush_ns: AtomicU64,
     /// Completion latency of every request.
     pub latency: Histogram,
 }

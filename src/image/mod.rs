@@ -21,6 +21,35 @@ pub use format::{create_image, open_image, ImageFormat, ImageOptions};
 /// produced it holds its guest-memory guard.
 pub type GuestSlice<'a> = VolatileSlice<'a, ()>;
 
+/// Format-specific figures for the control socket's `stats`; `None` where a format has no
+/// such thing.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ImageStats {
+    /// Host bytes the image occupies (allocated blocks of the file).
+    pub allocated_bytes: Option<u64>,
+    /// Cluster size (qcow2).
+    pub cluster_size: Option<u64>,
+    /// Host clusters in use (qcow2).
+    pub allocated_clusters: Option<u64>,
+    /// Host clusters free for reuse in the free-cluster bitmap (qcow2).
+    pub free_clusters: Option<u64>,
+    /// Metadata tables modified since the last flush (qcow2).
+    pub dirty_tables: Option<u64>,
+}
+
+/// A persistent dirty bitmap of an image.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct BitmapInfo {
+    /// Bitmap name.
+    pub name: String,
+    /// Bytes of guest data per bit.
+    pub granularity: u64,
+    /// Whether writes update it.
+    pub enabled: bool,
+    /// Whether it may be stale (in use by a crashed writer, or marked inconsistent).
+    pub inconsistent: bool,
+}
+
 /// A disk image shared by all queue workers of a device.
 pub trait BlockImage: Send + Sync {
     /// Size of the disk the guest sees, in bytes.
@@ -47,6 +76,24 @@ pub trait BlockImage: Send + Sync {
         Err(io::Error::new(
             io::ErrorKind::Unsupported,
             format!("{} images cannot be resized", self.format_name()),
+        ))
+    }
+
+    /// Format-specific statistics.
+    fn stats(&self) -> ImageStats {
+        ImageStats::default()
+    }
+
+    /// The image's persistent dirty bitmaps.
+    fn bitmaps(&self) -> Vec<BitmapInfo> {
+        Vec::new()
+    }
+
+    /// Clears the named bitmap (starts a new incremental-backup epoch).
+    fn clear_bitmap(&self, name: &str) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no bitmap named '{name}'"),
         ))
     }
 

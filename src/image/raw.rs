@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use log::{debug, warn};
 
 use super::format::{ImageOptions, QCOW2_MAGIC};
-use super::{slices_len, BlockImage, GuestSlice, ImageQueue};
+use super::{slices_len, BlockImage, GuestSlice, ImageQueue, ImageStats};
 use crate::error::{Error, Result};
 
 /// `BLKDISCARD`: `_IO(0x12, 119)`.
@@ -169,6 +169,14 @@ fn direct_alignment(file: &File, block_device: bool) -> (usize, usize) {
 impl BlockImage for RawImage {
     fn virtual_size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
+    }
+
+    fn stats(&self) -> ImageStats {
+        use std::os::unix::fs::MetadataExt;
+        ImageStats {
+            allocated_bytes: self.file.metadata().ok().map(|m| m.blocks() * 512),
+            ..ImageStats::default()
+        }
     }
 
     fn resize(&self, new_size: u64) -> io::Result<()> {

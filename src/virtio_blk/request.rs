@@ -18,7 +18,7 @@ use super::config::{
     features, req_type, status, DeviceParams, ID_BYTES, SECTOR_SHIFT, SECTOR_SIZE, SEG_FLAG_UNMAP,
 };
 use crate::image::{GuestSlice, ImageQueue};
-use crate::stats::{QueueCounters, ReqKind};
+use crate::stats::{now_ns, QueueCounters, ReqKind};
 
 /// Size of the request header (type, ioprio, sector).
 const HEADER_LEN: u64 = 16;
@@ -316,7 +316,12 @@ impl RequestHandler {
             return Done::ok(0);
         }
         match self.image.flush() {
-            Ok(()) => Done::ok(0),
+            Ok(()) => {
+                self.counters
+                    .last_flush_ns
+                    .store(now_ns(), Ordering::Relaxed);
+                Done::ok(0)
+            }
             Err(e) => {
                 warn!("flush failed: {e}");
                 Done::err(status::IOERR)

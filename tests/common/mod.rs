@@ -94,12 +94,7 @@ pub struct Daemon {
     pub backend: Backend,
 }
 
-fn backend_command(
-    backend: Backend,
-    socket: &Path,
-    image: &Path,
-    cfg: &DaemonConfig,
-) -> Command {
+fn backend_command(backend: Backend, socket: &Path, image: &Path, cfg: &DaemonConfig) -> Command {
     match backend {
         Backend::Ours => {
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"));
@@ -160,7 +155,10 @@ fn backend_command(
             if cfg.writethrough {
                 export.push_str(",writethrough=on");
             }
-            cmd.arg("--blockdev").arg(blockdev).arg("--export").arg(export);
+            cmd.arg("--blockdev")
+                .arg(blockdev)
+                .arg("--export")
+                .arg(export);
             cmd
         }
     }
@@ -333,7 +331,7 @@ fn splitmix64(mut x: u64) -> u64 {
 /// 8-byte word depends on its absolute disk offset, so misplaced or mixed-up data is detected.
 /// `offset` and `len` must be multiples of 8.
 pub fn pattern(seed: u64, offset: u64, len: usize) -> Vec<u8> {
-    assert!(offset % 8 == 0 && len % 8 == 0);
+    assert!(offset.is_multiple_of(8) && len.is_multiple_of(8));
     let mut v = Vec::with_capacity(len);
     for i in 0..(len / 8) as u64 {
         let o = offset + i * 8;
@@ -353,7 +351,8 @@ pub fn create_image(dir: &Path, name: &str, size: u64, seed: Option<u64>) -> Pat
         None => vec![0u8; aligned as usize],
     };
     f.write_all(&data).expect("write image");
-    f.write_all(&vec![0xA5u8; (size - aligned) as usize]).expect("write image tail");
+    f.write_all(&vec![0xA5u8; (size - aligned) as usize])
+        .expect("write image tail");
     f.sync_all().expect("fsync image");
     path
 }
@@ -378,7 +377,11 @@ pub fn assert_bytes_eq(actual: &[u8], expected: &[u8], base_offset: u64, what: &
         expected.len()
     );
     if actual != expected {
-        let first = actual.iter().zip(expected).position(|(a, b)| a != b).unwrap();
+        let first = actual
+            .iter()
+            .zip(expected)
+            .position(|(a, b)| a != b)
+            .unwrap();
         let count = actual.iter().zip(expected).filter(|(a, b)| a != b).count();
         let end = (first + 16).min(actual.len());
         panic!(
@@ -516,10 +519,24 @@ unsafe impl Send for Queue {}
 /// A request description for batched submission.
 #[derive(Clone, Debug)]
 pub enum Req {
-    Read { offset: u64, len: usize },
-    Write { offset: u64, data: Vec<u8>, flags: ReqFlags },
-    WriteZeroes { offset: u64, len: u64, flags: ReqFlags },
-    Discard { offset: u64, len: u64 },
+    Read {
+        offset: u64,
+        len: usize,
+    },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+        flags: ReqFlags,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        flags: ReqFlags,
+    },
+    Discard {
+        offset: u64,
+        len: u64,
+    },
     Flush,
 }
 
@@ -530,7 +547,8 @@ impl Queue {
 
     /// Wait (≤ 10 s overall) for exactly `n` completions and return them.
     pub fn wait(&mut self, n: usize) -> Vec<Done> {
-        let mut comps: Vec<MaybeUninit<Completion>> = (0..n).map(|_| MaybeUninit::uninit()).collect();
+        let mut comps: Vec<MaybeUninit<Completion>> =
+            (0..n).map(|_| MaybeUninit::uninit()).collect();
         let deadline = Instant::now() + WAIT_TIMEOUT;
         let mut got = 0;
         let mut out = Vec::with_capacity(n);
@@ -572,8 +590,15 @@ impl Queue {
             };
             pos += len;
         }
-        assert!(pos <= self.buf_len, "batch needs {pos} bytes of buffer, have {}", self.buf_len);
-        assert!(reqs.len() <= CLIENT_QUEUE_SIZE as usize / 2, "too many requests in one batch");
+        assert!(
+            pos <= self.buf_len,
+            "batch needs {pos} bytes of buffer, have {}",
+            self.buf_len
+        );
+        assert!(
+            reqs.len() <= CLIENT_QUEUE_SIZE as usize / 2,
+            "too many requests in one batch"
+        );
         for (i, r) in reqs.iter().enumerate() {
             let p = unsafe { self.buf.add(offs[i]) };
             match r {
@@ -581,7 +606,11 @@ impl Queue {
                     unsafe { std::ptr::write_bytes(p, 0xEE, *len) };
                     self.q.read(*offset, p, *len, i, ReqFlags::empty());
                 }
-                Req::Write { offset, data, flags } => {
+                Req::Write {
+                    offset,
+                    data,
+                    flags,
+                } => {
                     unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
                     self.q.write(*offset, p, data.len(), i, *flags);
                 }
@@ -595,8 +624,16 @@ impl Queue {
         let done = self.wait(reqs.len());
         let mut res: Vec<Option<Done>> = vec![None; reqs.len()];
         for d in done {
-            assert!(d.user_data < reqs.len(), "completion with unknown user_data {}", d.user_data);
-            assert!(res[d.user_data].is_none(), "duplicate completion for request {}", d.user_data);
+            assert!(
+                d.user_data < reqs.len(),
+                "completion with unknown user_data {}",
+                d.user_data
+            );
+            assert!(
+                res[d.user_data].is_none(),
+                "duplicate completion for request {}",
+                d.user_data
+            );
             let idx = d.user_data;
             res[idx] = Some(d);
         }
@@ -605,9 +642,9 @@ impl Queue {
             .map(|(i, d)| {
                 let d = d.unwrap();
                 let data = match &reqs[i] {
-                    Req::Read { len, .. } if d.ret == 0 => {
-                        Some(unsafe { std::slice::from_raw_parts(self.buf.add(offs[i]), *len) }.to_vec())
-                    }
+                    Req::Read { len, .. } if d.ret == 0 => Some(
+                        unsafe { std::slice::from_raw_parts(self.buf.add(offs[i]), *len) }.to_vec(),
+                    ),
                     _ => None,
                 };
                 (d, data)
@@ -628,11 +665,21 @@ impl Queue {
     }
 
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Done {
-        self.one(Req::Write { offset, data: data.to_vec(), flags: ReqFlags::empty() }).0
+        self.one(Req::Write {
+            offset,
+            data: data.to_vec(),
+            flags: ReqFlags::empty(),
+        })
+        .0
     }
 
     pub fn write_flags(&mut self, offset: u64, data: &[u8], flags: ReqFlags) -> Done {
-        self.one(Req::Write { offset, data: data.to_vec(), flags }).0
+        self.one(Req::Write {
+            offset,
+            data: data.to_vec(),
+            flags,
+        })
+        .0
     }
 
     pub fn write_zeroes(&mut self, offset: u64, len: u64, flags: ReqFlags) -> Done {
@@ -651,7 +698,10 @@ impl Queue {
     #[track_caller]
     pub fn read_ok(&mut self, offset: u64, len: usize) -> Vec<u8> {
         self.read(offset, len).unwrap_or_else(|d| {
-            panic!("read of {len} bytes at offset {offset} failed: {}", d.errno_name())
+            panic!(
+                "read of {len} bytes at offset {offset} failed: {}",
+                d.errno_name()
+            )
         })
     }
 
@@ -672,15 +722,21 @@ impl Queue {
     #[track_caller]
     pub fn write_ok(&mut self, offset: u64, data: &[u8]) {
         let d = self.write(offset, data);
-        assert_eq!(d.ret, 0, "write of {} bytes at offset {offset} failed: {}", data.len(), d.errno_name());
+        assert_eq!(
+            d.ret,
+            0,
+            "write of {} bytes at offset {offset} failed: {}",
+            data.len(),
+            d.errno_name()
+        );
     }
 }
 
 /// A started blkio `virtio-blk-vhost-user` instance.
 pub struct Client {
-    // Field order matters for drop: queues, then region/blkio.
+    // Field order matters for drop: queues first, then the Blkio.
     pub queues: Vec<Queue>,
-    region: MemoryRegion,
+    pub region: MemoryRegion,
     pub blkio: Blkio,
 }
 
@@ -715,7 +771,11 @@ pub fn start(mut b: Blkio, num_queues: i32, queue_size: i32) -> Result<Client, b
             buf_len: QUEUE_BUF_SIZE,
         })
         .collect();
-    Ok(Client { queues, region, blkio: b })
+    Ok(Client {
+        queues,
+        region,
+        blkio: b,
+    })
 }
 
 impl Client {
@@ -764,11 +824,328 @@ impl Client {
     }
 }
 
-impl Drop for Client {
-    fn drop(&mut self) {
-        // Drop the queues first, then unmap the region; the Blkio (socket) goes last, which
-        // disconnects from the backend.
-        self.queues.clear();
-        self.blkio.unmap_mem_region(&self.region);
+// No Drop impl on purpose: fields drop in declaration order (queues, then the Blkio, which closes
+// the vhost-user socket and frees the region). Explicitly unmapping would send
+// VHOST_USER_REM_MEM_REG, which is not what a disconnecting frontend normally does.
+
+// ---------------------------------------------------------------------------------------------
+// Minimal raw vhost-user frontend
+// ---------------------------------------------------------------------------------------------
+
+/// A deliberately minimal, synchronous vhost-user-blk frontend (one split virtqueue, one request
+/// at a time, polling the used ring). It exists to send requests blkio refuses to send: writes,
+/// discards and write-zeroes to a device that advertises VIRTIO_BLK_F_RO (blkio fails them
+/// client-side), and VIRTIO_BLK_T_GET_ID / unknown request types (no blkio API).
+///
+/// Uses VHOST_USER_SET_MEM_TABLE with one memfd region whose guest addresses equal our virtual
+/// addresses, acks no EVENT_IDX / indirect descriptors, and no protocol features.
+pub mod raw {
+    use super::WAIT_TIMEOUT;
+    use std::io::{Read, Write};
+    use std::os::unix::io::{AsRawFd, RawFd};
+    use std::os::unix::net::UnixStream;
+    use std::path::Path;
+    use std::sync::atomic::{fence, Ordering};
+    use std::time::Instant;
+
+    pub const T_IN: u32 = 0;
+    pub const T_OUT: u32 = 1;
+    pub const T_FLUSH: u32 = 4;
+    pub const T_GET_ID: u32 = 8;
+    pub const T_DISCARD: u32 = 11;
+    pub const T_WRITE_ZEROES: u32 = 13;
+
+    pub const S_OK: u8 = 0;
+    pub const S_IOERR: u8 = 1;
+    pub const S_UNSUPP: u8 = 2;
+
+    pub const F_RO: u64 = 1 << 5;
+    const F_BLK_SIZE: u64 = 1 << 6;
+    const F_FLUSH: u64 = 1 << 9;
+    const F_DISCARD: u64 = 1 << 13;
+    const F_WRITE_ZEROES: u64 = 1 << 14;
+    const F_PROTOCOL_FEATURES: u64 = 1 << 30;
+    const F_VERSION_1: u64 = 1 << 32;
+
+    const GET_FEATURES: u32 = 1;
+    const SET_FEATURES: u32 = 2;
+    const SET_OWNER: u32 = 3;
+    const SET_MEM_TABLE: u32 = 5;
+    const SET_VRING_NUM: u32 = 8;
+    const SET_VRING_ADDR: u32 = 9;
+    const SET_VRING_BASE: u32 = 10;
+    const SET_VRING_KICK: u32 = 12;
+    const SET_VRING_CALL: u32 = 13;
+    const GET_PROTOCOL_FEATURES: u32 = 15;
+    const SET_PROTOCOL_FEATURES: u32 = 16;
+    const SET_VRING_ENABLE: u32 = 18;
+
+    const QSIZE: u16 = 16;
+    const MEM_LEN: usize = 2 << 20;
+    const DESC_OFF: usize = 0;
+    const AVAIL_OFF: usize = 1024;
+    const USED_OFF: usize = 2048;
+    const HDR_OFF: usize = 4096;
+    const STATUS_OFF: usize = 4096 + 256;
+    const SEG_OFF: usize = 4096 + 512;
+    pub const DATA_OFF: usize = 8192;
+    pub const MAX_DATA: usize = MEM_LEN - DATA_OFF;
+
+    pub struct RawClient {
+        sock: UnixStream,
+        mem: *mut u8,
+        kick: RawFd,
+        call: RawFd,
+        avail_idx: u16,
+        /// Features the device offered (before our masking).
+        pub device_features: u64,
+    }
+
+    impl Drop for RawClient {
+        fn drop(&mut self) {
+            unsafe {
+                libc::munmap(self.mem.cast(), MEM_LEN);
+                libc::close(self.kick);
+                libc::close(self.call);
+            }
+        }
+    }
+
+    fn eventfd() -> RawFd {
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        assert!(fd >= 0, "eventfd: {}", std::io::Error::last_os_error());
+        fd
+    }
+
+    impl RawClient {
+        fn send(&mut self, req: u32, payload: &[u8], fd: Option<RawFd>) {
+            let mut msg = Vec::with_capacity(12 + payload.len());
+            msg.extend_from_slice(&req.to_le_bytes());
+            msg.extend_from_slice(&1u32.to_le_bytes()); // version 1
+            msg.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            msg.extend_from_slice(payload);
+            match fd {
+                None => self
+                    .sock
+                    .write_all(&msg)
+                    .unwrap_or_else(|e| panic!("vhost-user send {req}: {e}")),
+                Some(fd) => unsafe {
+                    let mut iov = libc::iovec {
+                        iov_base: msg.as_mut_ptr().cast(),
+                        iov_len: msg.len(),
+                    };
+                    let space = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
+                    let mut cbuf = vec![0u8; space];
+                    let mut mh: libc::msghdr = std::mem::zeroed();
+                    mh.msg_iov = &mut iov;
+                    mh.msg_iovlen = 1;
+                    mh.msg_control = cbuf.as_mut_ptr().cast();
+                    mh.msg_controllen = space as _;
+                    let c = libc::CMSG_FIRSTHDR(&mh);
+                    (*c).cmsg_level = libc::SOL_SOCKET;
+                    (*c).cmsg_type = libc::SCM_RIGHTS;
+                    (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd);
+                    let n = libc::sendmsg(self.sock.as_raw_fd(), &mh, libc::MSG_NOSIGNAL);
+                    assert_eq!(
+                        n as usize,
+                        msg.len(),
+                        "vhost-user sendmsg {req}: {}",
+                        std::io::Error::last_os_error()
+                    );
+                },
+            }
+        }
+
+        fn recv_u64(&mut self, req: u32) -> u64 {
+            let mut hdr = [0u8; 12];
+            self.sock
+                .read_exact(&mut hdr)
+                .unwrap_or_else(|e| panic!("vhost-user reply to {req}: {e}"));
+            let r = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
+            let size = u32::from_le_bytes(hdr[8..12].try_into().unwrap());
+            assert_eq!(r, req, "reply for wrong request");
+            assert_eq!(size, 8, "unexpected reply size for request {req}");
+            let mut v = [0u8; 8];
+            self.sock.read_exact(&mut v).unwrap();
+            u64::from_le_bytes(v)
+        }
+
+        fn get_u64(&mut self, req: u32) -> u64 {
+            self.send(req, &[], None);
+            self.recv_u64(req)
+        }
+
+        /// Connect and set up virtqueue 0 (accepting VIRTIO_BLK_F_RO if offered).
+        pub fn connect(socket: &Path) -> RawClient {
+            let sock = UnixStream::connect(socket)
+                .unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+            sock.set_read_timeout(Some(WAIT_TIMEOUT)).unwrap();
+            sock.set_write_timeout(Some(WAIT_TIMEOUT)).unwrap();
+            let memfd =
+                unsafe { libc::memfd_create(c"raw-vhost-user".as_ptr(), libc::MFD_CLOEXEC) };
+            assert!(
+                memfd >= 0,
+                "memfd_create: {}",
+                std::io::Error::last_os_error()
+            );
+            assert_eq!(unsafe { libc::ftruncate(memfd, MEM_LEN as i64) }, 0);
+            let mem = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    MEM_LEN,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    memfd,
+                    0,
+                )
+            };
+            assert_ne!(
+                mem,
+                libc::MAP_FAILED,
+                "mmap: {}",
+                std::io::Error::last_os_error()
+            );
+            let mut c = RawClient {
+                sock,
+                mem: mem.cast(),
+                kick: eventfd(),
+                call: eventfd(),
+                avail_idx: 0,
+                device_features: 0,
+            };
+            let base = c.mem as u64;
+
+            c.send(SET_OWNER, &[], None);
+            c.device_features = c.get_u64(GET_FEATURES);
+            assert!(
+                c.device_features & F_PROTOCOL_FEATURES != 0,
+                "backend lacks VHOST_USER_F_PROTOCOL_FEATURES"
+            );
+            let acked = c.device_features
+                & (F_VERSION_1
+                    | F_PROTOCOL_FEATURES
+                    | F_RO
+                    | F_BLK_SIZE
+                    | F_FLUSH
+                    | F_DISCARD
+                    | F_WRITE_ZEROES);
+            c.send(SET_FEATURES, &acked.to_le_bytes(), None);
+            let _ = c.get_u64(GET_PROTOCOL_FEATURES);
+            c.send(SET_PROTOCOL_FEATURES, &0u64.to_le_bytes(), None);
+
+            // One memory region: guest address == our virtual address.
+            let mut mt = Vec::new();
+            mt.extend_from_slice(&1u32.to_le_bytes());
+            mt.extend_from_slice(&0u32.to_le_bytes());
+            for v in [base, MEM_LEN as u64, base, 0u64] {
+                mt.extend_from_slice(&v.to_le_bytes());
+            }
+            c.send(SET_MEM_TABLE, &mt, Some(memfd));
+            unsafe { libc::close(memfd) };
+
+            let state = |num: u32| [0u32.to_le_bytes(), num.to_le_bytes()].concat();
+            c.send(SET_VRING_NUM, &state(QSIZE as u32), None);
+            c.send(SET_VRING_BASE, &state(0), None);
+            let mut addr = Vec::new();
+            addr.extend_from_slice(&0u32.to_le_bytes()); // index
+            addr.extend_from_slice(&0u32.to_le_bytes()); // flags
+            for v in [
+                base + DESC_OFF as u64,
+                base + USED_OFF as u64,
+                base + AVAIL_OFF as u64,
+                0,
+            ] {
+                addr.extend_from_slice(&v.to_le_bytes());
+            }
+            c.send(SET_VRING_ADDR, &addr, None);
+            let (kick, call) = (c.kick, c.call);
+            c.send(SET_VRING_KICK, &0u64.to_le_bytes(), Some(kick));
+            c.send(SET_VRING_CALL, &0u64.to_le_bytes(), Some(call));
+            c.send(SET_VRING_ENABLE, &state(1), None);
+            // No REPLY_ACK: use a request with a reply as a barrier so that everything above has
+            // been processed before the first kick.
+            let _ = c.get_u64(GET_FEATURES);
+            c
+        }
+
+        fn put<T: Copy>(&mut self, off: usize, v: T) {
+            unsafe { std::ptr::write_volatile(self.mem.add(off).cast::<T>(), v) }
+        }
+
+        fn get<T: Copy>(&self, off: usize) -> T {
+            unsafe { std::ptr::read_volatile(self.mem.add(off).cast::<T>()) }
+        }
+
+        pub fn data(&mut self) -> &mut [u8] {
+            unsafe { std::slice::from_raw_parts_mut(self.mem.add(DATA_OFF), MAX_DATA) }
+        }
+
+        fn set_desc(&mut self, i: usize, off: usize, len: u32, write: bool, next: Option<u16>) {
+            let d = DESC_OFF + 16 * i;
+            self.put(d, self.mem as u64 + off as u64);
+            self.put(d + 8, len);
+            let flags: u16 = (if next.is_some() { 1 } else { 0 }) | (if write { 2 } else { 0 });
+            self.put(d + 12, flags);
+            self.put(d + 14, next.unwrap_or(0));
+        }
+
+        /// Submit one request and wait (≤ 10 s) for it. `data_len` bytes at `data()` are the
+        /// payload (device-readable for OUT, device-writable for IN/GET_ID); `seg` is a
+        /// discard/write-zeroes segment. Returns the status byte.
+        pub fn request(
+            &mut self,
+            req_type: u32,
+            sector: u64,
+            data_len: usize,
+            seg: Option<(u64, u32, u32)>,
+        ) -> u8 {
+            assert!(data_len <= MAX_DATA);
+            self.put(HDR_OFF, req_type);
+            self.put(HDR_OFF + 4, 0u32);
+            self.put(HDR_OFF + 8, sector);
+            self.put(STATUS_OFF, 0xffu8);
+            let device_writes = matches!(req_type, T_IN | T_GET_ID);
+            let mut n = 0;
+            self.set_desc(0, HDR_OFF, 16, false, Some(1));
+            n += 1;
+            if let Some((s, num, flags)) = seg {
+                self.put(SEG_OFF, s);
+                self.put(SEG_OFF + 8, num);
+                self.put(SEG_OFF + 12, flags);
+                self.set_desc(n, SEG_OFF, 16, false, Some(n as u16 + 1));
+                n += 1;
+            } else if data_len > 0 {
+                self.set_desc(
+                    n,
+                    DATA_OFF,
+                    data_len as u32,
+                    device_writes,
+                    Some(n as u16 + 1),
+                );
+                n += 1;
+            }
+            self.set_desc(n, STATUS_OFF, 1, true, None);
+
+            let slot = AVAIL_OFF + 4 + 2 * (self.avail_idx % QSIZE) as usize;
+            self.put(slot, 0u16);
+            fence(Ordering::SeqCst);
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+            self.put(AVAIL_OFF + 2, self.avail_idx);
+            fence(Ordering::SeqCst);
+            let one = 1u64.to_ne_bytes();
+            assert_eq!(unsafe { libc::write(self.kick, one.as_ptr().cast(), 8) }, 8);
+
+            let deadline = Instant::now() + WAIT_TIMEOUT;
+            while self.get::<u16>(USED_OFF + 2) != self.avail_idx {
+                assert!(
+                    Instant::now() < deadline,
+                    "raw vhost-user request type {req_type} sector {sector} not completed within {WAIT_TIMEOUT:?}"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            fence(Ordering::SeqCst);
+            self.get::<u8>(STATUS_OFF)
+        }
     }
 }

@@ -1,0 +1,316 @@
+//! The control socket: JSON lines over a unix socket (docs/CONTROL.md).
+//!
+//! Each line a client sends is one request object (`{"command": "stats"}`); each gets exactly
+//! one reply line: `{"ok": true, "result": ...}` or `{"ok": false, "error": "..."}`. A malformed
+//! line gets an error reply and the connection stays open. The control socket never touches
+//! the I/O path: it reads the per-queue atomics and calls the image's own thread-safe
+//! operations (flush, resize).
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use log::{info, warn};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::device::Device;
+use crate::stats::{now_ns, Histogram, ReqKind};
+use crate::virtio_blk::config::SECTOR_SHIFT;
+
+/// Longest request line accepted.
+pub const MAX_LINE: u64 = 64 * 1024;
+/// Most control connections served at once.
+pub const MAX_CLIENTS: usize = 16;
+
+/// One request.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Counters and image figures.
+    Stats {
+        /// "json" (default) or "prometheus".
+        #[serde(default)]
+        format: Option<String>,
+    },
+    /// Full write-back now.
+    Flush,
+    /// Grow the disk.
+    Resize {
+        /// New size in bytes.
+        size: u64,
+    },
+    /// List persistent dirty bitmaps.
+    Bitmaps,
+    /// Clear a bitmap.
+    BitmapClear {
+        /// Bitmap name.
+        name: String,
+    },
+}
+
+/// Serves the control socket on a background thread.
+pub fn spawn(listener: UnixListener, device: Arc<Device>) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || accept_loop(listener, device))?;
+    Ok(())
+}
+
+fn accept_loop(listener: UnixListener, device: Arc<Device>) {
+    let clients = Arc::new(AtomicUsize::new(0));
+    for conn in listener.incoming() {
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("control socket accept failed: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
+        };
+        if clients.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+            clients.fetch_sub(1, Ordering::AcqRel);
+            let _ = reply_line(
+                &conn,
+                &json!({"ok": false, "error": "too many control clients"}),
+            );
+            continue;
+        }
+        let (d, c) = (device.clone(), clients.clone());
+        let spawned = std::thread::Builder::new()
+            .name("control-client".into())
+            .spawn(move || {
+                if let Err(e) = serve_client(conn, &d) {
+                    info!("control client: {e}");
+                }
+                c.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            warn!("cannot start a control client thread: {e}");
+            clients.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+fn reply_line(mut conn: &UnixStream, v: &Value) -> io::Result<()> {
+    let mut line = v.to_string();
+    line.push('\n');
+    conn.write_all(line.as_bytes())
+}
+
+fn serve_client(conn: UnixStream, device: &Device) -> io::Result<()> {
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = (&mut reader).take(MAX_LINE).read_line(&mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if !line.ends_with('\n') && n as u64 >= MAX_LINE {
+            reply_line(
+                &conn,
+                &json!({"ok": false, "error": format!("request longer than {MAX_LINE} bytes")}),
+            )?;
+            return Ok(());
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        reply_line(&conn, &handle_line(device, &line))?;
+    }
+}
+
+/// Parses and executes one request line, returning the reply object.
+pub fn handle_line(device: &Device, line: &str) -> Value {
+    match serde_json::from_str::<Request>(line) {
+        Ok(req) => match execute(device, req) {
+            Ok(result) => json!({"ok": true, "result": result}),
+            Err(e) => json!({"ok": false, "error": e}),
+        },
+        Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+    }
+}
+
+fn execute(device: &Device, req: Request) -> Result<Value, String> {
+    match req {
+        Request::Stats { format } => match format.as_deref() {
+            None | Some("json") => Ok(stats_json(device)),
+            Some("prometheus") => Ok(Value::String(prometheus(device))),
+            Some(other) => Err(format!("unknown stats format '{other}'")),
+        },
+        Request::Flush => {
+            device.flush().map_err(|e| format!("flush failed: {e}"))?;
+            Ok(json!({}))
+        }
+        Request::Resize { size } => resize(device, size),
+        Request::Bitmaps => Ok(json!({ "bitmaps": device.image.bitmaps() })),
+        Request::BitmapClear { name } => {
+            device
+                .image
+                .clear_bitmap(&name)
+                .map_err(|e| format!("bitmap-clear: {e}"))?;
+            Ok(json!({}))
+        }
+    }
+}
+
+fn resize(device: &Device, size: u64) -> Result<Value, String> {
+    let current = device.params.capacity_sectors() << SECTOR_SHIFT;
+    let lbs = u64::from(device.params.logical_block_size);
+    if device.params.read_only {
+        return Err("the disk is read-only".into());
+    }
+    if size < current {
+        return Err(format!(
+            "shrinking is refused ({size} < current {current} bytes)"
+        ));
+    }
+    if !size.is_multiple_of(lbs) {
+        return Err(format!(
+            "size {size} is not a multiple of the {lbs}-byte logical block size"
+        ));
+    }
+    if size > current {
+        device
+            .image
+            .resize(size)
+            .map_err(|e| format!("resize failed: {e}"))?;
+        device.params.set_capacity_sectors(size >> SECTOR_SHIFT);
+        info!("disk resized from {current} to {size} bytes");
+    }
+    let notified = match device.notify_config_change() {
+        Ok(n) => n,
+        Err(e) => {
+            warn!("telling the frontend about the new size failed: {e}");
+            false
+        }
+    };
+    Ok(json!({"size": size, "previous_size": current, "frontend_notified": notified}))
+}
+
+fn age_s(ns: u64) -> Option<f64> {
+    (ns != 0).then(|| now_ns().saturating_sub(ns) as f64 / 1e9)
+}
+
+fn stats_json(device: &Device) -> Value {
+    let mut queues = Vec::new();
+    let mut last_flush = device.last_host_flush_ns.load(Ordering::Relaxed);
+    let mut guest_flushes = 0;
+    for (i, q) in device.queues.iter().enumerate() {
+        let mut requests = serde_json::Map::new();
+        for k in ReqKind::ALL {
+            requests.insert(k.name().into(), json!(q.requests(k)));
+        }
+        guest_flushes += q.requests(ReqKind::Flush);
+        last_flush = last_flush.max(q.last_flush_ns.load(Ordering::Relaxed));
+        let h = q.latency.snapshot();
+        queues.push(json!({
+            "queue": i,
+            "requests": requests,
+            "bytes_read": q.bytes_read.load(Ordering::Relaxed),
+            "bytes_written": q.bytes_written.load(Ordering::Relaxed),
+            "errors": q.errors.load(Ordering::Relaxed),
+            "dropped": q.dropped.load(Ordering::Relaxed),
+            "in_flight": q.in_flight.load(Ordering::Relaxed),
+            "latency_us": {
+                "p50": Histogram::quantile(&h, 0.5) as f64 / 1000.0,
+                "p99": Histogram::quantile(&h, 0.99) as f64 / 1000.0,
+                "p99.9": Histogram::quantile(&h, 0.999) as f64 / 1000.0,
+            },
+        }));
+    }
+    let img = &device.image;
+    json!({
+        "uptime_s": device.started.elapsed().as_secs_f64(),
+        "connected": device.connected(),
+        "image": {
+            "format": img.format_name(),
+            "virtual_size": device.params.capacity_sectors() << SECTOR_SHIFT,
+            "read_only": device.params.read_only,
+            "flushes": guest_flushes + device.host_flushes.load(Ordering::Relaxed),
+            "seconds_since_last_flush": age_s(last_flush),
+            "details": img.stats(),
+        },
+        "queues": queues,
+    })
+}
+
+/// The counters in the Prometheus text exposition format.
+pub fn prometheus(device: &Device) -> String {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
+        out.push_str(&format!("# HELP vhost_user_blk_{name} {help}\n"));
+        out.push_str(&format!("# TYPE vhost_user_blk_{name} {kind}\n"));
+        for (labels, v) in rows {
+            out.push_str(&format!("vhost_user_blk_{name}{labels} {v}\n"));
+        }
+    };
+    let qs = &device.queues;
+    let per_q = |f: &dyn Fn(usize) -> f64| -> Vec<(String, f64)> {
+        (0..qs.len())
+            .map(|i| (format!("{{queue=\"{i}\"}}"), f(i)))
+            .collect()
+    };
+    let mut reqs = Vec::new();
+    for (i, q) in qs.iter().enumerate() {
+        for k in ReqKind::ALL {
+            reqs.push((
+                format!("{{queue=\"{i}\",kind=\"{}\"}}", k.name()),
+                q.requests(k) as f64,
+            ));
+        }
+    }
+    metric("requests_total", "counter", "Completed requests.", reqs);
+    metric(
+        "read_bytes_total",
+        "counter",
+        "Bytes read by the guest.",
+        per_q(&|i| qs[i].bytes_read.load(Ordering::Relaxed) as f64),
+    );
+    metric(
+        "written_bytes_total",
+        "counter",
+        "Bytes written by the guest.",
+        per_q(&|i| qs[i].bytes_written.load(Ordering::Relaxed) as f64),
+    );
+    metric(
+        "errors_total",
+        "counter",
+        "Requests completed with IOERR or UNSUPP.",
+        per_q(&|i| qs[i].errors.load(Ordering::Relaxed) as f64),
+    );
+    metric(
+        "in_flight",
+        "gauge",
+        "Requests being executed.",
+        per_q(&|i| qs[i].in_flight.load(Ordering::Relaxed) as f64),
+    );
+    let mut lat = Vec::new();
+    for (i, q) in qs.iter().enumerate() {
+        let h = q.latency.snapshot();
+        for (label, p) in [("0.5", 0.5), ("0.99", 0.99), ("0.999", 0.999)] {
+            lat.push((
+                format!("{{queue=\"{i}\",quantile=\"{label}\"}}"),
+                Histogram::quantile(&h, p) as f64 / 1e9,
+            ));
+        }
+    }
+    metric(
+        "latency_seconds",
+        "summary",
+        "Request completion latency.",
+        lat,
+    );
+    metric(
+        "virtual_size_bytes",
+        "gauge",
+        "Size of the disk the guest sees.",
+        vec![(
+            String::new(),
+            (device.params.capacity_sectors() << SECTOR_SHIFT) as f64,
+        )],
+    );
+    out
+}
