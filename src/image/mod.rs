@@ -7,6 +7,7 @@
 
 pub mod format;
 pub mod null;
+pub mod qcow2;
 pub mod raw;
 
 use std::io;

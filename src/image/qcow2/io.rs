@@ -1,0 +1,154 @@
+//! Positional I/O helpers between host files, byte buffers and guest memory slices.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+
+use crate::image::GuestSlice;
+
+/// Reads `buf.len()` bytes at `off`; bytes past the end of the file read as zeros.
+pub fn read_bytes(file: &File, off: u64, buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                return Ok(());
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Writes all of `buf` at `off`.
+pub fn write_bytes(file: &File, off: u64, buf: &[u8]) -> io::Result<()> {
+    file.write_all_at(buf, off)
+}
+
+/// Reads into a guest slice from `off`; bytes past the end of the file read as zeros.
+pub fn read_slice(file: &File, off: u64, s: &GuestSlice<'_>) -> io::Result<()> {
+    let guard = s.ptr_guard_mut();
+    let base = guard.as_ptr();
+    let len = s.len();
+    let mut done = 0usize;
+    while done < len {
+        // SAFETY: `base` points to `len` bytes of valid, writable guest memory kept mapped by
+        // the slice's guard for the duration of this call; we write at most `len - done`
+        // bytes starting `done` bytes in.
+        let r = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                base.add(done) as *mut libc::c_void,
+                len - done,
+                (off + done as u64) as libc::off_t,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            // Past the end of the file.
+            // SAFETY: as above; zero-fills the rest of the same valid range.
+            unsafe { std::ptr::write_bytes(base.add(done), 0, len - done) };
+            return Ok(());
+        }
+        done += r as usize;
+    }
+    Ok(())
+}
+
+/// Writes a guest slice at `off`.
+pub fn write_slice(file: &File, off: u64, s: &GuestSlice<'_>) -> io::Result<()> {
+    let guard = s.ptr_guard();
+    let base = guard.as_ptr();
+    let len = s.len();
+    let mut done = 0usize;
+    while done < len {
+        // SAFETY: `base` points to `len` bytes of valid guest memory kept mapped by the
+        // slice's guard; pwrite only reads from it.
+        let r = unsafe {
+            libc::pwrite(
+                file.as_raw_fd(),
+                base.add(done) as *const libc::c_void,
+                len - done,
+                (off + done as u64) as libc::off_t,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "write made no progress",
+            ));
+        }
+        done += r as usize;
+    }
+    Ok(())
+}
+
+/// Calls `f(piece, pos)` for each piece of the guest buffers covering bytes
+/// `[start, start + len)` of the request, where `pos` is the piece's offset from `start`.
+pub fn for_each_piece<'a>(
+    bufs: &[GuestSlice<'a>],
+    start: u64,
+    len: u64,
+    mut f: impl FnMut(GuestSlice<'a>, u64) -> io::Result<()>,
+) -> io::Result<()> {
+    let end = start + len;
+    let mut base = 0u64;
+    for b in bufs {
+        let blen = b.len() as u64;
+        let (lo, hi) = (start.max(base), end.min(base + blen));
+        if lo < hi {
+            let piece = b
+                .subslice((lo - base) as usize, (hi - lo) as usize)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+            f(piece, lo - start)?;
+        }
+        base += blen;
+        if base >= end {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Fills bytes `[start, start + len)` of the request's buffers with zeros.
+pub fn zero_pieces(bufs: &[GuestSlice<'_>], start: u64, len: u64) -> io::Result<()> {
+    for_each_piece(bufs, start, len, |p, _| {
+        // SAFETY: the piece is valid writable guest memory of p.len() bytes while its guard
+        // lives.
+        unsafe { std::ptr::write_bytes(p.ptr_guard_mut().as_ptr(), 0, p.len()) };
+        Ok(())
+    })
+}
+
+/// Copies `src` into bytes `[start, start + src.len())` of the request's buffers.
+pub fn copy_to_pieces(bufs: &[GuestSlice<'_>], start: u64, src: &[u8]) -> io::Result<()> {
+    for_each_piece(bufs, start, src.len() as u64, |p, pos| {
+        p.copy_from(&src[pos as usize..pos as usize + p.len()]);
+        Ok(())
+    })
+}
+
+/// Copies bytes `[start, start + dst.len())` of the request's buffers into `dst`.
+pub fn copy_from_pieces(bufs: &[GuestSlice<'_>], start: u64, dst: &mut [u8]) -> io::Result<()> {
+    for_each_piece(bufs, start, dst.len() as u64, |p, pos| {
+        p.copy_to(&mut dst[pos as usize..pos as usize + p.len()]);
+        Ok(())
+    })
+}

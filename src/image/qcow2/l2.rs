@@ -1,0 +1,179 @@
+//! L1/L2 entries and in-memory L2 tables.
+//!
+//! An L2 table lives in memory as atomics once touched, so queues read and update entries
+//! without a lock. Allocation of a guest cluster is serialised per entry by compare-and-swap
+//! from the observed value to [`RESERVED`]; see `super` for the protocol.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// L1/L2 flag: the cluster's refcount is exactly one (may be written in place).
+pub const COPIED: u64 = 1 << 63;
+/// L2 flag: compressed cluster.
+pub const COMPRESSED: u64 = 1 << 62;
+/// L2 standard descriptor flag: the cluster reads as zeros (v3, not with extended L2).
+pub const ZERO: u64 = 1;
+/// Mask of the host offset bits 9..=55 of L1 and standard L2 entries.
+pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Sentinel stored in an L2 entry while one queue allocates the cluster. No valid entry has
+/// this value (compressed together with COPIED is invalid), and loading one is refused.
+pub const RESERVED: u64 = u64::MAX;
+/// Extended L2 bitmap: all 32 subclusters allocated.
+pub const ALL_ALLOC: u64 = 0xffff_ffff;
+/// Extended L2 bitmap: all 32 subclusters read as zeros.
+pub const ALL_ZERO: u64 = 0xffff_ffff << 32;
+
+/// Number of subclusters of a cluster with extended L2 entries.
+pub const SUBCLUSTERS: u64 = 32;
+
+/// How a piece of a guest cluster is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mapping {
+    /// Not allocated: read from the backing file, or zeros.
+    Unallocated,
+    /// Reads as zeros.
+    Zero,
+    /// Stored uncompressed at this host offset (of the cluster start).
+    Data(u64),
+    /// Stored compressed: host byte offset and compressed length in bytes.
+    Compressed {
+        /// Host byte offset of the compressed data.
+        offset: u64,
+        /// Bytes of compressed data (upper bound, sector granular).
+        len: u64,
+    },
+}
+
+/// Decodes the first word of an L2 entry (standard descriptor or compressed). For extended
+/// L2 entries the caller consults the subcluster bitmap for standard clusters.
+pub fn decode(entry: u64, cluster_bits: u32, extended: bool) -> Result<Mapping, String> {
+    if entry == RESERVED {
+        return Err("entry holds the allocation sentinel".into());
+    }
+    if entry & COMPRESSED != 0 {
+        if entry & COPIED != 0 {
+            return Err(format!("compressed entry {entry:#x} has the COPIED flag"));
+        }
+        let x = 62 - (cluster_bits - 8);
+        let offset = entry & ((1u64 << x) - 1);
+        let sectors = (entry & ((1u64 << 62) - 1)) >> x;
+        let end_sector = (offset & !511) + (sectors + 1) * 512;
+        return Ok(Mapping::Compressed {
+            offset,
+            len: end_sector - offset,
+        });
+    }
+    let reserved_bits = if extended {
+        0x3f00_0000_0000_01ff
+    } else {
+        0x3f00_0000_0000_01fe
+    };
+    if entry & reserved_bits != 0 {
+        return Err(format!("entry {entry:#x} has reserved bits set"));
+    }
+    let host = entry & OFFSET_MASK;
+    if !extended && entry & ZERO != 0 {
+        return Ok(Mapping::Zero);
+    }
+    if host == 0 {
+        if entry & COPIED != 0 {
+            return Err(format!("entry {entry:#x}: COPIED without a host offset"));
+        }
+        return Ok(Mapping::Unallocated);
+    }
+    if host & ((1u64 << cluster_bits) - 1) != 0 {
+        return Err(format!("host offset {host:#x} is not cluster aligned"));
+    }
+    Ok(Mapping::Data(host))
+}
+
+/// Host clusters (indices) holding the data of a compressed cluster.
+pub fn compressed_clusters(
+    offset: u64,
+    len: u64,
+    cluster_bits: u32,
+) -> std::ops::RangeInclusive<u64> {
+    let first = offset >> cluster_bits;
+    let last = (offset + len.max(1) - 1) >> cluster_bits;
+    first..=last
+}
+
+/// An L2 table in memory.
+pub struct L2Table {
+    /// Entries; with extended L2 two words per guest cluster (entry, subcluster bitmap).
+    pub entries: Box<[AtomicU64]>,
+    /// Changed since it was last written to the image.
+    pub dirty: AtomicBool,
+}
+
+impl L2Table {
+    /// A table of `words` zero entries.
+    pub fn zeroed(words: usize) -> L2Table {
+        L2Table {
+            entries: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            dirty: AtomicBool::new(false),
+        }
+    }
+
+    /// A table from its on-disk big-endian bytes.
+    pub fn from_bytes(bytes: &[u8]) -> L2Table {
+        L2Table {
+            entries: bytes
+                .chunks_exact(8)
+                .map(|c| {
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(c);
+                    AtomicU64::new(u64::from_be_bytes(a))
+                })
+                .collect(),
+            dirty: AtomicBool::new(false),
+        }
+    }
+
+    /// Serialises the current entries into `out` (big-endian). Returns false if some entry
+    /// still holds [`RESERVED`] (the caller waits and retries).
+    pub fn to_bytes(&self, out: &mut [u8]) -> bool {
+        for (i, e) in self.entries.iter().enumerate() {
+            let v = e.load(Ordering::Acquire);
+            if v == RESERVED {
+                return false;
+            }
+            out[i * 8..i * 8 + 8].copy_from_slice(&v.to_be_bytes());
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_standard_and_zero() {
+        assert_eq!(decode(0, 16, false), Ok(Mapping::Unallocated));
+        assert_eq!(decode(ZERO, 16, false), Ok(Mapping::Zero));
+        assert_eq!(
+            decode(COPIED | 0x30000, 16, false),
+            Ok(Mapping::Data(0x30000))
+        );
+        assert!(decode(COPIED | 0x30200, 16, false).is_err());
+        assert!(decode(COPIED, 16, false).is_err());
+        assert!(decode(RESERVED, 16, false).is_err());
+        assert!(decode(1 << 58, 16, false).is_err());
+        // Extended L2: bit 0 is reserved.
+        assert!(decode(ZERO, 16, true).is_err());
+    }
+
+    #[test]
+    fn decode_compressed() {
+        // cluster_bits 16: x = 54; two additional sectors, offset 0x10100.
+        let e = COMPRESSED | (2u64 << 54) | 0x10100;
+        assert_eq!(
+            decode(e, 16, false),
+            Ok(Mapping::Compressed {
+                offset: 0x10100,
+                len: 3 * 512 - 0x100
+            })
+        );
+        assert_eq!(compressed_clusters(0xfff0, 0x20, 16), 0..=1);
+    }
+}

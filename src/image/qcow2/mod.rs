@@ -1,0 +1,1289 @@
+//! qcow2 images.
+//!
+//! # Concurrency
+//!
+//! All queues share one [`Qcow2Shared`]; nothing on the read, overwrite or allocation path
+//! takes a lock that all queues contend on:
+//!
+//! - The active L1 table is a `Vec<AtomicU64>`; it only changes during flush (which gives
+//!   dirty L2 tables their host cluster) and open-time repair.
+//! - L2 tables are loaded lazily, once, into `OnceLock<Arc<L2Table>>` slots; the in-memory
+//!   table is authoritative and written back at flush.
+//! - Allocating a guest cluster (or copying it on write) CASes its L2 entry from the observed
+//!   value to [`l2::RESERVED`]. The winner writes the whole new cluster (old contents merged
+//!   with the new data) and then stores the final entry with Release ordering; anyone seeing
+//!   `RESERVED` yields until it is final. So a cluster is never allocated twice and no
+//!   entry points at unwritten data.
+//! - Host cluster accounting (refcounts, free bitmap, metadata bitmap) is in
+//!   [`alloc::Clusters`]: atomics behind an `RwLock` that is only write-locked to grow.
+//!
+//! # Crash safety
+//!
+//! The dirty bit is set in the on-disk header (and synced) before the first metadata change
+//! after open. A flush syncs data, writes refcount blocks and L2 tables, syncs, writes the L1
+//! table and header fields, and syncs again; L2 tables are snapshotted before the first sync,
+//! so every entry written points at data that was durable first. Clusters unmapped by
+//! discard or copy-on-write are unreferenced only after the flush that made the unmapping
+//! durable, so on-disk refcounts are never lower than the on-disk references. A dirty image
+//! opened writable has its refcounts rebuilt from the metadata.
+
+mod alloc;
+mod compress;
+pub mod header;
+mod io;
+mod l2;
+mod rebuild;
+mod refcount;
+
+use std::fs::{File, OpenOptions};
+use std::io as stdio;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use log::{error, info, warn};
+use vm_memory::VolatileSlice;
+
+use self::alloc::{Clusters, HostCluster};
+use self::header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use self::l2::{
+    L2Table, Mapping, ALL_ALLOC, ALL_ZERO, COMPRESSED, COPIED, OFFSET_MASK, RESERVED, ZERO,
+};
+use super::format::ImageOptions;
+use super::{BlockImage, GuestSlice, ImageQueue, ImageStats};
+use crate::error::{Error, Result};
+
+/// Most host clusters a writable image may have (refcounts are kept in memory, 8 bytes per
+/// cluster: 2 GiB at this limit, which is 16 TiB of 64 KiB clusters).
+const MAX_HOST_CLUSTERS: u64 = 1 << 28;
+
+/// Deepest backing chain we follow.
+const MAX_BACKING_DEPTH: u32 = 16;
+
+/// A byte offset in the guest's virtual disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct GuestOffset(pub u64);
+
+/// A byte offset in the image file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HostOffset(pub u64);
+
+fn corrupt(msg: impl std::fmt::Display) -> stdio::Error {
+    stdio::Error::new(
+        stdio::ErrorKind::InvalidData,
+        format!("qcow2 metadata corrupt: {msg}"),
+    )
+}
+
+/// Per-queue scratch buffers.
+#[derive(Default)]
+struct Scratch {
+    cluster: Vec<u8>,
+    comp_in: Vec<u8>,
+    comp_out: Vec<u8>,
+}
+
+/// The image below a qcow2 image.
+enum Backing {
+    Raw { file: File, size: u64 },
+    Qcow2(Arc<Qcow2Shared>),
+}
+
+impl Backing {
+    fn size(&self) -> u64 {
+        match self {
+            Backing::Raw { size, .. } => *size,
+            Backing::Qcow2(s) => s.size,
+        }
+    }
+
+    /// Reads guest bytes `[off, off + len)` into request bytes `[pos, pos + len)`.
+    fn read(
+        &self,
+        scratch: &mut Scratch,
+        off: u64,
+        len: u64,
+        bufs: &[GuestSlice<'_>],
+        pos: u64,
+    ) -> stdio::Result<()> {
+        let size = self.size();
+        let have = if off >= size { 0 } else { len.min(size - off) };
+        if have > 0 {
+            match self {
+                Backing::Raw { file, .. } => {
+                    io::for_each_piece(bufs, pos, have, |p, pp| io::read_slice(file, off + pp, &p))?
+                }
+                Backing::Qcow2(s) => s.read_range(&s.file, scratch, off, have, bufs, pos)?,
+            }
+        }
+        if have < len {
+            io::zero_pieces(bufs, pos + have, len - have)?;
+        }
+        Ok(())
+    }
+}
+
+/// State changed only under the flush lock.
+struct MetaState {
+    /// Refcount table offset, clusters and entries.
+    rt_offset: u64,
+    rt_clusters: u32,
+    rt: Vec<u64>,
+    /// Current incompatible / autoclear feature bits as on disk.
+    incompatible: u64,
+    autoclear: u64,
+}
+
+/// State of a qcow2 image shared by all its queues.
+pub struct Qcow2Shared {
+    path: PathBuf,
+    file: File,
+    hdr: Header,
+    cluster_bits: u32,
+    size: u64,
+    read_only: bool,
+    extended: bool,
+    /// Words per guest cluster in an L2 table (1, or 2 with extended L2).
+    words: usize,
+    l1: Vec<AtomicU64>,
+    l2: Vec<OnceLock<Arc<L2Table>>>,
+    /// Host cluster accounting; `None` when read-only.
+    clusters: Option<Clusters>,
+    backing: Option<Backing>,
+    state: Mutex<MetaState>,
+    /// The dirty bit is set on disk (or the image is v2, which has none: then always true).
+    dirty_on_disk: AtomicBool,
+    /// Metadata changed in memory since the last flush.
+    meta_dirty: AtomicBool,
+    /// The L1 table changed in memory since the last flush.
+    l1_dirty: AtomicBool,
+    /// Overlap protection tripped: refuse all further writes.
+    corrupt: AtomicBool,
+    /// Host clusters to unreference once the next flush has made their unmapping durable.
+    pending: Mutex<Vec<HostCluster>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn be64_at(b: &[u8], i: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[i * 8..i * 8 + 8]);
+    u64::from_be_bytes(a)
+}
+
+impl Qcow2Shared {
+    fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    fn l2_entries(&self) -> u64 {
+        self.hdr.l2_entries()
+    }
+
+    /// Opens an image file; `depth` counts backing levels above it.
+    fn open(path: &Path, read_only: bool, depth: u32) -> Result<Qcow2Shared> {
+        let inval = |reason: String| Error::InvalidImage {
+            path: path.to_owned(),
+            reason,
+        };
+        let open_err = |source| Error::OpenImage {
+            path: path.to_owned(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        if !meta.is_file() {
+            return Err(inval("qcow2 images must be regular files".into()));
+        }
+        let file_len = meta.len();
+        let mut head = vec![0u8; file_len.min(2 << 20) as usize];
+        io::read_bytes(&file, 0, &mut head).map_err(open_err)?;
+        let hdr = Header::parse(&head, file_len).map_err(inval)?;
+        let cs = hdr.cluster_size();
+        if hdr.incompatible & header::INCOMPAT_DATA_FILE != 0 || hdr.data_file.is_some() {
+            return Err(inval(
+                "images with an external data file (data_file) are not supported".into(),
+            ));
+        }
+        if !read_only && hdr.incompatible & INCOMPAT_CORRUPT != 0 {
+            return Err(inval(
+                "the image is marked corrupt; repair it with 'qemu-img check -r all' or open it \
+                 read-only"
+                    .into(),
+            ));
+        }
+        // L1 table.
+        let mut l1_bytes = vec![0u8; hdr.l1_size as usize * 8];
+        io::read_bytes(&file, hdr.l1_table_offset, &mut l1_bytes).map_err(open_err)?;
+        let mut l1 = Vec::with_capacity(hdr.l1_size as usize);
+        for i in 0..hdr.l1_size as usize {
+            let e = be64_at(&l1_bytes, i);
+            check_l1_entry(e, cs, file_len).map_err(|m| inval(format!("L1 entry {i}: {m}")))?;
+            l1.push(AtomicU64::new(e));
+        }
+        // Backing file.
+        let backing = match &hdr.backing_file {
+            None => None,
+            Some(name) => Some(open_backing(
+                path,
+                name,
+                hdr.backing_format.as_deref(),
+                depth,
+            )?),
+        };
+        let rt_len = hdr.refcount_table_clusters as usize * cs as usize / 8;
+        let mut rt_bytes = vec![0u8; rt_len * 8];
+        io::read_bytes(&file, hdr.refcount_table_offset, &mut rt_bytes).map_err(open_err)?;
+        let rt: Vec<u64> = (0..rt_len).map(|i| be64_at(&rt_bytes, i)).collect();
+        let state = MetaState {
+            rt_offset: hdr.refcount_table_offset,
+            rt_clusters: hdr.refcount_table_clusters,
+            rt,
+            incompatible: hdr.incompatible,
+            autoclear: hdr.autoclear,
+        };
+        let words = if hdr.extended_l2() { 2 } else { 1 };
+        let l2 = (0..hdr.l1_size).map(|_| OnceLock::new()).collect();
+        let mut s = Qcow2Shared {
+            path: path.to_owned(),
+            file,
+            cluster_bits: hdr.cluster_bits,
+            size: hdr.size,
+            read_only,
+            extended: hdr.extended_l2(),
+            words,
+            l1,
+            l2,
+            clusters: None,
+            backing,
+            state: Mutex::new(state),
+            dirty_on_disk: AtomicBool::new(hdr.version == 2),
+            meta_dirty: AtomicBool::new(false),
+            l1_dirty: AtomicBool::new(false),
+            corrupt: AtomicBool::new(false),
+            pending: Mutex::new(Vec::new()),
+            hdr,
+        };
+        if !read_only {
+            s.setup_writable(file_len).map_err(|e| match e {
+                rebuild::OpenError::Invalid(r) => inval(r),
+                rebuild::OpenError::Io(source) => open_err(source),
+            })?;
+        }
+        Ok(s)
+    }
+
+    /// Loads (or rebuilds) refcounts for a writable open.
+    fn setup_writable(&mut self, file_len: u64) -> std::result::Result<(), rebuild::OpenError> {
+        let dirty = self.hdr.incompatible & INCOMPAT_DIRTY != 0;
+        // Refcounts are kept in memory, 8 bytes per host cluster: bound that.
+        if file_len >> self.cluster_bits > MAX_HOST_CLUSTERS {
+            return Err(rebuild::OpenError::Invalid(format!(
+                "image file too large to open writable with {}-byte clusters ({} clusters, \
+                 limit {MAX_HOST_CLUSTERS})",
+                self.cluster_size(),
+                file_len >> self.cluster_bits
+            )));
+        }
+        let (rc, meta_clusters) = if dirty {
+            warn!(
+                "{}: image was not closed cleanly; rebuilding refcounts",
+                self.path.display()
+            );
+            rebuild::rebuild(self, file_len)?
+        } else {
+            rebuild::load(self, file_len)?
+        };
+        let cs = self.cluster_size();
+        let end = file_len
+            .div_ceil(cs)
+            .max(rc.iter().rposition(|&v| v != 0).map_or(0, |p| p as u64 + 1));
+        if self.hdr.bitmaps.is_some() && self.hdr.autoclear & header::AUTOCLEAR_BITMAPS != 0 {
+            rebuild::bitmaps(self, file_len, true)?;
+            warn!(
+                "{}: persistent dirty bitmaps are not updated by this daemon; marked them in use \
+                 (inconsistent)",
+                self.path.display()
+            );
+        }
+        let block_shift = self.cluster_bits + 3 - self.hdr.refcount_order;
+        let clusters = Clusters::new(rc, end, block_shift);
+        for c in meta_clusters {
+            clusters.set_meta(c, true);
+        }
+        self.clusters = Some(clusters);
+        if dirty {
+            rebuild::fix_copied_flags(self)?;
+            if let Some(c) = &self.clusters {
+                c.dirty_all();
+            }
+            self.dirty_on_disk.store(true, Ordering::Release);
+            self.meta_dirty.store(true, Ordering::Release);
+            self.close().map_err(rebuild::OpenError::Io)?;
+            info!("{}: refcounts repaired", self.path.display());
+        }
+        Ok(())
+    }
+
+    fn clusters(&self) -> stdio::Result<&Clusters> {
+        self.clusters
+            .as_ref()
+            .ok_or_else(|| stdio::Error::from_raw_os_error(libc::EROFS))
+    }
+
+    /// The L2 table for L1 index `i`, loading it on first use.
+    fn table(&self, i: usize) -> stdio::Result<&Arc<L2Table>> {
+        let slot = self
+            .l2
+            .get(i)
+            .ok_or_else(|| corrupt(format!("L1 index {i} out of range")))?;
+        if let Some(t) = slot.get() {
+            return Ok(t);
+        }
+        let words = (self.l2_entries() as usize) * self.words;
+        let l1e = self.l1[i].load(Ordering::Acquire);
+        let off = l1e & OFFSET_MASK;
+        let t = if off == 0 {
+            L2Table::zeroed(words)
+        } else {
+            let mut buf = vec![0u8; self.cluster_size() as usize];
+            io::read_bytes(&self.file, off, &mut buf)?;
+            let t = L2Table::from_bytes(&buf);
+            for g in 0..self.l2_entries() as usize {
+                let e = t.entries[g * self.words].load(Ordering::Relaxed);
+                let b = if self.extended {
+                    t.entries[g * 2 + 1].load(Ordering::Relaxed)
+                } else {
+                    0
+                };
+                self.check_entry(e, b)
+                    .map_err(|m| corrupt(format!("L2 table at {off:#x}, entry {g}: {m}")))?;
+            }
+            t
+        };
+        let _ = slot.set(Arc::new(t));
+        slot.get()
+            .ok_or_else(|| corrupt("L2 table slot empty after initialisation"))
+    }
+
+    fn check_entry(&self, e: u64, b: u64) -> std::result::Result<(), String> {
+        let m = l2::decode(e, self.cluster_bits, self.extended)?;
+        if self.extended {
+            match m {
+                Mapping::Compressed { .. } if b != 0 => {
+                    return Err("compressed cluster with a subcluster bitmap".into())
+                }
+                _ => {}
+            }
+            if (b & ALL_ALLOC) & (b >> 32) != 0 {
+                return Err("subcluster both allocated and zero".into());
+            }
+            if b & ALL_ALLOC != 0 && m == Mapping::Unallocated {
+                return Err("allocated subclusters without a host offset".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads entry `g` of a table (both words with extended L2), waiting out reservations.
+    fn load_entry(&self, t: &L2Table, g: usize) -> (u64, u64) {
+        let w = g * self.words;
+        loop {
+            let e = t.entries[w].load(Ordering::Acquire);
+            if e == RESERVED {
+                std::thread::yield_now();
+                continue;
+            }
+            if !self.extended {
+                return (e, 0);
+            }
+            let b = t.entries[w + 1].load(Ordering::Acquire);
+            if t.entries[w].load(Ordering::Acquire) == e {
+                return (e, b);
+            }
+        }
+    }
+
+    fn locate(&self, guest: GuestOffset) -> (usize, usize, u64) {
+        let c = guest.0 >> self.cluster_bits;
+        let n = self.l2_entries();
+        (
+            (c / n) as usize,
+            (c % n) as usize,
+            guest.0 & (self.cluster_size() - 1),
+        )
+    }
+
+    /// Reads guest bytes `[off, off + len)` into request bytes starting at `pos`.
+    fn read_range(
+        &self,
+        file: &File,
+        scratch: &mut Scratch,
+        off: u64,
+        len: u64,
+        bufs: &[GuestSlice<'_>],
+        pos: u64,
+    ) -> stdio::Result<()> {
+        let cs = self.cluster_size();
+        let mut done = 0;
+        while done < len {
+            let g = off + done;
+            let (i, j, in_off) = self.locate(GuestOffset(g));
+            let n = (cs - in_off).min(len - done);
+            let (e, b) = self.load_entry(self.table(i)?, j);
+            self.read_in_cluster(file, scratch, g - in_off, e, b, in_off, n, bufs, pos + done)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Reads `[in_off, in_off + n)` of the guest cluster at `cluster_guest` described by
+    /// entry (`e`, `b`) into request bytes at `pos`.
+    #[allow(clippy::too_many_arguments)]
+    fn read_in_cluster(
+        &self,
+        file: &File,
+        scratch: &mut Scratch,
+        cluster_guest: u64,
+        e: u64,
+        b: u64,
+        in_off: u64,
+        n: u64,
+        bufs: &[GuestSlice<'_>],
+        pos: u64,
+    ) -> stdio::Result<()> {
+        let m = l2::decode(e, self.cluster_bits, self.extended).map_err(corrupt)?;
+        if self.extended {
+            if let Mapping::Data(_) | Mapping::Unallocated = m {
+                // Subcluster by subcluster.
+                let scs = self.cluster_size() / l2::SUBCLUSTERS;
+                let mut done = 0;
+                while done < n {
+                    let o = in_off + done;
+                    let sc = o / scs;
+                    let k = (scs - o % scs).min(n - done);
+                    let sm = if b & (1 << sc) != 0 {
+                        match m {
+                            Mapping::Data(h) => Mapping::Data(h),
+                            _ => return Err(corrupt("allocated subcluster without host offset")),
+                        }
+                    } else if b & (1 << (sc + 32)) != 0 {
+                        Mapping::Zero
+                    } else {
+                        Mapping::Unallocated
+                    };
+                    self.read_mapped(file, scratch, cluster_guest, sm, o, k, bufs, pos + done)?;
+                    done += k;
+                }
+                return Ok(());
+            }
+        }
+        self.read_mapped(file, scratch, cluster_guest, m, in_off, n, bufs, pos)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read_mapped(
+        &self,
+        file: &File,
+        scratch: &mut Scratch,
+        cluster_guest: u64,
+        m: Mapping,
+        in_off: u64,
+        n: u64,
+        bufs: &[GuestSlice<'_>],
+        pos: u64,
+    ) -> stdio::Result<()> {
+        match m {
+            Mapping::Unallocated => match &self.backing {
+                Some(bk) => bk.read(scratch, cluster_guest + in_off, n, bufs, pos),
+                None => io::zero_pieces(bufs, pos, n),
+            },
+            Mapping::Zero => io::zero_pieces(bufs, pos, n),
+            Mapping::Data(h) => io::for_each_piece(bufs, pos, n, |p, pp| {
+                io::read_slice(file, h + in_off + pp, &p)
+            }),
+            Mapping::Compressed { offset, len } => {
+                let cs = self.cluster_size() as usize;
+                // A compressed cluster never needs more input than a cluster plus a sector
+                // of slack; a larger length is corrupt but harmless to cap.
+                let len = (len as usize).min(cs + 1024);
+                scratch.comp_in.resize(len, 0);
+                io::read_bytes(file, offset, &mut scratch.comp_in)?;
+                scratch.comp_out.resize(cs, 0);
+                compress::decompress(
+                    self.hdr.compression,
+                    &scratch.comp_in,
+                    &mut scratch.comp_out,
+                )?;
+                let s = in_off as usize;
+                io::copy_to_pieces(bufs, pos, &scratch.comp_out[s..s + n as usize])
+            }
+        }
+    }
+
+    fn check_writable(&self) -> stdio::Result<()> {
+        if self.read_only {
+            return Err(stdio::Error::from_raw_os_error(libc::EROFS));
+        }
+        if self.corrupt.load(Ordering::Acquire) {
+            return Err(stdio::Error::other(
+                "qcow2: image marked corrupt after a metadata overlap; writes refused",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Sets the dirty bit on disk (and clears autoclear bits we do not maintain) before the
+    /// first metadata change.
+    fn ensure_dirty(&self) -> stdio::Result<()> {
+        if self.dirty_on_disk.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut st = lock(&self.state);
+        self.ensure_dirty_locked(&mut st)
+    }
+
+    fn ensure_dirty_locked(&self, st: &mut MetaState) -> stdio::Result<()> {
+        if self.dirty_on_disk.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        st.incompatible |= INCOMPAT_DIRTY;
+        io::write_bytes(
+            &self.file,
+            header::OFF_INCOMPATIBLE,
+            &st.incompatible.to_be_bytes(),
+        )?;
+        if st.autoclear != 0 {
+            // The only autoclear feature we maintain is "bitmaps consistent": we keep the
+            // bitmaps consistent by having marked them all in use at open.
+            let keep = if self.hdr.bitmaps.is_some() {
+                header::AUTOCLEAR_BITMAPS
+            } else {
+                0
+            };
+            st.autoclear &= keep;
+            io::write_bytes(
+                &self.file,
+                header::OFF_AUTOCLEAR,
+                &st.autoclear.to_be_bytes(),
+            )?;
+        }
+        self.file.sync_data()?;
+        self.dirty_on_disk.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Overlap protection: refuses guest data writes to metadata clusters.
+    fn check_overlap(&self, host: u64) -> stdio::Result<()> {
+        let c = HostCluster(host >> self.cluster_bits);
+        if c.0 == 0 || self.clusters()?.is_meta(c) {
+            self.corrupt.store(true, Ordering::Release);
+            error!(
+                "{}: guest write would overwrite metadata at {:#x}; marking the image corrupt",
+                self.path.display(),
+                host
+            );
+            let mut st = lock(&self.state);
+            st.incompatible |= INCOMPAT_CORRUPT;
+            if self.hdr.version >= 3 {
+                let _ = io::write_bytes(
+                    &self.file,
+                    header::OFF_INCOMPATIBLE,
+                    &st.incompatible.to_be_bytes(),
+                );
+                let _ = self.file.sync_data();
+            }
+            return Err(stdio::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
+    }
+
+    /// Host clusters an entry holds a reference to.
+    fn entry_refs(&self, e: u64) -> Vec<HostCluster> {
+        if e & COMPRESSED != 0 {
+            match l2::decode(e, self.cluster_bits, self.extended) {
+                Ok(Mapping::Compressed { offset, len }) => {
+                    l2::compressed_clusters(offset, len, self.cluster_bits)
+                        .map(HostCluster)
+                        .collect()
+                }
+                _ => Vec::new(),
+            }
+        } else if e & OFFSET_MASK != 0 {
+            vec![HostCluster((e & OFFSET_MASK) >> self.cluster_bits)]
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn in_place(&self, e: u64, b: u64) -> bool {
+        e & COPIED != 0
+            && e & COMPRESSED == 0
+            && e & OFFSET_MASK != 0
+            && if self.extended {
+                b & ALL_ALLOC == ALL_ALLOC
+            } else {
+                e & ZERO == 0
+            }
+    }
+
+    /// Writes request bytes `[pos, pos + n)` to guest offset `g` (within one cluster).
+    fn write_in_cluster(
+        &self,
+        file: &File,
+        scratch: &mut Scratch,
+        g: u64,
+        n: u64,
+        bufs: &[GuestSlice<'_>],
+        pos: u64,
+    ) -> stdio::Result<()> {
+        let (i, j, in_off) = self.locate(GuestOffset(g));
+        let t = self.table(i)?;
+        let w = j * self.words;
+        loop {
+            let (e, b) = self.load_entry(t, j);
+            if self.in_place(e, b) {
+                let h = e & OFFSET_MASK;
+                self.check_overlap(h)?;
+                return io::for_each_piece(bufs, pos, n, |p, pp| {
+                    io::write_slice(file, h + in_off + pp, &p)
+                });
+            }
+            // Before reserving: setting the dirty bit may wait for a running flush, and a
+            // flush waits for reserved entries.
+            self.ensure_dirty()?;
+            if t.entries[w]
+                .compare_exchange(e, RESERVED, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                continue;
+            }
+            match self.cow_cluster(file, scratch, g - in_off, e, b, in_off, n, bufs, pos) {
+                Ok(new_e) => {
+                    if self.extended {
+                        t.entries[w + 1].store(ALL_ALLOC, Ordering::Release);
+                    }
+                    t.entries[w].store(new_e, Ordering::Release);
+                    t.dirty.store(true, Ordering::Release);
+                    self.meta_dirty.store(true, Ordering::Release);
+                    return Ok(());
+                }
+                Err(err) => {
+                    t.entries[w].store(e, Ordering::Release);
+                    return Err(err);
+                }
+            }
+        }
+    }
+
+    /// Builds the new contents of a guest cluster (old contents with the request's bytes
+    /// merged in), writes them to its new (or, if exclusively owned, its current) host
+    /// cluster and returns the new L2 entry. The entry is reserved by the caller.
+    #[allow(clippy::too_many_arguments)]
+    fn cow_cluster(
+        &self,
+        file: &File,
+        scratch: &mut Scratch,
+        cluster_guest: u64,
+        e: u64,
+        b: u64,
+        in_off: u64,
+        n: u64,
+        bufs: &[GuestSlice<'_>],
+        pos: u64,
+    ) -> stdio::Result<u64> {
+        let cs = self.cluster_size();
+        let mut buf = std::mem::take(&mut scratch.cluster);
+        buf.resize(cs as usize, 0);
+        let r = (|| {
+            if n < cs {
+                let whole = [VolatileSlice::from(&mut buf[..])];
+                self.read_in_cluster(file, scratch, cluster_guest, e, b, 0, cs, &whole, 0)?;
+            }
+            io::copy_from_pieces(bufs, pos, &mut buf[in_off as usize..(in_off + n) as usize])?;
+            let reuse = e & COPIED != 0 && e & COMPRESSED == 0 && e & OFFSET_MASK != 0;
+            let host = if reuse {
+                e & OFFSET_MASK
+            } else {
+                self.clusters()?.alloc(false)?.0 << self.cluster_bits
+            };
+            let res = self
+                .check_overlap(host)
+                .and_then(|()| io::write_bytes(file, host, &buf));
+            if let Err(err) = res {
+                if !reuse {
+                    lock(&self.pending).push(HostCluster(host >> self.cluster_bits));
+                }
+                return Err(err);
+            }
+            if !reuse {
+                lock(&self.pending).extend(self.entry_refs(e));
+            }
+            Ok(host | COPIED)
+        })();
+        scratch.cluster = buf;
+        r
+    }
+
+    /// Sets a whole guest cluster's entry to (`new_e`, `new_b`), dropping its old host
+    /// references after the next flush.
+    fn set_cluster(&self, g: u64, new_e: u64, new_b: u64) -> stdio::Result<()> {
+        let (i, j, _) = self.locate(GuestOffset(g));
+        let t = self.table(i)?;
+        let w = j * self.words;
+        loop {
+            let (e, b) = self.load_entry(t, j);
+            if e == new_e && b == new_b {
+                return Ok(());
+            }
+            self.ensure_dirty()?;
+            if t.entries[w]
+                .compare_exchange(e, RESERVED, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                continue;
+            }
+            if self.extended {
+                t.entries[w + 1].store(new_b, Ordering::Release);
+            }
+            t.entries[w].store(new_e, Ordering::Release);
+            t.dirty.store(true, Ordering::Release);
+            self.meta_dirty.store(true, Ordering::Release);
+            lock(&self.pending).extend(self.entry_refs(e));
+            return Ok(());
+        }
+    }
+
+    /// Entry values for a whole cluster that reads as zeros.
+    fn zero_entry(&self) -> Option<(u64, u64)> {
+        if self.extended {
+            Some((0, ALL_ZERO))
+        } else if self.hdr.version >= 3 {
+            Some((ZERO, 0))
+        } else if self.backing.is_none() {
+            Some((0, 0))
+        } else {
+            None
+        }
+    }
+
+    fn write_range(
+        &self,
+        file: &File,
+        scratch: &mut Scratch,
+        off: u64,
+        bufs: &[GuestSlice<'_>],
+    ) -> stdio::Result<()> {
+        self.check_writable()?;
+        let len = super::slices_len(bufs);
+        let cs = self.cluster_size();
+        let mut done = 0;
+        while done < len {
+            let g = off + done;
+            let n = (cs - (g & (cs - 1))).min(len - done);
+            self.write_in_cluster(file, scratch, g, n, bufs, done)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn discard_range(&self, off: u64, len: u64) -> stdio::Result<()> {
+        self.check_writable()?;
+        let cs = self.cluster_size();
+        let first = off.div_ceil(cs);
+        let end = (off + len).min(self.size);
+        // The last partial cluster of the disk counts as whole when the range reaches the end.
+        let last = if end == self.size {
+            end.div_ceil(cs)
+        } else {
+            end / cs
+        };
+        let (ne, nb) = if self.backing.is_some() {
+            match self.zero_entry() {
+                Some(z) => z,
+                None => return Ok(()),
+            }
+        } else {
+            (0, 0)
+        };
+        for c in first..last {
+            self.set_cluster(c * cs, ne, nb)?;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes_range(
+        &self,
+        file: &File,
+        scratch: &mut Scratch,
+        off: u64,
+        len: u64,
+    ) -> stdio::Result<()> {
+        self.check_writable()?;
+        let cs = self.cluster_size();
+        let end = off + len;
+        let mut g = off;
+        let zero = self.zero_entry();
+        while g < end {
+            let in_off = g & (cs - 1);
+            let n = (cs - in_off).min(end - g);
+            let whole = in_off == 0 && (n == cs || g + n == self.size);
+            match zero {
+                Some((ze, zb)) if whole => self.set_cluster(g, ze, zb)?,
+                _ => {
+                    let mut zeros = vec![0u8; n as usize];
+                    let s = [VolatileSlice::from(&mut zeros[..])];
+                    self.write_in_cluster(file, scratch, g, n, &s, 0)?;
+                }
+            }
+            g += n;
+        }
+        Ok(())
+    }
+
+    /// Makes all completed writes and metadata changes durable.
+    fn flush(&self) -> stdio::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut st = lock(&self.state);
+        if !self.meta_dirty.swap(false, Ordering::AcqRel) {
+            return self.file.sync_data();
+        }
+        let r = self.flush_locked(&mut st);
+        if r.is_err() {
+            self.meta_dirty.store(true, Ordering::Release);
+        }
+        r
+    }
+
+    fn flush_locked(&self, st: &mut MetaState) -> stdio::Result<()> {
+        let clusters = self.clusters()?;
+        self.ensure_dirty_locked(st)?;
+        let cs = self.cluster_size() as usize;
+        let pending = std::mem::take(&mut *lock(&self.pending));
+        let mut unref_after: Vec<HostCluster> = Vec::new();
+        // 1. Snapshot dirty L2 tables, giving each a host cluster it owns.
+        let mut tables: Vec<(usize, u64)> = Vec::new();
+        let mut buf: Vec<u8> = Vec::new();
+        for (i, slot) in self.l2.iter().enumerate() {
+            let Some(t) = slot.get() else { continue };
+            if !t.dirty.swap(false, Ordering::AcqRel) {
+                continue;
+            }
+            let l1e = self.l1[i].load(Ordering::Acquire);
+            if l1e & COPIED == 0 || l1e & OFFSET_MASK == 0 {
+                let c = clusters.alloc(true)?;
+                if l1e & OFFSET_MASK != 0 {
+                    unref_after.push(HostCluster((l1e & OFFSET_MASK) >> self.cluster_bits));
+                }
+                self.l1[i].store((c.0 << self.cluster_bits) | COPIED, Ordering::Release);
+                self.l1_dirty.store(true, Ordering::Release);
+            }
+            let at = buf.len();
+            buf.resize(at + cs, 0);
+            while !t.to_bytes(&mut buf[at..]) {
+                std::thread::yield_now();
+            }
+            tables.push((i, self.l1[i].load(Ordering::Acquire) & OFFSET_MASK));
+        }
+        let restore_tables = |tables: &[(usize, u64)]| {
+            for &(i, _) in tables {
+                if let Some(t) = self.l2[i].get() {
+                    t.dirty.store(true, Ordering::Release);
+                }
+            }
+        };
+        let r = (|| {
+            // 2. Data first.
+            self.file.sync_data()?;
+            // 3. Refcount blocks (allocating blocks and growing the table as needed).
+            self.write_refcounts(st, clusters, &mut unref_after)?;
+            // 4. L2 tables.
+            for (k, &(_, off)) in tables.iter().enumerate() {
+                io::write_bytes(&self.file, off, &buf[k * cs..(k + 1) * cs])?;
+            }
+            self.file.sync_data()?;
+            // 5. L1 table.
+            if self.l1_dirty.swap(false, Ordering::AcqRel) {
+                let mut l1b = Vec::with_capacity(self.l1.len() * 8);
+                for e in &self.l1 {
+                    l1b.extend_from_slice(&e.load(Ordering::Acquire).to_be_bytes());
+                }
+                if let Err(e) = io::write_bytes(&self.file, self.hdr.l1_table_offset, &l1b) {
+                    self.l1_dirty.store(true, Ordering::Release);
+                    return Err(e);
+                }
+                self.file.sync_data()?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            restore_tables(&tables);
+            lock(&self.pending).extend(pending);
+            lock(&self.pending).extend(unref_after);
+            return Err(e);
+        }
+        // 6. The unmappings are durable: drop the references.
+        if !pending.is_empty() || !unref_after.is_empty() {
+            for c in pending.into_iter().chain(unref_after) {
+                clusters.unref(c)?;
+            }
+            self.meta_dirty.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Writes dirty refcount blocks; allocates missing blocks and grows the refcount table
+    /// (refcount blocks and tables account for themselves).
+    fn write_refcounts(
+        &self,
+        st: &mut MetaState,
+        clusters: &Clusters,
+        unref_after: &mut Vec<HostCluster>,
+    ) -> stdio::Result<()> {
+        let cs = self.cluster_size();
+        let mut blocks: std::collections::BTreeSet<u64> =
+            clusters.take_dirty_blocks().into_iter().collect();
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let mut table_changed = false;
+        let mut table_moved = false;
+        let r = (|| {
+            loop {
+                let mut changed = false;
+                let max_b = blocks.iter().next_back().copied().unwrap_or(0);
+                if max_b as usize >= st.rt.len() {
+                    let want = ((max_b + 1) * 2).max(st.rt.len() as u64 * 2);
+                    let n = (want * 8).div_ceil(cs);
+                    if n * cs > header::MAX_REFTABLE_BYTES * 8 {
+                        return Err(stdio::Error::other("qcow2: refcount table too large"));
+                    }
+                    let start = clusters.alloc_contiguous(n)?;
+                    let old = HostCluster(st.rt_offset >> self.cluster_bits);
+                    for k in 0..st.rt_clusters as u64 {
+                        unref_after.push(HostCluster(old.0 + k));
+                    }
+                    st.rt.resize((n * cs / 8) as usize, 0);
+                    st.rt_offset = start.0 << self.cluster_bits;
+                    st.rt_clusters = n as u32;
+                    table_changed = true;
+                    table_moved = true;
+                    changed = true;
+                }
+                for &b in &blocks {
+                    if st.rt[b as usize] == 0 {
+                        let c = clusters.alloc(true)?;
+                        st.rt[b as usize] = c.0 << self.cluster_bits;
+                        table_changed = true;
+                        changed = true;
+                    }
+                }
+                blocks.extend(clusters.take_dirty_blocks());
+                if !changed && blocks.iter().all(|&b| (b as usize) < st.rt.len()) {
+                    break;
+                }
+            }
+            let mut out = vec![0u8; cs as usize];
+            for &b in &blocks {
+                let vals = clusters.block_values(b);
+                refcount::encode_block(&vals, self.hdr.refcount_order, &mut out);
+                io::write_bytes(&self.file, st.rt[b as usize], &out)?;
+            }
+            if table_changed {
+                let mut tb = Vec::with_capacity(st.rt.len() * 8);
+                for e in &st.rt {
+                    tb.extend_from_slice(&e.to_be_bytes());
+                }
+                io::write_bytes(&self.file, st.rt_offset, &tb)?;
+            }
+            if table_moved {
+                self.file.sync_data()?;
+                let mut f = [0u8; 12];
+                f[..8].copy_from_slice(&st.rt_offset.to_be_bytes());
+                f[8..].copy_from_slice(&st.rt_clusters.to_be_bytes());
+                io::write_bytes(&self.file, header::OFF_REFCOUNT_TABLE, &f)?;
+            }
+            Ok(())
+        })();
+        if r.is_err() {
+            for &b in &blocks {
+                clusters.redirty_block(b);
+            }
+        }
+        r
+    }
+
+    /// Flushes everything and clears the dirty bit.
+    fn close(&self) -> stdio::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        // Unreferences at the end of a flush dirty refcount blocks again: a few rounds settle.
+        for _ in 0..4 {
+            self.flush()?;
+            if !self.meta_dirty.load(Ordering::Acquire) {
+                break;
+            }
+        }
+        let mut st = lock(&self.state);
+        if self.hdr.version >= 3
+            && self.dirty_on_disk.load(Ordering::Acquire)
+            && !self.meta_dirty.load(Ordering::Acquire)
+            && !self.corrupt.load(Ordering::Acquire)
+        {
+            st.incompatible &= !INCOMPAT_DIRTY;
+            io::write_bytes(
+                &self.file,
+                header::OFF_INCOMPATIBLE,
+                &st.incompatible.to_be_bytes(),
+            )?;
+            self.file.sync_data()?;
+            self.dirty_on_disk.store(false, Ordering::Release);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Qcow2Shared {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            error!(
+                "{}: closing the qcow2 image failed: {e}",
+                self.path.display()
+            );
+        }
+    }
+}
+
+fn check_l1_entry(e: u64, cs: u64, file_len: u64) -> std::result::Result<(), String> {
+    if e & !(OFFSET_MASK | COPIED) != 0 {
+        return Err(format!("{e:#x} has reserved bits set"));
+    }
+    let off = e & OFFSET_MASK;
+    if !off.is_multiple_of(cs) {
+        return Err(format!("L2 table offset {off:#x} is not cluster aligned"));
+    }
+    if off != 0 && off + cs > file_len.next_multiple_of(cs) {
+        return Err(format!(
+            "L2 table offset {off:#x} is past the end of the file"
+        ));
+    }
+    Ok(())
+}
+
+fn open_backing(overlay: &Path, name: &str, format: Option<&str>, depth: u32) -> Result<Backing> {
+    let inval = |reason: String| Error::InvalidImage {
+        path: overlay.to_owned(),
+        reason,
+    };
+    if depth + 1 >= MAX_BACKING_DEPTH {
+        return Err(inval(format!(
+            "backing chain deeper than {MAX_BACKING_DEPTH} images"
+        )));
+    }
+    if name.starts_with("json:") || name.contains("://") {
+        return Err(inval(format!(
+            "backing file '{name}' is not a plain file name"
+        )));
+    }
+    let p = Path::new(name);
+    let path = if p.is_absolute() {
+        p.to_owned()
+    } else {
+        overlay.parent().unwrap_or_else(|| Path::new(".")).join(p)
+    };
+    match format {
+        Some("qcow2") => Ok(Backing::Qcow2(Arc::new(Qcow2Shared::open(
+            &path,
+            true,
+            depth + 1,
+        )?))),
+        Some("raw") => {
+            let file = File::open(&path).map_err(|source| Error::OpenImage {
+                path: path.clone(),
+                source,
+            })?;
+            let size = file
+                .metadata()
+                .map_err(|source| Error::OpenImage {
+                    path: path.clone(),
+                    source,
+                })?
+                .len();
+            Ok(Backing::Raw { file, size })
+        }
+        Some(f) => Err(inval(format!(
+            "backing file '{name}' has format '{f}'; only qcow2 and raw backing files are supported"
+        ))),
+        None => Err(inval(format!(
+            "backing file '{name}' has no recorded format; refusing to probe it (set one with \
+             'qemu-img rebase -u -b {name} -F raw|qcow2')"
+        ))),
+    }
+}
+
+/// A qcow2 image opened for serving.
+pub struct Qcow2Image {
+    shared: Arc<Qcow2Shared>,
+}
+
+impl Qcow2Image {
+    /// Opens the qcow2 image described by `opts`.
+    pub fn open(opts: &ImageOptions) -> Result<Qcow2Image> {
+        if opts.direct {
+            return Err(Error::InvalidImage {
+                path: opts.path.clone(),
+                reason: "O_DIRECT (--direct) is not supported for qcow2 images".into(),
+            });
+        }
+        let shared = Qcow2Shared::open(&opts.path, opts.read_only, 0)?;
+        Ok(Qcow2Image {
+            shared: Arc::new(shared),
+        })
+    }
+
+    /// Creates a new, empty version 3 qcow2 image of `size` bytes (64 KiB clusters, 16-bit
+    /// refcounts). Fails if the file exists.
+    pub fn create(path: &Path, size: u64) -> Result<()> {
+        let cerr = |source| Error::CreateImage {
+            path: path.to_owned(),
+            source,
+        };
+        let cb = 16u32;
+        let cs = 1u64 << cb;
+        let l1_size = size.div_ceil(cs * (cs / 8));
+        if l1_size * 8 > header::MAX_L1_BYTES {
+            return Err(Error::InvalidOption(format!(
+                "qcow2 size {size} is too large"
+            )));
+        }
+        let l1_clusters = (l1_size * 8).div_ceil(cs);
+        let total = 3 + l1_clusters;
+        let hdr = header::build_fresh(cb, size, l1_size as u32, 3 * cs, cs, 1);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(cerr)?;
+        let mut rt = vec![0u8; cs as usize];
+        rt[..8].copy_from_slice(&(2 * cs).to_be_bytes());
+        let mut rb = vec![0u8; cs as usize];
+        refcount::encode_block(&vec![1; total as usize], 4, &mut rb);
+        file.write_all_at(&hdr, 0).map_err(cerr)?;
+        file.write_all_at(&rt, cs).map_err(cerr)?;
+        file.write_all_at(&rb, 2 * cs).map_err(cerr)?;
+        file.set_len(total * cs).map_err(cerr)?;
+        file.sync_all().map_err(cerr)
+    }
+
+    /// Flushes all metadata and clears the dirty bit: call on clean shutdown. The image
+    /// stays usable (the next metadata change sets the dirty bit again). Dropping the last
+    /// reference to the image does the same, logging errors.
+    pub fn close(&self) -> stdio::Result<()> {
+        self.shared.close()
+    }
+}
+
+impl BlockImage for Qcow2Image {
+    fn virtual_size(&self) -> u64 {
+        self.shared.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.shared.read_only
+    }
+
+    fn format_name(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn discard_granularity(&self) -> u64 {
+        self.shared.cluster_size()
+    }
+
+    fn queue_handle(&self) -> stdio::Result<Box<dyn ImageQueue>> {
+        Ok(Box::new(Qcow2Queue {
+            file: self.shared.file.try_clone()?,
+            shared: self.shared.clone(),
+            scratch: Scratch::default(),
+        }))
+    }
+
+    fn flush(&self) -> stdio::Result<()> {
+        self.shared.flush()
+    }
+
+    fn close(&self) -> stdio::Result<()> {
+        self.shared.close()
+    }
+
+    fn stats(&self) -> ImageStats {
+        use std::os::unix::fs::MetadataExt;
+        let s = &self.shared;
+        let (allocated, free) = match s.clusters.as_ref() {
+            Some(c) => {
+                let (a, f) = c.usage();
+                (Some(a), Some(f))
+            }
+            None => (None, None),
+        };
+        let dirty =
+            s.l2.iter()
+                .filter_map(|t| t.get())
+                .filter(|t| t.dirty.load(Ordering::Relaxed))
+                .count() as u64;
+        ImageStats {
+            allocated_bytes: s.file.metadata().ok().map(|m| m.blocks() * 512),
+            cluster_size: Some(s.cluster_size()),
+            allocated_clusters: allocated,
+            free_clusters: free,
+            dirty_tables: Some(dirty),
+        }
+    }
+}
+
+/// One queue's handle on a qcow2 image.
+struct Qcow2Queue {
+    shared: Arc<Qcow2Shared>,
+    file: File,
+    scratch: Scratch,
+}
+
+impl ImageQueue for Qcow2Queue {
+    fn read(&mut self, offset: u64, bufs: &[GuestSlice<'_>]) -> stdio::Result<()> {
+        let len = super::slices_len(bufs);
+        self.shared
+            .read_range(&self.file, &mut self.scratch, offset, len, bufs, 0)
+    }
+
+    fn write(&mut self, offset: u64, bufs: &[GuestSlice<'_>], durable: bool) -> stdio::Result<()> {
+        self.shared
+            .write_range(&self.file, &mut self.scratch, offset, bufs)?;
+        if durable {
+            self.shared.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> stdio::Result<()> {
+        self.shared.flush()
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) -> stdio::Result<()> {
+        self.shared.discard_range(offset, len)
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64, _unmap: bool) -> stdio::Result<()> {
+        self.shared
+            .write_zeroes_range(&self.file, &mut self.scratch, offset, len)
+    }
+}

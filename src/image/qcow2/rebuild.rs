@@ -1,0 +1,336 @@
+//! Open-time refcount handling for writable images: loading the on-disk refcounts, or
+//! rebuilding them from the metadata when the image is dirty, and finding the metadata
+//! clusters that overlap protection guards.
+
+use std::io;
+use std::sync::atomic::Ordering;
+
+use super::alloc::HostCluster;
+use super::l2::{COMPRESSED, COPIED, OFFSET_MASK};
+use super::{be64_at, io as qio, refcount, Qcow2Shared};
+
+/// Why a writable open failed.
+pub enum OpenError {
+    /// The image's metadata is invalid (message for the user).
+    Invalid(String),
+    /// Reading the image failed.
+    Io(io::Error),
+}
+
+impl From<io::Error> for OpenError {
+    fn from(e: io::Error) -> Self {
+        OpenError::Io(e)
+    }
+}
+
+type R<T> = std::result::Result<T, OpenError>;
+
+fn invalid<T>(msg: String) -> R<T> {
+    Err(OpenError::Invalid(msg))
+}
+
+/// Internal snapshots: (L1 table offset, L1 entries), and the snapshot table length.
+fn snapshots(s: &Qcow2Shared, file_len: u64) -> R<(u64, Vec<(u64, u32)>)> {
+    let h = &s.hdr;
+    if h.nb_snapshots == 0 {
+        return Ok((0, Vec::new()));
+    }
+    let avail = (file_len - h.snapshots_offset).min(64 << 20) as usize;
+    let mut buf = vec![0u8; avail];
+    qio::read_bytes(&s.file, h.snapshots_offset, &mut buf)?;
+    let mut off = 0usize;
+    let mut out = Vec::new();
+    for k in 0..h.nb_snapshots {
+        if off + 40 > buf.len() {
+            return invalid(format!(
+                "snapshot table entry {k} runs past the end of the file"
+            ));
+        }
+        let e = &buf[off..];
+        let l1_off = be64_at(e, 0);
+        let l1_size = u32::from_be_bytes([e[8], e[9], e[10], e[11]]);
+        let id_len = u16::from_be_bytes([e[12], e[13]]) as usize;
+        let name_len = u16::from_be_bytes([e[14], e[15]]) as usize;
+        let extra = u32::from_be_bytes([e[36], e[37], e[38], e[39]]) as usize;
+        let used = 40 + extra + id_len + name_len;
+        let len = used.next_multiple_of(8);
+        // The padding of the last entry may lie past the end of the file.
+        if extra > 1 << 16 || off + used > buf.len() {
+            return invalid(format!("snapshot table entry {k} is malformed"));
+        }
+        let cs = s.cluster_size();
+        if u64::from(l1_size) * 8 > super::header::MAX_L1_BYTES
+            || !l1_off.is_multiple_of(cs)
+            || l1_off + u64::from(l1_size) * 8 > file_len
+        {
+            return invalid(format!("snapshot {k} has an invalid L1 table"));
+        }
+        out.push((l1_off, l1_size));
+        off += len;
+    }
+    Ok((off as u64, out))
+}
+
+fn read_l1(s: &Qcow2Shared, off: u64, n: u32) -> R<Vec<u64>> {
+    let mut b = vec![0u8; n as usize * 8];
+    qio::read_bytes(&s.file, off, &mut b)?;
+    Ok((0..n as usize).map(|i| be64_at(&b, i)).collect())
+}
+
+/// Clusters covered by `[off, off + len)`.
+fn span(s: &Qcow2Shared, off: u64, len: u64) -> std::ops::Range<u64> {
+    let cb = s.cluster_bits;
+    (off >> cb)..((off + len.max(1)).div_ceil(1 << cb))
+}
+
+/// Metadata clusters that are not L2 tables: header, L1, refcount table, snapshot table and
+/// snapshot L1 tables.
+fn fixed_meta(s: &Qcow2Shared, file_len: u64) -> R<Vec<(u64, u64)>> {
+    let h = &s.hdr;
+    let cs = s.cluster_size();
+    let mut v = vec![
+        (0, cs),
+        (h.l1_table_offset, u64::from(h.l1_size) * 8),
+        (
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) * cs,
+        ),
+    ];
+    let (tlen, snaps) = snapshots(s, file_len)?;
+    if tlen > 0 {
+        v.push((h.snapshots_offset, tlen));
+    }
+    for (o, n) in snaps {
+        if n > 0 {
+            v.push((o, u64::from(n) * 8));
+        }
+    }
+    v.extend(bitmaps(s, file_len, false)?);
+    Ok(v)
+}
+
+/// Areas used by persistent bitmaps: the directory, each bitmap table and each bitmap data
+/// cluster. With `mark_in_use`, sets every bitmap's in_use flag on disk (we do not update
+/// bitmaps, so they must not be trusted after we write).
+pub fn bitmaps(s: &Qcow2Shared, file_len: u64, mark_in_use: bool) -> R<Vec<(u64, u64)>> {
+    let Some(ext) = s.hdr.bitmaps else {
+        return Ok(Vec::new());
+    };
+    let cs = s.cluster_size();
+    let mut dir = vec![0u8; ext.directory_size as usize];
+    qio::read_bytes(&s.file, ext.directory_offset, &mut dir)?;
+    let mut v = vec![(ext.directory_offset, ext.directory_size)];
+    let mut off = 0usize;
+    for k in 0..ext.nb_bitmaps {
+        if off + 24 > dir.len() {
+            return invalid(format!("bitmap directory entry {k} is truncated"));
+        }
+        let e = &dir[off..];
+        let table_off = be64_at(e, 0);
+        let table_size = u32::from_be_bytes([e[8], e[9], e[10], e[11]]) as u64;
+        let name_size = u16::from_be_bytes([e[18], e[19]]) as usize;
+        let extra = u32::from_be_bytes([e[20], e[21], e[22], e[23]]) as usize;
+        let used = 24 + extra + name_size;
+        if extra > 1 << 16 || off + used > dir.len() {
+            return invalid(format!("bitmap directory entry {k} is malformed"));
+        }
+        if table_size * 8 > super::header::MAX_L1_BYTES
+            || !table_off.is_multiple_of(cs)
+            || table_off == 0
+            || table_off + table_size * 8 > file_len
+        {
+            return invalid(format!("bitmap {k} has an invalid bitmap table"));
+        }
+        v.push((table_off, table_size * 8));
+        let mut tb = vec![0u8; table_size as usize * 8];
+        qio::read_bytes(&s.file, table_off, &mut tb)?;
+        for i in 0..table_size as usize {
+            let d = be64_at(&tb, i) & OFFSET_MASK;
+            if d != 0 {
+                if !d.is_multiple_of(cs) || d + cs > file_len.next_multiple_of(cs) {
+                    return invalid(format!("bitmap {k} table entry {i} is invalid"));
+                }
+                v.push((d, cs));
+            }
+        }
+        if mark_in_use {
+            dir[off + 15] |= 1;
+        }
+        off += used.next_multiple_of(8);
+    }
+    if mark_in_use {
+        qio::write_bytes(&s.file, ext.directory_offset, &dir)?;
+        s.file.sync_data()?;
+    }
+    Ok(v)
+}
+
+fn rt_entries(s: &Qcow2Shared, file_len: u64) -> R<Vec<u64>> {
+    let st = super::lock(&s.state);
+    let cs = s.cluster_size();
+    for (i, &e) in st.rt.iter().enumerate() {
+        if e & (cs - 1) != 0 || (e != 0 && e + cs > file_len.next_multiple_of(cs)) {
+            return invalid(format!("refcount table entry {i} ({e:#x}) is invalid"));
+        }
+    }
+    Ok(st.rt.clone())
+}
+
+/// Loads refcounts from the image. Returns the refcounts of the clusters of the file and
+/// the metadata clusters.
+pub fn load(s: &Qcow2Shared, file_len: u64) -> R<(Vec<u64>, Vec<HostCluster>)> {
+    let cs = s.cluster_size();
+    let nclusters = file_len.div_ceil(cs) as usize;
+    let per_block = ((cs * 8) >> s.hdr.refcount_order) as usize;
+    let mut rc = vec![0u64; nclusters];
+    let mut meta = Vec::new();
+    let rt = rt_entries(s, file_len)?;
+    let mut buf = vec![0u8; cs as usize];
+    for (i, &e) in rt.iter().enumerate() {
+        if e == 0 || i * per_block >= nclusters {
+            continue;
+        }
+        meta.push(HostCluster(e / cs));
+        qio::read_bytes(&s.file, e, &mut buf)?;
+        let vals = refcount::decode_block(&buf, s.hdr.refcount_order);
+        let base = i * per_block;
+        let n = per_block.min(nclusters - base);
+        rc[base..base + n].copy_from_slice(&vals[..n]);
+    }
+    for &e in &rt {
+        if e != 0 {
+            meta.push(HostCluster(e / cs));
+        }
+    }
+    for (o, l) in fixed_meta(s, file_len)? {
+        meta.extend(span(s, o, l).map(HostCluster));
+    }
+    for e in &s.l1 {
+        let off = e.load(Ordering::Relaxed) & OFFSET_MASK;
+        if off != 0 {
+            meta.push(HostCluster(off / cs));
+        }
+    }
+    for m in &meta {
+        if rc.get(m.0 as usize).copied().unwrap_or(0) == 0 {
+            return invalid(format!(
+                "metadata cluster {:#x} has refcount 0; repair with 'qemu-img check -r all'",
+                m.0 * cs
+            ));
+        }
+    }
+    Ok((rc, meta))
+}
+
+/// Rebuilds refcounts by walking all metadata.
+pub fn rebuild(s: &Qcow2Shared, file_len: u64) -> R<(Vec<u64>, Vec<HostCluster>)> {
+    let cs = s.cluster_size();
+    let nclusters = file_len.div_ceil(cs);
+    let mut rc = vec![0u64; nclusters as usize];
+    let mut meta = Vec::new();
+    let mut add = |c: u64, is_meta: bool, rc: &mut Vec<u64>| -> R<()> {
+        if c >= nclusters {
+            return invalid(format!(
+                "reference to cluster {:#x} past the end of the file",
+                c * cs
+            ));
+        }
+        rc[c as usize] += 1;
+        if is_meta {
+            meta.push(HostCluster(c));
+        }
+        Ok(())
+    };
+    for (o, l) in fixed_meta(s, file_len)? {
+        for c in span(s, o, l) {
+            add(c, true, &mut rc)?;
+        }
+    }
+    for e in rt_entries(s, file_len)? {
+        if e != 0 {
+            add(e / cs, true, &mut rc)?;
+        }
+    }
+    let active: Vec<u64> = s.l1.iter().map(|e| e.load(Ordering::Relaxed)).collect();
+    let (_, snaps) = snapshots(s, file_len)?;
+    let mut l1s = vec![(active, true)];
+    for (o, n) in snaps {
+        l1s.push((read_l1(s, o, n)?, false));
+    }
+    let mut buf = vec![0u8; cs as usize];
+    for (l1, is_active) in l1s {
+        for (i, e) in l1.into_iter().enumerate() {
+            super::check_l1_entry(e, cs, file_len)
+                .map_err(|m| OpenError::Invalid(format!("L1 entry {i}: {m}")))?;
+            let off = e & OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            add(off / cs, is_active, &mut rc)?;
+            qio::read_bytes(&s.file, off, &mut buf)?;
+            for g in 0..s.l2_entries() as usize {
+                let le = be64_at(&buf, g * s.words);
+                let b = if s.extended {
+                    be64_at(&buf, g * 2 + 1)
+                } else {
+                    0
+                };
+                s.check_entry(le, b).map_err(|m| {
+                    OpenError::Invalid(format!("L2 table at {off:#x}, entry {g}: {m}"))
+                })?;
+                for c in s.entry_refs(le) {
+                    add(c.0, false, &mut rc)?;
+                }
+            }
+        }
+    }
+    let max = if s.hdr.refcount_order == 6 {
+        u64::MAX
+    } else {
+        (1u64 << (1 << s.hdr.refcount_order)) - 1
+    };
+    if let Some(c) = rc.iter().position(|&v| v > max) {
+        return invalid(format!(
+            "cluster {:#x} has more references than the refcount width allows",
+            c as u64 * cs
+        ));
+    }
+    Ok((rc, meta))
+}
+
+/// After a rebuild: makes the COPIED flags of the active L1 and L2 tables match the
+/// refcounts (qemu-img check treats a mismatch as an error).
+pub fn fix_copied_flags(s: &Qcow2Shared) -> R<()> {
+    let clusters = s.clusters()?;
+    let cb = s.cluster_bits;
+    for (i, l1e) in s.l1.iter().enumerate() {
+        let e = l1e.load(Ordering::Acquire);
+        let off = e & OFFSET_MASK;
+        if off == 0 {
+            continue;
+        }
+        let want = clusters.get(HostCluster(off >> cb)) == 1;
+        if (e & COPIED != 0) != want {
+            l1e.store(
+                if want { e | COPIED } else { e & !COPIED },
+                Ordering::Release,
+            );
+            s.l1_dirty.store(true, Ordering::Release);
+        }
+        let t = s.table(i)?;
+        for g in 0..s.l2_entries() as usize {
+            let w = g * s.words;
+            let le = t.entries[w].load(Ordering::Acquire);
+            if le & COMPRESSED != 0 || le & OFFSET_MASK == 0 {
+                continue;
+            }
+            let want = clusters.get(HostCluster((le & OFFSET_MASK) >> cb)) == 1;
+            if (le & COPIED != 0) != want {
+                let ne = if want { le | COPIED } else { le & !COPIED };
+                t.entries[w].store(ne, Ordering::Release);
+                t.dirty.store(true, Ordering::Release);
+            }
+        }
+    }
+    Ok(())
+}
