@@ -166,6 +166,9 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            // The backend channel carries CONFIG_CHANGE_MSG after an online resize (sent by
+            // the interposer, which keeps its own duplicate of the channel).
+            | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     fn reset_device(&self) {
