@@ -11,9 +11,11 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use log::{debug, warn};
+use log::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -21,7 +23,10 @@ use vmm_sys_util::event::{
 };
 
 use crate::device::Device;
+use crate::inflight::QueueTracker;
+use crate::interposer::Channel;
 use crate::virtio_blk::config::{features, WRITEBACK_OFFSET};
+use crate::virtio_blk::{ChainTracker, GuestMem};
 use crate::virtio_blk::{DeviceParams, DeviceState, RequestHandler};
 
 /// Largest number of queues: vhost-user-backend maps queues to threads with a 64-bit mask.
@@ -34,11 +39,37 @@ pub type GuestMemAtomic = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 struct Worker {
     /// Created on the first kick, so that idle queues cost no file handle.
     handler: Option<RequestHandler>,
+    /// Generation of the inflight region this worker has recovered from (0: none yet).
+    inflight_gen: u64,
+    /// Counter for the order in which chains are taken (inflight tracking).
+    counter: u64,
+}
+
+/// Records chains in the inflight region as they are taken and returned.
+struct Tracker<'a> {
+    queue: Option<QueueTracker<'a>>,
+    counter: &'a mut u64,
+}
+
+impl ChainTracker for Tracker<'_> {
+    fn taken(&mut self, head: u16) {
+        if let Some(q) = &self.queue {
+            q.begin(head, *self.counter);
+            *self.counter += 1;
+        }
+    }
+
+    fn returned(&mut self, head: u16, used_idx: u16) {
+        if let Some(q) = &self.queue {
+            q.complete(head, used_idx);
+        }
+    }
 }
 
 /// The vhost-user-blk backend for one frontend connection.
 pub struct BlkBackend {
     device: Arc<Device>,
+    channel: Arc<Channel>,
     params: Arc<DeviceParams>,
     state: Arc<DeviceState>,
     mem: GuestMemAtomic,
@@ -50,18 +81,27 @@ pub struct BlkBackend {
 impl BlkBackend {
     /// A backend serving `device`; `mem` must be the same `GuestMemoryAtomic` given to the
     /// `VhostUserDaemon`, so memory table updates are seen here.
-    pub fn new(device: Arc<Device>, mem: GuestMemAtomic) -> io::Result<Self> {
+    pub fn new(
+        device: Arc<Device>,
+        channel: Arc<Channel>,
+        mem: GuestMemAtomic,
+    ) -> io::Result<Self> {
         let params = device.params.clone();
         let n = usize::from(params.num_queues);
         let mut workers = Vec::with_capacity(n);
         let mut exit_events = Vec::with_capacity(n);
         for _ in 0..n {
-            workers.push(Mutex::new(Worker { handler: None }));
+            workers.push(Mutex::new(Worker {
+                handler: None,
+                inflight_gen: 0,
+                counter: 0,
+            }));
             exit_events.push(new_event_consumer_and_notifier(EventFlag::NONBLOCK)?);
         }
         Ok(BlkBackend {
             state: Arc::new(DeviceState::new(device.writeback)),
             device,
+            channel,
             params,
             mem,
             event_idx: AtomicBool::new(false),
@@ -108,19 +148,33 @@ impl BlkBackend {
                 counters,
             ));
         }
-        let Some(handler) = worker.handler.as_mut() else {
-            return Ok(());
-        };
         let mem = self.mem.memory();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let mut vring = vring.get_mut();
+        let (gen, region) = self.channel.inflight();
+        let qidx = u16::try_from(thread_id).unwrap_or(u16::MAX);
+        let qtracker = region.as_ref().and_then(|r| r.queue(qidx));
+        let worker = &mut *worker;
+        if gen != worker.inflight_gen {
+            worker.inflight_gen = gen;
+            if let Some(t) = &qtracker {
+                worker.counter = recover_queue(t, vring.get_queue_mut(), &mem, qidx);
+            }
+        }
+        let Some(handler) = worker.handler.as_mut() else {
+            return Ok(());
+        };
+        let mut tracker = Tracker {
+            queue: qtracker,
+            counter: &mut worker.counter,
+        };
         loop {
             if event_idx {
                 vring
                     .disable_notification()
                     .map_err(|e| io::Error::other(format!("disable notification: {e}")))?;
             }
-            let used = handler.process_queue(vring.get_queue_mut(), &mem);
+            let used = handler.process_queue(vring.get_queue_mut(), &mem, &mut tracker);
             if used
                 && vring
                     .needs_notification()
@@ -138,6 +192,52 @@ impl BlkBackend {
         }
         Ok(())
     }
+}
+
+/// Brings queue `qidx` in line with the inflight region after a backend restart: the
+/// requests that were in flight are offered again, in the order they were first taken (our
+/// workers complete in order, so they are the avail entries right after the used index).
+/// Returns the next counter value.
+fn recover_queue(t: &QueueTracker<'_>, queue: &mut Queue, mem: &GuestMem, qidx: u16) -> u64 {
+    let used = match queue.used_idx(mem, std::sync::atomic::Ordering::Acquire) {
+        Ok(u) => u.0,
+        Err(e) => {
+            warn!("queue {qidx}: cannot read the used index for inflight recovery: {e}");
+            return 0;
+        }
+    };
+    let (heads, next_counter) = t.recover(used);
+    if heads.is_empty() {
+        return next_counter;
+    }
+    if queue.next_avail() != used {
+        info!(
+            "queue {qidx}: rewinding the avail index from {} to {used} to resubmit {} request(s)",
+            queue.next_avail(),
+            heads.len()
+        );
+        queue.set_next_avail(used);
+    }
+    let avail = GuestAddress(queue.avail_ring());
+    let size = queue.size().max(1);
+    for (i, &head) in heads.iter().enumerate() {
+        let pos = used.wrapping_add(i as u16) % size;
+        let entry = avail
+            .checked_add(4 + 2 * u64::from(pos))
+            .and_then(|a| mem.read_obj::<u16>(a).ok());
+        if entry != Some(head) {
+            warn!(
+                "queue {qidx}: in-flight request {head} is not at avail position {pos} \
+                 (found {entry:?}); resubmitting in avail order"
+            );
+            break;
+        }
+    }
+    info!(
+        "queue {qidx}: resubmitting {} in-flight request(s)",
+        heads.len()
+    );
+    next_counter
 }
 
 impl VhostUserBackend for BlkBackend {
@@ -169,6 +269,9 @@ impl VhostUserBackend for BlkBackend {
             // The backend channel carries CONFIG_CHANGE_MSG after an online resize (sent by
             // the interposer, which keeps its own duplicate of the channel).
             | VhostUserProtocolFeatures::BACKEND_REQ
+            // GET/SET_INFLIGHT_FD are answered by the interposer (vhost-user-backend has no
+            // support); workers keep the region current.
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn reset_device(&self) {

@@ -17,12 +17,15 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use arc_swap::ArcSwapOption;
 use log::{debug, warn};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use crate::inflight::InflightRegion;
 
 /// Largest payload relayed (vhost-user messages are far smaller).
 pub const MAX_PAYLOAD: usize = 64 * 1024;
@@ -46,15 +49,34 @@ const FLAG_REPLY: u32 = 0x4;
 /// Header flag: the sender wants a reply.
 const FLAG_NEED_REPLY: u32 = 0x8;
 
+/// `VHOST_USER_GET_INFLIGHT_FD`.
+const GET_INFLIGHT_FD: u32 = 31;
+/// `VHOST_USER_SET_INFLIGHT_FD`.
+const SET_INFLIGHT_FD: u32 = 32;
+/// Size of `VhostUserInflight` (mmap_size, mmap_offset, num_queues, queue_size, padding).
+const INFLIGHT_MSG: usize = 24;
+
 /// What the relay learned about one connection, and the way back to the frontend.
 #[derive(Default)]
 pub struct Channel {
     /// Our duplicate of the backend-to-frontend channel, once the frontend sent it.
     backend_req: Mutex<Option<UnixStream>>,
     reply_ack: AtomicBool,
+    /// The inflight region the frontend gave us (SET_INFLIGHT_FD), if any.
+    inflight: ArcSwapOption<InflightRegion>,
+    /// Bumped each time a region is set, so workers notice and recover.
+    inflight_gen: AtomicU64,
+    /// Regions handed out by GET_INFLIGHT_FD, kept until the frontend sets one.
+    offered: Mutex<Option<Arc<InflightRegion>>>,
 }
 
 impl Channel {
+    /// The current inflight region and its generation.
+    pub fn inflight(&self) -> (u64, Option<Arc<InflightRegion>>) {
+        let gen = self.inflight_gen.load(Ordering::Acquire);
+        (gen, self.inflight.load_full())
+    }
+
     /// Tells the frontend the configuration space changed (e.g. the capacity grew), so it
     /// re-reads it and notifies the guest. Returns `Ok(false)` when the frontend gave us no
     /// backend channel (it did not negotiate BACKEND_REQ).
@@ -155,14 +177,40 @@ fn write_message(sock: &UnixStream, msg: &Message) -> io::Result<()> {
     w.write_all(&msg.bytes[sent..])
 }
 
+/// What to do with a relayed message.
+enum Action {
+    /// Pass it on.
+    Forward,
+    /// Answered here: send this reply back to the sender instead (or nothing).
+    Answered(Option<Message>),
+}
+
 /// Relays messages from `from` to `to` until either side closes; `inspect` sees each one
-/// before it is forwarded.
-fn relay(from: UnixStream, to: UnixStream, name: &'static str, mut inspect: impl FnMut(&Message)) {
+/// first and may answer it itself. Writes to the frontend are serialised by `frontend_lock`.
+fn relay(
+    from: UnixStream,
+    to: UnixStream,
+    name: &'static str,
+    frontend_lock: Arc<Mutex<()>>,
+    to_is_frontend: bool,
+    mut inspect: impl FnMut(&Message) -> Action,
+) {
+    let write_locked = |sock: &UnixStream, msg: &Message| {
+        let _g = frontend_lock.lock().unwrap_or_else(|e| e.into_inner());
+        write_message(sock, msg)
+    };
     loop {
         match read_message(&from) {
             Ok(Some(msg)) => {
-                inspect(&msg);
-                if let Err(e) = write_message(&to, &msg) {
+                let r = match inspect(&msg) {
+                    Action::Forward if to_is_frontend => write_locked(&to, &msg),
+                    Action::Forward => write_message(&to, &msg),
+                    // Only frontend requests are answered here, so the reply goes back to
+                    // the frontend (`from`).
+                    Action::Answered(Some(reply)) => write_locked(&from, &reply),
+                    Action::Answered(None) => Ok(()),
+                };
+                if let Err(e) = r {
                     debug!("{name}: forwarding failed: {e}");
                     break;
                 }
@@ -183,24 +231,118 @@ fn relay(from: UnixStream, to: UnixStream, name: &'static str, mut inspect: impl
 pub fn start(
     frontend: UnixStream,
     handler: UnixStream,
-) -> io::Result<(Arc<Channel>, [JoinHandle<()>; 2])> {
-    let chan = Arc::new(Channel::default());
+    chan: Arc<Channel>,
+) -> io::Result<[JoinHandle<()>; 2]> {
     let (f2, h2) = (frontend.try_clone()?, handler.try_clone()?);
-    let c = chan.clone();
+    let lock = Arc::new(Mutex::new(()));
+    let lock2 = lock.clone();
     let to_handler = std::thread::Builder::new()
         .name("vhost-relay-rx".into())
         .spawn(move || {
-            relay(frontend, handler, "frontend->handler", |msg| {
-                inspect_frontend(&c, msg)
+            relay(frontend, handler, "frontend->handler", lock, false, |msg| {
+                inspect_frontend(&chan, msg)
             })
         })?;
     let to_frontend = std::thread::Builder::new()
         .name("vhost-relay-tx".into())
-        .spawn(move || relay(h2, f2, "handler->frontend", |_| {}))?;
-    Ok((chan, [to_handler, to_frontend]))
+        .spawn(move || {
+            relay(h2, f2, "handler->frontend", lock2, true, |_| {
+                Action::Forward
+            })
+        })?;
+    Ok([to_handler, to_frontend])
 }
 
-fn inspect_frontend(chan: &Channel, msg: &Message) {
+/// A reply to `req` with `payload` and `fds`.
+fn reply(req: &Message, payload: &[u8], fds: Vec<OwnedFd>) -> Message {
+    let mut bytes = Vec::with_capacity(HDR + payload.len());
+    bytes.extend_from_slice(&req.request().to_le_bytes());
+    bytes.extend_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
+    bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(payload);
+    Message { bytes, fds }
+}
+
+/// Parses a `VhostUserInflight` payload: (mmap_size, mmap_offset, num_queues, queue_size).
+fn parse_inflight(p: &[u8]) -> Option<(u64, u64, u16, u16)> {
+    let p = p.get(..20)?;
+    let u64_at = |i: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&p[i..i + 8]);
+        u64::from_le_bytes(a)
+    };
+    Some((
+        u64_at(0),
+        u64_at(8),
+        u16::from_le_bytes([p[16], p[17]]),
+        u16::from_le_bytes([p[18], p[19]]),
+    ))
+}
+
+fn inflight_payload(mmap_size: u64, num_queues: u16, queue_size: u16) -> [u8; INFLIGHT_MSG] {
+    let mut p = [0u8; INFLIGHT_MSG];
+    p[0..8].copy_from_slice(&mmap_size.to_le_bytes());
+    p[16..18].copy_from_slice(&num_queues.to_le_bytes());
+    p[18..20].copy_from_slice(&queue_size.to_le_bytes());
+    p
+}
+
+/// GET_INFLIGHT_FD: a fresh region for the geometry the frontend asks for.
+fn get_inflight(chan: &Channel, msg: &Message) -> Message {
+    let region = parse_inflight(msg.payload())
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))
+        .and_then(|(_, _, nq, qs)| InflightRegion::create(nq, qs));
+    match region.and_then(|r| Ok((r.file().try_clone()?, r))) {
+        Ok((file, region)) => {
+            let payload =
+                inflight_payload(region.mmap_size(), region.num_queues(), region.queue_size());
+            if let Ok(mut o) = chan.offered.lock() {
+                *o = Some(Arc::new(region));
+            }
+            reply(msg, &payload, vec![OwnedFd::from(file)])
+        }
+        Err(e) => {
+            warn!("GET_INFLIGHT_FD refused: {e}");
+            // A zero mmap_size tells the frontend there is no region.
+            reply(msg, &[0u8; INFLIGHT_MSG], Vec::new())
+        }
+    }
+}
+
+/// SET_INFLIGHT_FD: map the region the frontend hands (back) to us.
+fn set_inflight(chan: &Channel, msg: &Message) -> Option<Message> {
+    let result = match (parse_inflight(msg.payload()), msg.fds.first()) {
+        (Some((size, offset, nq, qs)), Some(fd)) => fd
+            .try_clone()
+            .and_then(|fd| InflightRegion::open(std::fs::File::from(fd), offset, size, nq, qs)),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "SET_INFLIGHT_FD without a payload or fd",
+        )),
+    };
+    let status: u64 = match result {
+        Ok(region) => {
+            chan.inflight.store(Some(Arc::new(region)));
+            chan.inflight_gen.fetch_add(1, Ordering::AcqRel);
+            if let Ok(mut o) = chan.offered.lock() {
+                *o = None;
+            }
+            0
+        }
+        Err(e) => {
+            warn!("SET_INFLIGHT_FD refused: {e}");
+            1
+        }
+    };
+    (msg.flags() & FLAG_NEED_REPLY != 0).then(|| reply(msg, &status.to_le_bytes(), Vec::new()))
+}
+
+fn inspect_frontend(chan: &Channel, msg: &Message) -> Action {
+    match msg.request() {
+        GET_INFLIGHT_FD => return Action::Answered(Some(get_inflight(chan, msg))),
+        SET_INFLIGHT_FD => return Action::Answered(set_inflight(chan, msg)),
+        _ => {}
+    }
     match msg.request() {
         SET_PROTOCOL_FEATURES if msg.flags() & FLAG_REPLY == 0 => {
             if let Some(b) = msg.payload().get(..8) {
@@ -224,6 +366,7 @@ fn inspect_frontend(chan: &Channel, msg: &Message) {
         }
         _ => {}
     }
+    Action::Forward
 }
 
 #[cfg(test)]
@@ -243,7 +386,7 @@ mod tests {
     fn relays_messages_and_fds_both_ways() {
         let (vmm, frontend) = UnixStream::pair().unwrap();
         let (handler, daemon) = UnixStream::pair().unwrap();
-        let (_chan, threads) = start(frontend, handler).unwrap();
+        let threads = start(frontend, handler, Arc::new(Channel::default())).unwrap();
         // A message with a payload and an fd, sent in two pieces.
         let (a, _b) = UnixStream::pair().unwrap();
         let m = msg(5, 1, &[1, 2, 3, 4, 5, 6, 7, 8]);
@@ -269,7 +412,7 @@ mod tests {
     fn oversized_payload_closes_the_connection() {
         let (vmm, frontend) = UnixStream::pair().unwrap();
         let (handler, daemon) = UnixStream::pair().unwrap();
-        let (_chan, threads) = start(frontend, handler).unwrap();
+        let threads = start(frontend, handler, Arc::new(Channel::default())).unwrap();
         let mut m = msg(1, 1, &[]);
         m[8..12].copy_from_slice(&(MAX_PAYLOAD as u32 + 1).to_le_bytes());
         (&vmm).write_all(&m).unwrap();
@@ -283,7 +426,8 @@ mod tests {
     fn config_change_goes_over_the_backend_channel() {
         let (vmm, frontend) = UnixStream::pair().unwrap();
         let (handler, daemon) = UnixStream::pair().unwrap();
-        let (chan, _threads) = start(frontend, handler).unwrap();
+        let chan = Arc::new(Channel::default());
+        let _threads = start(frontend, handler, chan.clone()).unwrap();
         assert!(!chan.notify_config_change().unwrap(), "no channel yet");
         // Negotiate REPLY_ACK, then hand over the backend channel.
         (&vmm)

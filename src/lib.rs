@@ -14,6 +14,7 @@ pub mod ctl;
 pub mod device;
 pub mod error;
 pub mod image;
+pub mod inflight;
 pub mod interposer;
 pub mod notify;
 pub mod server;

@@ -238,8 +238,9 @@ impl Server {
         info!("frontend connected");
         let _ = notify::notify("STATUS=serving a frontend");
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let channel = Arc::new(interposer::Channel::default());
         let backend = Arc::new(
-            BlkBackend::new(self.device.clone(), mem.clone())
+            BlkBackend::new(self.device.clone(), channel.clone(), mem.clone())
                 .map_err(|e| Error::io("create backend", e))?,
         );
         let mut daemon = VhostUserDaemon::new("vhost-user-blk".into(), backend.clone(), mem)
@@ -249,8 +250,8 @@ impl Server {
             .start_client(&relay.path_str)
             .map_err(|e| Error::VhostUser(e.to_string()))?;
         let handler_side = relay.accept()?;
-        let (channel, relay_threads) =
-            interposer::start(frontend, handler_side).map_err(|e| Error::io("start relay", e))?;
+        let relay_threads = interposer::start(frontend, handler_side, channel.clone())
+            .map_err(|e| Error::io("start relay", e))?;
         self.device.set_channel(Some(channel));
         self.shutdown.set_conn(daemon.shutdown_handle());
         match daemon.wait() {

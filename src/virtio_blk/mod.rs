@@ -12,4 +12,4 @@ mod tests;
 
 pub use chain::GuestMem;
 pub use config::DeviceParams;
-pub use request::{DeviceState, RequestHandler};
+pub use request::{ChainTracker, DeviceState, RequestHandler};

@@ -107,6 +107,21 @@ fn kind_of(req: u32) -> ReqKind {
     }
 }
 
+/// Observes descriptor chains being taken from and returned to a queue (used for vhost-user
+/// inflight I/O tracking).
+pub trait ChainTracker {
+    /// Chain `head` was taken from the avail ring.
+    fn taken(&mut self, head: u16);
+    /// Chain `head` was put on the used ring, whose index is now `used_idx`.
+    fn returned(&mut self, head: u16, used_idx: u16);
+}
+
+/// No tracking.
+impl ChainTracker for () {
+    fn taken(&mut self, _head: u16) {}
+    fn returned(&mut self, _head: u16, _used_idx: u16) {}
+}
+
 /// Executes one queue's requests.
 pub struct RequestHandler {
     image: Box<dyn ImageQueue>,
@@ -140,13 +155,21 @@ impl RequestHandler {
 
     /// Processes every available chain of `queue`. Returns whether any chain was returned to
     /// the used ring (and so the driver may need a notification).
-    pub fn process_queue(&mut self, queue: &mut Queue, mem: &GuestMem) -> bool {
+    pub fn process_queue(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMem,
+        tracker: &mut impl ChainTracker,
+    ) -> bool {
         let mut used_any = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
+            tracker.taken(head);
             let len = self.process_chain(mem, chain);
             if let Err(e) = queue.add_used(mem, head, len) {
                 warn!("cannot return descriptor {head} to the used ring: {e}");
+            } else {
+                tracker.returned(head, queue.next_used());
             }
             used_any = true;
         }

@@ -144,7 +144,7 @@ impl Rig {
         let vq = MockSplitQueue::new(&self.mem, 16);
         vq.build_desc_chain(&raw).unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
-        assert!(self.handler.process_queue(&mut q, &self.mem));
+        assert!(self.handler.process_queue(&mut q, &self.mem, &mut ()));
         let used = vq.used().ring().ref_at(0).unwrap().load();
         assert_eq!(used.id(), 0);
         let st: u8 = self.mem.read_obj(GuestAddress(status_addr)).unwrap();
@@ -736,7 +736,7 @@ fn many_chains_in_one_kick_all_complete() {
     }
     vq.add_desc_chains(&raw, 0).unwrap();
     let mut q: Queue = vq.create_queue().unwrap();
-    assert!(r.handler.process_queue(&mut q, &r.mem));
+    assert!(r.handler.process_queue(&mut q, &r.mem, &mut ()));
     for i in 0..5 {
         let used = vq.used().ring().ref_at(i).unwrap().load();
         assert_eq!(used.id(), (i * 3) as u32);
