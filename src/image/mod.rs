@@ -105,6 +105,18 @@ pub trait BlockImage: Send + Sync {
     }
 }
 
+/// One read or write of a batch ([`ImageQueue::run_batch`]).
+pub struct BatchOp<'a> {
+    /// Byte offset in the virtual disk.
+    pub offset: u64,
+    /// Guest buffers, in order.
+    pub bufs: Vec<GuestSlice<'a>>,
+    /// A write (else a read).
+    pub write: bool,
+    /// For writes: durable on completion (write-through).
+    pub durable: bool,
+}
+
 /// The I/O handle one queue worker uses; never shared between threads.
 ///
 /// Offsets and lengths are in bytes of the virtual disk and have been checked by the caller to
@@ -127,6 +139,19 @@ pub trait ImageQueue: Send {
 
     /// Makes the range read back as zeros. With `unmap`, the image may free the space.
     fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
+
+    /// Runs several independent reads and writes, possibly concurrently, and pushes one result
+    /// per op, in order, to `results`. Virtio gives no ordering between requests in flight
+    /// together, so the image may run them in any order. The default runs them one by one.
+    fn run_batch(&mut self, ops: &[BatchOp<'_>], results: &mut Vec<io::Result<()>>) {
+        for op in ops {
+            results.push(if op.write {
+                self.write(op.offset, &op.bufs, op.durable)
+            } else {
+                self.read(op.offset, &op.bufs)
+            });
+        }
+    }
 }
 
 /// Total length in bytes of a list of guest slices.

@@ -120,6 +120,17 @@ fn for_each_piece(
     Err(ChainError::OutOfSegments)
 }
 
+/// Guest address of byte `pos` of the segment stream.
+pub fn byte_addr(segs: &[Segment], pos: u64) -> Option<GuestAddress> {
+    let mut addr = None;
+    for_each_piece(segs, pos, 1, |a, _| {
+        addr = Some(a);
+        Ok(())
+    })
+    .ok()?;
+    addr
+}
+
 /// Copies `out.len()` bytes from offset `start` of the segment stream into `out`.
 pub fn gather(
     mem: &GuestMem,

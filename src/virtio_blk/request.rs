@@ -6,18 +6,20 @@
 //! an error status (or, when not even a status byte can be found, an empty used entry): never a
 //! panic, never a stuck queue.
 
+use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use log::{debug, warn};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
 
-use super::chain::{gather, scatter, slices, ChainError, ChainLayout, GuestMem};
+use super::chain::{byte_addr, gather, scatter, slices, ChainError, ChainLayout, GuestMem};
 use super::config::{
     features, req_type, status, DeviceParams, ID_BYTES, SECTOR_SHIFT, SECTOR_SIZE, SEG_FLAG_UNMAP,
 };
-use crate::image::{GuestSlice, ImageQueue};
+use crate::image::{slices_len, BatchOp, GuestSlice, ImageQueue};
 use crate::stats::{now_ns, QueueCounters, ReqKind};
 
 /// Size of the request header (type, ioprio, sector).
@@ -96,6 +98,26 @@ impl Done {
     }
 }
 
+/// What preparing a request leads to.
+enum Step<'m> {
+    /// Finished (an error, or a request executed on the spot).
+    Done(Done),
+    /// A read or write to run in a batch, and the outcome to report if it succeeds.
+    Io(BatchOp<'m>, Done),
+}
+
+/// A request waiting for its batch to run.
+struct Pending {
+    head: u16,
+    status_addr: Option<GuestAddress>,
+    kind: ReqKind,
+    done: Done,
+    start: Instant,
+}
+
+/// Most reads/writes gathered into one batch.
+const MAX_BATCH: usize = 256;
+
 fn kind_of(req: u32) -> ReqKind {
     match req {
         req_type::IN => ReqKind::Read,
@@ -155,6 +177,11 @@ impl RequestHandler {
 
     /// Processes every available chain of `queue`. Returns whether any chain was returned to
     /// the used ring (and so the driver may need a notification).
+    ///
+    /// Consecutive reads and writes are gathered into a batch that the image may run
+    /// concurrently ([`ImageQueue::run_batch`]); any other request first completes the batch
+    /// before it, so it orders after everything taken before it. Requests are returned to the
+    /// used ring in the order they were taken.
     pub fn process_queue(
         &mut self,
         queue: &mut Queue,
@@ -162,59 +189,170 @@ impl RequestHandler {
         tracker: &mut impl ChainTracker,
     ) -> bool {
         let mut used_any = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut ops: Vec<BatchOp<'_>> = Vec::new();
+        let mut results: Vec<io::Result<()>> = Vec::new();
+        loop {
+            let chain = if pending.len() < MAX_BATCH {
+                queue.pop_descriptor_chain(mem)
+            } else {
+                None
+            };
+            let Some(chain) = chain else {
+                if pending.is_empty() {
+                    break;
+                }
+                self.complete_batch(queue, mem, tracker, &mut pending, &mut ops, &mut results);
+                used_any = true;
+                continue;
+            };
             let head = chain.head_index();
             tracker.taken(head);
-            let len = self.process_chain(mem, chain);
-            if let Err(e) = queue.add_used(mem, head, len) {
-                warn!("cannot return descriptor {head} to the used ring: {e}");
+            self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
+            let start = Instant::now();
+            self.layout.load(chain);
+            let status_addr = if self.layout.writable_len == 0 {
+                None
             } else {
-                tracker.returned(head, queue.next_used());
+                byte_addr(&self.layout.writable, self.layout.writable_len - 1)
+            };
+            // Anything but a read or write orders after the batch before it: run the batch
+            // before executing it.
+            if !pending.is_empty() && !self.is_read_or_write(mem) {
+                self.complete_batch(queue, mem, tracker, &mut pending, &mut ops, &mut results);
             }
-            used_any = true;
+            let (kind, step) = match status_addr {
+                // Without a status byte there is nothing to report: don't execute.
+                None => (ReqKind::Other, Step::Done(Done::err(status::IOERR))),
+                Some(_) => self.prepare(mem, self.layout.writable_len - 1),
+            };
+            let io_op = match step {
+                Step::Io(op, done) => Some((op, done)),
+                Step::Done(done) => {
+                    self.finish(queue, mem, tracker, head, status_addr, kind, done, start);
+                    used_any = true;
+                    None
+                }
+            };
+            if let Some((op, done)) = io_op {
+                ops.push(op);
+                pending.push(Pending {
+                    head,
+                    status_addr,
+                    kind,
+                    done,
+                    start,
+                });
+            }
         }
         used_any
     }
 
-    /// Handles one chain; returns the number of bytes written into its writable buffers.
-    pub fn process_chain(&mut self, mem: &GuestMem, chain: DescriptorChain<&GuestMem>) -> u32 {
-        let start = Instant::now();
-        self.layout.load(chain);
-        // The status byte is the last device-writable byte.
-        if self.layout.writable_len == 0 {
-            warn!("dropping a request without a status byte");
-            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-            return 0;
-        }
-        self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
-        let status_pos = self.layout.writable_len - 1;
-        let (kind, done) = self.execute(mem, status_pos);
-        self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
-        if scatter(mem, &self.layout.writable, status_pos, &[done.status]).is_err() {
-            warn!("cannot write a request's status byte: bad guest address");
-            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-            return 0;
-        }
-        self.counters.complete(
-            kind,
-            done.transferred,
-            done.status != status::OK,
-            start.elapsed(),
-        );
-        // The used length counts the data we wrote plus the status byte; it fits in u32
-        // because the chain iterator caps chains at 4 GiB.
-        u32::try_from(done.written + 1).unwrap_or(u32::MAX)
+    /// Whether the loaded chain's header says IN or OUT (a malformed chain is not).
+    fn is_read_or_write(&self, mem: &GuestMem) -> bool {
+        let mut t = [0u8; 4];
+        self.layout.error.is_none()
+            && gather(mem, &self.layout.readable, 0, &mut t).is_ok()
+            && matches!(u32::from_le_bytes(t), req_type::IN | req_type::OUT)
     }
 
-    fn execute(&mut self, mem: &GuestMem, status_pos: u64) -> (ReqKind, Done) {
+    /// Runs the batched reads/writes and returns their chains in order.
+    fn complete_batch<'m>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &'m GuestMem,
+        tracker: &mut impl ChainTracker,
+        pending: &mut Vec<Pending>,
+        ops: &mut Vec<BatchOp<'m>>,
+        results: &mut Vec<io::Result<()>>,
+    ) {
+        results.clear();
+        self.image.run_batch(ops, results);
+        for (i, p) in pending.drain(..).enumerate() {
+            let done = match results.get(i) {
+                Some(Ok(())) => p.done,
+                Some(Err(e)) => {
+                    let op = &ops[i];
+                    warn!(
+                        "{} of {} bytes at offset {} failed: {e}",
+                        if op.write { "write" } else { "read" },
+                        slices_len(&op.bufs),
+                        op.offset
+                    );
+                    Done::err(status::IOERR)
+                }
+                None => Done::err(status::IOERR),
+            };
+            self.finish(
+                queue,
+                mem,
+                tracker,
+                p.head,
+                p.status_addr,
+                p.kind,
+                done,
+                p.start,
+            );
+        }
+        ops.clear();
+    }
+
+    /// Writes the status byte, returns the chain to the used ring and counts it.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMem,
+        tracker: &mut impl ChainTracker,
+        head: u16,
+        status_addr: Option<GuestAddress>,
+        kind: ReqKind,
+        done: Done,
+        start: Instant,
+    ) {
+        self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let len = match status_addr {
+            None => {
+                warn!("dropping a request without a status byte");
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                0
+            }
+            Some(addr) => {
+                if mem.write_obj(done.status, addr).is_err() {
+                    warn!("cannot write a request's status byte: bad guest address");
+                    self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    0
+                } else {
+                    self.counters.complete(
+                        kind,
+                        done.transferred,
+                        done.status != status::OK,
+                        start.elapsed(),
+                    );
+                    // The used length counts the data we wrote plus the status byte; it fits
+                    // in u32 because the chain iterator caps chains at 4 GiB.
+                    u32::try_from(done.written + 1).unwrap_or(u32::MAX)
+                }
+            }
+        };
+        if let Err(e) = queue.add_used(mem, head, len) {
+            warn!("cannot return descriptor {head} to the used ring: {e}");
+        } else {
+            tracker.returned(head, queue.next_used());
+        }
+    }
+
+    /// Validates the loaded chain and either finishes it (errors, flush, discard, ...) or
+    /// returns the read/write to run, with the outcome to report if it succeeds.
+    fn prepare<'m>(&mut self, mem: &'m GuestMem, status_pos: u64) -> (ReqKind, Step<'m>) {
         if let Some(e) = self.layout.error {
             debug!("malformed descriptor chain: {e:?}");
-            return (ReqKind::Other, Done::err(status::IOERR));
+            return (ReqKind::Other, Step::Done(Done::err(status::IOERR)));
         }
         let mut hdr = [0u8; HEADER_LEN as usize];
         if gather(mem, &self.layout.readable, 0, &mut hdr).is_err() {
             debug!("request header missing or unreadable");
-            return (ReqKind::Other, Done::err(status::IOERR));
+            return (ReqKind::Other, Step::Done(Done::err(status::IOERR)));
         }
         let header = Header {
             kind: u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]),
@@ -223,8 +361,8 @@ impl RequestHandler {
             ]),
         };
         let done = match header.kind {
-            req_type::IN => self.read(mem, header, status_pos),
-            req_type::OUT => self.write(mem, header),
+            req_type::IN => return (ReqKind::Read, self.read(mem, header, status_pos)),
+            req_type::OUT => return (ReqKind::Write, self.write(mem, header)),
             req_type::FLUSH | req_type::FLUSH_OUT => self.flush(header),
             req_type::GET_ID => self.get_id(mem, status_pos),
             req_type::DISCARD if self.state.acked(features::DISCARD) => {
@@ -238,7 +376,7 @@ impl RequestHandler {
                 Done::err(status::UNSUPP)
             }
         };
-        (kind_of(header.kind), done)
+        (kind_of(header.kind), Step::Done(done))
     }
 
     /// Checks that `len` bytes at `sector` are block-aligned and inside the disk.
@@ -255,11 +393,12 @@ impl RequestHandler {
             && end <= self.params.capacity_sectors() << SECTOR_SHIFT
     }
 
-    fn read(&mut self, mem: &GuestMem, h: Header, status_pos: u64) -> Done {
+    fn read<'m>(&mut self, mem: &'m GuestMem, h: Header, status_pos: u64) -> Step<'m> {
+        let fail = Step::Done(Done::err(status::IOERR));
         // A read carries nothing device-readable but its header.
         if self.layout.readable_len != HEADER_LEN {
             debug!("IN request with device-readable data");
-            return Done::err(status::IOERR);
+            return fail;
         }
         let len = status_pos;
         if !self.range_ok(h.sector, len) {
@@ -267,38 +406,39 @@ impl RequestHandler {
                 "IN out of range or unaligned: sector {} len {len}",
                 h.sector
             );
-            return Done::err(status::IOERR);
+            return fail;
         }
-        let mut bufs: Vec<GuestSlice<'_>> = Vec::new();
+        let mut bufs: Vec<GuestSlice<'m>> = Vec::new();
         match slices(mem, &self.layout.writable, 0, len, &mut bufs) {
             Ok(n) if n <= self.params.seg_max as usize => {}
             Ok(n) => {
                 debug!("IN with {n} segments > seg_max");
-                return Done::err(status::IOERR);
+                return fail;
             }
             Err(e) => {
                 debug!("IN buffers: {e:?}");
-                return Done::err(status::IOERR);
+                return fail;
             }
         }
-        match self.image.read(h.sector << SECTOR_SHIFT, &bufs) {
-            Ok(()) => Done::ok(len),
-            Err(e) => {
-                warn!("read of {len} bytes at sector {} failed: {e}", h.sector);
-                Done::err(status::IOERR)
-            }
-        }
+        let op = BatchOp {
+            offset: h.sector << SECTOR_SHIFT,
+            bufs,
+            write: false,
+            durable: false,
+        };
+        Step::Io(op, Done::ok(len))
     }
 
-    fn write(&mut self, mem: &GuestMem, h: Header) -> Done {
+    fn write<'m>(&mut self, mem: &'m GuestMem, h: Header) -> Step<'m> {
+        let fail = Step::Done(Done::err(status::IOERR));
         if self.params.read_only {
             debug!("write to a read-only disk refused");
-            return Done::err(status::IOERR);
+            return fail;
         }
         // A write carries nothing device-writable but its status byte.
         if self.layout.writable_len != 1 {
             debug!("OUT request with device-writable data");
-            return Done::err(status::IOERR);
+            return fail;
         }
         let len = self.layout.readable_len - HEADER_LEN.min(self.layout.readable_len);
         if !self.range_ok(h.sector, len) {
@@ -306,28 +446,27 @@ impl RequestHandler {
                 "OUT out of range or unaligned: sector {} len {len}",
                 h.sector
             );
-            return Done::err(status::IOERR);
+            return fail;
         }
-        let mut bufs: Vec<GuestSlice<'_>> = Vec::new();
+        let mut bufs: Vec<GuestSlice<'m>> = Vec::new();
         match slices(mem, &self.layout.readable, HEADER_LEN, len, &mut bufs) {
             Ok(n) if n <= self.params.seg_max as usize => {}
             Ok(n) => {
                 debug!("OUT with {n} segments > seg_max");
-                return Done::err(status::IOERR);
+                return fail;
             }
             Err(e) => {
                 debug!("OUT buffers: {e:?}");
-                return Done::err(status::IOERR);
+                return fail;
             }
         }
-        let durable = !self.state.write_back();
-        match self.image.write(h.sector << SECTOR_SHIFT, &bufs, durable) {
-            Ok(()) => Done::wrote(len),
-            Err(e) => {
-                warn!("write of {len} bytes at sector {} failed: {e}", h.sector);
-                Done::err(status::IOERR)
-            }
-        }
+        let op = BatchOp {
+            offset: h.sector << SECTOR_SHIFT,
+            bufs,
+            write: true,
+            durable: !self.state.write_back(),
+        };
+        Step::Io(op, Done::wrote(len))
     }
 
     fn flush(&mut self, h: Header) -> Done {
