@@ -34,15 +34,15 @@ pub enum Request {
         #[serde(default)]
         format: Option<String>,
     },
-    /// Full write-back now.
-    Flush,
+    /// Full write-back now. (Struct variants, so unknown fields are refused.)
+    Flush {},
     /// Grow the disk.
     Resize {
         /// New size in bytes.
         size: u64,
     },
     /// List persistent dirty bitmaps.
-    Bitmaps,
+    Bitmaps {},
     /// Clear a bitmap.
     BitmapClear {
         /// Bitmap name.
@@ -101,13 +101,16 @@ fn reply_line(mut conn: &UnixStream, v: &Value) -> io::Result<()> {
 
 fn serve_client(conn: UnixStream, device: &Device) -> io::Result<()> {
     let mut reader = BufReader::new(conn.try_clone()?);
-    let mut line = String::new();
+    let mut raw = Vec::new();
     loop {
-        line.clear();
-        let n = (&mut reader).take(MAX_LINE).read_line(&mut line)?;
+        raw.clear();
+        let n = (&mut reader).take(MAX_LINE).read_until(b'\n', &mut raw)?;
         if n == 0 {
             return Ok(());
         }
+        // Invalid UTF-8 becomes replacement characters, which the JSON parser then rejects
+        // with an error reply.
+        let line = String::from_utf8_lossy(&raw);
         if !line.ends_with('\n') && n as u64 >= MAX_LINE {
             reply_line(
                 &conn,
@@ -140,12 +143,12 @@ fn execute(device: &Device, req: Request) -> Result<Value, String> {
             Some("prometheus") => Ok(Value::String(prometheus(device))),
             Some(other) => Err(format!("unknown stats format '{other}'")),
         },
-        Request::Flush => {
+        Request::Flush {} => {
             device.flush().map_err(|e| format!("flush failed: {e}"))?;
             Ok(json!({}))
         }
         Request::Resize { size } => resize(device, size),
-        Request::Bitmaps => Ok(json!({ "bitmaps": device.image.bitmaps() })),
+        Request::Bitmaps {} => Ok(json!({ "bitmaps": device.image.bitmaps() })),
         Request::BitmapClear { name } => {
             device
                 .image

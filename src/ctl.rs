@@ -21,11 +21,11 @@ pub fn call(socket: &Path, request: &Value) -> Result<Value> {
     let mut reply = String::new();
     BufReader::new(&conn).read_line(&mut reply).map_err(ctx)?;
     let v: Value = serde_json::from_str(&reply)
-        .map_err(|e| Error::InvalidOption(format!("bad reply from the daemon: {e}")))?;
+        .map_err(|e| Error::Control(format!("bad reply from the daemon: {e}")))?;
     if v["ok"] == json!(true) {
         Ok(v["result"].clone())
     } else {
-        Err(Error::InvalidOption(format!(
+        Err(Error::Control(format!(
             "daemon refused: {}",
             v["error"].as_str().unwrap_or("unknown error")
         )))

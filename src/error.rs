@@ -50,6 +50,9 @@ pub enum Error {
         /// What failed.
         reason: String,
     },
+    /// The daemon refused a control request, or its reply made no sense.
+    #[error("{0}")]
+    Control(String),
     /// The vhost-user daemon framework failed.
     #[error("vhost-user: {0}")]
     VhostUser(String),

@@ -88,7 +88,15 @@ impl Channel {
         let Some(sock) = guard.as_mut() else {
             return Ok(false);
         };
-        let need_reply = self.reply_ack.load(Ordering::Acquire);
+        let result = Self::send_config_change(sock, self.reply_ack.load(Ordering::Acquire));
+        if result.is_err() {
+            // The channel may now be out of step (a late reply): stop using it.
+            *guard = None;
+        }
+        result.map(|()| true)
+    }
+
+    fn send_config_change(sock: &mut UnixStream, need_reply: bool) -> io::Result<()> {
         let flags = FLAG_VERSION | if need_reply { FLAG_NEED_REPLY } else { 0 };
         let mut msg = [0u8; HDR];
         msg[0..4].copy_from_slice(&BACKEND_CONFIG_CHANGE_MSG.to_le_bytes());
@@ -108,7 +116,7 @@ impl Channel {
                 return Err(io::Error::other("frontend failed CONFIG_CHANGE_MSG"));
             }
         }
-        Ok(true)
+        Ok(())
     }
 }
 
@@ -361,6 +369,12 @@ fn inspect_frontend(chan: &Channel, msg: &Message) -> Action {
                 .map(UnixStream::from);
             if let Ok(mut g) = chan.backend_req.lock() {
                 debug!("frontend set the backend channel: {}", dup.is_some());
+                // A frontend that never answers CONFIG_CHANGE_MSG must not hang the control
+                // socket: bound the wait for its reply.
+                if let Some(sock) = &dup {
+                    let _ = sock.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+                    let _ = sock.set_write_timeout(Some(std::time::Duration::from_secs(5)));
+                }
                 *g = dup;
             }
         }

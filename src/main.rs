@@ -325,16 +325,27 @@ fn run(cli: Cli) -> Result<()> {
     )
     .map_err(Error::InvalidOption)?;
 
-    let (listener, socket_path) = match &listen {
-        ListenOn::Path(p) => (bind_socket(p, cli.socket_mode)?, Some(p.clone())),
-        ListenOn::Fd(fd) => (listener_from_fd(*fd)?, None),
-    };
-    let shutdown = Arc::new(Shutdown::default());
-    handle_signals(shutdown.clone())?;
+    // The control socket first: if the vhost-user socket then fails, remove the control
+    // socket again, so a failed start leaves nothing behind.
     let control_listener = match &cli.control_socket {
         Some(p) => Some(bind_socket(p, cli.socket_mode)?),
         None => None,
     };
+    let bound = match &listen {
+        ListenOn::Path(p) => bind_socket(p, cli.socket_mode).map(|l| (l, Some(p.clone()))),
+        ListenOn::Fd(fd) => listener_from_fd(*fd).map(|l| (l, None)),
+    };
+    let (listener, socket_path) = match bound {
+        Ok(b) => b,
+        Err(e) => {
+            if let Some(p) = &cli.control_socket {
+                let _ = std::fs::remove_file(p);
+            }
+            return Err(e);
+        }
+    };
+    let shutdown = Arc::new(Shutdown::default());
+    handle_signals(shutdown.clone())?;
     info!(
         "serving {} ({}, {} bytes{}) on {} with {} queues of {} (cache: {})",
         path.display(),

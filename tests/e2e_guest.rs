@@ -1,6 +1,8 @@
 //! End-to-end test: boot a real Linux guest (QEMU, TCG) whose virtio-blk disk
 //! is served by our `vhost-user-blk` daemon, and run fio (crc32c verify over
-//! both virtqueues), ext4, fstrim and umount inside it.
+//! both virtqueues), ext4, fstrim and umount inside it; then grow the disk
+//! online through the daemon's control socket and check the guest sees the new
+//! capacity (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG -> QEMU -> config interrupt).
 //!
 //! The guest is built by `ci/guest/build.sh` and booted by `ci/guest/run.sh`;
 //! the in-guest steps live in `ci/guest/init`.  Prerequisites are installed
@@ -10,9 +12,14 @@
 //!
 //! Environment knobs passed through to the scripts: `VUB_GUEST_DIR`,
 //! `VUB_GUEST_TIMEOUT`, `VUB_GUEST_ACCEL`, `VUB_GUEST_VERBOSE`.
+//!
+//! The guest console log is watched while the guest runs: when the guest
+//! prints `E2E-WAIT-RESIZE <sectors>`, the test sends `resize` to the daemon's
+//! control socket and the guest polls its disk size until it grows.
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::sleep;
@@ -27,20 +34,29 @@ const STEPS: &[&str] = &[
     "ext4",
     "fstrim",
     "umount",
+    "resize",
 ];
 
 const IMAGE_SIZE: u64 = 256 * 1024 * 1024;
+/// What the disk is grown to while the guest runs.
+const RESIZED: u64 = 320 * 1024 * 1024;
 const SOCKET_WAIT: Duration = Duration::from_secs(10);
 const EXIT_WAIT: Duration = Duration::from_secs(10);
+/// run.sh kills qemu after VUB_GUEST_TIMEOUT seconds (default 300); the test
+/// gives it this much longer before it gives up on run.sh itself.
+const RUN_SLACK: Duration = Duration::from_secs(60);
 
 fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Kills (SIGKILL) and reaps the child when dropped, e.g. on a panic.
+/// Kills and reaps the child when dropped, e.g. on a panic: SIGKILL, or with
+/// `term_first` SIGTERM and up to 20 s to clean up (run.sh stops its qemu on
+/// SIGTERM) before SIGKILL.
 struct ChildGuard {
     child: Option<Child>,
     name: &'static str,
+    term_first: bool,
 }
 
 impl ChildGuard {
@@ -48,6 +64,7 @@ impl ChildGuard {
         ChildGuard {
             child: Some(child),
             name,
+            term_first: false,
         }
     }
 
@@ -77,6 +94,15 @@ impl ChildGuard {
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
+        if self.term_first && self.child.is_some() {
+            if let Ok(None) = self.child().try_wait() {
+                let pid = self.pid();
+                eprintln!("e2e_guest: stopping {} (pid {pid})", self.name);
+                // SAFETY: kill(2) on our own, not yet reaped, child.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+                let _ = self.wait_timeout(Duration::from_secs(20));
+            }
+        }
         if let Some(mut child) = self.child.take() {
             if let Ok(None) = child.try_wait() {
                 eprintln!("e2e_guest: killing {} (pid {})", self.name, child.id());
@@ -160,6 +186,7 @@ fn guest_fio_ext4_fstrim() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let image = tmp.path().join("disk.img");
     let socket = tmp.path().join("vub.sock");
+    let control = tmp.path().join("ctl.sock");
     let daemon_log = tmp.path().join("daemon.log");
     let console_log = tmp.path().join("console.log");
 
@@ -172,6 +199,8 @@ fn guest_fio_ext4_fstrim() {
     let daemon = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"))
         .arg("--socket-path")
         .arg(&socket)
+        .arg("--control-socket")
+        .arg(&control)
         .arg("--blk-file")
         .arg(&image)
         .args(["--format", "raw", "--num-queues", "2"])
@@ -187,19 +216,21 @@ fn guest_fio_ext4_fstrim() {
     let mut daemon = ChildGuard::new(daemon, "vhost-user-blk");
     let started_daemon = Instant::now();
 
-    // Wait for the listening socket.
+    // Wait for the listening sockets (the control socket is bound after the
+    // vhost-user one).
     let deadline = Instant::now() + SOCKET_WAIT;
-    while !socket.exists() {
+    while !socket.exists() || !control.exists() {
         if let Some(status) = daemon.child().try_wait().expect("try_wait") {
             panic!(
-                "vhost-user-blk exited before creating its socket ({status}); log:\n{}",
+                "vhost-user-blk exited before creating its sockets ({status}); log:\n{}",
                 read_lossy(&daemon_log)
             );
         }
         if Instant::now() >= deadline {
             panic!(
-                "socket {} did not appear within {SOCKET_WAIT:?}; daemon log:\n{}",
+                "sockets {} and {} did not appear within {SOCKET_WAIT:?}; daemon log:\n{}",
                 socket.display(),
+                control.display(),
                 read_lossy(&daemon_log)
             );
         }
@@ -211,16 +242,59 @@ fn guest_fio_ext4_fstrim() {
         started_daemon.elapsed()
     );
 
-    // Boot the guest; run.sh exits 0 only on "E2E-RESULT PASS".
+    // Boot the guest in the background; run.sh exits 0 only on "E2E-RESULT PASS".
+    // Meanwhile watch the console for the guest asking for the resize.
     let run = repo_root().join("ci/guest/run.sh");
     let started = Instant::now();
-    let status = Command::new("bash")
+    let guest_timeout = std::env::var("VUB_GUEST_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300u64);
+    let run_limit = Duration::from_secs(guest_timeout) + RUN_SLACK;
+    let runner = Command::new("bash")
         .arg(&run)
         .arg(&socket)
         .env("VUB_GUEST_LOG", &console_log)
+        .env("VUB_GUEST_RESIZE", "1")
         .stdin(Stdio::null())
-        .status()
+        // Its own process group: a Ctrl-C meant for cargo reaches it only
+        // through the guard.
+        .process_group(0)
+        .spawn()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", run.display()));
+    let mut runner = ChildGuard::new(runner, "ci/guest/run.sh");
+    runner.term_first = true;
+
+    // (guest sectors before, ctl output) once the resize was requested.
+    let mut resize: Option<(u64, Result<serde_json::Value, String>)> = None;
+    let status = loop {
+        if let Some(status) = runner.child().try_wait().expect("try_wait") {
+            runner.child = None;
+            break status;
+        }
+        if started.elapsed() > run_limit {
+            panic!(
+                "ci/guest/run.sh still running after {run_limit:?}\n--- console log tail ---\n{}",
+                tail(&read_lossy(&console_log), 80)
+            );
+        }
+        if resize.is_none() {
+            let console = read_lossy(&console_log);
+            let asked = console
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("E2E-WAIT-RESIZE "))
+                .map(|n| n.trim().parse::<u64>());
+            if let Some(sectors) = asked {
+                let sectors = sectors.expect("E2E-WAIT-RESIZE with a sector count");
+                eprintln!(
+                    "e2e_guest: guest waits for the resize after {:.1?} ({sectors} sectors)",
+                    started.elapsed()
+                );
+                resize = Some((sectors, ctl_resize(&control, RESIZED)));
+            }
+        }
+        sleep(Duration::from_millis(100));
+    };
     eprintln!("e2e_guest: guest run took {:.1?}", started.elapsed());
     let console = read_lossy(&console_log);
     let context = || {
@@ -230,6 +304,28 @@ fn guest_fio_ext4_fstrim() {
             tail(&read_lossy(&daemon_log), 80)
         )
     };
+    // The resize request first: if it failed, that explains a failed guest run.
+    let (sectors_before, reply) = resize.unwrap_or_else(|| {
+        panic!(
+            "the guest never printed E2E-WAIT-RESIZE ({status}){}",
+            context()
+        )
+    });
+    assert_eq!(
+        sectors_before * 512,
+        IMAGE_SIZE,
+        "guest disk size before the resize{}",
+        context()
+    );
+    let reply =
+        reply.unwrap_or_else(|e| panic!("resize through the control socket: {e}{}", context()));
+    assert_eq!(reply["size"], RESIZED, "resize reply {reply}{}", context());
+    assert_eq!(
+        reply["frontend_notified"],
+        true,
+        "QEMU must have been sent CONFIG_CHANGE_MSG: {reply}{}",
+        context()
+    );
     assert!(status.success(), "guest run failed ({status}){}", context());
     for step in STEPS {
         let marker = format!("E2E-STEP {step} OK");
@@ -244,6 +340,28 @@ fn guest_fio_ext4_fstrim() {
         "missing 'E2E-RESULT PASS'{}",
         context()
     );
+    let grown = format!(
+        "E2E-LOG resized from {} to {} sectors",
+        IMAGE_SIZE / 512,
+        RESIZED / 512
+    );
+    assert!(
+        console.lines().any(|l| l.trim() == grown),
+        "missing '{grown}'{}",
+        context()
+    );
+
+    // The daemon's counters saw the guest's I/O on both virtqueues.
+    let stats = ctl_json(&control, &["stats"]).unwrap_or_else(|e| panic!("ctl stats: {e}"));
+    assert_eq!(stats["image"]["virtual_size"], RESIZED, "{stats}");
+    for q in 0..2 {
+        let req = &stats["queues"][q]["requests"];
+        assert!(
+            req["write"].as_u64().unwrap_or(0) > 0 && req["read"].as_u64().unwrap_or(0) > 0,
+            "queue {q} carried no reads or writes: {stats}"
+        );
+        assert_eq!(stats["queues"][q]["in_flight"], 0, "{stats}");
+    }
 
     // The daemon must shut down cleanly on SIGTERM.
     let pid = daemon.pid();
@@ -270,7 +388,38 @@ fn guest_fio_ext4_fstrim() {
         ),
     }
 
-    // The image must still have its size (the daemon must not truncate it).
+    // The image has the size it was grown to (the daemon must not truncate it).
     let len = fs::metadata(&image).expect("stat image").len();
-    assert_eq!(len, IMAGE_SIZE, "image size changed");
+    assert_eq!(len, RESIZED, "image size after the resize");
+}
+
+/// Runs `vhost-user-blk ctl --control-socket SOCKET --json ARGS...` and parses
+/// its output (the ctl client gives up after 30 s without a reply).
+fn ctl_json(control: &Path, args: &[&str]) -> Result<serde_json::Value, String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"))
+        .arg("ctl")
+        .arg("--control-socket")
+        .arg(control)
+        .arg("--json")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run ctl: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ctl {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| {
+        format!(
+            "ctl {args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn ctl_resize(control: &Path, size: u64) -> Result<serde_json::Value, String> {
+    ctl_json(control, &["resize", &size.to_string()])
 }

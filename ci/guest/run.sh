@@ -14,6 +14,13 @@
 #                         vmx/svm; this project's /dev/kvm may be PVM-based,
 #                         where a stock guest kernel does not run)
 #      VUB_GUEST_VERBOSE=1  also stream the console to stdout
+#      VUB_GUEST_RESIZE=1   run the online-resize step: after the other steps the
+#                         guest prints "E2E-WAIT-RESIZE <sectors>" and waits (20 s)
+#                         for the disk to grow; whoever runs this script must then
+#                         grow it through the daemon's control socket
+#                         (tests/e2e_guest.rs does)
+#
+# SIGTERM/SIGINT/SIGHUP stop qemu too (the caller's cleanup path).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -67,7 +74,7 @@ args=(
     -device vhost-user-blk-pci,chardev=vub,num-queues=2
     -kernel "$GUEST/vmlinuz"
     -initrd "$GUEST/initramfs.cpio.gz"
-    -append "console=ttyS0 panic=-1 loglevel=4 mitigations=off E2E_TIMEOUT=$guest_timeout"
+    -append "console=ttyS0 panic=-1 loglevel=4 mitigations=off E2E_TIMEOUT=$guest_timeout E2E_RESIZE=${VUB_GUEST_RESIZE:-0}"
     -display none -monitor none
     -serial "file:$LOG"
     -no-reboot
@@ -81,8 +88,23 @@ if [[ "${VUB_GUEST_VERBOSE:-0}" == 1 ]]; then
     tail_pid=$!
 fi
 rc=0
+# qemu runs in the background so that a signal to this script (a test's cleanup)
+# is handled at once and takes qemu down with it: `timeout` puts qemu in its own
+# process group, out of reach of a signal to ours.
+qemu_pid=
+# shellcheck disable=SC2317  # called by the trap
+stop_all() {
+    [[ -n "$qemu_pid" ]] && kill -TERM "$qemu_pid" 2>/dev/null
+    [[ -n "$tail_pid" ]] && kill "$tail_pid" 2>/dev/null
+    exit 143
+}
+trap stop_all TERM INT HUP
 # qemu's own messages (e.g. a refused socket) go to the log as well.
-timeout --kill-after=10 "$TIMEOUT" "$QEMU" "${args[@]}" 2>"$LOG.qemu" </dev/null || rc=$?
+timeout --kill-after=10 "$TIMEOUT" "$QEMU" "${args[@]}" 2>"$LOG.qemu" </dev/null &
+qemu_pid=$!
+wait "$qemu_pid" || rc=$?
+qemu_pid=
+trap - TERM INT HUP
 [[ -n "$tail_pid" ]] && kill "$tail_pid" 2>/dev/null
 elapsed=$(( $(date +%s) - start ))
 if [[ -s "$LOG.qemu" ]]; then

@@ -1,0 +1,85 @@
+# Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
+function __fish_vhost_user_blk_global_optspecs
+    string join \n control-socket= socket-path= fd= print-capabilities blk-file= null-size= read-only format= create= num-queues= queue-size= serial= logical-block-size= direct writethrough socket-mode= v/verbose h/help V/version
+end
+
+function __fish_vhost_user_blk_needs_command
+    # Figure out if the current invocation already has a command.
+    set -l cmd (commandline -opc)
+    set -e cmd[1]
+    argparse -s (__fish_vhost_user_blk_global_optspecs) -- $cmd 2>/dev/null
+    or return
+    if set -q argv[1]
+        # Also print the command, so this can be used to figure out what it is.
+        echo $argv[1]
+        return 1
+    end
+    return 0
+end
+
+function __fish_vhost_user_blk_using_subcommand
+    set -l cmd (__fish_vhost_user_blk_needs_command)
+    test -z "$cmd"
+    and return 1
+    contains -- $cmd[1] $argv
+end
+
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l control-socket -d 'Also serve a control socket (JSON lines: stats, flush, resize, bitmaps) at this path, created with --socket-mode. See docs/CONTROL.md' -r -F
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l socket-path -d 'Listen for the VMM on this unix socket path (created with --socket-mode)' -r -F
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l fd -d 'Use this already-listening unix socket fd instead of --socket-path. Without either, a systemd socket-activation fd (LISTEN_FDS) is used' -r
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l blk-file -d 'The disk image (regular file or block device) to serve' -r -F
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l null-size -d 'Serve a null device of this size instead of an image (reads return without touching guest memory, writes are dropped): the transport ceiling for benchmarks' -r
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l format -d 'Image format. `auto` serves raw unless the file starts with the qcow2 magic, which it refuses (never guesses qcow2)' -r
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l create -d 'Create the image with this size (e.g. 1G, 512M, 10737418240) if it does not exist' -r
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l num-queues -d 'Number of virtqueues offered (1..=64), each served by its own thread' -r
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l queue-size -d 'Maximum virtqueue size (a power of two, 4..=32768); seg_max is this minus 2' -r
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l serial -d 'Serial number returned to the guest by GET_ID (at most 20 bytes are used)' -r
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l logical-block-size -d 'Logical block size the guest sees: 512 or 4096' -r
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l socket-mode -d 'Permissions of the socket created by --socket-path, in octal' -r
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l print-capabilities -d 'Print the vhost-user backend capabilities as JSON and exit'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l read-only -d 'Serve the disk read-only: every write-like request fails with IOERR'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l direct -d 'Open the image with O_DIRECT (bypass the host page cache)'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l writethrough -d 'Start in write-through mode: every write is durable before it completes. By default the cache is write-back and the guest flushes; the guest can switch (CONFIG_WCE)'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -s v -l verbose -d 'More log output (-v debug, -vv trace). RUST_LOG overrides'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -s h -l help -d 'Print help'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -s V -l version -d 'Print version'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -f -a "ctl" -d 'Talk to a running daemon\'s control socket'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -f -a "manpage" -d 'Print the man page (roff) to stdout'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -f -a "completions" -d 'Print shell completions to stdout'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear help" -l control-socket -d 'The daemon\'s --control-socket' -r -F
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear help" -l json -d 'Print the raw JSON result instead of a table'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear help" -s h -l help -d 'Print help'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear help" -f -a "stats" -d 'Per-queue and image statistics'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear help" -f -a "watch" -d 'Refresh the statistics table once a second, with rates'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear help" -f -a "flush" -d 'Write everything back to stable storage now'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear help" -f -a "resize" -d 'Grow the disk online (the guest is told through the vhost-user backend channel)'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear help" -f -a "bitmaps" -d 'List persistent dirty bitmaps'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear help" -f -a "bitmap-clear" -d 'Clear a persistent dirty bitmap (start a new incremental-backup epoch)'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from stats" -l format -d 'Output format: table (default), or prometheus text exposition' -r
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from stats" -s h -l help -d 'Print help'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from watch" -s h -l help -d 'Print help'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from flush" -s h -l help -d 'Print help'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from resize" -s h -l help -d 'Print help'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from bitmaps" -s h -l help -d 'Print help'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from bitmap-clear" -s h -l help -d 'Print help'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "stats" -d 'Per-queue and image statistics'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "watch" -d 'Refresh the statistics table once a second, with rates'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "flush" -d 'Write everything back to stable storage now'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "resize" -d 'Grow the disk online (the guest is told through the vhost-user backend channel)'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "bitmaps" -d 'List persistent dirty bitmaps'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "bitmap-clear" -d 'Clear a persistent dirty bitmap (start a new incremental-backup epoch)'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand manpage" -s h -l help -d 'Print help'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand completions" -s h -l help -d 'Print help'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand help; and not __fish_seen_subcommand_from ctl manpage completions help" -f -a "ctl" -d 'Talk to a running daemon\'s control socket'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand help; and not __fish_seen_subcommand_from ctl manpage completions help" -f -a "manpage" -d 'Print the man page (roff) to stdout'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand help; and not __fish_seen_subcommand_from ctl manpage completions help" -f -a "completions" -d 'Print shell completions to stdout'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand help; and not __fish_seen_subcommand_from ctl manpage completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "stats" -d 'Per-queue and image statistics'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "watch" -d 'Refresh the statistics table once a second, with rates'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "flush" -d 'Write everything back to stable storage now'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "resize" -d 'Grow the disk online (the guest is told through the vhost-user backend channel)'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "bitmaps" -d 'List persistent dirty bitmaps'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "bitmap-clear" -d 'Clear a persistent dirty bitmap (start a new incremental-backup epoch)'

@@ -1,0 +1,71 @@
+//! The checked-in man page and shell completions must be what the binary generates now
+//! (`vhost-user-blk manpage`, `vhost-user-blk completions SHELL`). Regenerate them with
+//! `ci/gen-docs` after changing the command line.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-blk");
+
+/// Runs the binary with `args` (bounded, output to a file in `dir`) and returns its stdout.
+fn generate(dir: &Path, args: &[&str]) -> Vec<u8> {
+    let out = dir.join(args.join("-"));
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).expect("create output file"))
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn vhost-user-blk");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("vhost-user-blk {args:?} did not finish within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "vhost-user-blk {args:?} failed: {status}");
+    std::fs::read(&out).expect("read generated output")
+}
+
+#[test]
+fn man_page_and_completions_are_up_to_date() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cases: [(&str, &[&str]); 4] = [
+        ("docs/man/vhost-user-blk.1", &["manpage"]),
+        (
+            "docs/completions/vhost-user-blk.bash",
+            &["completions", "bash"],
+        ),
+        ("docs/completions/_vhost-user-blk", &["completions", "zsh"]),
+        (
+            "docs/completions/vhost-user-blk.fish",
+            &["completions", "fish"],
+        ),
+    ];
+    let mut stale = Vec::new();
+    for (file, args) in cases {
+        let fresh = generate(tmp.path(), args);
+        assert!(!fresh.is_empty(), "vhost-user-blk {args:?} printed nothing");
+        match std::fs::read(root.join(file)) {
+            Ok(checked_in) if checked_in == fresh => {}
+            Ok(_) => stale.push(format!(
+                "{file} differs from `vhost-user-blk {}`",
+                args.join(" ")
+            )),
+            Err(e) => stale.push(format!("{file}: {e}")),
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "generated docs are stale; run ci/gen-docs and commit the result:\n  {}",
+        stale.join("\n  ")
+    );
+}
