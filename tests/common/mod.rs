@@ -1149,3 +1149,166 @@ pub mod raw {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Helpers for the crash-consistency and ENOSPC tests (tests/crash_consistency.rs,
+// tests/enospc.rs). Appended; nothing above depends on them.
+// ---------------------------------------------------------------------------------------------
+
+impl Daemon {
+    /// Like [`Daemon::start`], but with an explicit image format (`"raw"` or `"qcow2"`), a
+    /// stale socket from a killed predecessor removed first (otherwise the wait for the socket
+    /// would return before the new process has bound it), and the log appended to (so the logs
+    /// of every incarnation of a crash loop are kept in one file). With
+    /// `VUB_TEST_BACKEND=qsd`, qemu-storage-daemon is started with a `qcow2` (or `raw`) node on
+    /// top of the file node.
+    pub fn start_format(dir: &Path, image: &Path, format: &str, cfg: &DaemonConfig) -> Daemon {
+        let backend = backend();
+        let socket = dir.join("vhost-user-blk.sock");
+        let log_path = dir.join("daemon.log");
+        let _ = fs::remove_file(&socket);
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .expect("open daemon log file");
+        let _ = writeln!(log, "===== start {format} {} =====", image.display());
+        let mut cmd = match backend {
+            Backend::Ours => {
+                let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"));
+                cmd.arg("--socket-path")
+                    .arg(&socket)
+                    .arg("--blk-file")
+                    .arg(image)
+                    .arg("--format")
+                    .arg(format);
+                if cfg.read_only {
+                    cmd.arg("--read-only");
+                }
+                if let Some(n) = cfg.num_queues {
+                    cmd.arg("--num-queues").arg(n.to_string());
+                }
+                if let Some(n) = cfg.queue_size {
+                    cmd.arg("--queue-size").arg(n.to_string());
+                }
+                if let Some(n) = cfg.logical_block_size {
+                    cmd.arg("--logical-block-size").arg(n.to_string());
+                }
+                if cfg.direct {
+                    cmd.arg("--direct");
+                }
+                if cfg.writethrough {
+                    cmd.arg("--writethrough");
+                }
+                cmd
+            }
+            Backend::Qsd => {
+                let bin =
+                    std::env::var("VUB_QSD_BIN").unwrap_or_else(|_| "qemu-storage-daemon".into());
+                let mut cmd = Command::new(bin);
+                let img = image.to_str().expect("utf-8 image path");
+                let sock = socket.to_str().expect("utf-8 socket path");
+                assert!(!img.contains(',') && !sock.contains(','));
+                let ro = if cfg.read_only { ",read-only=on" } else { "" };
+                cmd.arg("--blockdev")
+                    .arg(format!("driver=file,node-name=f0,filename={img}{ro}"))
+                    .arg("--blockdev")
+                    .arg(format!("driver={format},node-name=n0,file=f0{ro}"))
+                    .arg("--export")
+                    .arg(format!(
+                        "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={sock},\
+                         writable={}{}",
+                        if cfg.read_only { "off" } else { "on" },
+                        cfg.num_queues
+                            .map(|n| format!(",num-queues={n}"))
+                            .unwrap_or_default()
+                    ));
+                cmd
+            }
+        };
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log fd"))
+            .stderr(log);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("failed to spawn {backend:?} backend ({cmd:?}): {e}"));
+        let mut d = Daemon {
+            child: Some(child),
+            socket,
+            log_path,
+            backend,
+        };
+        d.wait_for_socket();
+        d
+    }
+
+    /// Non-blocking: has the process exited? (Reaps it if so.)
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        let st = self.child_mut().try_wait().expect("try_wait");
+        if st.is_some() {
+            self.child = None;
+        }
+        st
+    }
+}
+
+/// Result of `qemu-img check`: exit code (0 clean, 1 check failed, 2 corruption, 3 leaks only)
+/// and the combined output.
+#[derive(Debug)]
+pub struct QemuImgCheck {
+    pub code: i32,
+    pub output: String,
+}
+
+impl QemuImgCheck {
+    pub fn clean(&self) -> bool {
+        self.code == 0 && self.output.contains("No errors were found")
+    }
+    /// Number of leaked clusters reported ("N leaked clusters were found"), 0 if none.
+    pub fn leaked(&self) -> u64 {
+        self.output
+            .lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_suffix(" leaked clusters were found on the image.")
+                    .and_then(|n| n.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// Run `qemu-img check [-f fmt] image` (bounded by the time qemu-img needs; it does not block on
+/// anything external) and return its exit code and output.
+pub fn qemu_img_check(image: &Path) -> QemuImgCheck {
+    let out = Command::new("qemu-img")
+        .arg("check")
+        .arg("-f")
+        .arg("qcow2")
+        .arg(image)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run qemu-img check: {e}"));
+    QemuImgCheck {
+        code: out.status.code().unwrap_or(-1),
+        output: format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// Run `qemu-img` with `args`, panicking with its output on failure.
+#[track_caller]
+pub fn qemu_img(args: &[&str]) -> String {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run qemu-img {args:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "qemu-img {args:?} failed: {text}");
+    text
+}
