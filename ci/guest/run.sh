@@ -14,6 +14,9 @@
 #                         vmx/svm; this project's /dev/kvm may be PVM-based,
 #                         where a stock guest kernel does not run)
 #      VUB_GUEST_VERBOSE=1  also stream the console to stdout
+#      VUB_GUEST_RECONNECT=1  QEMU reconnects to the socket (reconnect-ms=100) and
+#                           the guest only runs the long fio-reconnect workload
+#                           (VUB_GUEST_RECONNECT_SECS, default 20)
 #      VUB_GUEST_RESIZE=1   run the online-resize step: after the other steps the
 #                         guest prints "E2E-WAIT-RESIZE <sectors>" and waits (20 s)
 #                         for the disk to grow; whoever runs this script must then
@@ -70,11 +73,11 @@ args=(
     -accel "$accel" -cpu "$cpu"
     -smp 2 -m 512M
     -object memory-backend-memfd,id=mem,size=512M,share=on
-    -chardev "socket,id=vub,path=$SOCK"
+    -chardev "socket,id=vub,path=$SOCK${VUB_GUEST_RECONNECT:+,reconnect-ms=100}"
     -device vhost-user-blk-pci,chardev=vub,num-queues=2
     -kernel "$GUEST/vmlinuz"
     -initrd "$GUEST/initramfs.cpio.gz"
-    -append "console=ttyS0 panic=-1 loglevel=4 mitigations=off E2E_TIMEOUT=$guest_timeout E2E_RESIZE=${VUB_GUEST_RESIZE:-0}"
+    -append "console=ttyS0 panic=-1 loglevel=4 mitigations=off E2E_TIMEOUT=$guest_timeout E2E_RESIZE=${VUB_GUEST_RESIZE:-0} E2E_RECONNECT=${VUB_GUEST_RECONNECT:+1} E2E_RECONNECT_SECS=${VUB_GUEST_RECONNECT_SECS:-20}"
     -display none -monitor none
     -serial "file:$LOG"
     -no-reboot
