@@ -17,7 +17,8 @@ use vhost_user_blk::device::Device;
 use vhost_user_blk::image::null::NullImage;
 use vhost_user_blk::image::{create_image, open_image, BlockImage, ImageFormat, ImageOptions};
 use vhost_user_blk::server::{
-    bind_socket, handle_signals, listener_from_fd, systemd_listen_fd, ListenOn, Server, Shutdown,
+    bind_socket_with, handle_signals, listener_from_fd, lookup_group, lookup_user,
+    systemd_listen_fd, ListenOn, Server, Shutdown, SocketPerms,
 };
 use vhost_user_blk::virtio_blk::DeviceParams;
 use vhost_user_blk::{control, ctl, notify, Error, Result};
@@ -113,6 +114,15 @@ struct Cli {
     /// the cache is write-back and the guest flushes; the guest can switch (CONFIG_WCE).
     #[arg(long)]
     writethrough: bool,
+
+    /// Owner (user name or uid) of the sockets the daemon creates (needs privilege).
+    #[arg(long, value_name = "USER", value_parser = lookup_user)]
+    socket_owner: Option<u32>,
+
+    /// Group (name or gid) of the sockets the daemon creates, e.g. the VMM's group together
+    /// with --socket-mode 0660.
+    #[arg(long, value_name = "GROUP", value_parser = lookup_group)]
+    socket_group: Option<u32>,
 
     /// Permissions of the socket created by --socket-path, in octal.
     #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
@@ -325,14 +335,19 @@ fn run(cli: Cli) -> Result<()> {
     )
     .map_err(Error::InvalidOption)?;
 
+    let perms = SocketPerms {
+        mode: cli.socket_mode,
+        uid: cli.socket_owner,
+        gid: cli.socket_group,
+    };
     // The control socket first: if the vhost-user socket then fails, remove the control
     // socket again, so a failed start leaves nothing behind.
     let control_listener = match &cli.control_socket {
-        Some(p) => Some(bind_socket(p, cli.socket_mode)?),
+        Some(p) => Some(bind_socket_with(p, perms)?),
         None => None,
     };
     let bound = match &listen {
-        ListenOn::Path(p) => bind_socket(p, cli.socket_mode).map(|l| (l, Some(p.clone()))),
+        ListenOn::Path(p) => bind_socket_with(p, perms).map(|l| (l, Some(p.clone()))),
         ListenOn::Fd(fd) => listener_from_fd(*fd).map(|l| (l, None)),
     };
     let (listener, socket_path) = match bound {

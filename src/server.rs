@@ -36,12 +36,67 @@ pub enum ListenOn {
     Fd(RawFd),
 }
 
-/// Binds a unix socket at `path` with permissions `mode`.
+/// Who may use a socket the daemon creates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketPerms {
+    /// Permission bits.
+    pub mode: u32,
+    /// Owner to give the socket (None: the daemon's user).
+    pub uid: Option<u32>,
+    /// Group to give the socket (None: the daemon's group).
+    pub gid: Option<u32>,
+}
+
+/// Resolves a user name or number to a uid.
+pub fn lookup_user(name: &str) -> std::result::Result<u32, String> {
+    if let Ok(n) = name.parse() {
+        return Ok(n);
+    }
+    let c = std::ffi::CString::new(name).map_err(|_| format!("bad user name '{name}'"))?;
+    // SAFETY: getpwnam reads a NUL-terminated string; the returned record is only read
+    // before any other call that could overwrite it (start-up, single-threaded).
+    let pw = unsafe { libc::getpwnam(c.as_ptr()) };
+    if pw.is_null() {
+        return Err(format!("no user '{name}'"));
+    }
+    // SAFETY: pw is non-null and points to libc's static passwd record.
+    Ok(unsafe { (*pw).pw_uid })
+}
+
+/// Resolves a group name or number to a gid.
+pub fn lookup_group(name: &str) -> std::result::Result<u32, String> {
+    if let Ok(n) = name.parse() {
+        return Ok(n);
+    }
+    let c = std::ffi::CString::new(name).map_err(|_| format!("bad group name '{name}'"))?;
+    // SAFETY: as for getpwnam above.
+    let gr = unsafe { libc::getgrnam(c.as_ptr()) };
+    if gr.is_null() {
+        return Err(format!("no group '{name}'"));
+    }
+    // SAFETY: gr is non-null and points to libc's static group record.
+    Ok(unsafe { (*gr).gr_gid })
+}
+
+/// Binds a unix socket at `path` with the given permissions (see [`bind_socket_with`]).
+pub fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener> {
+    bind_socket_with(
+        path,
+        SocketPerms {
+            mode,
+            uid: None,
+            gid: None,
+        },
+    )
+}
+
+/// Binds a unix socket at `path` with permissions, owner and group from `perms`.
 ///
 /// A leftover socket file nobody listens on (a crashed daemon's) is replaced; a live socket or
 /// any other kind of file at `path` is an error, so we never hijack another daemon's socket or
 /// delete a user's file.
-pub fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener> {
+pub fn bind_socket_with(path: &Path, perms: SocketPerms) -> Result<UnixListener> {
+    let mode = perms.mode;
     let sock_err = |reason: String| Error::Socket {
         path: path.display().to_string(),
         reason,
@@ -73,8 +128,12 @@ pub fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener> {
     // SAFETY: as above, restoring the previous mask.
     unsafe { libc::umask(old) };
     let listener = bound.map_err(|e| sock_err(e.to_string()))?;
-    let placed = fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))
-        .map_err(|e| sock_err(format!("chmod {mode:o}: {e}")))
+    let placed = std::os::unix::fs::chown(&tmp, perms.uid, perms.gid)
+        .map_err(|e| sock_err(format!("chown: {e}")))
+        .and_then(|()| {
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))
+                .map_err(|e| sock_err(format!("chmod {mode:o}: {e}")))
+        })
         .and_then(|()| fs::rename(&tmp, path).map_err(|e| sock_err(format!("rename: {e}"))));
     if placed.is_err() {
         let _ = fs::remove_file(&tmp);

@@ -1,0 +1,195 @@
+//! Security properties: the daemon runs unprivileged, sockets get the requested owner, group
+//! and mode, and it never replaces something at the socket path that is not a stale socket.
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{pattern, Client};
+
+const NOBODY: u32 = 65534;
+
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for(path: &Path, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("daemon exited early: {st}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} did not appear",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"))
+}
+
+#[test]
+fn runs_unprivileged_and_serves_io() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: needs root to drop privileges");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let img = dir.path().join("disk.img");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(16 << 20).unwrap();
+    std::os::unix::fs::chown(&img, Some(NOBODY), Some(NOBODY)).unwrap();
+    let sock = dir.path().join("vub.sock");
+    let mut cmd = bin();
+    cmd.arg("--socket-path")
+        .arg(&sock)
+        .arg("--blk-file")
+        .arg(&img)
+        .args([
+            "--format",
+            "raw",
+            "--num-queues",
+            "1",
+            "--socket-mode",
+            "0666",
+        ])
+        .stdin(Stdio::null());
+    // SAFETY: setgroups/setgid/setuid are async-signal-safe and only affect the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(NOBODY) != 0
+                || libc::setuid(NOBODY) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut d = Guard(cmd.spawn().unwrap());
+    wait_for(&sock, &mut d.0);
+    assert_eq!(std::fs::metadata(&sock).unwrap().uid(), NOBODY);
+    // The daemon really runs as nobody.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.0.id())).unwrap();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(
+        uid_line.split_whitespace().skip(1).all(|u| u == "65534"),
+        "{uid_line}"
+    );
+
+    let mut c = Client::simple(&sock);
+    let data = pattern(3, 4096, 64 * 1024);
+    c.q(0).write_ok(4096, &data);
+    assert_eq!(c.q(0).read_ok(4096, data.len()), data);
+    drop(c);
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(d.0.id() as i32, libc::SIGTERM) };
+    let st = d.0.wait().unwrap();
+    assert!(st.success(), "{st}");
+    assert_eq!(
+        &std::fs::read(&img).unwrap()[4096..4096 + data.len()],
+        &data[..]
+    );
+}
+
+#[test]
+fn sockets_get_owner_group_and_mode() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: needs root to chown");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let sock = dir.path().join("vub.sock");
+    let ctl = dir.path().join("ctl.sock");
+    let mut d = Guard(
+        bin()
+            .arg("--socket-path")
+            .arg(&sock)
+            .arg("--control-socket")
+            .arg(&ctl)
+            .arg("--blk-file")
+            .arg(&img)
+            .args(["--socket-owner", "65534", "--socket-group", "nogroup"])
+            .args(["--socket-mode", "0660"])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(&sock, &mut d.0);
+    wait_for(&ctl, &mut d.0);
+    for p in [&sock, &ctl] {
+        let m = std::fs::metadata(p).unwrap();
+        assert_eq!(m.uid(), NOBODY, "{}", p.display());
+        assert_eq!(
+            m.gid(),
+            NOBODY,
+            "{} (nogroup is 65534 on Debian)",
+            p.display()
+        );
+        assert_eq!(m.mode() & 0o777, 0o660, "{}", p.display());
+    }
+}
+
+#[test]
+fn unknown_owner_is_a_clean_error() {
+    let out = bin()
+        .args(["--socket-path", "/tmp/x.sock", "--blk-file", "/tmp/y"])
+        .args(["--socket-owner", "no-such-user-xyz"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no user 'no-such-user-xyz'"), "{err}");
+}
+
+#[test]
+fn never_replaces_a_symlink_or_file_at_the_socket_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let target = dir.path().join("precious");
+    std::fs::write(&target, b"keep me").unwrap();
+    let link = dir.path().join("vub.sock");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let out = bin()
+        .arg("--socket-path")
+        .arg(&link)
+        .arg("--blk-file")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a socket"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+}
