@@ -189,6 +189,13 @@ impl BlkBackend {
             {
                 break;
             }
+            // More is announced but this pass took nothing: the avail index is bogus (more
+            // than a queue's worth ahead) or the queue was stopped. Looping would spin forever
+            // holding the vring lock; the next kick retries.
+            if !used {
+                debug!("queue {thread_id}: avail index announces chains that cannot be taken");
+                break;
+            }
         }
         Ok(())
     }

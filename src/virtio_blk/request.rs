@@ -229,6 +229,19 @@ impl RequestHandler {
             let io_op = match step {
                 Step::Io(op, done) => Some((op, done)),
                 Step::Done(done) => {
+                    // Keep completions in the order chains were taken (a read/write that
+                    // failed validation, or a chain without a status byte, must not overtake
+                    // the batch before it): inflight recovery relies on it.
+                    if !pending.is_empty() {
+                        self.complete_batch(
+                            queue,
+                            mem,
+                            tracker,
+                            &mut pending,
+                            &mut ops,
+                            &mut results,
+                        );
+                    }
                     self.finish(queue, mem, tracker, head, status_addr, kind, done, start);
                     used_any = true;
                     None

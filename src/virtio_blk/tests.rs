@@ -840,3 +840,40 @@ fn reads_and_writes_are_batched_and_flush_splits_batches() {
     assert_eq!(r.read_mem(0x10000 + 5 * 0x1000, 512), vec![0x41; 512]);
     assert_eq!(r.handler.counters().in_flight.load(Ordering::Relaxed), 0);
 }
+
+#[test]
+fn invalid_request_does_not_overtake_the_batch_before_it() {
+    let mut r = Rig::new(params());
+    let vq = MockSplitQueue::new(&r.mem, 16);
+    // OUT sector 0 (valid), OUT past the end (fails validation), chain without status byte.
+    let last = (DISK / 512) as u64;
+    r.header(0x1000, req_type::OUT, 0);
+    r.header(0x1100, req_type::OUT, last);
+    r.header(0x1200, req_type::OUT, 1);
+    let d = |a: u64, l: u32, f: u16, n: u16| RawDescriptor::from(SplitDescriptor::new(a, l, f, n));
+    let raw = [
+        d(0x1000, 16, 1, 1),
+        d(0x2000, 512, 1, 2),
+        d(0x3000, 1, F_WRITE, 0),
+        d(0x1100, 16, 1, 4),
+        d(0x2000, 512, 1, 5),
+        d(0x3001, 1, F_WRITE, 0),
+        d(0x1200, 16, 1, 7),
+        d(0x2000, 512, 0, 0),
+    ];
+    vq.add_desc_chains(&raw, 0).unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    assert!(r.handler.process_queue(&mut q, &r.mem, &mut ()));
+    let heads: Vec<u32> = (0..3)
+        .map(|i| vq.used().ring().ref_at(i).unwrap().load().id())
+        .collect();
+    assert_eq!(
+        heads,
+        vec![0, 3, 6],
+        "completions must keep the order chains were taken"
+    );
+    let st: Vec<u8> = (0..2)
+        .map(|i| r.mem.read_obj(GuestAddress(0x3000 + i)).unwrap())
+        .collect();
+    assert_eq!(st, vec![status::OK, status::IOERR]);
+}
