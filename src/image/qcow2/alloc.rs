@@ -1,36 +1,72 @@
 //! Host cluster accounting: in-memory refcounts, the free-cluster bitmap, the metadata-cluster
 //! bitmap (overlap protection), per-refcount-block dirty bits and the end-of-image cursor.
 //!
-//! All per-cluster state is in atomics inside one `RwLock`; queues only take the read side.
-//! The write side is taken only to grow the arrays when the image grows past their capacity,
-//! which grows geometrically so that is rare.
+//! # Layout (lock-free)
+//!
+//! Per-cluster state lives in [`Segment`]s of [`SEG_CLUSTERS`] clusters each. A fixed
+//! top-level array, sized for [`MAX_HOST_CLUSTERS`](super::MAX_HOST_CLUSTERS), holds one
+//! `OnceLock<Box<Segment>>` per segment. Looking a cluster up is one acquire load of its
+//! slot plus the atomic itself: no lock, and no shared counter is written by readers (the
+//! overlap check on every guest overwrite only loads). Growing the image initialises more
+//! segments; `OnceLock` settles races, and segments are always initialised in ascending order
+//! (a thread only initialises segment `s` after every segment below it), so "segment `s`
+//! exists" implies "all segments below `s` exist".
+//!
+//! Dirty bits of refcount blocks are stored in the segment holding the block's first
+//! cluster, so they need no separately grown array whatever the block size.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{RwLock, RwLockReadGuard};
+use std::sync::OnceLock;
 
 /// Index of a host cluster (host offset >> cluster_bits).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct HostCluster(pub u64);
 
-struct Maps {
-    /// Refcount of each host cluster below the capacity.
-    rc: Vec<AtomicU64>,
+/// log2 of the clusters per segment.
+pub const SEG_BITS: u32 = 16;
+/// Clusters per segment.
+pub const SEG_CLUSTERS: u64 = 1 << SEG_BITS;
+const SEG_MASK: u64 = SEG_CLUSTERS - 1;
+/// 64-bit bitmap words per segment.
+const SEG_WORDS: usize = (SEG_CLUSTERS / 64) as usize;
+/// Segments in the top-level array.
+const MAX_SEGS: usize = (super::MAX_HOST_CLUSTERS >> SEG_BITS) as usize;
+
+/// Per-cluster state of `SEG_CLUSTERS` consecutive host clusters.
+struct Segment {
+    /// Refcount of each cluster.
+    rc: Box<[AtomicU64]>,
     /// Bit set: cluster below `end` with refcount 0 that may be allocated.
-    free: Vec<AtomicU64>,
+    free: Box<[AtomicU64]>,
     /// Bit set: cluster holds qcow2 metadata; guest data must never be written there.
-    meta: Vec<AtomicU64>,
-    /// Bit set: refcount block (by block index) changed since last written.
-    dirty_blocks: Vec<AtomicU64>,
+    meta: Box<[AtomicU64]>,
+    /// Bit set: refcount block changed since last written (for the blocks whose first
+    /// cluster is in this segment).
+    dirty_blocks: Box<[AtomicU64]>,
 }
 
-fn atomics(n: usize) -> impl Iterator<Item = AtomicU64> {
-    (0..n).map(|_| AtomicU64::new(0))
+fn atomics(n: usize) -> Box<[AtomicU64]> {
+    (0..n).map(|_| AtomicU64::new(0)).collect()
+}
+
+impl Segment {
+    fn new(dirty_words: usize) -> Box<Segment> {
+        Box::new(Segment {
+            rc: atomics(SEG_CLUSTERS as usize),
+            free: atomics(SEG_WORDS),
+            meta: atomics(SEG_WORDS),
+            dirty_blocks: atomics(dirty_words),
+        })
+    }
 }
 
 /// Host cluster accounting shared by all queues.
 pub struct Clusters {
-    maps: RwLock<Maps>,
+    /// One slot per segment; initialised in ascending order.
+    segs: Box<[OnceLock<Box<Segment>>]>,
+    /// Number of initialised segments (a lower bound while one is being added).
+    nsegs: AtomicUsize,
     /// First cluster never handed out: allocation past the free bitmap bumps this.
     end: AtomicU64,
     /// Number of set bits in `free` (an upper bound while a claim is in progress).
@@ -45,87 +81,139 @@ fn corrupt(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("qcow2: {msg}"))
 }
 
+fn too_many() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::StorageFull,
+        format!(
+            "qcow2: image reached the limit of {} host clusters",
+            super::MAX_HOST_CLUSTERS
+        ),
+    )
+}
+
+#[inline]
+fn bit(c: u64) -> (usize, u64) {
+    (((c & SEG_MASK) / 64) as usize, 1u64 << (c % 64))
+}
+
 impl Clusters {
     /// Accounting for an image whose used clusters end at `end`, with the given refcounts
-    /// (`rc.len()` may be less than `end`: the rest are zero).
+    /// (`rc.len()` may be less than `end`: the rest are zero). Refcounts at or past
+    /// [`MAX_HOST_CLUSTERS`](super::MAX_HOST_CLUSTERS) are ignored (callers check the limit).
     pub fn new(rc: Vec<u64>, end: u64, block_shift: u32) -> Clusters {
-        let cap = (end as usize).max(rc.len()) * 5 / 4 + 1024;
-        let maps = Maps {
-            rc: (0..cap)
-                .map(|i| AtomicU64::new(rc.get(i).copied().unwrap_or(0)))
-                .collect(),
-            free: atomics(cap.div_ceil(64)).collect(),
-            meta: atomics(cap.div_ceil(64)).collect(),
-            dirty_blocks: atomics((cap >> block_shift).div_ceil(64) + 1).collect(),
-        };
-        let mut free_count = 0;
-        // Cluster 0 is the header: never free even if its refcount says so.
-        for c in 1..end as usize {
-            if maps.rc[c].load(Ordering::Relaxed) == 0 {
-                maps.free[c / 64].fetch_or(1 << (c % 64), Ordering::Relaxed);
-                free_count += 1;
-            }
-        }
-        Clusters {
-            maps: RwLock::new(maps),
+        let segs: Box<[OnceLock<Box<Segment>>]> = (0..MAX_SEGS).map(|_| OnceLock::new()).collect();
+        let c = Clusters {
+            segs,
+            nsegs: AtomicUsize::new(0),
             end: AtomicU64::new(end),
-            free_count: AtomicU64::new(free_count),
+            free_count: AtomicU64::new(0),
             hint: AtomicUsize::new(0),
             block_shift,
+        };
+        let top = end.max(rc.len() as u64).min(super::MAX_HOST_CLUSTERS);
+        if top > 0 {
+            let _ = c.seg_for(top - 1);
         }
-    }
-
-    fn read(&self) -> RwLockReadGuard<'_, Maps> {
-        self.maps.read().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Makes sure cluster `c` is below the capacity.
-    fn ensure(&self, c: u64) -> RwLockReadGuard<'_, Maps> {
-        {
-            let m = self.read();
-            if (c as usize) < m.rc.len() {
-                return m;
+        let mut free_count = 0;
+        for (s, chunk) in rc.chunks(SEG_CLUSTERS as usize).enumerate() {
+            let Some(seg) = c.segs.get(s).and_then(|x| x.get()) else {
+                break;
+            };
+            for (a, &v) in seg.rc.iter().zip(chunk) {
+                a.store(v, Ordering::Relaxed);
             }
         }
-        {
-            let mut m = self.maps.write().unwrap_or_else(|e| e.into_inner());
-            let cap = m.rc.len();
-            if c as usize >= cap {
-                let new_cap = (c as usize + 1).max(cap * 2);
-                m.rc.extend(atomics(new_cap - cap));
-                let words = new_cap.div_ceil(64);
-                let fl = m.free.len();
-                m.free.extend(atomics(words - fl));
-                let ml = m.meta.len();
-                m.meta.extend(atomics(words - ml));
-                let bw = (new_cap >> self.block_shift).div_ceil(64) + 1;
-                let dl = m.dirty_blocks.len();
-                m.dirty_blocks.extend(atomics(bw - dl));
+        // Cluster 0 is the header: never free even if its refcount says so.
+        for s in 0..c.nsegs.load(Ordering::Acquire) {
+            let Some(seg) = c.segs[s].get() else { break };
+            let base = (s as u64) << SEG_BITS;
+            let lo = base.max(1);
+            let hi = (base + SEG_CLUSTERS).min(end);
+            for k in lo..hi {
+                if seg.rc[(k & SEG_MASK) as usize].load(Ordering::Relaxed) == 0 {
+                    let (w, m) = bit(k);
+                    seg.free[w].fetch_or(m, Ordering::Relaxed);
+                    free_count += 1;
+                }
             }
         }
-        self.read()
+        c.free_count.store(free_count, Ordering::Release);
+        c
     }
 
-    fn mark_block(&self, m: &Maps, c: u64) {
-        let b = (c >> self.block_shift) as usize;
-        m.dirty_blocks[b / 64].fetch_or(1 << (b % 64), Ordering::AcqRel);
+    /// Words of dirty-block bits per segment.
+    fn dirty_words(&self) -> usize {
+        if self.block_shift >= SEG_BITS {
+            1
+        } else {
+            (1usize << (SEG_BITS - self.block_shift)).div_ceil(64)
+        }
+    }
+
+    /// The segment of cluster `c` if it exists.
+    #[inline]
+    fn seg(&self, c: u64) -> Option<&Segment> {
+        self.segs.get((c >> SEG_BITS) as usize)?.get().map(|b| &**b)
+    }
+
+    /// The segment of cluster `c`, creating it (and every segment below it) if needed.
+    fn seg_for(&self, c: u64) -> io::Result<&Segment> {
+        let s = (c >> SEG_BITS) as usize;
+        let slot = self.segs.get(s).ok_or_else(too_many)?;
+        if let Some(seg) = slot.get() {
+            return Ok(seg);
+        }
+        let dw = self.dirty_words();
+        for k in self.nsegs.load(Ordering::Acquire)..s {
+            self.segs[k].get_or_init(|| Segment::new(dw));
+        }
+        let seg = slot.get_or_init(|| Segment::new(dw));
+        self.nsegs.fetch_max(s + 1, Ordering::AcqRel);
+        Ok(seg)
+    }
+
+    /// Where the dirty bit of refcount block `b` lives: (segment index, word, mask).
+    fn block_bit(&self, b: u64) -> (u64, usize, u64) {
+        let first = b << self.block_shift;
+        let s = first >> SEG_BITS;
+        let k = if self.block_shift >= SEG_BITS {
+            0
+        } else {
+            (first & SEG_MASK) >> self.block_shift
+        };
+        (s, (k / 64) as usize, 1u64 << (k % 64))
+    }
+
+    fn mark_block(&self, c: u64) {
+        let (s, w, m) = self.block_bit(c >> self.block_shift);
+        if let Some(seg) = self.segs.get(s as usize).and_then(|x| x.get()) {
+            seg.dirty_blocks[w].fetch_or(m, Ordering::AcqRel);
+        }
     }
 
     /// Refcount of cluster `c`.
     pub fn get(&self, c: HostCluster) -> u64 {
-        let m = self.read();
-        m.rc.get(c.0 as usize)
-            .map_or(0, |a| a.load(Ordering::Acquire))
+        self.seg(c.0).map_or(0, |s| {
+            s.rc[(c.0 & SEG_MASK) as usize].load(Ordering::Acquire)
+        })
     }
 
     /// (clusters in use, clusters free in the free bitmap), for statistics (a linear scan).
     pub fn usage(&self) -> (u64, u64) {
-        let m = self.read();
-        let end = (self.end() as usize).min(m.rc.len());
-        let used = m.rc[..end]
-            .iter()
-            .filter(|a| a.load(Ordering::Relaxed) != 0)
-            .count() as u64;
+        let end = self.end();
+        let mut used = 0u64;
+        for s in 0..self.nsegs.load(Ordering::Acquire) {
+            let base = (s as u64) << SEG_BITS;
+            if base >= end {
+                break;
+            }
+            let Some(seg) = self.segs[s].get() else { break };
+            let n = (end - base).min(SEG_CLUSTERS) as usize;
+            used += seg.rc[..n]
+                .iter()
+                .filter(|a| a.load(Ordering::Relaxed) != 0)
+                .count() as u64;
+        }
         (used, self.free_count.load(Ordering::Relaxed))
     }
 
@@ -137,47 +225,64 @@ impl Clusters {
     /// Claims a free cluster (or a new one at the end), gives it refcount 1 and, with
     /// `meta`, marks it as a metadata cluster.
     pub fn alloc(&self, meta: bool) -> io::Result<HostCluster> {
-        let c = match self.claim_free() {
-            Some(c) => c,
-            None => self.end.fetch_add(1, Ordering::AcqRel),
+        self.alloc_fresh(meta).map(|(c, _)| c)
+    }
+
+    /// Like [`Clusters::alloc`], and also tells whether the cluster is fresh: taken from the
+    /// end, so never handed out since open and past the end of the file as it was at open
+    /// (its bytes in the file are zeros or past EOF). A cluster from the free bitmap is not
+    /// fresh: it may hold old data.
+    pub fn alloc_fresh(&self, meta: bool) -> io::Result<(HostCluster, bool)> {
+        let (c, fresh) = match self.claim_free() {
+            Some(c) => (c, false),
+            None => (self.end.fetch_add(1, Ordering::AcqRel), true),
         };
-        let m = self.ensure(c);
-        m.rc[c as usize].store(1, Ordering::Release);
+        let seg = self.seg_for(c)?;
+        seg.rc[(c & SEG_MASK) as usize].store(1, Ordering::Release);
         if meta {
-            m.meta[c as usize / 64].fetch_or(1 << (c % 64), Ordering::AcqRel);
+            let (w, m) = bit(c);
+            seg.meta[w].fetch_or(m, Ordering::AcqRel);
         }
-        self.mark_block(&m, c);
-        Ok(HostCluster(c))
+        self.mark_block(c);
+        Ok((HostCluster(c), fresh))
     }
 
     /// Allocates `n` contiguous new clusters at the end of the image, as metadata.
     pub fn alloc_contiguous(&self, n: u64) -> io::Result<HostCluster> {
         let start = self.end.fetch_add(n, Ordering::AcqRel);
-        let m = self.ensure(start + n);
         for c in start..start + n {
-            m.rc[c as usize].store(1, Ordering::Release);
-            m.meta[c as usize / 64].fetch_or(1 << (c % 64), Ordering::AcqRel);
-            self.mark_block(&m, c);
+            let seg = self.seg_for(c)?;
+            seg.rc[(c & SEG_MASK) as usize].store(1, Ordering::Release);
+            let (w, m) = bit(c);
+            seg.meta[w].fetch_or(m, Ordering::AcqRel);
+            self.mark_block(c);
         }
         Ok(HostCluster(start))
     }
 
-    fn claim_free(&self) -> Option<u64> {
+    /// Takes a cluster out of the free bitmap, if there is one.
+    pub fn claim_free(&self) -> Option<u64> {
         if self.free_count.load(Ordering::Acquire) == 0 {
             return None;
         }
-        let m = self.read();
-        let words = m.free.len();
-        let start = self.hint.load(Ordering::Relaxed) % words.max(1);
+        let words = self.nsegs.load(Ordering::Acquire) * SEG_WORDS;
+        if words == 0 {
+            return None;
+        }
+        let start = self.hint.load(Ordering::Relaxed) % words;
         for i in 0..words {
             let w = (start + i) % words;
-            let mut v = m.free[w].load(Ordering::Acquire);
+            let seg = self.segs[w / SEG_WORDS].get()?;
+            let word = &seg.free[w % SEG_WORDS];
+            let mut v = word.load(Ordering::Acquire);
             while v != 0 {
                 let bit = v.trailing_zeros() as u64;
-                let prev = m.free[w].fetch_and(!(1 << bit), Ordering::AcqRel);
+                let prev = word.fetch_and(!(1 << bit), Ordering::AcqRel);
                 if prev & (1 << bit) != 0 {
                     self.free_count.fetch_sub(1, Ordering::AcqRel);
-                    self.hint.store(w, Ordering::Relaxed);
+                    if w != start {
+                        self.hint.store(w, Ordering::Relaxed);
+                    }
                     return Some(w as u64 * 64 + bit);
                 }
                 v = prev & !(1 << bit);
@@ -189,19 +294,25 @@ impl Clusters {
     /// Drops one reference to cluster `c`; at zero the cluster becomes free for allocation
     /// (callers only do this once the unmapping is durable).
     pub fn unref(&self, c: HostCluster) -> io::Result<()> {
-        let m = self.ensure(c.0);
-        let i = c.0 as usize;
-        let r = m.rc[i].fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| v.checked_sub(1));
+        let seg = self
+            .seg(c.0)
+            .ok_or_else(|| corrupt(format!("refcount of cluster {} would drop below zero", c.0)))?;
+        let r = seg.rc[(c.0 & SEG_MASK) as usize].fetch_update(
+            Ordering::AcqRel,
+            Ordering::Acquire,
+            |v| v.checked_sub(1),
+        );
         match r {
             Err(_) => Err(corrupt(format!(
                 "refcount of cluster {} would drop below zero",
                 c.0
             ))),
             Ok(prev) => {
-                self.mark_block(&m, c.0);
+                self.mark_block(c.0);
                 if prev == 1 && c.0 != 0 {
-                    m.meta[i / 64].fetch_and(!(1 << (i % 64)), Ordering::AcqRel);
-                    m.free[i / 64].fetch_or(1 << (i % 64), Ordering::AcqRel);
+                    let (w, m) = bit(c.0);
+                    seg.meta[w].fetch_and(!m, Ordering::AcqRel);
+                    seg.free[w].fetch_or(m, Ordering::AcqRel);
                     self.free_count.fetch_add(1, Ordering::AcqRel);
                 }
                 Ok(())
@@ -209,36 +320,43 @@ impl Clusters {
         }
     }
 
-    /// Marks cluster `c` as metadata (or not).
+    /// Marks cluster `c` as metadata (or not). Clusters past the limit are ignored.
     pub fn set_meta(&self, c: HostCluster, on: bool) {
-        let m = self.ensure(c.0);
-        let i = c.0 as usize;
+        let Ok(seg) = self.seg_for(c.0) else { return };
+        let (w, m) = bit(c.0);
         if on {
-            m.meta[i / 64].fetch_or(1 << (i % 64), Ordering::AcqRel);
+            seg.meta[w].fetch_or(m, Ordering::AcqRel);
         } else {
-            m.meta[i / 64].fetch_and(!(1 << (i % 64)), Ordering::AcqRel);
+            seg.meta[w].fetch_and(!m, Ordering::AcqRel);
         }
     }
 
-    /// True if cluster `c` holds metadata.
+    /// True if cluster `c` holds metadata. Lock-free and write-free: this runs on every
+    /// guest overwrite.
+    #[inline]
     pub fn is_meta(&self, c: HostCluster) -> bool {
-        let m = self.read();
-        let i = c.0 as usize;
-        m.meta
-            .get(i / 64)
-            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (i % 64)) != 0)
+        let (w, m) = bit(c.0);
+        self.seg(c.0)
+            .is_some_and(|s| s.meta[w].load(Ordering::Acquire) & m != 0)
     }
 
-    /// Returns and clears the dirty refcount block indices.
+    /// Returns and clears the dirty refcount block indices (ascending).
     pub fn take_dirty_blocks(&self) -> Vec<u64> {
-        let m = self.read();
         let mut out = Vec::new();
-        for (w, word) in m.dirty_blocks.iter().enumerate() {
-            let mut v = word.swap(0, Ordering::AcqRel);
-            while v != 0 {
-                let b = v.trailing_zeros() as u64;
-                out.push(w as u64 * 64 + b);
-                v &= !(1 << b);
+        for s in 0..self.nsegs.load(Ordering::Acquire) {
+            let Some(seg) = self.segs[s].get() else { break };
+            for (w, word) in seg.dirty_blocks.iter().enumerate() {
+                if word.load(Ordering::Relaxed) == 0 {
+                    continue;
+                }
+                let mut v = word.swap(0, Ordering::AcqRel);
+                while v != 0 {
+                    let k = v.trailing_zeros() as u64;
+                    let first =
+                        ((s as u64) << SEG_BITS) + ((w as u64 * 64 + k) << self.block_shift);
+                    out.push(first >> self.block_shift);
+                    v &= !(1 << k);
+                }
             }
         }
         out
@@ -246,8 +364,11 @@ impl Clusters {
 
     /// Marks refcount block `b` dirty again (after a failed write).
     pub fn redirty_block(&self, b: u64) {
-        let m = self.ensure((b + 1) << self.block_shift);
-        m.dirty_blocks[b as usize / 64].fetch_or(1 << (b % 64), Ordering::AcqRel);
+        let (s, w, m) = self.block_bit(b);
+        let Ok(seg) = self.seg_for(s << SEG_BITS) else {
+            return;
+        };
+        seg.dirty_blocks[w].fetch_or(m, Ordering::AcqRel);
     }
 
     /// Marks every refcount block up to the end of the image dirty.
@@ -261,13 +382,25 @@ impl Clusters {
     /// Refcounts of the clusters described by refcount block `b`.
     pub fn block_values(&self, b: u64) -> Vec<u64> {
         let n = 1u64 << self.block_shift;
-        let m = self.read();
-        (b * n..(b + 1) * n)
-            .map(|c| {
-                m.rc.get(c as usize)
-                    .map_or(0, |a| a.load(Ordering::Acquire))
-            })
-            .collect()
+        let mut out = vec![0u64; n as usize];
+        let first = b * n;
+        let mut c = first;
+        while c < first + n {
+            let seg_end = ((c >> SEG_BITS) + 1) << SEG_BITS;
+            let hi = seg_end.min(first + n);
+            if let Some(seg) = self.seg(c) {
+                let lo_i = (c & SEG_MASK) as usize;
+                let cnt = (hi - c) as usize;
+                for (o, a) in out[(c - first) as usize..][..cnt]
+                    .iter_mut()
+                    .zip(&seg.rc[lo_i..lo_i + cnt])
+                {
+                    *o = a.load(Ordering::Acquire);
+                }
+            }
+            c = hi;
+        }
+        out
     }
 }
 
@@ -312,5 +445,54 @@ mod tests {
         let n = all.len();
         all.dedup();
         assert_eq!(all.len(), n);
+    }
+
+    #[test]
+    fn segments_boundaries_and_blocks() {
+        // Small blocks (2^15 clusters): two per segment.
+        let c = Clusters::new(vec![1; 10], 10, 15);
+        let last = SEG_CLUSTERS * 3 + 5;
+        c.set_meta(HostCluster(last), true);
+        assert!(c.is_meta(HostCluster(last)));
+        assert!(!c.is_meta(HostCluster(last + 1)));
+        assert!(!c.is_meta(HostCluster(SEG_CLUSTERS * 100)));
+        assert_eq!(c.get(HostCluster(SEG_CLUSTERS * 100)), 0);
+        c.take_dirty_blocks();
+        let start = c.alloc_contiguous(SEG_CLUSTERS + 3).unwrap();
+        assert_eq!(start, HostCluster(10));
+        assert_eq!(c.take_dirty_blocks(), vec![0, 1, 2]);
+        let v = c.block_values(1);
+        assert_eq!(v.len(), 1 << 15);
+        assert!(v.iter().all(|&x| x == 1));
+        c.unref(HostCluster(SEG_CLUSTERS + 1)).unwrap();
+        assert_eq!(c.take_dirty_blocks(), vec![2]);
+        assert_eq!(c.alloc(false).unwrap(), HostCluster(SEG_CLUSTERS + 1));
+        c.redirty_block(7);
+        assert_eq!(c.take_dirty_blocks(), vec![2, 7]);
+        // Huge blocks (2^18 clusters): one per four segments, bit in the first segment.
+        let c = Clusters::new(vec![1; 3], 3, 18);
+        c.take_dirty_blocks();
+        let h = HostCluster(SEG_CLUSTERS * 5 + 9);
+        c.set_meta(h, true);
+        c.unref(HostCluster(2)).unwrap();
+        c.set_meta(h, false);
+        c.redirty_block(1);
+        assert_eq!(c.take_dirty_blocks(), vec![0, 1]);
+        let v = c.block_values(0);
+        assert_eq!(v.len(), 1 << 18);
+        assert_eq!(&v[..4], &[1, 1, 0, 0]);
+        let (used, free) = c.usage();
+        assert_eq!((used, free), (2, 1));
+    }
+
+    #[test]
+    fn limit_is_an_error_not_a_panic() {
+        let c = Clusters::new(vec![1], 1, 15);
+        c.end
+            .store(super::super::MAX_HOST_CLUSTERS, Ordering::Release);
+        assert!(c.alloc(false).is_err());
+        assert!(c.alloc_contiguous(4).is_err());
+        c.set_meta(HostCluster(super::super::MAX_HOST_CLUSTERS + 1), true);
+        assert!(!c.is_meta(HostCluster(super::super::MAX_HOST_CLUSTERS + 1)));
     }
 }

@@ -97,20 +97,62 @@ pub fn compressed_clusters(
     first..=last
 }
 
+/// Table state: evicted from the cache (never modified again).
+const EVICTED: u64 = 1 << 63;
+/// Table state: changed since it was last written to the image.
+const DIRTY: u64 = 1 << 62;
+/// Table state: a flush has snapshotted the table and is writing it.
+const WRITING: u64 = 1 << 61;
+/// Table state: being read from the image by the thread that put it in its cache slot;
+/// others wait for it.
+const LOADING: u64 = 1 << 60;
+/// Table state: number of threads pinned to modify entries.
+const PINS: u64 = LOADING - 1;
+
 /// An L2 table in memory.
+///
+/// Modifying entries requires a pin ([`L2Table::pin`]), which fails once the table has been
+/// evicted from the cache: a thread holding a stale table then reloads it. Eviction
+/// ([`L2Table::try_evict`]) succeeds only for a table that is unpinned, not dirty and not being
+/// written by a flush, i.e. whose contents equal the image's. All of that is one atomic word,
+/// so the checks and the transition are a single compare-and-swap.
 pub struct L2Table {
     /// Entries; with extended L2 two words per guest cluster (entry, subcluster bitmap).
     pub entries: Box<[AtomicU64]>,
-    /// Changed since it was last written to the image.
-    pub dirty: AtomicBool,
+    state: AtomicU64,
+    /// Used since the cache's clock hand last passed (second chance).
+    referenced: AtomicBool,
 }
 
 impl L2Table {
     /// A table of `words` zero entries.
+    #[cfg(test)]
     pub fn zeroed(words: usize) -> L2Table {
         L2Table {
             entries: (0..words).map(|_| AtomicU64::new(0)).collect(),
-            dirty: AtomicBool::new(false),
+            state: AtomicU64::new(0),
+            referenced: AtomicBool::new(true),
+        }
+    }
+
+    /// A table that stands for "not loaded": evicted from the start, so it can never be
+    /// pinned or modified.
+    pub fn placeholder() -> L2Table {
+        L2Table {
+            entries: Box::new([]),
+            state: AtomicU64::new(EVICTED),
+            referenced: AtomicBool::new(false),
+        }
+    }
+
+    /// A marker without entries that holds a cache slot while its table is read from the
+    /// image: others wait, nobody can pin or evict it. The loader replaces it with the real
+    /// table, or (on failure) calls [`L2Table::fail_loading`] and empties the slot.
+    pub fn loading() -> L2Table {
+        L2Table {
+            entries: Box::new([]),
+            state: AtomicU64::new(LOADING),
+            referenced: AtomicBool::new(false),
         }
     }
 
@@ -125,8 +167,89 @@ impl L2Table {
                     AtomicU64::new(u64::from_be_bytes(a))
                 })
                 .collect(),
-            dirty: AtomicBool::new(false),
+            state: AtomicU64::new(0),
+            referenced: AtomicBool::new(true),
         }
+    }
+
+    /// Loading failed: the table stays "loading" for anyone who still sees it (they wait
+    /// until the loader has taken it out of its slot) and can never be used.
+    pub fn fail_loading(&self) {
+        self.state.fetch_or(EVICTED, Ordering::AcqRel);
+    }
+
+    /// True while the table is being loaded (or its loading failed).
+    pub fn is_loading(&self) -> bool {
+        self.state.load(Ordering::Acquire) & LOADING != 0
+    }
+
+    /// Pins the table for modification; false if it was evicted (reload it).
+    pub fn pin(&self) -> bool {
+        self.state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                (s & (EVICTED | LOADING) == 0 && s & PINS < PINS).then_some(s + 1)
+            })
+            .is_ok()
+    }
+
+    /// Releases a pin taken by [`L2Table::pin`].
+    pub fn unpin(&self) {
+        self.state.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Marks the table changed (the caller holds a pin).
+    pub fn mark_dirty(&self) {
+        self.state.fetch_or(DIRTY, Ordering::AcqRel);
+    }
+
+    /// True if the table holds changes not yet written (or being written).
+    pub fn is_dirty(&self) -> bool {
+        self.state.load(Ordering::Acquire) & (DIRTY | WRITING) != 0
+    }
+
+    /// Flush: if the table is dirty, clears that and marks it being written; returns whether
+    /// it was dirty. Changes made from now on mark it dirty again.
+    pub fn begin_write(&self) -> bool {
+        self.state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                (s & DIRTY != 0).then_some((s & !DIRTY) | WRITING)
+            })
+            .is_ok()
+    }
+
+    /// Flush: the write started by [`L2Table::begin_write`] finished (`ok`) or failed (the
+    /// table is dirty again).
+    pub fn end_write(&self, ok: bool) {
+        if ok {
+            self.state.fetch_and(!WRITING, Ordering::AcqRel);
+        } else {
+            let _ = self
+                .state
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                    Some((s & !WRITING) | DIRTY)
+                });
+        }
+    }
+
+    /// Evicts the table if it is clean, unpinned and not being written. After this it can
+    /// never be pinned again.
+    pub fn try_evict(&self) -> bool {
+        self.state
+            .compare_exchange(0, EVICTED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Records a use for the cache's second-chance policy (writes only when the bit was
+    /// cleared by the clock hand, so hot tables are not written on every request).
+    pub fn touch(&self) {
+        if !self.referenced.load(Ordering::Relaxed) {
+            self.referenced.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Clears the use bit; returns whether it was set.
+    pub fn take_referenced(&self) -> bool {
+        self.referenced.load(Ordering::Relaxed) && self.referenced.swap(false, Ordering::Relaxed)
     }
 
     /// Serialises the current entries into `out` (big-endian). Returns false if some entry
@@ -175,5 +298,39 @@ mod tests {
             })
         );
         assert_eq!(compressed_clusters(0xfff0, 0x20, 16), 0..=1);
+    }
+
+    #[test]
+    fn table_states() {
+        let t = L2Table::zeroed(4);
+        assert!(t.pin());
+        assert!(!t.try_evict(), "pinned");
+        t.mark_dirty();
+        t.unpin();
+        assert!(!t.try_evict(), "dirty");
+        assert!(t.begin_write());
+        assert!(!t.begin_write());
+        assert!(t.is_dirty());
+        assert!(!t.try_evict(), "being written");
+        t.end_write(false);
+        assert!(t.is_dirty());
+        assert!(t.begin_write());
+        t.end_write(true);
+        assert!(!t.is_dirty());
+        assert!(t.try_evict());
+        assert!(!t.pin(), "evicted tables cannot be modified");
+        assert!(!L2Table::placeholder().pin());
+        let l = L2Table::from_bytes(&[0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+        assert!(!l.is_loading());
+        assert_eq!(l.entries[0].load(Ordering::Relaxed), 0x100);
+        assert_eq!(l.entries[1].load(Ordering::Relaxed), 2);
+        let l = L2Table::loading();
+        assert!(l.is_loading() && !l.pin() && !l.try_evict());
+        l.fail_loading();
+        assert!(l.is_loading() && !l.pin() && !l.try_evict());
+        assert!(t.take_referenced());
+        assert!(!t.take_referenced());
+        t.touch();
+        assert!(t.take_referenced());
     }
 }

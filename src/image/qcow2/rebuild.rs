@@ -278,8 +278,16 @@ pub fn rebuild(s: &Qcow2Shared, file_len: u64) -> R<(Vec<u64>, Vec<HostCluster>)
                 s.check_entry(le, b).map_err(|m| {
                     OpenError::Invalid(format!("L2 table at {off:#x}, entry {g}: {m}"))
                 })?;
-                for c in s.entry_refs(le) {
-                    add(c.0, false, &mut rc)?;
+                if le & COMPRESSED == 0 {
+                    // The common case without the per-entry Vec of entry_refs.
+                    let off = le & OFFSET_MASK;
+                    if off != 0 {
+                        add(off >> s.cluster_bits, false, &mut rc)?;
+                    }
+                } else {
+                    for c in s.entry_refs(le) {
+                        add(c.0, false, &mut rc)?;
+                    }
                 }
             }
         }
@@ -303,6 +311,7 @@ pub fn rebuild(s: &Qcow2Shared, file_len: u64) -> R<(Vec<u64>, Vec<HostCluster>)
 pub fn fix_copied_flags(s: &Qcow2Shared) -> R<()> {
     let clusters = s.clusters()?;
     let cb = s.cluster_bits;
+    let mut buf = vec![0u8; s.cluster_size() as usize];
     for (i, l1e) in s.l1.iter().enumerate() {
         let e = l1e.load(Ordering::Acquire);
         let off = e & OFFSET_MASK;
@@ -317,7 +326,31 @@ pub fn fix_copied_flags(s: &Qcow2Shared) -> R<()> {
             );
             s.l1_dirty.store(true, Ordering::Release);
         }
-        let t = s.table(i)?;
+        // Check the on-disk table in a reused buffer; only a table that needs a change is
+        // loaded (and kept) in memory.
+        let mut wrong = false;
+        qio::read_bytes(&s.file, off, &mut buf)?;
+        for g in 0..s.l2_entries() as usize {
+            let le = be64_at(&buf, g * s.words);
+            if le & COMPRESSED != 0 || le & OFFSET_MASK == 0 {
+                continue;
+            }
+            let want = clusters.get(HostCluster((le & OFFSET_MASK) >> cb)) == 1;
+            if (le & COPIED != 0) != want {
+                wrong = true;
+                break;
+            }
+        }
+        if !wrong {
+            continue;
+        }
+        let t = loop {
+            let t = s.table(i)?;
+            if t.pin() {
+                break t;
+            }
+            std::thread::yield_now();
+        };
         for g in 0..s.l2_entries() as usize {
             let w = g * s.words;
             let le = t.entries[w].load(Ordering::Acquire);
@@ -328,9 +361,10 @@ pub fn fix_copied_flags(s: &Qcow2Shared) -> R<()> {
             if (le & COPIED != 0) != want {
                 let ne = if want { le | COPIED } else { le & !COPIED };
                 t.entries[w].store(ne, Ordering::Release);
-                t.dirty.store(true, Ordering::Release);
+                t.mark_dirty();
             }
         }
+        t.unpin();
     }
     Ok(())
 }
