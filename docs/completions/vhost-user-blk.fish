@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_vhost_user_blk_global_optspecs
-    string join \n control-socket= socket-path= fd= print-capabilities blk-file= null-size= read-only format= create= num-queues= queue-size= serial= logical-block-size= direct writethrough socket-owner= socket-group= socket-mode= v/verbose h/help V/version
+    string join \n control-socket= socket-path= fd= print-capabilities blk-file= null-size= read-only format= create= num-queues= queue-size= serial= logical-block-size= metadata-cache= direct writethrough socket-owner= socket-group= socket-mode= v/verbose h/help V/version
 end
 
 function __fish_vhost_user_blk_needs_command
@@ -35,6 +35,7 @@ complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l num-queue
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l queue-size -d 'Maximum virtqueue size (a power of two, 4..=32768); seg_max is this minus 2' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l serial -d 'Serial number returned to the guest by GET_ID (at most 20 bytes are used)' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l logical-block-size -d 'Logical block size the guest sees: 512 or 4096' -r
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l metadata-cache -d 'qcow2: bytes of L2 tables kept in memory (e.g. 64M). Each MiB covers 8 GiB of guest space with 64 KiB clusters; the default 32M covers 256 GiB' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l socket-owner -d 'Owner (user name or uid) of the sockets the daemon creates (needs privilege)' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l socket-group -d 'Group (name or gid) of the sockets the daemon creates, e.g. the VMM\'s group together with --socket-mode 0660' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l socket-mode -d 'Permissions of the socket created by --socket-path, in octal' -r

@@ -119,6 +119,15 @@ fn has_qcow2_magic(path: &Path) -> Result<bool> {
 
 /// Opens the image described by `opts`.
 pub fn open_image(opts: &ImageOptions) -> Result<Arc<dyn BlockImage>> {
+    open_image_cached(opts, None)
+}
+
+/// Opens the image described by `opts`; for qcow2, `metadata_cache` bytes of L2 tables are kept
+/// in memory (default [`super::qcow2::DEFAULT_CACHE_BYTES`]).
+pub fn open_image_cached(
+    opts: &ImageOptions,
+    metadata_cache: Option<u64>,
+) -> Result<Arc<dyn BlockImage>> {
     match opts.format {
         ImageFormat::Raw => Ok(Arc::new(RawImage::open(opts, false)?)),
         ImageFormat::Auto => {
@@ -132,7 +141,13 @@ pub fn open_image(opts: &ImageOptions) -> Result<Arc<dyn BlockImage>> {
             }
             Ok(Arc::new(RawImage::open(opts, true)?))
         }
-        ImageFormat::Qcow2 => Ok(Arc::new(Qcow2Image::open(opts)?)),
+        ImageFormat::Qcow2 => {
+            let image = Qcow2Image::open(opts)?;
+            if let Some(bytes) = metadata_cache {
+                image.set_cache_bytes(bytes);
+            }
+            Ok(Arc::new(image))
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use std::io;
 
 use vm_memory::VolatileSlice;
 
-pub use format::{create_image, open_image, ImageFormat, ImageOptions};
+pub use format::{create_image, open_image, open_image_cached, ImageFormat, ImageOptions};
 
 /// One contiguous piece of guest memory taking part in a data transfer.
 ///
