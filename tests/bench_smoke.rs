@@ -18,11 +18,18 @@ fn vub_bench() -> PathBuf {
 #[test]
 fn vub_bench_reports_json() {
     let bench = vub_bench();
-    assert!(bench.exists(), "{} not built (cargo test builds examples)", bench.display());
+    assert!(
+        bench.exists(),
+        "{} not built (cargo test builds examples)",
+        bench.display()
+    );
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("vub.sock");
     let img = dir.path().join("disk.img");
-    std::fs::File::create(&img).unwrap().set_len(8 << 20).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
     let mut daemon = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"))
         .arg("--socket-path")
         .arg(&sock)
@@ -46,7 +53,11 @@ fn vub_bench_reports_json() {
             .output()
             .unwrap();
         let _ = daemon.try_wait();
-        assert!(out.status.success(), "{pattern}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{pattern}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["pattern"], pattern);
         assert_eq!(v["errors"], 0);
