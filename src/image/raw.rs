@@ -220,12 +220,20 @@ impl BlockImage for RawImage {
     }
 
     fn queue_handle(&self) -> io::Result<Box<dyn ImageQueue>> {
-        let ring = match IoUring::new(RING_ENTRIES) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                warn!("io_uring unavailable ({e}); this queue runs its I/O one request at a time");
-                None
+        // io_uring pays off when I/O really waits for the device (O_DIRECT). Through the page
+        // cache, a synchronous preadv/pwritev is faster: io_uring punts buffered I/O on many
+        // file systems (tmpfs among them) to worker threads (measured: 4k random reads at
+        // QD32 from tmpfs, 310k IOPS through io_uring vs 650k-800k with preadv).
+        let ring = if self.direct {
+            match IoUring::new(RING_ENTRIES) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    warn!("io_uring unavailable ({e}); O_DIRECT I/O runs one request at a time");
+                    None
+                }
             }
+        } else {
+            None
         };
         Ok(Box::new(RawQueue {
             file: self.file.try_clone()?,
