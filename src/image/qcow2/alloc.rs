@@ -294,6 +294,16 @@ impl Clusters {
     /// Drops one reference to cluster `c`; at zero the cluster becomes free for allocation
     /// (callers only do this once the unmapping is durable).
     pub fn unref(&self, c: HostCluster) -> io::Result<()> {
+        if self.unref_keep(c)? {
+            self.make_free(c);
+        }
+        Ok(())
+    }
+
+    /// Drops one reference to cluster `c`. Returns true if the refcount reached zero: the
+    /// cluster is then no longer metadata but is *not* yet free for allocation; the caller
+    /// hands it to [`Clusters::make_free`] once nobody can still be using it.
+    pub fn unref_keep(&self, c: HostCluster) -> io::Result<bool> {
         let seg = self
             .seg(c.0)
             .ok_or_else(|| corrupt(format!("refcount of cluster {} would drop below zero", c.0)))?;
@@ -312,11 +322,23 @@ impl Clusters {
                 if prev == 1 && c.0 != 0 {
                     let (w, m) = bit(c.0);
                     seg.meta[w].fetch_and(!m, Ordering::AcqRel);
-                    seg.free[w].fetch_or(m, Ordering::AcqRel);
-                    self.free_count.fetch_add(1, Ordering::AcqRel);
+                    return Ok(true);
                 }
-                Ok(())
+                Ok(false)
             }
+        }
+    }
+
+    /// Puts cluster `c` (refcount zero, dropped by [`Clusters::unref_keep`]) in the free
+    /// bitmap, so it can be allocated again.
+    pub fn make_free(&self, c: HostCluster) {
+        let Some(seg) = self.seg(c.0) else { return };
+        if c.0 == 0 || seg.rc[(c.0 & SEG_MASK) as usize].load(Ordering::Acquire) != 0 {
+            return;
+        }
+        let (w, m) = bit(c.0);
+        if seg.free[w].fetch_or(m, Ordering::AcqRel) & m == 0 {
+            self.free_count.fetch_add(1, Ordering::AcqRel);
         }
     }
 

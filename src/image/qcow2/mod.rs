@@ -39,7 +39,33 @@
 //! so every entry written points at data that was durable first. Clusters unmapped by
 //! discard or copy-on-write are unreferenced only after the flush that made the unmapping
 //! durable, so on-disk refcounts are never lower than the on-disk references. A dirty image
-//! opened writable has its refcounts rebuilt from the metadata.
+//! opened writable has its refcounts rebuilt from the metadata. A copy-on-write or discard
+//! puts the old host clusters on the pending list only after the new entry is stored and
+//! its table marked dirty, so the flush that unreferences them is one that wrote the table.
+//!
+//! # Reuse
+//!
+//! A request may have looked up a mapping before a discard or copy-on-write replaced it and
+//! still be reading or writing the old host cluster. So a cluster freed by a flush is
+//! handed out again only after every request that was in flight when it was freed has
+//! finished: each queue handle owns a slot (an `AtomicU64` registered at `queue_handle`)
+//! where it publishes the epoch its current request started at (0 when idle; one store and
+//! a fence per request, no shared write). A flush that drops clusters to refcount zero bumps
+//! the epoch and keeps them in a deferred list tagged with the old epoch; each flush moves
+//! to the free bitmap those whose tag is below the start epoch of every busy slot. Freed
+//! clusters are also no longer metadata at once, so overlap protection does not fire for
+//! a late write to an old L2 table cluster.
+//!
+//! # Hostile images
+//!
+//! At open, metadata structures (header, L1, refcount table and blocks, active L2 tables,
+//! snapshot and bitmap structures) must lie inside the file and must not share clusters.
+//! An L2 table is checked when first loaded into a writable image: every host cluster an
+//! entry references must lie inside the file, must not be metadata and must have a nonzero
+//! refcount; otherwise the request fails and nothing is written or unreferenced.
+//! Overlap protection (refusing guest data writes to metadata) only sets an in-memory flag
+//! while an entry may be reserved; the header's corrupt bit is written once nothing is
+//! reserved, or by the next flush or close.
 
 mod alloc;
 mod compress;
@@ -198,6 +224,9 @@ pub struct Qcow2Shared {
     checked: Box<[AtomicU64]>,
     /// Host cluster accounting; `None` when read-only.
     clusters: Option<Clusters>,
+    /// Clusters of the file at open (a partial last cluster counts): on-disk L2 entries
+    /// must not reference clusters at or past this.
+    file_clusters: u64,
     backing: Option<Backing>,
     state: Mutex<MetaState>,
     /// The dirty bit is set on disk (or the image is v2, which has none: then always true).
@@ -210,6 +239,14 @@ pub struct Qcow2Shared {
     corrupt: AtomicBool,
     /// Host clusters to unreference once the next flush has made their unmapping durable.
     pending: Mutex<Vec<HostCluster>>,
+    /// Request epoch: bumped each time a flush drops clusters to refcount zero.
+    epoch: AtomicU64,
+    /// One slot per queue handle: the epoch at which its current request started, 0 when
+    /// idle (see "Reuse" in the module documentation).
+    slots: Mutex<Vec<std::sync::Weak<AtomicU64>>>,
+    /// Clusters at refcount zero, tagged with the epoch they were freed in, that requests
+    /// in flight since before then may still access: not yet in the free bitmap.
+    deferred: Mutex<Vec<(u64, HostCluster)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -323,6 +360,7 @@ impl Qcow2Shared {
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             clusters: None,
+            file_clusters: file_len.div_ceil(cs),
             backing,
             state: Mutex::new(state),
             dirty_on_disk: AtomicBool::new(hdr.version == 2),
@@ -330,6 +368,9 @@ impl Qcow2Shared {
             l1_dirty: AtomicBool::new(false),
             corrupt: AtomicBool::new(false),
             pending: Mutex::new(Vec::new()),
+            epoch: AtomicU64::new(1),
+            slots: Mutex::new(Vec::new()),
+            deferred: Mutex::new(Vec::new()),
             hdr,
         };
         if !read_only {
@@ -393,6 +434,57 @@ impl Qcow2Shared {
         Ok(())
     }
 
+    /// Registers a request slot for a new queue handle.
+    fn register_slot(&self) -> Arc<AtomicU64> {
+        let slot = Arc::new(AtomicU64::new(0));
+        let mut slots = lock(&self.slots);
+        slots.retain(|w| w.strong_count() > 0);
+        slots.push(Arc::downgrade(&slot));
+        slot
+    }
+
+    /// Publishes in the handle's own slot that a request starts now. Lock-free: one load of
+    /// the epoch, one store and a fence.
+    fn begin_request(&self, slot: &AtomicU64) {
+        let e = self.epoch.load(Ordering::SeqCst);
+        slot.store(e, Ordering::SeqCst);
+        // Pairs with the fence in `reclaim`: either the reclaiming flush sees this slot, or
+        // this request sees every unmapping made before that flush (so it cannot touch a
+        // cluster the flush frees).
+        std::sync::atomic::fence(Ordering::SeqCst);
+    }
+
+    /// The handle's current request has finished.
+    fn end_request(&self, slot: &AtomicU64) {
+        slot.store(0, Ordering::Release);
+    }
+
+    /// Moves deferred clusters whose freeing every request still in flight started after
+    /// into the free bitmap.
+    fn reclaim(&self, clusters: &Clusters) {
+        let mut deferred = lock(&self.deferred);
+        if deferred.is_empty() {
+            return;
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let oldest = lock(&self.slots)
+            .iter()
+            .filter_map(|w| w.upgrade())
+            .map(|s| s.load(Ordering::SeqCst))
+            .filter(|&e| e != 0)
+            .min();
+        deferred.retain(|&(tag, c)| {
+            // A request that started at epoch `e > tag` began after the freeing flush
+            // bumped the epoch, so it saw the unmapping.
+            if oldest.is_none_or(|e| e > tag) {
+                clusters.make_free(c);
+                false
+            } else {
+                true
+            }
+        });
+    }
+
     fn clusters(&self) -> stdio::Result<&Clusters> {
         self.clusters
             .as_ref()
@@ -454,14 +546,17 @@ impl Qcow2Shared {
         let l1e = self.l1[i].load(Ordering::Acquire);
         let off = l1e & OFFSET_MASK;
         let cs = self.cluster_size() as usize;
+        let (cw, cm) = (i / 64, 1u64 << (i % 64));
         if off == 0 {
+            // From now on only we write this table: a reload after eviction reads back what
+            // we wrote (entries pointing at clusters allocated since open) unchecked.
+            self.checked[cw].fetch_or(cm, Ordering::AcqRel);
             return Ok(L2Table::from_bytes(&vec![0u8; cs]));
         }
         BUF.with(|b| {
             let mut buf = b.borrow_mut();
             buf.resize(cs, 0);
             io::read_bytes(&self.file, off, &mut buf)?;
-            let (cw, cm) = (i / 64, 1u64 << (i % 64));
             if self.checked[cw].load(Ordering::Acquire) & cm != 0 {
                 return Ok(L2Table::from_bytes(&buf));
             }
@@ -470,16 +565,17 @@ impl Qcow2Shared {
             let bad = !(COPIED | OFFSET_MASK) | (self.cluster_size() - 1);
             for g in 0..self.l2_entries() as usize {
                 let e = be64_at(&buf, g * self.words);
-                if !self.extended && e & bad == 0 && (e == 0 || e & OFFSET_MASK != 0) {
-                    continue;
-                }
-                let b = if self.extended {
-                    be64_at(&buf, g * 2 + 1)
+                let r = if !self.extended && e & bad == 0 && (e == 0 || e & OFFSET_MASK != 0) {
+                    self.check_refs(e)
                 } else {
-                    0
+                    let b = if self.extended {
+                        be64_at(&buf, g * 2 + 1)
+                    } else {
+                        0
+                    };
+                    self.check_entry(e, b).and_then(|()| self.check_refs(e))
                 };
-                self.check_entry(e, b)
-                    .map_err(|m| corrupt(format!("L2 table at {off:#x}, entry {g}: {m}")))?;
+                r.map_err(|m| corrupt(format!("L2 table at {off:#x}, entry {g}: {m}")))?;
             }
             self.checked[cw].fetch_or(cm, Ordering::AcqRel);
             Ok(L2Table::from_bytes(&buf))
@@ -558,6 +654,43 @@ impl Qcow2Shared {
         if self.loaded.load(Ordering::Acquire) > self.cache_tables.load(Ordering::Relaxed) {
             self.shrink_cache(usize::MAX);
         }
+    }
+
+    /// Checks the host clusters an on-disk entry (of a table being loaded for the first
+    /// time, writable images only) references: inside the file, not metadata, and with a
+    /// nonzero refcount. Otherwise a write could land in metadata, or a discard or
+    /// copy-on-write would drop a reference the entry never held (e.g. the header's).
+    fn check_refs(&self, e: u64) -> std::result::Result<(), String> {
+        let Some(clusters) = &self.clusters else {
+            return Ok(());
+        };
+        let one = |c: HostCluster| -> std::result::Result<(), String> {
+            let at = c.0 << self.cluster_bits;
+            if c.0 >= self.file_clusters {
+                return Err(format!(
+                    "references host cluster {at:#x} past the end of the file"
+                ));
+            }
+            if c.0 == 0 || clusters.is_meta(c) {
+                return Err(format!(
+                    "references host cluster {at:#x}, which holds metadata"
+                ));
+            }
+            if clusters.get(c) == 0 {
+                return Err(format!(
+                    "references host cluster {at:#x}, whose refcount is 0"
+                ));
+            }
+            Ok(())
+        };
+        if e & COMPRESSED == 0 {
+            let off = e & OFFSET_MASK;
+            if off == 0 {
+                return Ok(());
+            }
+            return one(HostCluster(off >> self.cluster_bits));
+        }
+        self.entry_refs(e).into_iter().try_for_each(one)
     }
 
     fn check_entry(&self, e: u64, b: u64) -> std::result::Result<(), String> {
@@ -768,28 +901,55 @@ impl Qcow2Shared {
     }
 
     /// Overlap protection: refuses guest data writes to metadata clusters.
+    ///
+    /// Only sets the in-memory corrupt flag (later writes are refused at once): the caller
+    /// may hold a `RESERVED` entry that a flush holding `state` waits for, so the header bit
+    /// is written by [`Qcow2Shared::persist_corrupt`] once nothing is reserved, or by the
+    /// next flush or close.
     fn check_overlap(&self, host: u64) -> stdio::Result<()> {
         let c = HostCluster(host >> self.cluster_bits);
         if c.0 == 0 || self.clusters()?.is_meta(c) {
-            self.corrupt.store(true, Ordering::Release);
-            error!(
-                "{}: guest write would overwrite metadata at {:#x}; marking the image corrupt",
-                self.path.display(),
-                host
-            );
-            let mut st = lock(&self.state);
-            st.incompatible |= INCOMPAT_CORRUPT;
-            if self.hdr.version >= 3 {
-                let _ = io::write_bytes(
-                    &self.file,
-                    header::OFF_INCOMPATIBLE,
-                    &st.incompatible.to_be_bytes(),
+            if !self.corrupt.swap(true, Ordering::AcqRel) {
+                error!(
+                    "{}: guest write would overwrite metadata at {:#x}; marking the image \
+                     corrupt",
+                    self.path.display(),
+                    host
                 );
-                let _ = self.file.sync_data();
             }
             return Err(stdio::Error::from_raw_os_error(libc::EIO));
         }
         Ok(())
+    }
+
+    /// Writes the corrupt bit to the header if overlap protection tripped. Takes `state`:
+    /// never call it while holding a `RESERVED` entry.
+    fn persist_corrupt(&self) {
+        if self.corrupt.load(Ordering::Acquire) {
+            let mut st = lock(&self.state);
+            self.persist_corrupt_locked(&mut st);
+        }
+    }
+
+    fn persist_corrupt_locked(&self, st: &mut MetaState) {
+        if !self.corrupt.load(Ordering::Acquire) || st.incompatible & INCOMPAT_CORRUPT != 0 {
+            return;
+        }
+        st.incompatible |= INCOMPAT_CORRUPT;
+        if self.hdr.version >= 3 {
+            let r = io::write_bytes(
+                &self.file,
+                header::OFF_INCOMPATIBLE,
+                &st.incompatible.to_be_bytes(),
+            )
+            .and_then(|()| self.file.sync_data());
+            if let Err(e) = r {
+                error!(
+                    "{}: writing the corrupt bit failed: {e}",
+                    self.path.display()
+                );
+            }
+        }
     }
 
     /// Host clusters an entry holds a reference to.
@@ -838,7 +998,11 @@ impl Qcow2Shared {
             let (e, b) = self.load_entry(&t, j);
             if self.in_place(e, b) {
                 let h = e & OFFSET_MASK;
-                self.check_overlap(h)?;
+                if let Err(err) = self.check_overlap(h) {
+                    drop(t);
+                    self.persist_corrupt();
+                    return Err(err);
+                }
                 return io::for_each_piece(bufs, pos, n, |p, pp| {
                     io::write_slice(file, h + in_off + pp, &p)
                 });
@@ -867,6 +1031,18 @@ impl Qcow2Shared {
                     t.entries[w].store(new_e, Ordering::Release);
                     t.mark_dirty();
                     self.meta_dirty.store(true, Ordering::Release);
+                    // Only now, with the new entry stored and the table dirty, may the old
+                    // host clusters go to `pending`: a flush that takes them then also
+                    // writes this table (it snapshots dirty tables after taking `pending`),
+                    // so they are unreferenced only once the on-disk entry no longer points
+                    // at them. (A fresh allocation has nothing to unreference and takes no
+                    // shared lock.)
+                    if new_e & OFFSET_MASK != e & OFFSET_MASK || e & COMPRESSED != 0 {
+                        let refs = self.entry_refs(e);
+                        if !refs.is_empty() {
+                            lock(&self.pending).extend(refs);
+                        }
+                    }
                     Ok(())
                 }
                 Err(err) => {
@@ -875,6 +1051,11 @@ impl Qcow2Shared {
                 }
             };
             t.unpin();
+            if r.is_err() {
+                // Overlap protection may have tripped while we held the reservation; the
+                // header bit is written only now that nothing waits on us.
+                self.persist_corrupt();
+            }
             return r;
         }
     }
@@ -942,14 +1123,6 @@ impl Qcow2Shared {
             scratch.cluster = buf;
             if let Err(err) = r {
                 return fail(err);
-            }
-        }
-        if !reuse {
-            // Only copy-on-write of a mapped cluster leaves something to unreference: a
-            // fresh allocation takes no shared lock.
-            let refs = self.entry_refs(e);
-            if !refs.is_empty() {
-                lock(&self.pending).extend(refs);
             }
         }
         Ok(host | COPIED)
@@ -1100,6 +1273,7 @@ impl Qcow2Shared {
             return Ok(());
         }
         let mut st = lock(&self.state);
+        self.persist_corrupt_locked(&mut st);
         if !self.meta_dirty.swap(false, Ordering::AcqRel) {
             return self.file.sync_data();
         }
@@ -1197,11 +1371,41 @@ impl Qcow2Shared {
         }
         // 6. The unmappings are durable: drop the references.
         if !pending.is_empty() || !unref_after.is_empty() {
-            for c in pending.into_iter().chain(unref_after) {
-                clusters.unref(c)?;
+            // `pending` holds clusters guest data entries referenced: never metadata (loads
+            // refuse such entries; this is the last line of defence). Leaking a cluster is
+            // harmless, dropping a metadata cluster's reference is not.
+            let guarded = pending
+                .into_iter()
+                .filter(|&c| {
+                    let meta = c.0 == 0 || clusters.is_meta(c);
+                    if meta {
+                        error!(
+                            "{}: not unreferencing metadata cluster {:#x} unmapped from guest \
+                             data",
+                            self.path.display(),
+                            c.0 << self.cluster_bits
+                        );
+                    }
+                    !meta
+                })
+                .collect::<Vec<_>>();
+            let mut zero = Vec::new();
+            for c in guarded.into_iter().chain(unref_after) {
+                match clusters.unref_keep(c) {
+                    Ok(true) => zero.push(c),
+                    Ok(false) => {}
+                    // The unmapping is durable already; the cluster stays referenced.
+                    Err(e) => error!("{}: {e}", self.path.display()),
+                }
+            }
+            if !zero.is_empty() {
+                // Requests that started before this bump may still use these clusters.
+                let tag = self.epoch.fetch_add(1, Ordering::SeqCst);
+                lock(&self.deferred).extend(zero.into_iter().map(|c| (tag, c)));
             }
             self.meta_dirty.store(true, Ordering::Release);
         }
+        self.reclaim(clusters);
         Ok(())
     }
 
@@ -1299,6 +1503,7 @@ impl Qcow2Shared {
             }
         }
         let mut st = lock(&self.state);
+        self.persist_corrupt_locked(&mut st);
         if self.hdr.version >= 3
             && self.dirty_on_disk.load(Ordering::Acquire)
             && !self.meta_dirty.load(Ordering::Acquire)
@@ -1490,6 +1695,7 @@ impl BlockImage for Qcow2Image {
     fn queue_handle(&self) -> stdio::Result<Box<dyn ImageQueue>> {
         Ok(Box::new(Qcow2Queue {
             file: self.shared.file.try_clone()?,
+            slot: self.shared.register_slot(),
             shared: self.shared.clone(),
             scratch: Scratch::default(),
         }))
@@ -1529,18 +1735,30 @@ struct Qcow2Queue {
     shared: Arc<Qcow2Shared>,
     file: File,
     scratch: Scratch,
+    /// This handle's request slot (epoch its current request started at, 0 when idle).
+    slot: Arc<AtomicU64>,
+}
+
+impl Qcow2Queue {
+    /// Runs one request with the handle's slot published (see the reuse rule).
+    fn request<T>(&mut self, f: impl FnOnce(&Qcow2Shared, &File, &mut Scratch) -> T) -> T {
+        self.shared.begin_request(&self.slot);
+        let r = f(&self.shared, &self.file, &mut self.scratch);
+        self.shared.end_request(&self.slot);
+        r
+    }
 }
 
 impl ImageQueue for Qcow2Queue {
     fn read(&mut self, offset: u64, bufs: &[GuestSlice<'_>]) -> stdio::Result<()> {
         let len = super::slices_len(bufs);
-        self.shared
-            .read_range(&self.file, &mut self.scratch, offset, len, bufs, 0)
+        self.request(|s, file, scratch| s.read_range(file, scratch, offset, len, bufs, 0))
     }
 
     fn write(&mut self, offset: u64, bufs: &[GuestSlice<'_>], durable: bool) -> stdio::Result<()> {
-        self.shared
-            .write_range(&self.file, &mut self.scratch, offset, bufs)?;
+        self.request(|s, file, scratch| s.write_range(file, scratch, offset, bufs))?;
+        // Flushing outside the request: the data is written, so clusters this flush frees
+        // need not wait for us.
         if durable {
             self.shared.flush()?;
         }
@@ -1552,12 +1770,11 @@ impl ImageQueue for Qcow2Queue {
     }
 
     fn discard(&mut self, offset: u64, len: u64) -> stdio::Result<()> {
-        self.shared.discard_range(offset, len)
+        self.request(|s, _, _| s.discard_range(offset, len))
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64, _unmap: bool) -> stdio::Result<()> {
-        self.shared
-            .write_zeroes_range(&self.file, &mut self.scratch, offset, len)
+        self.request(|s, file, scratch| s.write_zeroes_range(file, scratch, offset, len))
     }
 }
 
@@ -1568,7 +1785,7 @@ impl ImageQueue for Qcow2Queue {
 pub mod bench_support {
     use std::io as stdio;
     use std::path::Path;
-    use std::sync::atomic::Ordering;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
 
     use vm_memory::VolatileSlice;
@@ -1615,13 +1832,16 @@ pub mod bench_support {
     pub struct Image {
         pub(crate) shared: Arc<Qcow2Shared>,
         scratch: Scratch,
+        pub(crate) slot: Arc<AtomicU64>,
     }
 
     impl Image {
         /// Opens the image at `path` (repairing it first if it is dirty and writable).
         pub fn open(path: &Path, read_only: bool) -> Result<Image> {
+            let shared = Arc::new(Qcow2Shared::open(path, read_only, 0)?);
             Ok(Image {
-                shared: Arc::new(Qcow2Shared::open(path, read_only, 0)?),
+                slot: shared.register_slot(),
+                shared,
                 scratch: Scratch::default(),
             })
         }
@@ -1630,6 +1850,7 @@ pub mod bench_support {
         #[cfg(test)]
         pub(crate) fn from_shared(shared: Arc<Qcow2Shared>) -> Image {
             Image {
+                slot: shared.register_slot(),
                 shared,
                 scratch: Scratch::default(),
             }
@@ -1660,16 +1881,24 @@ pub mod bench_support {
         /// Writes `data` at guest offset `off`.
         pub fn write(&mut self, off: u64, data: &mut [u8]) -> stdio::Result<()> {
             let s = [VolatileSlice::from(data)];
-            self.shared
-                .write_range(&self.shared.file, &mut self.scratch, off, &s)
+            self.shared.begin_request(&self.slot);
+            let r = self
+                .shared
+                .write_range(&self.shared.file, &mut self.scratch, off, &s);
+            self.shared.end_request(&self.slot);
+            r
         }
 
         /// Reads `buf.len()` bytes at guest offset `off`.
         pub fn read(&mut self, off: u64, buf: &mut [u8]) -> stdio::Result<()> {
             let len = buf.len() as u64;
             let s = [VolatileSlice::from(buf)];
-            self.shared
-                .read_range(&self.shared.file, &mut self.scratch, off, len, &s, 0)
+            self.shared.begin_request(&self.slot);
+            let r = self
+                .shared
+                .read_range(&self.shared.file, &mut self.scratch, off, len, &s, 0);
+            self.shared.end_request(&self.slot);
+            r
         }
 
         /// Marks the first `n` L2 tables currently in memory dirty (as a write would);
@@ -1727,6 +1956,83 @@ mod tests {
         (0..len as u64)
             .map(|k| ((off >> 9) ^ (k * 31) ^ (off >> 20)) as u8)
             .collect()
+    }
+
+    /// Reuse rule: a cluster freed while a request was in flight is not handed out again
+    /// until that request has finished.
+    #[test]
+    fn freed_cluster_waits_for_requests_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.qcow2");
+        Qcow2Image::create(&path, 16 * CS).unwrap();
+        let mut a = Image::open(&path, false).unwrap();
+        let b = Image::from_shared(a.shared.clone());
+        a.write(0, &mut pattern(0, CS as usize)).unwrap();
+        a.flush().unwrap();
+        let x = a.lookup(0).unwrap().unwrap();
+        // B starts a request (it could have looked up guest cluster 0 -> x).
+        a.shared.begin_request(&b.slot);
+        a.shared.discard_range(0, CS).unwrap();
+        a.flush().unwrap();
+        a.flush().unwrap();
+        let cx = super::alloc::HostCluster(x / CS);
+        assert_eq!(a.shared.clusters().unwrap().get(cx), 0, "unreferenced");
+        a.write(CS, &mut pattern(CS, CS as usize)).unwrap();
+        assert_ne!(
+            a.lookup(CS).unwrap(),
+            Some(x),
+            "reused under a request in flight"
+        );
+        // B finishes: the next flush frees x for good.
+        a.shared.end_request(&b.slot);
+        a.flush().unwrap();
+        a.write(2 * CS, &mut pattern(2 * CS, CS as usize)).unwrap();
+        assert_eq!(a.lookup(2 * CS).unwrap(), Some(x), "reused once idle");
+        // A request that starts after the free does not hold it back.
+        a.shared.discard_range(2 * CS, CS).unwrap();
+        a.flush().unwrap();
+        a.shared.begin_request(&b.slot);
+        a.flush().unwrap();
+        a.write(3 * CS, &mut pattern(3 * CS, CS as usize)).unwrap();
+        a.shared.end_request(&b.slot);
+        assert_eq!(
+            a.lookup(3 * CS).unwrap(),
+            Some(x),
+            "not held back by a later request"
+        );
+        a.close().unwrap();
+    }
+
+    /// Overlap protection tripping on the copy-on-write path (entry reserved) fails the
+    /// request, refuses later writes and writes the corrupt bit once the entry is released.
+    #[test]
+    fn overlap_on_reserved_entry_marks_corrupt() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.qcow2");
+        Qcow2Image::create(&path, 16 * CS).unwrap();
+        let mut a = Image::open(&path, false).unwrap();
+        a.write(0, &mut pattern(0, CS as usize)).unwrap();
+        a.flush().unwrap();
+        let x = a.lookup(0).unwrap().unwrap();
+        {
+            // A preallocated zero cluster (reused in place by copy-on-write) whose host
+            // cluster has become metadata.
+            let t = a.shared.table(0).unwrap();
+            assert!(t.pin());
+            t.entries[0].store(x | super::COPIED | super::ZERO, Ordering::Release);
+            t.mark_dirty();
+            t.unpin();
+            let c = a.shared.clusters().unwrap();
+            c.set_meta(super::alloc::HostCluster(x / CS), true);
+        }
+        let e = a.write(512, &mut vec![1u8; 512]).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+        let hdr = std::fs::read(&path).unwrap();
+        assert_eq!(hdr[79] & 2, 2, "corrupt bit written");
+        assert!(a.write(CS, &mut vec![1u8; 512]).is_err(), "writes refused");
+        // The entry was restored, not left reserved: flush completes.
+        a.flush().unwrap();
     }
 
     /// Writes from several threads over many more L2 tables than a 4-table cache holds,

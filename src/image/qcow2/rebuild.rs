@@ -83,29 +83,89 @@ fn span(s: &Qcow2Shared, off: u64, len: u64) -> std::ops::Range<u64> {
     (off >> cb)..((off + len.max(1)).div_ceil(1 << cb))
 }
 
-/// Metadata clusters that are not L2 tables: header, L1, refcount table, snapshot table and
-/// snapshot L1 tables.
-fn fixed_meta(s: &Qcow2Shared, file_len: u64) -> R<Vec<(u64, u64)>> {
+/// Metadata areas that are not L2 tables or refcount blocks, as (offset, length, what):
+/// header, L1, refcount table, snapshot table, snapshot L1 tables and bitmap structures.
+fn fixed_meta(s: &Qcow2Shared, file_len: u64) -> R<Vec<(u64, u64, &'static str)>> {
     let h = &s.hdr;
     let cs = s.cluster_size();
     let mut v = vec![
-        (0, cs),
-        (h.l1_table_offset, u64::from(h.l1_size) * 8),
+        (0, cs, "the header"),
+        (h.l1_table_offset, u64::from(h.l1_size) * 8, "the L1 table"),
         (
             h.refcount_table_offset,
             u64::from(h.refcount_table_clusters) * cs,
+            "the refcount table",
         ),
     ];
     let (tlen, snaps) = snapshots(s, file_len)?;
     if tlen > 0 {
-        v.push((h.snapshots_offset, tlen));
+        v.push((h.snapshots_offset, tlen, "the snapshot table"));
     }
     for (o, n) in snaps {
         if n > 0 {
-            v.push((o, u64::from(n) * 8));
+            v.push((o, u64::from(n) * 8, "a snapshot L1 table"));
         }
     }
-    v.extend(bitmaps(s, file_len, false)?);
+    v.extend(
+        bitmaps(s, file_len, false)?
+            .into_iter()
+            .map(|(o, l)| (o, l, "a persistent bitmap structure")),
+    );
+    Ok(v)
+}
+
+/// Refuses metadata structures that share a host cluster or lie past the end of the file:
+/// writing one of them back (refcount blocks, L2 tables, L1) would overwrite the other.
+/// `areas` are (offset, length, what); empty areas are ignored.
+fn check_meta_layout(s: &Qcow2Shared, file_len: u64, areas: &[(u64, u64, &'static str)]) -> R<()> {
+    let cs = s.cluster_size();
+    let nclusters = file_len.div_ceil(cs);
+    let mut owners: Vec<(u64, &'static str)> = Vec::new();
+    for &(o, l, what) in areas {
+        if l == 0 {
+            continue;
+        }
+        for c in span(s, o, l) {
+            if c >= nclusters {
+                return invalid(format!(
+                    "{what} (cluster {:#x}) lies past the end of the file",
+                    c * cs
+                ));
+            }
+            owners.push((c, what));
+        }
+    }
+    owners.sort_unstable();
+    for w in owners.windows(2) {
+        if w[0].0 == w[1].0 {
+            return invalid(format!(
+                "metadata overlap: cluster {:#x} is used by {} and by {}; repair with \
+                 'qemu-img check -r all'",
+                w[0].0 * cs,
+                w[0].1,
+                w[1].1
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Every metadata area of the active image: the fixed ones, refcount blocks and the active
+/// L2 tables.
+fn all_meta(s: &Qcow2Shared, file_len: u64, rt: &[u64]) -> R<Vec<(u64, u64, &'static str)>> {
+    let cs = s.cluster_size();
+    let mut v = fixed_meta(s, file_len)?;
+    for &e in rt {
+        if e != 0 {
+            v.push((e, cs, "a refcount block"));
+        }
+    }
+    for e in &s.l1 {
+        let off = e.load(Ordering::Relaxed) & OFFSET_MASK;
+        if off != 0 {
+            v.push((off, cs, "an L2 table"));
+        }
+    }
     Ok(v)
 }
 
@@ -190,25 +250,17 @@ pub fn load(s: &Qcow2Shared, file_len: u64) -> R<(Vec<u64>, Vec<HostCluster>)> {
         if e == 0 || i * per_block >= nclusters {
             continue;
         }
-        meta.push(HostCluster(e / cs));
         qio::read_bytes(&s.file, e, &mut buf)?;
         let vals = refcount::decode_block(&buf, s.hdr.refcount_order);
         let base = i * per_block;
         let n = per_block.min(nclusters - base);
         rc[base..base + n].copy_from_slice(&vals[..n]);
     }
-    for &e in &rt {
-        if e != 0 {
-            meta.push(HostCluster(e / cs));
-        }
-    }
-    for (o, l) in fixed_meta(s, file_len)? {
-        meta.extend(span(s, o, l).map(HostCluster));
-    }
-    for e in &s.l1 {
-        let off = e.load(Ordering::Relaxed) & OFFSET_MASK;
-        if off != 0 {
-            meta.push(HostCluster(off / cs));
+    let areas = all_meta(s, file_len, &rt)?;
+    check_meta_layout(s, file_len, &areas)?;
+    for (o, l, _) in areas {
+        if l > 0 {
+            meta.extend(span(s, o, l).map(HostCluster));
         }
     }
     for m in &meta {
@@ -241,12 +293,14 @@ pub fn rebuild(s: &Qcow2Shared, file_len: u64) -> R<(Vec<u64>, Vec<HostCluster>)
         }
         Ok(())
     };
-    for (o, l) in fixed_meta(s, file_len)? {
+    let rt = rt_entries(s, file_len)?;
+    check_meta_layout(s, file_len, &all_meta(s, file_len, &rt)?)?;
+    for (o, l, _) in fixed_meta(s, file_len)? {
         for c in span(s, o, l) {
             add(c, true, &mut rc)?;
         }
     }
-    for e in rt_entries(s, file_len)? {
+    for e in rt {
         if e != 0 {
             add(e / cs, true, &mut rc)?;
         }
