@@ -148,7 +148,7 @@ impl BlkBackend {
                 counters,
             ));
         }
-        let mem = self.mem.memory();
+        let mut mem = self.mem.memory();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let mut vring = vring.get_mut();
         let (gen, region) = self.channel.inflight();
@@ -174,7 +174,16 @@ impl BlkBackend {
                     .disable_notification()
                     .map_err(|e| io::Error::other(format!("disable notification: {e}")))?;
             }
-            let used = handler.process_queue(vring.get_queue_mut(), &mem, &mut tracker);
+            let run = {
+                let current: &GuestMem = &mem;
+                let mut changed = || self.channel.memory_settles(&self.mem, current);
+                handler.process_queue(vring.get_queue_mut(), &mem, &mut tracker, &mut changed)
+            };
+            if run.memory_changed {
+                mem = self.mem.memory();
+                continue;
+            }
+            let used = run.used;
             if used
                 && vring
                     .needs_notification()

@@ -17,7 +17,7 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -25,7 +25,11 @@ use arc_swap::ArcSwapOption;
 use log::{debug, warn};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+
 use crate::inflight::InflightRegion;
+use crate::stats::now_ns;
+use crate::virtio_blk::GuestMem;
 
 /// Largest payload relayed (vhost-user messages are far smaller).
 pub const MAX_PAYLOAD: usize = 64 * 1024;
@@ -34,6 +38,12 @@ const MAX_FDS: usize = 32;
 /// Header size: request, flags, size (three little-endian u32).
 const HDR: usize = 12;
 
+/// `VHOST_USER_SET_MEM_TABLE`.
+const SET_MEM_TABLE: u32 = 5;
+/// `VHOST_USER_ADD_MEM_REG`.
+const ADD_MEM_REG: u32 = 37;
+/// `VHOST_USER_REM_MEM_REG`.
+const REM_MEM_REG: u32 = 38;
 /// `VHOST_USER_SET_PROTOCOL_FEATURES`.
 const SET_PROTOCOL_FEATURES: u32 = 16;
 /// `VHOST_USER_SET_BACKEND_REQ_FD`.
@@ -57,7 +67,6 @@ const SET_INFLIGHT_FD: u32 = 32;
 const INFLIGHT_MSG: usize = 24;
 
 /// What the relay learned about one connection, and the way back to the frontend.
-#[derive(Default)]
 pub struct Channel {
     /// Our duplicate of the backend-to-frontend channel, once the frontend sent it.
     backend_req: Mutex<Option<UnixStream>>,
@@ -68,9 +77,67 @@ pub struct Channel {
     inflight_gen: AtomicU64,
     /// Regions handed out by GET_INFLIGHT_FD, kept until the frontend sets one.
     offered: Mutex<Option<Arc<InflightRegion>>>,
+    /// The frontend connection's fd (-1 before the relay starts), to see unread messages.
+    frontend_fd: AtomicI32,
+    /// [`now_ns`] when the last memory table message was relayed (0: never).
+    last_mem_msg_ns: AtomicU64,
+}
+
+impl Default for Channel {
+    fn default() -> Self {
+        Channel {
+            backend_req: Mutex::new(None),
+            reply_ack: AtomicBool::new(false),
+            inflight: ArcSwapOption::empty(),
+            inflight_gen: AtomicU64::new(0),
+            offered: Mutex::new(None),
+            frontend_fd: AtomicI32::new(-1),
+            last_mem_msg_ns: AtomicU64::new(0),
+        }
+    }
 }
 
 impl Channel {
+    /// Called when a request referenced memory the worker's map `current` lacks. If a memory
+    /// table update may be on its way (messages not yet read from the frontend, or one relayed
+    /// in the last second), waits up to 200 ms for the shared map to change and returns whether
+    /// it did. The frontend may legitimately kick a queue right after sending an update without
+    /// waiting for its reply; the kick (an eventfd) can then overtake the update.
+    pub fn memory_settles(&self, mem: &GuestMemoryAtomic<GuestMem>, current: &GuestMem) -> bool {
+        let recent = {
+            let t = self.last_mem_msg_ns.load(Ordering::Acquire);
+            t != 0 && now_ns().saturating_sub(t) < 1_000_000_000
+        };
+        if !recent && !self.frontend_has_unread() {
+            return false;
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(200);
+        loop {
+            if !std::ptr::eq(
+                &*mem.memory() as *const GuestMem,
+                current as *const GuestMem,
+            ) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    fn frontend_has_unread(&self) -> bool {
+        let fd = self.frontend_fd.load(Ordering::Acquire);
+        if fd < 0 {
+            return false;
+        }
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one c_int through the pointer, a live local; the fd is the
+        // frontend socket, open while the relay (and so this connection) lives.
+        let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+        r == 0 && n > 0
+    }
+
     /// The current inflight region and its generation.
     pub fn inflight(&self) -> (u64, Option<Arc<InflightRegion>>) {
         let gen = self.inflight_gen.load(Ordering::Acquire);
@@ -242,6 +309,8 @@ pub fn start(
     chan: Arc<Channel>,
 ) -> io::Result<[JoinHandle<()>; 2]> {
     let (f2, h2) = (frontend.try_clone()?, handler.try_clone()?);
+    chan.frontend_fd
+        .store(frontend.as_raw_fd(), Ordering::Release);
     let lock = Arc::new(Mutex::new(()));
     let lock2 = lock.clone();
     let to_handler = std::thread::Builder::new()
@@ -346,6 +415,9 @@ fn set_inflight(chan: &Channel, msg: &Message) -> Option<Message> {
 }
 
 fn inspect_frontend(chan: &Channel, msg: &Message) -> Action {
+    if matches!(msg.request(), SET_MEM_TABLE | ADD_MEM_REG | REM_MEM_REG) {
+        chan.last_mem_msg_ns.store(now_ns(), Ordering::Release);
+    }
     match msg.request() {
         GET_INFLIGHT_FD => return Action::Answered(Some(get_inflight(chan, msg))),
         SET_INFLIGHT_FD => return Action::Answered(set_inflight(chan, msg)),

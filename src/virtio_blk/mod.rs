@@ -12,4 +12,4 @@ mod tests;
 
 pub use chain::GuestMem;
 pub use config::DeviceParams;
-pub use request::{ChainTracker, DeviceState, RequestHandler};
+pub use request::{ChainTracker, DeviceState, QueueRun, RequestHandler};

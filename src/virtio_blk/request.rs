@@ -151,6 +151,18 @@ pub struct RequestHandler {
     state: Arc<DeviceState>,
     layout: ChainLayout,
     counters: Arc<QueueCounters>,
+    /// The request being prepared referenced an address outside guest memory.
+    bad_address: bool,
+}
+
+/// What one [`RequestHandler::process_queue`] call did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueRun {
+    /// Some chain went to the used ring (the driver may need a notification).
+    pub used: bool,
+    /// A chain referenced memory the current map lacks, and the map has since changed: the
+    /// chain was put back and the queue must be processed again with the new map.
+    pub memory_changed: bool,
 }
 
 impl RequestHandler {
@@ -167,6 +179,7 @@ impl RequestHandler {
             state,
             layout: ChainLayout::default(),
             counters,
+            bad_address: false,
         }
     }
 
@@ -175,8 +188,12 @@ impl RequestHandler {
         &self.counters
     }
 
-    /// Processes every available chain of `queue`. Returns whether any chain was returned to
-    /// the used ring (and so the driver may need a notification).
+    /// Processes every available chain of `queue`.
+    ///
+    /// A chain whose buffers lie outside `mem` may be racing a memory table update (a frontend
+    /// may kick before the update sent just before has been applied): then `memory_changed` is
+    /// asked whether the map has changed meanwhile, and if so the chain is put back and the
+    /// call returns so the caller can retry with the new map. Otherwise the chain fails.
     ///
     /// Consecutive reads and writes are gathered into a batch that the image may run
     /// concurrently ([`ImageQueue::run_batch`]); any other request first completes the batch
@@ -187,7 +204,8 @@ impl RequestHandler {
         queue: &mut Queue,
         mem: &GuestMem,
         tracker: &mut impl ChainTracker,
-    ) -> bool {
+        memory_changed: &mut dyn FnMut() -> bool,
+    ) -> QueueRun {
         let mut used_any = false;
         let mut pending: Vec<Pending> = Vec::new();
         let mut ops: Vec<BatchOp<'_>> = Vec::new();
@@ -221,6 +239,7 @@ impl RequestHandler {
             if !pending.is_empty() && !self.is_read_or_write(mem) {
                 self.complete_batch(queue, mem, tracker, &mut pending, &mut ops, &mut results);
             }
+            self.bad_address = false;
             let (kind, step) = match status_addr {
                 // Without a status byte there is nothing to report: don't execute.
                 None => (ReqKind::Other, Step::Done(Done::err(status::IOERR))),
@@ -228,6 +247,25 @@ impl RequestHandler {
             };
             let io_op = match step {
                 Step::Io(op, done) => Some((op, done)),
+                Step::Done(_) if self.bad_address && memory_changed() => {
+                    if !pending.is_empty() {
+                        self.complete_batch(
+                            queue,
+                            mem,
+                            tracker,
+                            &mut pending,
+                            &mut ops,
+                            &mut results,
+                        );
+                    }
+                    // Put the chain back: it is taken again with the new map.
+                    queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                    self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    return QueueRun {
+                        used: used_any,
+                        memory_changed: true,
+                    };
+                }
                 Step::Done(done) => {
                     // Keep completions in the order chains were taken (a read/write that
                     // failed validation, or a chain without a status byte, must not overtake
@@ -258,7 +296,10 @@ impl RequestHandler {
                 });
             }
         }
-        used_any
+        QueueRun {
+            used: used_any,
+            memory_changed: false,
+        }
     }
 
     /// Whether the loaded chain's header says IN or OUT (a malformed chain is not).
@@ -363,7 +404,8 @@ impl RequestHandler {
             return (ReqKind::Other, Step::Done(Done::err(status::IOERR)));
         }
         let mut hdr = [0u8; HEADER_LEN as usize];
-        if gather(mem, &self.layout.readable, 0, &mut hdr).is_err() {
+        if let Err(e) = gather(mem, &self.layout.readable, 0, &mut hdr) {
+            self.bad_address = e == ChainError::BadGuestAddress;
             debug!("request header missing or unreadable");
             return (ReqKind::Other, Step::Done(Done::err(status::IOERR)));
         }
@@ -429,6 +471,7 @@ impl RequestHandler {
                 return fail;
             }
             Err(e) => {
+                self.bad_address = e == ChainError::BadGuestAddress;
                 debug!("IN buffers: {e:?}");
                 return fail;
             }
@@ -469,6 +512,7 @@ impl RequestHandler {
                 return fail;
             }
             Err(e) => {
+                self.bad_address = e == ChainError::BadGuestAddress;
                 debug!("OUT buffers: {e:?}");
                 return fail;
             }

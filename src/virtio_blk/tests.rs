@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::config::{features, req_type, serial_bytes, status, DeviceParams};
@@ -164,7 +164,11 @@ impl Rig {
         let vq = MockSplitQueue::new(&self.mem, 16);
         vq.build_desc_chain(&raw).unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
-        assert!(self.handler.process_queue(&mut q, &self.mem, &mut ()));
+        assert!(
+            self.handler
+                .process_queue(&mut q, &self.mem, &mut (), &mut || false)
+                .used
+        );
         let used = vq.used().ring().ref_at(0).unwrap().load();
         assert_eq!(used.id(), 0);
         let st: u8 = self.mem.read_obj(GuestAddress(status_addr)).unwrap();
@@ -756,7 +760,11 @@ fn many_chains_in_one_kick_all_complete() {
     }
     vq.add_desc_chains(&raw, 0).unwrap();
     let mut q: Queue = vq.create_queue().unwrap();
-    assert!(r.handler.process_queue(&mut q, &r.mem, &mut ()));
+    assert!(
+        r.handler
+            .process_queue(&mut q, &r.mem, &mut (), &mut || false)
+            .used
+    );
     for i in 0..5 {
         let used = vq.used().ring().ref_at(i).unwrap().load();
         assert_eq!(used.id(), (i * 3) as u32);
@@ -817,7 +825,11 @@ fn reads_and_writes_are_batched_and_flush_splits_batches() {
     }
     vq.add_desc_chains(&raw, 0).unwrap();
     let mut q: Queue = vq.create_queue().unwrap();
-    assert!(r.handler.process_queue(&mut q, &r.mem, &mut ()));
+    assert!(
+        r.handler
+            .process_queue(&mut q, &r.mem, &mut (), &mut || false)
+            .used
+    );
     let calls = r.disk.calls();
     assert_eq!(calls[0], "batch 3", "{calls:?}");
     assert_eq!(calls[4], "flush", "{calls:?}");
@@ -863,7 +875,11 @@ fn invalid_request_does_not_overtake_the_batch_before_it() {
     ];
     vq.add_desc_chains(&raw, 0).unwrap();
     let mut q: Queue = vq.create_queue().unwrap();
-    assert!(r.handler.process_queue(&mut q, &r.mem, &mut ()));
+    assert!(
+        r.handler
+            .process_queue(&mut q, &r.mem, &mut (), &mut || false)
+            .used
+    );
     let heads: Vec<u32> = (0..3)
         .map(|i| vq.used().ring().ref_at(i).unwrap().load().id())
         .collect();
@@ -876,4 +892,40 @@ fn invalid_request_does_not_overtake_the_batch_before_it() {
         .map(|i| r.mem.read_obj(GuestAddress(0x3000 + i)).unwrap())
         .collect();
     assert_eq!(st, vec![status::OK, status::IOERR]);
+}
+
+#[test]
+fn chain_outside_memory_is_put_back_when_the_map_changed() {
+    let mut r = Rig::new(params());
+    let vq = MockSplitQueue::new(&r.mem, 16);
+    r.header(0x1000, req_type::OUT, 0);
+    let d = |a: u64, l: u32, f: u16, n: u16| RawDescriptor::from(SplitDescriptor::new(a, l, f, n));
+    // Data outside guest memory: as if the region were added by an update not yet applied.
+    vq.add_desc_chains(
+        &[
+            d(0x1000, 16, 1, 1),
+            d(0x4000_0000, 512, 1, 2),
+            d(0x3000, 1, F_WRITE, 0),
+        ],
+        0,
+    )
+    .unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    let mut asked = 0;
+    let run = r.handler.process_queue(&mut q, &r.mem, &mut (), &mut || {
+        asked += 1;
+        true
+    });
+    assert_eq!(asked, 1);
+    assert!(run.memory_changed && !run.used);
+    assert_eq!(q.next_avail(), 0, "the chain was put back");
+    assert_eq!(r.handler.counters().in_flight.load(Ordering::Relaxed), 0);
+    // Without a map change it fails with IOERR as before.
+    let run = r
+        .handler
+        .process_queue(&mut q, &r.mem, &mut (), &mut || false);
+    assert!(run.used && !run.memory_changed);
+    let st: u8 = r.mem.read_obj(GuestAddress(0x3000)).unwrap();
+    assert_eq!(st, status::IOERR);
+    assert!(r.disk.calls().is_empty());
 }
