@@ -14,6 +14,7 @@ use serde_json::json;
 
 use vhost_user_blk::backend::MAX_QUEUES;
 use vhost_user_blk::device::Device;
+use vhost_user_blk::image::fault::{FaultImage, FaultSpec};
 use vhost_user_blk::image::null::NullImage;
 use vhost_user_blk::image::{
     create_image, open_image_cached, BlockImage, ImageFormat, ImageOptions,
@@ -112,6 +113,16 @@ struct Cli {
     /// space with 64 KiB clusters; the default 32M covers 256 GiB.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     metadata_cache: Option<u64>,
+
+    /// After each batch, busy-poll the queue this many microseconds for more requests before
+    /// sleeping (0 disables polling: lowest CPU use, higher latency).
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = 32)]
+    poll_us: u64,
+
+    /// Testing only: make operations fail, e.g. write:eio:after=100:count=10 (see
+    /// src/image/fault.rs).
+    #[arg(long, value_name = "SPEC", hide = true)]
+    inject_faults: Option<FaultSpec>,
 
     /// Open the image with O_DIRECT (bypass the host page cache).
     #[arg(long)]
@@ -310,6 +321,13 @@ fn open(cli: &Cli) -> Result<(PathBuf, Arc<dyn BlockImage>)> {
         },
         cli.metadata_cache,
     )?;
+    let image: Arc<dyn BlockImage> = match cli.inject_faults {
+        Some(spec) => {
+            log::warn!("injecting faults: {spec:?}");
+            Arc::new(FaultImage::new(image, spec))
+        }
+        None => image,
+    };
     Ok((path, image))
 }
 
@@ -389,12 +407,14 @@ fn run(cli: Cli) -> Result<()> {
             "write-back"
         },
     );
-    let device = Arc::new(Device::new(
+    let mut device = Device::new(
         image,
         params,
         usize::from(cli.queue_size),
         !cli.writethrough,
-    ));
+    );
+    device.poll_ns = cli.poll_us.saturating_mul(1000);
+    let device = Arc::new(device);
     if let Some(l) = control_listener {
         control::spawn(l, device.clone()).map_err(|e| Error::io("start control socket", e))?;
     }

@@ -5,6 +5,7 @@
 //! path takes no lock shared by all queues. The request layer (`virtio_blk`) only ever talks to
 //! these two traits; formats (raw, qcow2) plug in underneath.
 
+pub mod fault;
 pub mod format;
 pub mod null;
 pub mod qcow2;

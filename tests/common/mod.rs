@@ -62,6 +62,8 @@ pub struct DaemonConfig {
     pub logical_block_size: Option<u32>,
     pub direct: bool,
     pub writethrough: bool,
+    /// Extra arguments for our binary (ignored for QSD).
+    pub extra_args: Vec<String>,
 }
 
 impl DaemonConfig {
@@ -82,6 +84,10 @@ impl DaemonConfig {
     }
     pub fn serial(mut self, s: &str) -> Self {
         self.serial = Some(s.to_string());
+        self
+    }
+    pub fn arg(mut self, a: &str) -> Self {
+        self.extra_args.push(a.to_string());
         self
     }
 }
@@ -125,6 +131,7 @@ fn backend_command(backend: Backend, socket: &Path, image: &Path, cfg: &DaemonCo
             if cfg.writethrough {
                 cmd.arg("--writethrough");
             }
+            cmd.args(&cfg.extra_args);
             cmd.arg("-v");
             cmd
         }
@@ -1200,6 +1207,7 @@ impl Daemon {
                 if cfg.writethrough {
                     cmd.arg("--writethrough");
                 }
+                cmd.args(&cfg.extra_args);
                 cmd
             }
             Backend::Qsd => {

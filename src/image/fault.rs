@@ -1,0 +1,227 @@
+//! Fault injection for tests (`--inject-faults SPEC`, hidden from `--help`).
+//!
+//! Wraps an image so that chosen operations fail with a chosen errno, to test that host I/O
+//! errors reach the guest as IOERR, that the daemon keeps serving, and that the image stays
+//! consistent. SPEC is `OP:ERRNO[:after=N][:count=M]`:
+//!
+//! - `OP`: `read`, `write`, `flush`, `discard`, `write-zeroes` or `any`;
+//! - `ERRNO`: `eio`, `enospc`, `edquot` or a number;
+//! - `after=N`: let the first N matching operations through (default 0);
+//! - `count=M`: fail M operations, then let everything through again (default 0 = forever).
+//!
+//! Operations are counted across all queues.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use super::{BitmapInfo, BlockImage, GuestSlice, ImageQueue, ImageStats};
+
+/// Which operations a fault applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultOp {
+    /// Reads.
+    Read,
+    /// Writes.
+    Write,
+    /// Flushes (from the guest or the host).
+    Flush,
+    /// Discards.
+    Discard,
+    /// Write-zeroes.
+    WriteZeroes,
+    /// Everything.
+    Any,
+}
+
+/// A parsed `--inject-faults` specification.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultSpec {
+    /// Operations that fail.
+    pub op: FaultOp,
+    /// The errno they fail with.
+    pub errno: i32,
+    /// Matching operations let through before failing starts.
+    pub after: u64,
+    /// How many fail (0: all from then on).
+    pub count: u64,
+}
+
+impl std::str::FromStr for FaultSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.split(':');
+        let op = match parts.next().unwrap_or_default() {
+            "read" => FaultOp::Read,
+            "write" => FaultOp::Write,
+            "flush" => FaultOp::Flush,
+            "discard" => FaultOp::Discard,
+            "write-zeroes" => FaultOp::WriteZeroes,
+            "any" => FaultOp::Any,
+            other => return Err(format!("unknown fault operation '{other}'")),
+        };
+        let errno = match parts.next().unwrap_or_default() {
+            "eio" => libc::EIO,
+            "enospc" => libc::ENOSPC,
+            "edquot" => libc::EDQUOT,
+            n => n
+                .parse()
+                .map_err(|_| format!("unknown errno '{n}' (eio, enospc, edquot or a number)"))?,
+        };
+        let mut spec = FaultSpec {
+            op,
+            errno,
+            after: 0,
+            count: 0,
+        };
+        for p in parts {
+            let (k, v) = p
+                .split_once('=')
+                .ok_or_else(|| format!("bad fault option '{p}'"))?;
+            let v: u64 = v.parse().map_err(|_| format!("bad number in '{p}'"))?;
+            match k {
+                "after" => spec.after = v,
+                "count" => spec.count = v,
+                _ => return Err(format!("unknown fault option '{k}'")),
+            }
+        }
+        Ok(spec)
+    }
+}
+
+/// Shared counter of matching operations.
+struct Injector {
+    spec: FaultSpec,
+    seen: AtomicU64,
+}
+
+impl Injector {
+    fn check(&self, op: FaultOp) -> io::Result<()> {
+        if self.spec.op != FaultOp::Any && self.spec.op != op {
+            return Ok(());
+        }
+        let n = self.seen.fetch_add(1, Ordering::Relaxed);
+        let failing = n >= self.spec.after
+            && (self.spec.count == 0 || n < self.spec.after.saturating_add(self.spec.count));
+        if failing {
+            Err(io::Error::from_raw_os_error(self.spec.errno))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// An image whose operations fail as the spec says.
+pub struct FaultImage {
+    inner: Arc<dyn BlockImage>,
+    injector: Arc<Injector>,
+}
+
+impl FaultImage {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn BlockImage>, spec: FaultSpec) -> Self {
+        FaultImage {
+            inner,
+            injector: Arc::new(Injector {
+                spec,
+                seen: AtomicU64::new(0),
+            }),
+        }
+    }
+}
+
+impl BlockImage for FaultImage {
+    fn virtual_size(&self) -> u64 {
+        self.inner.virtual_size()
+    }
+    fn read_only(&self) -> bool {
+        self.inner.read_only()
+    }
+    fn format_name(&self) -> &'static str {
+        self.inner.format_name()
+    }
+    fn discard_granularity(&self) -> u64 {
+        self.inner.discard_granularity()
+    }
+    fn queue_handle(&self) -> io::Result<Box<dyn ImageQueue>> {
+        Ok(Box::new(FaultQueue {
+            inner: self.inner.queue_handle()?,
+            injector: self.injector.clone(),
+        }))
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.injector.check(FaultOp::Flush)?;
+        self.inner.flush()
+    }
+    fn resize(&self, new_size: u64) -> io::Result<()> {
+        self.inner.resize(new_size)
+    }
+    fn stats(&self) -> ImageStats {
+        self.inner.stats()
+    }
+    fn bitmaps(&self) -> Vec<BitmapInfo> {
+        self.inner.bitmaps()
+    }
+    fn clear_bitmap(&self, name: &str) -> io::Result<()> {
+        self.inner.clear_bitmap(name)
+    }
+    fn close(&self) -> io::Result<()> {
+        self.inner.close()
+    }
+}
+
+struct FaultQueue {
+    inner: Box<dyn ImageQueue>,
+    injector: Arc<Injector>,
+}
+
+impl ImageQueue for FaultQueue {
+    fn read(&mut self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()> {
+        self.injector.check(FaultOp::Read)?;
+        self.inner.read(offset, bufs)
+    }
+    fn write(&mut self, offset: u64, bufs: &[GuestSlice<'_>], durable: bool) -> io::Result<()> {
+        self.injector.check(FaultOp::Write)?;
+        self.inner.write(offset, bufs, durable)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.injector.check(FaultOp::Flush)?;
+        self.inner.flush()
+    }
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.injector.check(FaultOp::Discard)?;
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        self.injector.check(FaultOp::WriteZeroes)?;
+        self.inner.write_zeroes(offset, len, unmap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse() {
+        let s: FaultSpec = "write:eio:after=3:count=2".parse().unwrap();
+        assert_eq!(s.op, FaultOp::Write);
+        assert_eq!((s.errno, s.after, s.count), (libc::EIO, 3, 2));
+        assert_eq!("flush:28".parse::<FaultSpec>().unwrap().errno, 28);
+        assert!("write".parse::<FaultSpec>().is_err());
+        assert!("nope:eio".parse::<FaultSpec>().is_err());
+        assert!("read:eio:x=1".parse::<FaultSpec>().is_err());
+    }
+
+    #[test]
+    fn window_of_failures() {
+        let inj = Injector {
+            spec: "write:eio:after=2:count=2".parse().unwrap(),
+            seen: AtomicU64::new(0),
+        };
+        let r: Vec<bool> = (0..6).map(|_| inj.check(FaultOp::Write).is_ok()).collect();
+        assert_eq!(r, vec![true, true, false, false, true, true]);
+        assert!(inj.check(FaultOp::Read).is_ok(), "other ops untouched");
+    }
+}
