@@ -10,6 +10,9 @@ use crate::interposer::Channel;
 use crate::stats::{now_ns, QueueCounters};
 use crate::virtio_blk::DeviceParams;
 
+/// Default busy-poll time after a batch (QEMU's iothread `poll-max-ns` default is 32 µs).
+pub const DEFAULT_POLL_NS: u64 = 32_000;
+
 /// The served disk, shared by the connection loop, every connection's backend and the
 /// control socket.
 pub struct Device {
@@ -21,6 +24,8 @@ pub struct Device {
     pub queue_size: usize,
     /// Default cache mode (true = write-back).
     pub writeback: bool,
+    /// How long a worker busy-polls its queue for more requests after a batch (0: never).
+    pub poll_ns: u64,
     /// One set of counters per queue, accumulated over all connections.
     pub queues: Vec<Arc<QueueCounters>>,
     /// The current frontend connection's relay channel (control path only).
@@ -49,6 +54,7 @@ impl Device {
             params: Arc::new(params),
             queue_size,
             writeback,
+            poll_ns: DEFAULT_POLL_NS,
             queues,
             channel: Mutex::new(None),
             host_flushes: AtomicU64::new(0),

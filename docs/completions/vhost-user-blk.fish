@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_vhost_user_blk_global_optspecs
-    string join \n control-socket= socket-path= fd= print-capabilities blk-file= null-size= read-only format= create= num-queues= queue-size= serial= logical-block-size= metadata-cache= direct writethrough socket-owner= socket-group= socket-mode= v/verbose h/help V/version
+    string join \n control-socket= socket-path= fd= print-capabilities blk-file= null-size= read-only format= create= num-queues= queue-size= serial= logical-block-size= metadata-cache= poll-us= inject-faults= direct writethrough socket-owner= socket-group= socket-mode= v/verbose h/help V/version
 end
 
 function __fish_vhost_user_blk_needs_command
@@ -36,6 +36,8 @@ complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l queue-siz
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l serial -d 'Serial number returned to the guest by GET_ID (at most 20 bytes are used)' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l logical-block-size -d 'Logical block size the guest sees: 512 or 4096' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l metadata-cache -d 'qcow2: bytes of L2 tables kept in memory (e.g. 64M). Each MiB covers 8 GiB of guest space with 64 KiB clusters; the default 32M covers 256 GiB' -r
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l poll-us -d 'After each batch, busy-poll the queue this many microseconds for more requests before sleeping (0 disables polling: lowest CPU use, higher latency)' -r
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l inject-faults -d 'Testing only: make operations fail, e.g. write:eio:after=100:count=10 (see src/image/fault.rs)' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l socket-owner -d 'Owner (user name or uid) of the sockets the daemon creates (needs privilege)' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l socket-group -d 'Group (name or gid) of the sockets the daemon creates, e.g. the VMM\'s group together with --socket-mode 0660' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l socket-mode -d 'Permissions of the socket created by --socket-path, in octal' -r
