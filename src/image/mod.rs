@@ -146,11 +146,16 @@ pub trait ImageQueue: Send {
     /// together, so the image may run them in any order. The default runs them one by one.
     fn run_batch(&mut self, ops: &[BatchOp<'_>], results: &mut Vec<io::Result<()>>) {
         for op in ops {
-            results.push(if op.write {
-                self.write(op.offset, &op.bufs, op.durable)
-            } else {
-                self.read(op.offset, &op.bufs)
-            });
+            results.push(self.run_op(op));
+        }
+    }
+
+    /// Runs one batch op synchronously.
+    fn run_op(&mut self, op: &BatchOp<'_>) -> io::Result<()> {
+        if op.write {
+            self.write(op.offset, &op.bufs, op.durable)
+        } else {
+            self.read(op.offset, &op.bufs)
         }
     }
 }

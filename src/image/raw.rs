@@ -575,11 +575,7 @@ impl RawQueue {
         }
         for (i, op) in ops.iter().enumerate() {
             if ranges[i].is_none() {
-                results[base + i] = if op.write {
-                    self.write(op.offset, &op.bufs, op.durable)
-                } else {
-                    self.read(op.offset, &op.bufs)
-                };
+                results[base + i] = self.run_op(op);
             }
         }
         let fd = self.fd();
@@ -687,11 +683,7 @@ impl ImageQueue for RawQueue {
             return self.ring_batch(ops, results);
         }
         for op in ops {
-            results.push(if op.write {
-                self.write(op.offset, &op.bufs, op.durable)
-            } else {
-                self.read(op.offset, &op.bufs)
-            });
+            results.push(self.run_op(op));
         }
     }
 

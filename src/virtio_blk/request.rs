@@ -456,26 +456,9 @@ impl RequestHandler {
             return fail;
         }
         let len = status_pos;
-        if !self.range_ok(h.sector, len) {
-            debug!(
-                "IN out of range or unaligned: sector {} len {len}",
-                h.sector
-            );
+        let Some(bufs) = self.data_buffers(mem, h, false, len) else {
             return fail;
-        }
-        let mut bufs: Vec<GuestSlice<'m>> = Vec::new();
-        match slices(mem, &self.layout.writable, 0, len, &mut bufs) {
-            Ok(n) if n <= self.params.seg_max as usize => {}
-            Ok(n) => {
-                debug!("IN with {n} segments > seg_max");
-                return fail;
-            }
-            Err(e) => {
-                self.bad_address = e == ChainError::BadGuestAddress;
-                debug!("IN buffers: {e:?}");
-                return fail;
-            }
-        }
+        };
         let op = BatchOp {
             offset: h.sector << SECTOR_SHIFT,
             bufs,
@@ -483,6 +466,44 @@ impl RequestHandler {
             durable: false,
         };
         Step::Io(op, Done::ok(len))
+    }
+
+    /// Checks the range of a read (`write == false`) or write of `len` bytes and returns its
+    /// data buffers: the device-writable bytes before the status byte, or the device-readable
+    /// bytes after the header. `None` (and a debug line) for anything invalid.
+    fn data_buffers<'m>(
+        &mut self,
+        mem: &'m GuestMem,
+        h: Header,
+        write: bool,
+        len: u64,
+    ) -> Option<Vec<GuestSlice<'m>>> {
+        let what = if write { "OUT" } else { "IN" };
+        if !self.range_ok(h.sector, len) {
+            debug!(
+                "{what} out of range or unaligned: sector {} len {len}",
+                h.sector
+            );
+            return None;
+        }
+        let (segs, start) = if write {
+            (&self.layout.readable, HEADER_LEN)
+        } else {
+            (&self.layout.writable, 0)
+        };
+        let mut bufs = Vec::new();
+        match slices(mem, segs, start, len, &mut bufs) {
+            Ok(n) if n <= self.params.seg_max as usize => Some(bufs),
+            Ok(n) => {
+                debug!("{what} with {n} segments > seg_max");
+                None
+            }
+            Err(e) => {
+                self.bad_address = e == ChainError::BadGuestAddress;
+                debug!("{what} buffers: {e:?}");
+                None
+            }
+        }
     }
 
     fn write<'m>(&mut self, mem: &'m GuestMem, h: Header) -> Step<'m> {
@@ -497,26 +518,9 @@ impl RequestHandler {
             return fail;
         }
         let len = self.layout.readable_len - HEADER_LEN.min(self.layout.readable_len);
-        if !self.range_ok(h.sector, len) {
-            debug!(
-                "OUT out of range or unaligned: sector {} len {len}",
-                h.sector
-            );
+        let Some(bufs) = self.data_buffers(mem, h, true, len) else {
             return fail;
-        }
-        let mut bufs: Vec<GuestSlice<'m>> = Vec::new();
-        match slices(mem, &self.layout.readable, HEADER_LEN, len, &mut bufs) {
-            Ok(n) if n <= self.params.seg_max as usize => {}
-            Ok(n) => {
-                debug!("OUT with {n} segments > seg_max");
-                return fail;
-            }
-            Err(e) => {
-                self.bad_address = e == ChainError::BadGuestAddress;
-                debug!("OUT buffers: {e:?}");
-                return fail;
-            }
-        }
+        };
         let op = BatchOp {
             offset: h.sector << SECTOR_SHIFT,
             bufs,
