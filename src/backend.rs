@@ -135,7 +135,15 @@ impl BlkBackend {
             .lock()
             .map_err(|_| io::Error::other("worker state poisoned"))?;
         if worker.handler.is_none() {
-            let queue = self.device.image.queue_handle()?;
+            // A failure (e.g. out of fds) is retried on the next kick rather than ending
+            // this queue's worker thread.
+            let queue = match self.device.image.queue_handle() {
+                Ok(q) => q,
+                Err(e) => {
+                    warn!("queue {thread_id}: cannot open an image handle: {e}");
+                    return Ok(());
+                }
+            };
             let counters = self
                 .device
                 .queues

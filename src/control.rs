@@ -160,6 +160,9 @@ fn execute(device: &Device, req: Request) -> Result<Value, String> {
 }
 
 fn resize(device: &Device, size: u64) -> Result<Value, String> {
+    // Check and grow under one lock: two clients resizing at once must not shrink the file
+    // behind a capacity the guest was already told about.
+    let _guard = device.resize_lock.lock().unwrap_or_else(|e| e.into_inner());
     let current = device.params.capacity_sectors() << SECTOR_SHIFT;
     let lbs = u64::from(device.params.logical_block_size);
     if device.params.read_only {

@@ -36,6 +36,8 @@ pub struct Device {
     pub last_host_flush_ns: AtomicU64,
     /// When the device was created.
     pub started: Instant,
+    /// Serialises online resizes (control path only).
+    pub resize_lock: Mutex<()>,
 }
 
 impl Device {
@@ -60,6 +62,7 @@ impl Device {
             host_flushes: AtomicU64::new(0),
             last_host_flush_ns: AtomicU64::new(0),
             started: Instant::now(),
+            resize_lock: Mutex::new(()),
         }
     }
 

@@ -17,7 +17,7 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -77,8 +77,9 @@ pub struct Channel {
     inflight_gen: AtomicU64,
     /// Regions handed out by GET_INFLIGHT_FD, kept until the frontend sets one.
     offered: Mutex<Option<Arc<InflightRegion>>>,
-    /// The frontend connection's fd (-1 before the relay starts), to see unread messages.
-    frontend_fd: AtomicI32,
+    /// A duplicate of the frontend connection (owned, so its number cannot be reused while we
+    /// hold it), to see unread messages.
+    frontend: Mutex<Option<OwnedFd>>,
     /// [`now_ns`] when the last memory table message was relayed (0: never).
     last_mem_msg_ns: AtomicU64,
 }
@@ -91,7 +92,7 @@ impl Default for Channel {
             inflight: ArcSwapOption::empty(),
             inflight_gen: AtomicU64::new(0),
             offered: Mutex::new(None),
-            frontend_fd: AtomicI32::new(-1),
+            frontend: Mutex::new(None),
             last_mem_msg_ns: AtomicU64::new(0),
         }
     }
@@ -127,14 +128,16 @@ impl Channel {
     }
 
     fn frontend_has_unread(&self) -> bool {
-        let fd = self.frontend_fd.load(Ordering::Acquire);
-        if fd < 0 {
+        let Ok(guard) = self.frontend.lock() else {
             return false;
-        }
+        };
+        let Some(fd) = guard.as_ref() else {
+            return false;
+        };
         let mut n: libc::c_int = 0;
-        // SAFETY: FIONREAD writes one c_int through the pointer, a live local; the fd is the
-        // frontend socket, open while the relay (and so this connection) lives.
-        let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+        // SAFETY: FIONREAD writes one c_int through the pointer, a live local; the fd is our
+        // own duplicate of the frontend socket, open while the guard is held.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
         r == 0 && n > 0
     }
 
@@ -258,6 +261,8 @@ enum Action {
     Forward,
     /// Answered here: send this reply back to the sender instead (or nothing).
     Answered(Option<Message>),
+    /// A message we refuse to pass on: end the connection.
+    Close,
 }
 
 /// Relays messages from `from` to `to` until either side closes; `inspect` sees each one
@@ -284,6 +289,7 @@ fn relay(
                     // the frontend (`from`).
                     Action::Answered(Some(reply)) => write_locked(&from, &reply),
                     Action::Answered(None) => Ok(()),
+                    Action::Close => break,
                 };
                 if let Err(e) = r {
                     debug!("{name}: forwarding failed: {e}");
@@ -309,8 +315,9 @@ pub fn start(
     chan: Arc<Channel>,
 ) -> io::Result<[JoinHandle<()>; 2]> {
     let (f2, h2) = (frontend.try_clone()?, handler.try_clone()?);
-    chan.frontend_fd
-        .store(frontend.as_raw_fd(), Ordering::Release);
+    if let Ok(mut f) = chan.frontend.lock() {
+        *f = frontend.try_clone().ok().map(OwnedFd::from);
+    }
     let lock = Arc::new(Mutex::new(()));
     let lock2 = lock.clone();
     let to_handler = std::thread::Builder::new()
@@ -414,9 +421,69 @@ fn set_inflight(chan: &Channel, msg: &Message) -> Option<Message> {
     (msg.flags() & FLAG_NEED_REPLY != 0).then(|| reply(msg, &status.to_le_bytes(), Vec::new()))
 }
 
+/// Checks that every memory region of a SET_MEM_TABLE / ADD_MEM_REG message lies inside the
+/// file passed for it. A region mapped past the end of its file faults (SIGBUS) on the first
+/// access, which would kill the daemon; such a message ends the connection instead.
+fn check_mem_regions(msg: &Message) -> Result<(), String> {
+    let p = msg.payload();
+    let u64_at = |i: usize| -> Option<u64> {
+        let b = p.get(i..i + 8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Some(u64::from_le_bytes(a))
+    };
+    // Region layout: guest_phys_addr, memory_size, userspace_addr, mmap_offset (u64 each).
+    let regions: Vec<(u64, u64)> = match msg.request() {
+        SET_MEM_TABLE => {
+            let n = p
+                .get(0..4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+                .unwrap_or(0)
+                .min(MAX_FDS);
+            (0..n)
+                .map(|r| {
+                    let base = 8 + r * 32;
+                    (
+                        u64_at(base + 8).unwrap_or(0),
+                        u64_at(base + 24).unwrap_or(0),
+                    )
+                })
+                .collect()
+        }
+        ADD_MEM_REG => vec![(u64_at(16).unwrap_or(0), u64_at(32).unwrap_or(0))],
+        _ => return Ok(()),
+    };
+    for (i, &(size, offset)) in regions.iter().enumerate() {
+        let Some(fd) = msg.fds.get(i) else {
+            // vhost-user-backend refuses a region without its fd itself.
+            continue;
+        };
+        // SAFETY: `struct stat` is plain old data; all-zero is a valid value.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat writes one `struct stat` into `st`, a live local, for an fd we own.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+            return Err(format!("cannot stat memory region {i}'s fd"));
+        }
+        let is_file = st.st_mode & libc::S_IFMT == libc::S_IFREG;
+        let end = offset.checked_add(size);
+        if is_file && end.is_none_or(|e| e > st.st_size as u64) {
+            return Err(format!(
+                "memory region {i} ({size} bytes at offset {offset}) runs past the end of its \
+                 {}-byte file",
+                st.st_size
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn inspect_frontend(chan: &Channel, msg: &Message) -> Action {
     if matches!(msg.request(), SET_MEM_TABLE | ADD_MEM_REG | REM_MEM_REG) {
         chan.last_mem_msg_ns.store(now_ns(), Ordering::Release);
+        if let Err(e) = check_mem_regions(msg) {
+            warn!("refusing the frontend's memory table: {e}; closing the connection");
+            return Action::Close;
+        }
     }
     match msg.request() {
         GET_INFLIGHT_FD => return Action::Answered(Some(get_inflight(chan, msg))),
@@ -544,5 +611,41 @@ mod tests {
         assert!(chan.notify_config_change().unwrap());
         frontend_thread.join().unwrap();
         drop(vmm);
+    }
+
+    #[test]
+    fn memory_region_past_its_file_closes_the_connection() {
+        let (vmm, frontend) = UnixStream::pair().unwrap();
+        let (handler, daemon) = UnixStream::pair().unwrap();
+        let threads = start(frontend, handler, Arc::new(Channel::default())).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let f = std::fs::File::create(dir.path().join("mem")).unwrap();
+        f.set_len(4096).unwrap();
+        // ADD_MEM_REG: padding, then guest_phys_addr, memory_size (1 MiB), userspace_addr,
+        // mmap_offset.
+        let mut p = vec![0u8; 8];
+        for v in [0u64, 1 << 20, 0x7000_0000, 0] {
+            p.extend_from_slice(&v.to_le_bytes());
+        }
+        let m = msg(ADD_MEM_REG, 1, &p);
+        vmm.send_with_fds(&[&m[..]], &[f.as_raw_fd()]).unwrap();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(
+            read_message(&daemon).unwrap().is_none(),
+            "nothing may be forwarded"
+        );
+        // A region that fits is forwarded.
+        let (vmm, frontend) = UnixStream::pair().unwrap();
+        let (handler, daemon) = UnixStream::pair().unwrap();
+        let _threads = start(frontend, handler, Arc::new(Channel::default())).unwrap();
+        let mut p = vec![0u8; 8];
+        for v in [0u64, 4096, 0x7000_0000, 0] {
+            p.extend_from_slice(&v.to_le_bytes());
+        }
+        let m = msg(ADD_MEM_REG, 1, &p);
+        vmm.send_with_fds(&[&m[..]], &[f.as_raw_fd()]).unwrap();
+        assert_eq!(read_message(&daemon).unwrap().unwrap().bytes, m);
     }
 }

@@ -541,140 +541,188 @@ fn unsupported(e: &io::Error) -> bool {
 
 impl RawQueue {
     /// Runs `ops` through io_uring, all in flight together. Ops that need the bounce buffer
-    /// (unaligned O_DIRECT) or the sector-0 guard run synchronously.
+    /// (unaligned O_DIRECT), the sector-0 guard, or more than IOV_MAX iovecs, and ops the
+    /// kernel bounced with EINVAL/EAGAIN (nothing transferred), run synchronously once the ring
+    /// is idle. Every op fails unless it is seen to complete.
     fn ring_batch(&mut self, ops: &[BatchOp<'_>], results: &mut Vec<io::Result<()>>) {
         let base = results.len();
-        results.extend(ops.iter().map(|_| Ok(())));
-        // Flatten every op's iovecs first: the vector must not move once submissions start.
+        results.extend(
+            ops.iter()
+                .map(|_| Err(io::Error::from_raw_os_error(libc::EIO))),
+        );
+        // The ring's own iovecs, flattened before anything is submitted: this vector is not
+        // touched again until every submitted entry has completed.
+        let mut iovs: Vec<libc::iovec> = Vec::new();
         let mut ranges: Vec<Option<(usize, usize, u64)>> = Vec::with_capacity(ops.len());
-        self.iovecs.0.clear();
-        for op in ops {
-            let sync = (self.direct && !self.aligned(&op.bufs))
-                || (self.guard_magic && op.write && op.offset == 0);
-            if sync {
+        let mut run_sync = vec![false; ops.len()];
+        for (i, op) in ops.iter().enumerate() {
+            if (self.direct && !self.aligned(&op.bufs))
+                || (self.guard_magic && op.write && op.offset == 0)
+                || op.bufs.len() > IOV_MAX
+            {
                 ranges.push(None);
+                run_sync[i] = true;
                 continue;
             }
-            let start = self.iovecs.0.len();
+            let start = iovs.len();
             for b in &op.bufs {
                 let base = if op.write {
                     b.ptr_guard().as_ptr() as *mut u8
                 } else {
                     b.ptr_guard_mut().as_ptr()
                 };
-                self.iovecs.0.push(libc::iovec {
+                iovs.push(libc::iovec {
                     iov_base: base as *mut libc::c_void,
                     iov_len: b.len(),
                 });
             }
-            ranges.push(Some((
-                start,
-                self.iovecs.0.len() - start,
-                slices_len(&op.bufs),
-            )));
+            ranges.push(Some((start, iovs.len() - start, slices_len(&op.bufs))));
+        }
+        let fd = self.fd();
+        if let Some(ring) = self.ring.as_mut() {
+            let broken = ring_run(
+                ring,
+                fd,
+                ops,
+                &ranges,
+                &mut iovs,
+                &mut results[base..],
+                &mut run_sync,
+            );
+            if broken {
+                self.ring = None;
+            }
+        } else {
+            run_sync.iter_mut().for_each(|r| *r = true);
         }
         for (i, op) in ops.iter().enumerate() {
-            if ranges[i].is_none() {
+            if run_sync[i] {
                 results[base + i] = self.run_op(op);
             }
         }
-        let fd = self.fd();
-        let Some(ring) = self.ring.as_mut() else {
-            return;
-        };
-        let cap = ring.submission().capacity();
-        let mut next = 0;
-        let mut inflight = 0usize;
-        let mut broken = false;
-        let mut completed = vec![false; ops.len()];
-        while next < ops.len() || inflight > 0 {
-            while next < ops.len() && inflight < cap {
-                let Some((start, n, _)) = ranges[next] else {
-                    next += 1;
-                    continue;
-                };
-                let op = &ops[next];
-                let iov = self.iovecs.0[start..].as_ptr();
-                let entry = if op.write {
-                    opcode::Writev::new(types::Fd(fd), iov, n as u32)
-                        .offset(op.offset)
-                        .rw_flags(if op.durable { libc::RWF_DSYNC } else { 0 })
-                        .build()
-                } else {
-                    opcode::Readv::new(types::Fd(fd), iov, n as u32)
-                        .offset(op.offset)
-                        .build()
-                }
-                .user_data(next as u64);
-                // SAFETY: the entry points at `self.iovecs` (not modified until every entry
-                // has completed: this loop reaps all of them before returning) and at guest
-                // memory that the caller's memory guard keeps mapped for the whole call.
-                if unsafe { ring.submission().push(&entry) }.is_err() {
-                    break;
-                }
-                inflight += 1;
+    }
+}
+
+/// Submits the ops that have a range and reaps them all. Returns true if the ring failed
+/// (the caller stops using it). Ops whose entries the kernel never took keep their EIO.
+fn ring_run(
+    ring: &mut IoUring,
+    fd: i32,
+    ops: &[BatchOp<'_>],
+    ranges: &[Option<(usize, usize, u64)>],
+    iovs: &mut [libc::iovec],
+    results: &mut [io::Result<()>],
+    run_sync: &mut [bool],
+) -> bool {
+    let cap = ring.submission().capacity();
+    let mut next = 0;
+    let mut inflight = 0usize;
+    loop {
+        while next < ops.len() && inflight < cap {
+            let Some((start, n, _)) = ranges[next] else {
                 next += 1;
+                continue;
+            };
+            let op = &ops[next];
+            let iov = iovs[start..].as_ptr();
+            let entry = if op.write {
+                opcode::Writev::new(types::Fd(fd), iov, n as u32)
+                    .offset(op.offset)
+                    .rw_flags(if op.durable { libc::RWF_DSYNC } else { 0 })
+                    .build()
+            } else {
+                opcode::Readv::new(types::Fd(fd), iov, n as u32)
+                    .offset(op.offset)
+                    .build()
             }
-            if inflight == 0 {
+            .user_data(next as u64);
+            // SAFETY: the entry points at `iovs` (not modified or freed until every submitted
+            // entry has completed: this function reaps them all, or on a ring failure waits for
+            // what the kernel took) and at guest memory the caller's memory guard keeps mapped.
+            if unsafe { ring.submission().push(&entry) }.is_err() {
                 break;
             }
-            if let Err(e) = ring.submit_and_wait(1) {
-                if !matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
-                ) {
-                    // Rare (e.g. ENOMEM). Which entries the kernel took is unknown, so none is
-                    // retried (no request may run twice): the unfinished ones fail with IOERR
-                    // and this queue stops using io_uring.
-                    warn!("io_uring submission failed: {e}; failing the unfinished requests");
-                    broken = true;
-                    break;
+            inflight += 1;
+            next += 1;
+        }
+        if inflight == 0 {
+            return false;
+        }
+        if let Err(e) = ring.submit_and_wait(1) {
+            if !matches!(
+                e.raw_os_error(),
+                Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
+            ) {
+                warn!("io_uring submission failed: {e}; failing the requests it did not run");
+                // Entries still in the submission queue were never seen by the kernel; wait
+                // (bounded) for the ones it took, so none can land after we answer.
+                let taken = inflight.saturating_sub(ring.submission().len());
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+                let mut reaped = 0;
+                while reaped < taken && std::time::Instant::now() < deadline {
+                    for c in ring.completion() {
+                        reaped += 1;
+                        let i = c.user_data() as usize;
+                        complete(fd, ops, ranges, iovs, results, run_sync, i, c.result());
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
                 }
-            }
-            let done: Vec<(usize, i32)> = ring
-                .completion()
-                .map(|c| (c.user_data() as usize, c.result()))
-                .collect();
-            for (i, res) in done {
-                inflight -= 1;
-                let Some((start, n, len)) = ranges.get(i).copied().flatten() else {
-                    continue;
-                };
-                completed[i] = true;
-                let op = &ops[i];
-                let dir = if op.write {
-                    Dir::Write {
-                        durable: op.durable,
-                    }
-                } else {
-                    Dir::Read
-                };
-                results[base + i] = if res < 0 {
-                    if matches!(-res, libc::EINTR | libc::EAGAIN) {
-                        transfer_all(fd, &mut self.iovecs.0[start..start + n], op.offset, dir)
-                    } else {
-                        Err(io::Error::from_raw_os_error(-res))
-                    }
-                } else if (res as u64) < len {
-                    // Short transfer: finish the rest synchronously.
-                    let iovs = &mut self.iovecs.0[start..start + n];
-                    let first = advance(iovs, 0, res as usize);
-                    transfer_all(fd, &mut iovs[first..], op.offset + res as u64, dir)
-                } else {
-                    Ok(())
-                };
+                if reaped < taken {
+                    log::error!("{} io_uring request(s) did not complete", taken - reaped);
+                }
+                return true;
             }
         }
-        if broken {
-            self.ring = None;
-            for (i, r) in ranges.iter().enumerate() {
-                if r.is_some() && !completed[i] {
-                    results[base + i] = Err(io::Error::from_raw_os_error(libc::EIO));
-                }
-            }
+        let done: Vec<(usize, i32)> = ring
+            .completion()
+            .map(|c| (c.user_data() as usize, c.result()))
+            .collect();
+        for (i, res) in done {
+            inflight -= 1;
+            complete(fd, ops, ranges, iovs, results, run_sync, i, res);
         }
-        self.iovecs.0.clear();
     }
+}
+
+/// Records the completion `res` of op `i`.
+#[allow(clippy::too_many_arguments)]
+fn complete(
+    fd: i32,
+    ops: &[BatchOp<'_>],
+    ranges: &[Option<(usize, usize, u64)>],
+    iovs: &mut [libc::iovec],
+    results: &mut [io::Result<()>],
+    run_sync: &mut [bool],
+    i: usize,
+    res: i32,
+) {
+    let (Some(op), Some(Some((start, n, len)))) = (ops.get(i), ranges.get(i).copied()) else {
+        return;
+    };
+    let dir = if op.write {
+        Dir::Write {
+            durable: op.durable,
+        }
+    } else {
+        Dir::Read
+    };
+    results[i] = if res < 0 {
+        if matches!(-res, libc::EINVAL | libc::EAGAIN | libc::EINTR) {
+            // Nothing was transferred: let the synchronous path (bounce buffer, retries)
+            // handle it.
+            run_sync[i] = true;
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(-res))
+        }
+    } else if (res as u64) < len {
+        // Short transfer: finish the rest synchronously.
+        let slice = &mut iovs[start..start + n];
+        let first = advance(slice, 0, res as usize);
+        transfer_all(fd, &mut slice[first..], op.offset + res as u64, dir)
+    } else {
+        Ok(())
+    };
 }
 
 impl ImageQueue for RawQueue {
@@ -1003,6 +1051,47 @@ mod tests {
             }
             assert_eq!(&back[8][..4096], &[0x99u8; 4096][..]);
             assert_eq!(&back[8][4096..], &[0u8; 4096][..]);
+        }
+    }
+
+    #[test]
+    fn guarded_write_at_offset_0_in_an_io_uring_batch() {
+        use crate::image::BatchOp;
+        let dir = tempfile::tempdir().unwrap();
+        // O_DIRECT (creates the ring) and auto-detected (sector-0 guard on).
+        let img = image(dir.path(), 1 << 20, true, true);
+        let mut q = img.queue_handle().unwrap();
+        let mut arena = vec![0u8; 4 * 4096 + 4096];
+        let skew = arena.as_ptr().align_offset(4096);
+        let mut chunks: Vec<&mut [u8]> = arena[skew..skew + 4 * 4096].chunks_mut(4096).collect();
+        for (i, c) in chunks.iter_mut().enumerate() {
+            c.fill(0x10 + i as u8);
+        }
+        let ops: Vec<BatchOp<'_>> = chunks
+            .iter_mut()
+            .enumerate()
+            .map(|(i, c)| BatchOp {
+                offset: i as u64 * 8192,
+                bufs: vec![VolatileSlice::from(&mut c[..])],
+                write: true,
+                durable: false,
+            })
+            .collect();
+        let mut results = Vec::new();
+        q.run_batch(&ops, &mut results);
+        drop(ops);
+        assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+        let file = std::fs::read(img.path()).unwrap();
+        for i in 0..4usize {
+            assert!(
+                file[i * 8192..i * 8192 + 4096]
+                    .iter()
+                    .all(|&b| b == 0x10 + i as u8),
+                "block {i} landed wrong"
+            );
+            assert!(file[i * 8192 + 4096..(i + 1) * 8192]
+                .iter()
+                .all(|&b| b == 0));
         }
     }
 }

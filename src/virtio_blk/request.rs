@@ -115,6 +115,9 @@ struct Pending {
     start: Instant,
 }
 
+/// Largest read or write accepted (larger ones fail with IOERR).
+pub const MAX_REQUEST_BYTES: u64 = 128 << 20;
+
 /// Most reads/writes gathered into one batch.
 const MAX_BATCH: usize = 256;
 
@@ -479,6 +482,12 @@ impl RequestHandler {
         len: u64,
     ) -> Option<Vec<GuestSlice<'m>>> {
         let what = if write { "OUT" } else { "IN" };
+        // SIZE_MAX is not offered, so only this bounds a request (and so the bounce buffer a
+        // guest can make us allocate); Linux sends at most a few MiB.
+        if len > MAX_REQUEST_BYTES {
+            debug!("{what} of {len} bytes exceeds {MAX_REQUEST_BYTES}");
+            return None;
+        }
         if !self.range_ok(h.sector, len) {
             debug!(
                 "{what} out of range or unaligned: sector {} len {len}",
