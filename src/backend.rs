@@ -8,6 +8,7 @@
 //! exactly one thread, so it is never contended and no lock is shared by all queues.
 
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -77,6 +78,8 @@ pub struct BlkBackend {
     event_idx: AtomicBool,
     workers: Vec<Mutex<Worker>>,
     exit_events: Vec<(EventConsumer, EventNotifier)>,
+    /// Raw fds of exit-event consumers handed to vhost-user-backend (which leaks them).
+    handed_out: Mutex<Vec<RawFd>>,
 }
 
 impl BlkBackend {
@@ -108,12 +111,28 @@ impl BlkBackend {
             event_idx: AtomicBool::new(false),
             workers,
             exit_events,
+            handed_out: Mutex::new(Vec::new()),
         })
     }
 
     /// Per-connection device state (cache mode, acked features).
     pub fn state(&self) -> &Arc<DeviceState> {
         &self.state
+    }
+
+    /// Closes the exit-event fds vhost-user-backend leaked (see `exit_event`). Call only after
+    /// the `VhostUserDaemon` has been dropped, i.e. every worker thread and its epoll are gone.
+    pub fn close_leaked_fds(&self) {
+        let fds = match self.handed_out.lock() {
+            Ok(mut f) => std::mem::take(&mut *f),
+            Err(_) => return,
+        };
+        for fd in fds {
+            // SAFETY: each fd is an exit-event consumer clone we created in `exit_event` and
+            // that vhost-user-backend converted with `into_raw_fd` into its worker's epoll and
+            // never closes; the workers and their epolls are gone, so nothing else owns it.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
     }
 
     /// Tells every worker thread to exit.
@@ -367,7 +386,14 @@ impl VhostUserBackend for BlkBackend {
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         let (c, n) = self.exit_events.get(thread_index)?;
         match (c.try_clone(), n.try_clone()) {
-            (Ok(c), Ok(n)) => Some((c, n)),
+            (Ok(c), Ok(n)) => {
+                // vhost-user-backend turns the consumer into a raw fd for its epoll and never
+                // closes it: remember it, and close it once the worker is gone.
+                if let Ok(mut fds) = self.handed_out.lock() {
+                    fds.push(c.as_raw_fd());
+                }
+                Some((c, n))
+            }
             _ => {
                 warn!("cannot clone the exit event of worker {thread_index}");
                 None

@@ -323,6 +323,7 @@ impl Server {
         backend.stop_workers();
         // Dropping the daemon joins its worker threads.
         drop(daemon);
+        backend.close_leaked_fds();
         for t in relay_threads {
             let _ = t.join();
         }

@@ -193,3 +193,57 @@ fn never_replaces_a_symlink_or_file_at_the_socket_path() {
         .file_type()
         .is_symlink());
 }
+
+#[test]
+fn no_file_descriptor_leak_across_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let sock = dir.path().join("vub.sock");
+    let mut d = Guard(
+        bin()
+            .arg("--socket-path")
+            .arg(&sock)
+            .arg("--blk-file")
+            .arg(&img)
+            .args(["--format", "raw", "--num-queues", "4"])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(&sock, &mut d.0);
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", d.0.id()))
+            .unwrap()
+            .count()
+    };
+    let connect = || {
+        let mut c = Client::simple(&sock);
+        c.q(0).write_ok(0, &pattern(1, 0, 4096));
+    };
+    // One connection first, so lazily created things exist in both counts.
+    connect();
+    let settle = |want: Option<usize>| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut n = fds();
+        while want.is_some_and(|w| n > w) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            n = fds();
+        }
+        n
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let before = settle(None);
+    for _ in 0..10 {
+        connect();
+    }
+    let after = settle(Some(before));
+    assert!(
+        after <= before,
+        "open fds grew from {before} to {after} over 10 connections"
+    );
+}
