@@ -341,8 +341,9 @@ struct RawQueue {
     ring: Option<IoUring>,
 }
 
+/// Direction of a positional transfer.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Dir {
+pub(crate) enum Dir {
     Read,
     Write { durable: bool },
 }
@@ -366,7 +367,12 @@ fn advance(iovs: &mut [libc::iovec], mut start: usize, mut n: usize) -> usize {
 
 /// Transfers all of `iovs` at `offset`, looping over short transfers and EINTR. A read that
 /// hits end-of-file fills the rest with zeros.
-fn transfer_all(fd: i32, iovs: &mut [libc::iovec], mut offset: u64, dir: Dir) -> io::Result<()> {
+pub(crate) fn transfer_all(
+    fd: i32,
+    iovs: &mut [libc::iovec],
+    mut offset: u64,
+    dir: Dir,
+) -> io::Result<()> {
     let mut start = 0;
     while start < iovs.len() {
         let cnt = (iovs.len() - start).min(IOV_MAX) as libc::c_int;

@@ -5,6 +5,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 
+use crate::image::raw::{transfer_all, Dir};
 use crate::image::GuestSlice;
 
 /// Reads `buf.len()` bytes at `off`; bytes past the end of the file read as zeros.
@@ -31,73 +32,25 @@ pub fn write_bytes(file: &File, off: u64, buf: &[u8]) -> io::Result<()> {
 
 /// Reads into a guest slice from `off`; bytes past the end of the file read as zeros.
 pub fn read_slice(file: &File, off: u64, s: &GuestSlice<'_>) -> io::Result<()> {
-    let guard = s.ptr_guard_mut();
-    let base = guard.as_ptr();
-    let len = s.len();
-    let mut done = 0usize;
-    while done < len {
-        // SAFETY: `base` points to `len` bytes of valid, writable guest memory kept mapped by
-        // the slice's guard for the duration of this call; we write at most `len - done`
-        // bytes starting `done` bytes in.
-        let r = unsafe {
-            libc::pread(
-                file.as_raw_fd(),
-                base.add(done) as *mut libc::c_void,
-                len - done,
-                (off + done as u64) as libc::off_t,
-            )
-        };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if r == 0 {
-            // Past the end of the file.
-            // SAFETY: as above; zero-fills the rest of the same valid range.
-            unsafe { std::ptr::write_bytes(base.add(done), 0, len - done) };
-            return Ok(());
-        }
-        done += r as usize;
-    }
-    Ok(())
+    let mut iov = [libc::iovec {
+        iov_base: s.ptr_guard_mut().as_ptr() as *mut libc::c_void,
+        iov_len: s.len(),
+    }];
+    transfer_all(file.as_raw_fd(), &mut iov, off, Dir::Read)
 }
 
 /// Writes a guest slice at `off`.
 pub fn write_slice(file: &File, off: u64, s: &GuestSlice<'_>) -> io::Result<()> {
-    let guard = s.ptr_guard();
-    let base = guard.as_ptr();
-    let len = s.len();
-    let mut done = 0usize;
-    while done < len {
-        // SAFETY: `base` points to `len` bytes of valid guest memory kept mapped by the
-        // slice's guard; pwrite only reads from it.
-        let r = unsafe {
-            libc::pwrite(
-                file.as_raw_fd(),
-                base.add(done) as *const libc::c_void,
-                len - done,
-                (off + done as u64) as libc::off_t,
-            )
-        };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if r == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "write made no progress",
-            ));
-        }
-        done += r as usize;
-    }
-    Ok(())
+    let mut iov = [libc::iovec {
+        iov_base: s.ptr_guard().as_ptr() as *mut libc::c_void,
+        iov_len: s.len(),
+    }];
+    transfer_all(
+        file.as_raw_fd(),
+        &mut iov,
+        off,
+        Dir::Write { durable: false },
+    )
 }
 
 /// Calls `f(piece, pos)` for each piece of the guest buffers covering bytes
