@@ -847,12 +847,22 @@ fn at_most_16_control_clients() {
     drop(conns.pop());
     let deadline = Instant::now() + WAIT;
     loop {
-        let mut c = Ctl::connect(&s.ctl);
-        let r = c.req(json!({"command": "stats"}));
-        if r["ok"] == json!(true) {
+        // Until the slot is freed the daemon answers "too many control clients" and closes at
+        // once, so the request may meet a closed socket (EPIPE on write, ECONNRESET on read
+        // because the daemon closed with our request unread): both count as "not yet".
+        let c = Ctl::connect(&s.ctl);
+        let mut stream = &c.stream;
+        let mut reply = String::new();
+        let served = stream.write_all(b"{\"command\": \"stats\"}\n").is_ok()
+            && BufReader::new(stream).read_line(&mut reply).is_ok()
+            && serde_json::from_str::<Value>(&reply).is_ok_and(|v| v["ok"] == json!(true));
+        if served {
             break;
         }
-        assert!(Instant::now() < deadline, "no control slot freed: {r}");
+        assert!(
+            Instant::now() < deadline,
+            "no control slot freed: last reply {reply:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     drop(conns);
