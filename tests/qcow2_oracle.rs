@@ -310,12 +310,17 @@ fn writes_flush_close_leave_a_clean_image() {
         assert_same(&read_all(im.as_ref()), &model, cfg);
         drop(q);
         drop(im);
-        check_clean(&img);
-        compare_with_model(dir.path(), &img, &model);
-        // Reopen: data and clean state persist.
-        let im = open(&img);
-        assert_same(&read_all(im.as_ref()), &model, cfg);
+        verify_closed(dir.path(), &img, &model, cfg);
     }
+}
+
+/// After a close: `qemu-img check` clean, contents equal to `model` for qemu-img and for us
+/// after a reopen.
+fn verify_closed(dir: &Path, img: &Path, model: &[u8], what: &str) {
+    check_clean(img);
+    compare_with_model(dir, img, model);
+    let im = open(img);
+    assert_same(&read_all(im.as_ref()), model, what);
 }
 
 #[test]
@@ -711,6 +716,152 @@ fn data_file_is_refused_and_bitmaps_marked_in_use() {
     check_clean(&img2);
     let info = qemu_img(&["info", s(&img2)]);
     assert!(info.contains("in-use"), "{info}");
+}
+
+/// `qemu-img info`'s virtual size.
+fn qemu_virtual_size(img: &Path) -> u64 {
+    let info = qemu_img(&["info", "--output=json", s(img)]);
+    let v: serde_json::Value = serde_json::from_str(&info).expect("qemu-img info json");
+    v["virtual-size"].as_u64().expect("virtual-size")
+}
+
+#[test]
+fn resize_grows_the_l1_table_in_place_and_by_moving_it() {
+    tools_present();
+    for cfg in [
+        "cluster_size=512,compat=1.1",
+        "cluster_size=512,compat=0.10",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("r.qcow2");
+        // 512-byte clusters: one L1 entry maps 32 KiB, one L1 cluster holds 64 entries (2 MiB).
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", cfg, s(&img), "1M"]);
+        let mut model = vec![0u8; 1 << 20];
+        let im = open(&img);
+        let mut q = im.queue_handle().unwrap();
+        let put = |q: &mut dyn ImageQueue, model: &mut Vec<u8>, off: u64, seed: u64| {
+            let d = pattern(seed, 5000);
+            write(q, off, &d);
+            model[off as usize..off as usize + d.len()].copy_from_slice(&d);
+        };
+        put(q.as_mut(), &mut model, (1 << 20) - 5000, 1);
+        // 1 MiB -> 1.5 MiB: 32 -> 48 L1 entries, still inside the first L1 cluster.
+        im.resize(3 << 19).unwrap();
+        model.resize(3 << 19, 0);
+        assert_eq!(im.virtual_size(), 3 << 19);
+        put(q.as_mut(), &mut model, (3 << 19) - 5000, 2);
+        im.flush().unwrap();
+        assert_eq!(
+            qemu_virtual_size(&img),
+            3 << 19,
+            "{cfg}: header after a flush"
+        );
+        // -> 8 MiB + 512: 257 entries, 5 clusters: the table moves.
+        let big = (8 << 20) + 512;
+        im.resize(big).unwrap();
+        model.resize(big as usize, 0);
+        put(q.as_mut(), &mut model, big - 5000, 3);
+        put(q.as_mut(), &mut model, 5 << 20, 4);
+        assert_same(&read_all(im.as_ref()), &model, cfg);
+        // Shrinking is refused and changes nothing.
+        assert!(im.resize(1 << 20).is_err());
+        assert_eq!(im.virtual_size(), big);
+        drop(q);
+        drop(im);
+        assert_eq!(qemu_virtual_size(&img), big, "{cfg}");
+        // It reopens too: the moved table is where the header says.
+        verify_closed(dir.path(), &img, &model, cfg);
+    }
+}
+
+#[test]
+fn resize_crash_after_growing_is_repaired() {
+    tools_present();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("c.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        s(&img),
+        "64k",
+    ]);
+    let im = open(&img);
+    let mut q = im.queue_handle().unwrap();
+    im.resize(4 << 20).unwrap();
+    write(q.as_mut(), (4 << 20) - 4096, &[7u8; 4096]);
+    q.flush().unwrap();
+    // No close: the dirty bit stays set, refcounts of the new L1 table were written by the
+    // flush or are rebuilt at open.
+    std::mem::forget(q);
+    std::mem::forget(im);
+    let im = open(&img);
+    assert_eq!(im.virtual_size(), 4 << 20);
+    let mut q = im.queue_handle().unwrap();
+    assert_eq!(read(q.as_mut(), (4 << 20) - 4096, 4096), vec![7u8; 4096]);
+    drop(q);
+    drop(im);
+    check_clean(&img);
+}
+
+#[test]
+fn resize_over_a_larger_backing_file_reads_zeros_in_the_new_area() {
+    tools_present();
+    for compat in ["1.1", "0.10"] {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.qcow2");
+        let top = dir.path().join("top.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "4M"]);
+        qemu_io(&base, &["write -P 0x5a 0 4M"]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("compat={compat}"),
+            "-b",
+            s(&base),
+            "-F",
+            "qcow2",
+            s(&top),
+            "1000k",
+        ]);
+        let im = open(&top);
+        im.resize(3 << 20).unwrap();
+        let got = read_all(im.as_ref());
+        drop(im);
+        let mut want = vec![0x5au8; 1000 << 10];
+        want.resize(3 << 20, 0);
+        assert_same(&got, &want, "grown overlay (ours)");
+        check_clean(&top);
+        assert_same(
+            &to_raw(dir.path(), &top, &[]),
+            &want,
+            "grown overlay (qemu-img)",
+        );
+    }
+}
+
+#[test]
+fn resize_is_refused_read_only_and_with_bitmaps() {
+    tools_present();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("b.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "1M"]);
+    let err = open_ro(&img).resize(2 << 20).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    qemu_img(&["bitmap", "--add", s(&img), "b0"]);
+    let im = open(&img);
+    let err = im.resize(2 << 20).unwrap_err();
+    assert!(err.to_string().contains("bitmaps"), "{err}");
+    assert_eq!(im.virtual_size(), 1 << 20);
+    drop(im);
+    check_clean(&img);
+    assert_eq!(qemu_virtual_size(&img), 1 << 20);
 }
 
 #[derive(Clone, Debug)]

@@ -6,7 +6,9 @@
 //! takes a lock that all queues contend on:
 //!
 //! - The active L1 table is a `Vec<AtomicU64>`; it only changes during flush (which gives
-//!   dirty L2 tables their host cluster) and open-time repair.
+//!   dirty L2 tables their host cluster), open-time repair and online resize. Its length
+//!   is fixed at open with room to grow (`MIN_L1_CAPACITY`), so a resize only raises the
+//!   atomic count of entries in use and never moves memory a request may be reading.
 //! - L2 tables live in a bounded cache: one `ArcSwap<L2Table>` slot per L1 entry, read with
 //!   a guard that touches no shared reference count. A table in memory is authoritative
 //!   and written back at flush. Loading first claims the slot with a "loading" marker, so
@@ -118,6 +120,15 @@ fn cache_tables_for(bytes: u64, cluster_bits: u32) -> usize {
 /// Deepest backing chain we follow.
 const MAX_BACKING_DEPTH: u32 = 16;
 
+/// L1 entries reserved in memory at open beyond the image's own L1 size, so that online
+/// resize can grow the L1 table without reallocating the slot arrays that requests read
+/// lock-free (16 bytes per entry: 1 MiB; 32 TiB of guest disk with 64 KiB clusters).
+const MIN_L1_CAPACITY: usize = 1 << 16;
+
+/// Header offset of the virtual size; `l1_size` (4 bytes) follows the 4-byte crypt method
+/// at 32, then `l1_table_offset` (8 bytes) at 40.
+const OFF_SIZE: u64 = 24;
+
 /// A byte offset in the guest's virtual disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct GuestOffset(pub u64);
@@ -151,7 +162,7 @@ impl Backing {
     fn size(&self) -> u64 {
         match self {
             Backing::Raw { size, .. } => *size,
-            Backing::Qcow2(s) => s.size,
+            Backing::Qcow2(s) => s.size.load(Ordering::Acquire),
         }
     }
 
@@ -183,6 +194,9 @@ impl Backing {
 
 /// State changed only under the flush lock.
 struct MetaState {
+    /// Active L1 table offset and the clusters allocated to it.
+    l1_offset: u64,
+    l1_clusters: u64,
     /// Refcount table offset, clusters and entries.
     rt_offset: u64,
     rt_clusters: u32,
@@ -203,12 +217,17 @@ pub struct Qcow2Shared {
     file: File,
     hdr: Header,
     cluster_bits: u32,
-    size: u64,
+    /// Virtual disk size; grows (under `state`) on online resize.
+    size: AtomicU64,
     read_only: bool,
     extended: bool,
     /// Words per guest cluster in an L2 table (1, or 2 with extended L2).
     words: usize,
+    /// The active L1 table: `l1_len` entries in use, the rest (reserved capacity for online
+    /// resize, see [`MIN_L1_CAPACITY`]) zero.
     l1: Vec<AtomicU64>,
+    /// L1 entries in use (the on-disk `l1_size`); grows under `state`.
+    l1_len: AtomicUsize,
     /// L2 table cache: one slot per L1 entry, holding the table or [`Qcow2Shared::absent`].
     l2: Vec<ArcSwap<L2Table>>,
     /// The placeholder in slots whose table is not in memory.
@@ -307,12 +326,20 @@ impl Qcow2Shared {
         // L1 table.
         let mut l1_bytes = vec![0u8; hdr.l1_size as usize * 8];
         io::read_bytes(&file, hdr.l1_table_offset, &mut l1_bytes).map_err(open_err)?;
-        let mut l1 = Vec::with_capacity(hdr.l1_size as usize);
-        for i in 0..hdr.l1_size as usize {
+        let l1_len = hdr.l1_size as usize;
+        // Read-only images never grow: no reserve for them.
+        let capacity = if read_only {
+            l1_len
+        } else {
+            l1_len.max(MIN_L1_CAPACITY.min((header::MAX_L1_BYTES / 8) as usize))
+        };
+        let mut l1 = Vec::with_capacity(capacity);
+        for i in 0..l1_len {
             let e = be64_at(&l1_bytes, i);
             check_l1_entry(e, cs, file_len).map_err(|m| inval(format!("L1 entry {i}: {m}")))?;
             l1.push(AtomicU64::new(e));
         }
+        l1.resize_with(capacity, || AtomicU64::new(0));
         // Backing file.
         let backing = match &hdr.backing_file {
             None => None,
@@ -328,6 +355,8 @@ impl Qcow2Shared {
         io::read_bytes(&file, hdr.refcount_table_offset, &mut rt_bytes).map_err(open_err)?;
         let rt: Vec<u64> = (0..rt_len).map(|i| be64_at(&rt_bytes, i)).collect();
         let state = MetaState {
+            l1_offset: hdr.l1_table_offset,
+            l1_clusters: (u64::from(hdr.l1_size) * 8).div_ceil(cs),
             rt_offset: hdr.refcount_table_offset,
             rt_clusters: hdr.refcount_table_clusters,
             rt,
@@ -338,7 +367,7 @@ impl Qcow2Shared {
         };
         let words = if hdr.extended_l2() { 2 } else { 1 };
         let absent = Arc::new(L2Table::placeholder());
-        let l2 = (0..hdr.l1_size)
+        let l2 = (0..capacity)
             .map(|_| ArcSwap::new(absent.clone()))
             .collect();
         let cache_tables = cache_tables_for(DEFAULT_CACHE_BYTES, hdr.cluster_bits);
@@ -346,17 +375,18 @@ impl Qcow2Shared {
             path: path.to_owned(),
             file,
             cluster_bits: hdr.cluster_bits,
-            size: hdr.size,
+            size: AtomicU64::new(hdr.size),
             read_only,
             extended: hdr.extended_l2(),
             words,
             l1,
+            l1_len: AtomicUsize::new(l1_len),
             l2,
             absent,
             cache_tables: AtomicUsize::new(cache_tables),
             loaded: AtomicUsize::new(0),
             hand: AtomicUsize::new(0),
-            checked: (0..(hdr.l1_size as usize).div_ceil(64))
+            checked: (0..capacity.div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             clusters: None,
@@ -616,7 +646,7 @@ impl Qcow2Shared {
 
     /// One or two sweeps of the clock; true once the cache is within budget.
     fn evict_some(&self, keep: usize) -> bool {
-        let n = self.l2.len();
+        let n = self.l1_len.load(Ordering::Acquire);
         let budget = self.cache_tables.load(Ordering::Relaxed);
         if n == 0 {
             return true;
@@ -1217,9 +1247,10 @@ impl Qcow2Shared {
         self.check_writable()?;
         let cs = self.cluster_size();
         let first = off.div_ceil(cs);
-        let end = (off + len).min(self.size);
+        let size = self.size.load(Ordering::Acquire);
+        let end = (off + len).min(size);
         // The last partial cluster of the disk counts as whole when the range reaches the end.
-        let last = if end == self.size {
+        let last = if end == size {
             end.div_ceil(cs)
         } else {
             end / cs
@@ -1250,10 +1281,11 @@ impl Qcow2Shared {
         let end = off + len;
         let mut g = off;
         let zero = self.zero_entry();
+        let size = self.size.load(Ordering::Acquire);
         while g < end {
             let in_off = g & (cs - 1);
             let n = (cs - in_off).min(end - g);
-            let whole = in_off == 0 && (n == cs || g + n == self.size);
+            let whole = in_off == 0 && (n == cs || g + n == size);
             match zero {
                 Some((ze, zb)) if whole => self.set_cluster(g, ze, zb)?,
                 _ => {
@@ -1302,7 +1334,8 @@ impl Qcow2Shared {
         let mut snap: Vec<Arc<L2Table>> = Vec::new();
         let mut buf: Vec<u8> = Vec::new();
         let mut snap_err = None;
-        for (i, slot) in self.l2.iter().enumerate() {
+        let l1_len = self.l1_len.load(Ordering::Acquire);
+        for (i, slot) in self.l2.iter().take(l1_len).enumerate() {
             let t = slot.load();
             if Arc::ptr_eq(&t, &self.absent) || !t.begin_write() {
                 continue;
@@ -1349,11 +1382,11 @@ impl Qcow2Shared {
             self.file.sync_data()?;
             // 5. L1 table.
             if self.l1_dirty.swap(false, Ordering::AcqRel) {
-                let mut l1b = Vec::with_capacity(self.l1.len() * 8);
-                for e in &self.l1 {
+                let mut l1b = Vec::with_capacity(l1_len * 8);
+                for e in self.l1.iter().take(l1_len) {
                     l1b.extend_from_slice(&e.load(Ordering::Acquire).to_be_bytes());
                 }
-                if let Err(e) = io::write_bytes(&self.file, self.hdr.l1_table_offset, &l1b) {
+                if let Err(e) = io::write_bytes(&self.file, st.l1_offset, &l1b) {
                     self.l1_dirty.store(true, Ordering::Release);
                     return Err(e);
                 }
@@ -1522,6 +1555,130 @@ impl Qcow2Shared {
     }
 }
 
+impl Qcow2Shared {
+    /// Grows the virtual disk to `new_size` bytes (online resize).
+    ///
+    /// The L1 table grows in place when its clusters have room, otherwise it moves to newly
+    /// allocated clusters; either way the new entries are zero on disk before one header
+    /// write switches size, `l1_size` and `l1_table_offset` together, so a crash leaves the
+    /// old or the new disk, never a size the L1 table does not cover. The guest cannot reach
+    /// the new area before this returns (the caller publishes the new capacity afterwards).
+    /// If a backing file reaches past the old size, the grown area is zeroed first, as QEMU
+    /// does, so the guest never sees stale backing data appear in its new space.
+    fn resize(&self, new_size: u64) -> stdio::Result<()> {
+        let invalid = |m: String| stdio::Error::new(stdio::ErrorKind::InvalidInput, m);
+        self.check_writable()?;
+        let old_size = self.size.load(Ordering::Acquire);
+        if new_size < old_size {
+            return Err(invalid(format!(
+                "shrinking a qcow2 image is not supported ({new_size} < {old_size})"
+            )));
+        }
+        if new_size == old_size {
+            return Ok(());
+        }
+        if self.hdr.bitmaps.is_some() {
+            // Bitmap tables are sized for the disk: QEMU rejects bitmaps whose table does not
+            // match the image size, so growing would silently invalidate them.
+            return Err(invalid(
+                "resizing a qcow2 image with persistent dirty bitmaps is not supported".into(),
+            ));
+        }
+        let cs = self.cluster_size();
+        let need = new_size.div_ceil(cs * self.l2_entries());
+        if need * 8 > header::MAX_L1_BYTES {
+            return Err(invalid(format!(
+                "{new_size} bytes is too large for {cs}-byte clusters (L1 table limit)"
+            )));
+        }
+        let need = need as usize;
+        if need > self.l1.len() {
+            return Err(invalid(format!(
+                "growing past {} bytes needs a daemon restart (L1 capacity reserved at open)",
+                self.l1.len() as u64 * cs * self.l2_entries()
+            )));
+        }
+        let mut st = lock(&self.state);
+        self.ensure_dirty_locked(&mut st)?;
+        let old_len = self.l1_len.load(Ordering::Acquire);
+        let size_bytes = new_size.to_be_bytes();
+        if need > old_len {
+            let need_clusters = (need as u64 * 8).div_ceil(cs);
+            if need_clusters > st.l1_clusters {
+                // Move the table: write all of it to new clusters, then switch the header.
+                let clusters = self.clusters()?;
+                let start = clusters.alloc_contiguous(need_clusters)?;
+                let new_off = start.0 << self.cluster_bits;
+                let mut b = vec![0u8; (need_clusters * cs) as usize];
+                for (k, e) in self.l1.iter().take(old_len).enumerate() {
+                    b[k * 8..k * 8 + 8].copy_from_slice(&e.load(Ordering::Acquire).to_be_bytes());
+                }
+                let release = |first: u64, n: u64| {
+                    for c in (first..first + n).map(HostCluster) {
+                        // Nothing reads an L1 table from disk once open (it lives in memory),
+                        // and the header does not point at this one.
+                        clusters.set_meta(c, false);
+                        match clusters.unref_keep(c) {
+                            Ok(true) => clusters.make_free(c),
+                            Ok(false) => {}
+                            Err(e) => error!("{}: {e}", self.path.display()),
+                        }
+                    }
+                };
+                if let Err(e) =
+                    io::write_bytes(&self.file, new_off, &b).and_then(|()| self.file.sync_data())
+                {
+                    release(start.0, need_clusters);
+                    return Err(e);
+                }
+                let mut h = [0u8; 24];
+                h[..8].copy_from_slice(&size_bytes);
+                h[12..16].copy_from_slice(&(need as u32).to_be_bytes());
+                h[16..].copy_from_slice(&new_off.to_be_bytes());
+                let r =
+                    io::write_bytes(&self.file, OFF_SIZE, &h).and_then(|()| self.file.sync_data());
+                if let Err(e) = r {
+                    // The header may or may not point at the new table now: refuse further
+                    // writes (both tables stay referenced, a leak at worst) rather than
+                    // maintain the wrong one.
+                    error!(
+                        "{}: switching to the grown L1 table failed: {e}; refusing writes",
+                        self.path.display()
+                    );
+                    self.corrupt.store(true, Ordering::Release);
+                    return Err(e);
+                }
+                release(st.l1_offset >> self.cluster_bits, st.l1_clusters);
+                st.l1_offset = new_off;
+                st.l1_clusters = need_clusters;
+                self.meta_dirty.store(true, Ordering::Release);
+            } else {
+                // Room in the current clusters: zero the new entries, then switch the header.
+                let zeros = vec![0u8; (need - old_len) * 8];
+                io::write_bytes(&self.file, st.l1_offset + old_len as u64 * 8, &zeros)?;
+                self.file.sync_data()?;
+                let mut h = [0u8; 16];
+                h[..8].copy_from_slice(&size_bytes);
+                h[12..].copy_from_slice(&(need as u32).to_be_bytes());
+                io::write_bytes(&self.file, OFF_SIZE, &h)?;
+                self.file.sync_data()?;
+            }
+            self.l1_len.store(need, Ordering::Release);
+        } else {
+            io::write_bytes(&self.file, OFF_SIZE, &size_bytes)?;
+            self.file.sync_data()?;
+        }
+        self.size.store(new_size, Ordering::Release);
+        drop(st);
+        let backing_end = self.backing.as_ref().map_or(0, |b| b.size()).min(new_size);
+        if backing_end > old_size {
+            let mut scratch = Scratch::default();
+            self.write_zeroes_range(&self.file, &mut scratch, old_size, backing_end - old_size)?;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Qcow2Shared {
     fn drop(&mut self) {
         if let Err(e) = self.close() {
@@ -1677,7 +1834,11 @@ impl Qcow2Image {
 
 impl BlockImage for Qcow2Image {
     fn virtual_size(&self) -> u64 {
-        self.shared.size
+        self.shared.size.load(Ordering::Acquire)
+    }
+
+    fn resize(&self, new_size: u64) -> stdio::Result<()> {
+        self.shared.resize(new_size)
     }
 
     fn read_only(&self) -> bool {
@@ -1719,7 +1880,11 @@ impl BlockImage for Qcow2Image {
             }
             None => (None, None),
         };
-        let dirty = s.l2.iter().filter(|t| t.load().is_dirty()).count() as u64;
+        let dirty =
+            s.l2.iter()
+                .take(s.l1_len.load(Ordering::Acquire))
+                .filter(|t| t.load().is_dirty())
+                .count() as u64;
         ImageStats {
             allocated_bytes: s.file.metadata().ok().map(|m| m.blocks() * 512),
             cluster_size: Some(s.cluster_size()),
@@ -1863,7 +2028,7 @@ pub mod bench_support {
 
         /// Guest size in bytes.
         pub fn size(&self) -> u64 {
-            self.shared.size
+            self.shared.size.load(Ordering::Acquire)
         }
 
         /// Host offset of the guest byte at `guest` for a plain data cluster (L2 lookup,
