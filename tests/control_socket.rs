@@ -615,6 +615,17 @@ fn resize_respects_block_size_and_read_only() {
     s.daemon.terminate_ok();
 }
 
+/// `qemu-img info --output=json` of an image.
+fn qemu_img_info(image: &Path) -> Value {
+    let out = Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(image)
+        .output()
+        .expect("qemu-img is required (run ci/setup.sh)");
+    assert!(out.status.success(), "qemu-img info: {out:?}");
+    serde_json::from_slice(&out.stdout).expect("qemu-img info json")
+}
+
 #[test]
 fn resize_grows_a_qcow2_image_online() {
     assert!(
@@ -651,12 +662,7 @@ fn resize_grows_a_qcow2_image_online() {
     common::assert_bytes_eq(&c.q(0).read_ok(off, 4096), &data, off, "qcow2 grown area");
     drop(c);
     s.daemon.terminate_ok();
-    let info = Command::new("qemu-img")
-        .args(["info", "--output=json"])
-        .arg(&s.image)
-        .output()
-        .unwrap();
-    let info: Value = serde_json::from_slice(&info.stdout).expect("qemu-img info json");
+    let info = qemu_img_info(&s.image);
     assert_eq!(
         n(&info["virtual-size"]),
         32 * MIB,
@@ -677,6 +683,56 @@ fn resize_grows_a_qcow2_image_online() {
 // ---------------------------------------------------------------------------------------------
 // bad input
 // ---------------------------------------------------------------------------------------------
+
+#[test]
+fn qcow2_bitmaps_track_client_writes_and_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    for args in [
+        &["create", "-q", "-f", "qcow2"][..],
+        &["bitmap", "--add"][..],
+    ] {
+        let mut cmd = Command::new("qemu-img");
+        cmd.args(args).arg(&image);
+        if args[0] == "create" {
+            cmd.arg("16M");
+        } else {
+            cmd.arg("backup-0");
+        }
+        let out = cmd
+            .output()
+            .expect("qemu-img is required (run ci/setup.sh)");
+        assert!(out.status.success(), "qemu-img {args:?}: {out:?}");
+    }
+    let mut s = serve(dir, image, &["--format", "qcow2"]);
+    let mut ctl = Ctl::connect(&s.ctl);
+    let list = |ctl: &mut Ctl| ctl.ok(json!({"command": "bitmaps"}))["bitmaps"].clone();
+    assert_eq!(
+        list(&mut ctl),
+        json!([{"name": "backup-0", "granularity": 65536, "enabled": true,
+                "inconsistent": false, "dirty_bytes": 0}])
+    );
+    let mut c = client(&s.sock, 1);
+    c.q(0).write_ok(MIB, &pattern(1, MIB, 4096));
+    c.q(0).write_ok(5 * MIB + 4096, &pattern(2, 5 * MIB, 65536));
+    // 64 KiB granules: one for the first write, two for the unaligned second.
+    assert_eq!(list(&mut ctl)[0]["dirty_bytes"], json!(3 * 65536));
+    assert_eq!(
+        ctl.ok(json!({"command": "bitmap-clear", "name": "backup-0"})),
+        json!({})
+    );
+    assert_eq!(list(&mut ctl)[0]["dirty_bytes"], json!(0));
+    c.q(0).write_ok(0, &pattern(3, 0, 512));
+    assert_eq!(list(&mut ctl)[0]["dirty_bytes"], json!(65536));
+    drop(c);
+    s.daemon.terminate_ok();
+    let info = qemu_img_info(&s.image);
+    assert_eq!(
+        info["format-specific"]["data"]["bitmaps"][0]["flags"],
+        json!(["auto"]),
+        "stored at shutdown, not left in use: {info}"
+    );
+}
 
 #[test]
 fn bad_requests_get_error_replies_and_the_daemon_keeps_serving() {

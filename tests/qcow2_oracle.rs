@@ -677,7 +677,7 @@ fn explicit_close_clears_dirty_bit_and_image_stays_usable() {
 }
 
 #[test]
-fn data_file_is_refused_and_bitmaps_marked_in_use() {
+fn data_file_is_refused() {
     tools_present();
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.qcow2");
@@ -694,28 +694,243 @@ fn data_file_is_refused_and_bitmaps_marked_in_use() {
     ]);
     let err = open_image(&opts(&img, true)).err().expect("must refuse");
     assert!(err.to_string().contains("external data file"), "{err}");
-    let img2 = dir.path().join("b.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", s(&img2), "1M"]);
-    qemu_io(&img2, &["write -P 3 0 64k"]);
-    qemu_img(&["bitmap", "--add", s(&img2), "b0"]);
-    qemu_img(&["bitmap", "--add", s(&img2), "b1"]);
-    qemu_io(&img2, &["write -P 4 128k 64k"]);
-    // Read-only leaves the bitmaps alone.
-    drop(open_ro(&img2));
-    let info = qemu_img(&["info", s(&img2)]);
-    assert!(!info.contains("in-use"), "{info}");
-    // Writable: bitmaps are marked in use (we do not update them), their clusters stay
-    // accounted for, and a dirty repair counts them too.
-    let im = open(&img2);
+}
+
+/// Dirty ranges of bitmap `name` as QEMU decodes them: `qemu-nbd -B` exports the bitmap and
+/// `qemu-img map` with `x-dirty-bitmap` reports dirty extents as `"data": false`.
+fn qemu_dirty_ranges(img: &Path, name: &str) -> Vec<(u64, u64)> {
+    let sock = img.with_extension("nbd.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut nbd = Command::new("qemu-nbd")
+        .args(["-r", "-f", "qcow2", "-B", name, "-k", s(&sock), s(img)])
+        .spawn()
+        .expect("qemu-nbd (qemu-utils) is required");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "qemu-nbd did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let opts = format!(
+        "driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:dirty-bitmap:{name}",
+        s(&sock)
+    );
+    let out = run("qemu-img", &["map", "--output=json", "--image-opts", &opts]);
+    let _ = nbd.kill();
+    let _ = nbd.wait();
+    assert!(out.status.success(), "qemu-img map: {out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("map json");
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for e in v.as_array().expect("map array") {
+        if e["data"] == serde_json::json!(false) {
+            let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+            match ranges.last_mut() {
+                Some(last) if last.0 + last.1 == start => last.1 += len,
+                _ => ranges.push((start, len)),
+            }
+        }
+    }
+    ranges
+}
+
+/// `qemu-img info` flags of each bitmap, by name.
+fn qemu_bitmap_flags(img: &Path) -> Vec<(String, Vec<String>)> {
+    let info = qemu_img(&["info", "--output=json", s(img)]);
+    let v: serde_json::Value = serde_json::from_str(&info).expect("info json");
+    v["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|b| {
+                    let flags = b["flags"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|f| f.as_str().unwrap().to_owned())
+                        .collect();
+                    (b["name"].as_str().unwrap().to_owned(), flags)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn dirty_bytes(im: &dyn BlockImage, name: &str) -> Option<u64> {
+    let b = im.bitmaps();
+    let b = b.iter().find(|b| b.name == name).expect("bitmap listed");
+    b.dirty_bytes
+}
+
+#[test]
+fn persistent_bitmaps_are_maintained_and_stored() {
+    tools_present();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("b.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "4M"]);
+    qemu_img(&["bitmap", "--add", s(&img), "b0"]);
+    // QEMU's own write before we open: its bit must survive.
+    qemu_io(&img, &["write -P 3 3M 64k"]);
+    qemu_img(&["bitmap", "--add", "--disable", s(&img), "off"]);
+    qemu_img(&["bitmap", "--add", "-g", "4096", s(&img), "fine"]);
+
+    // Read-only: listed, not recording, nothing changed on disk.
+    let ro = open_ro(&img);
+    let names: Vec<_> = ro
+        .bitmaps()
+        .into_iter()
+        .map(|b| (b.name, b.enabled))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("b0".into(), false),
+            ("off".into(), false),
+            ("fine".into(), false)
+        ]
+    );
+    drop(ro);
+    assert!(qemu_bitmap_flags(&img)
+        .iter()
+        .all(|(_, f)| !f.contains(&"in-use".into())));
+
+    let im = open(&img);
+    let list = im.bitmaps();
+    assert_eq!(list.len(), 3);
+    assert!(
+        list[0].enabled && !list[1].enabled && list[2].enabled,
+        "{list:?}"
+    );
+    assert_eq!(list[2].granularity, 4096);
+    assert!(list.iter().all(|b| !b.inconsistent), "{list:?}");
+    assert_eq!(dirty_bytes(im.as_ref(), "b0"), Some(64 << 10));
+    // While open, the enabled bitmaps are flagged in use on disk.
+    let flags = qemu_bitmap_flags(&img);
+    assert!(flags[0].1.contains(&"in-use".into()), "{flags:?}");
+    let mut q = im.queue_handle().unwrap();
+    write(q.as_mut(), (64 << 10) + 100, &[1u8; 4096]);
+    q.discard(1 << 20, 128 << 10).unwrap();
+    q.write_zeroes((2 << 20) + 512, 1000, false).unwrap();
+    assert_eq!(dirty_bytes(im.as_ref(), "b0"), Some(320 << 10));
+    assert_eq!(dirty_bytes(im.as_ref(), "fine"), Some((8 + 128 + 4) << 10));
+    assert_eq!(dirty_bytes(im.as_ref(), "off"), Some(0));
+    drop(q);
+    drop(im);
+
+    check_clean(&img);
+    let flags = qemu_bitmap_flags(&img);
+    assert!(
+        flags.iter().all(|(_, f)| !f.contains(&"in-use".into())),
+        "{flags:?}"
+    );
+    assert_eq!(
+        qemu_dirty_ranges(&img, "b0"),
+        [
+            (64 << 10, 64 << 10),
+            (1 << 20, 128 << 10),
+            (2 << 20, 64 << 10),
+            (3 << 20, 64 << 10)
+        ]
+    );
+    // Added after QEMU's write to 3M: only ours.
+    assert_eq!(
+        qemu_dirty_ranges(&img, "fine"),
+        [
+            (64 << 10, 8 << 10),
+            (1 << 20, 128 << 10),
+            (2 << 20, 4 << 10)
+        ]
+    );
+    assert_eq!(qemu_dirty_ranges(&img, "off"), []);
+
+    // A new epoch: clear b0, write once more; QEMU sees only the new write.
+    let im = open(&img);
+    assert_eq!(dirty_bytes(im.as_ref(), "b0"), Some(320 << 10), "reloaded");
+    im.clear_bitmap("b0").unwrap();
+    assert!(im.clear_bitmap("nope").is_err());
+    let mut q = im.queue_handle().unwrap();
+    write(q.as_mut(), 0, &[2u8; 512]);
+    drop(q);
+    drop(im);
+    check_clean(&img);
+    assert_eq!(qemu_dirty_ranges(&img, "b0"), [(0, 64 << 10)]);
+    // QEMU can still write to it and keep the bitmaps.
+    qemu_io(&img, &["write -P 4 1536k 4k"]);
+    assert_eq!(
+        qemu_dirty_ranges(&img, "b0"),
+        [(0, 64 << 10), (1536 << 10, 64 << 10)]
+    );
+}
+
+#[test]
+fn bitmaps_spanning_several_data_clusters_release_emptied_ones() {
+    tools_present();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("m.qcow2");
+    // 512-byte clusters, 512-byte granularity on 4 MiB: 8192 bits, two data clusters.
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        s(&img),
+        "4M",
+    ]);
+    qemu_img(&["bitmap", "--add", "-g", "512", s(&img), "b"]);
+    let im = open(&img);
+    let mut q = im.queue_handle().unwrap();
+    write(q.as_mut(), 1000, &[1u8; 100]);
+    write(q.as_mut(), 3584 << 10, &[1u8; 1024]);
+    drop(q);
+    drop(im);
+    check_clean(&img);
+    assert_eq!(
+        qemu_dirty_ranges(&img, "b"),
+        [(512, 1024), (3584 << 10, 1024)]
+    );
+    let im = open(&img);
+    im.clear_bitmap("b").unwrap();
+    let mut q = im.queue_handle().unwrap();
+    write(q.as_mut(), 3584 << 10, &[2u8; 512]);
+    drop(q);
+    drop(im);
+    // The first data cluster is all zeros now: released, not leaked.
+    check_clean(&img);
+    assert_eq!(qemu_dirty_ranges(&img, "b"), [(3584 << 10, 512)]);
+}
+
+#[test]
+fn bitmaps_left_in_use_by_a_crash_are_reported_inconsistent() {
+    tools_present();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("c.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "1M"]);
+    qemu_img(&["bitmap", "--add", s(&img), "b0"]);
+    let im = open(&img);
     let mut q = im.queue_handle().unwrap();
     write(q.as_mut(), 300_000, &[5u8; 70_000]);
     q.flush().unwrap();
+    // Killed: no close, so the bitmap was never stored and stays in use.
     std::mem::forget(q);
     std::mem::forget(im);
-    drop(open(&img2));
-    check_clean(&img2);
-    let info = qemu_img(&["info", s(&img2)]);
-    assert!(info.contains("in-use"), "{info}");
+    let im = open(&img);
+    let b = &im.bitmaps()[0];
+    assert!(
+        b.inconsistent && !b.enabled && b.dirty_bytes.is_none(),
+        "{b:?}"
+    );
+    let err = im.clear_bitmap("b0").unwrap_err();
+    assert!(err.to_string().contains("not maintained"), "{err}");
+    let mut q = im.queue_handle().unwrap();
+    write(q.as_mut(), 0, &[6u8; 512]);
+    drop(q);
+    drop(im);
+    check_clean(&img);
+    let flags = qemu_bitmap_flags(&img);
+    assert!(flags[0].1.contains(&"in-use".into()), "{flags:?}");
 }
 
 /// `qemu-img info`'s virtual size.

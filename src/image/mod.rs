@@ -50,6 +50,9 @@ pub struct BitmapInfo {
     pub enabled: bool,
     /// Whether it may be stale (in use by a crashed writer, or marked inconsistent).
     pub inconsistent: bool,
+    /// Bytes of the disk marked dirty (set bits times the granularity), when the bitmap is
+    /// maintained.
+    pub dirty_bytes: Option<u64>,
 }
 
 /// A disk image shared by all queue workers of a device.

@@ -70,6 +70,7 @@
 //! reserved, or by the next flush or close.
 
 mod alloc;
+mod bitmap;
 mod compress;
 pub mod header;
 mod io;
@@ -247,6 +248,8 @@ pub struct Qcow2Shared {
     /// must not reference clusters at or past this.
     file_clusters: u64,
     backing: Option<Backing>,
+    /// Persistent dirty bitmaps (the top image only).
+    bitmaps: Option<bitmap::Bitmaps>,
     state: Mutex<MetaState>,
     /// The dirty bit is set on disk (or the image is v2, which has none: then always true).
     dirty_on_disk: AtomicBool,
@@ -371,6 +374,7 @@ impl Qcow2Shared {
             .map(|_| ArcSwap::new(absent.clone()))
             .collect();
         let cache_tables = cache_tables_for(DEFAULT_CACHE_BYTES, hdr.cluster_bits);
+        let hdr_size = hdr.size;
         let mut s = Qcow2Shared {
             path: path.to_owned(),
             file,
@@ -392,6 +396,7 @@ impl Qcow2Shared {
             clusters: None,
             file_clusters: file_len.div_ceil(cs),
             backing,
+            bitmaps: None,
             state: Mutex::new(state),
             dirty_on_disk: AtomicBool::new(hdr.version == 2),
             meta_dirty: AtomicBool::new(false),
@@ -408,6 +413,17 @@ impl Qcow2Shared {
                 rebuild::OpenError::Invalid(r) => inval(r),
                 rebuild::OpenError::Io(source) => open_err(source),
             })?;
+        }
+        // Bitmaps are kept only when the extension is marked consistent (autoclear bit 0;
+        // an older writer that did not know them cleared it).
+        if let Some(ext) = s.hdr.bitmaps {
+            if depth == 0 && s.hdr.autoclear & header::AUTOCLEAR_BITMAPS != 0 {
+                let load = !read_only;
+                s.bitmaps = Some(
+                    bitmap::Bitmaps::open(&s.file, ext, s.cluster_bits, hdr_size, file_len, load)
+                        .map_err(|e| inval(format!("bitmaps: {e}")))?,
+                );
+            }
         }
         Ok(s)
     }
@@ -437,14 +453,6 @@ impl Qcow2Shared {
         let end = file_len
             .div_ceil(cs)
             .max(rc.iter().rposition(|&v| v != 0).map_or(0, |p| p as u64 + 1));
-        if self.hdr.bitmaps.is_some() && self.hdr.autoclear & header::AUTOCLEAR_BITMAPS != 0 {
-            rebuild::bitmaps(self, file_len, true)?;
-            warn!(
-                "{}: persistent dirty bitmaps are not updated by this daemon; marked them in use \
-                 (inconsistent)",
-                self.path.display()
-            );
-        }
         let block_shift = self.cluster_bits + 3 - self.hdr.refcount_order;
         let clusters = Clusters::new(rc, end, block_shift);
         for c in meta_clusters {
@@ -1232,6 +1240,7 @@ impl Qcow2Shared {
     ) -> stdio::Result<()> {
         self.check_writable()?;
         let len = super::slices_len(bufs);
+        self.mark_bitmaps(off, len)?;
         let cs = self.cluster_size();
         let mut done = 0;
         while done < len {
@@ -1245,6 +1254,7 @@ impl Qcow2Shared {
 
     fn discard_range(&self, off: u64, len: u64) -> stdio::Result<()> {
         self.check_writable()?;
+        self.mark_bitmaps(off, len)?;
         let cs = self.cluster_size();
         let first = off.div_ceil(cs);
         let size = self.size.load(Ordering::Acquire);
@@ -1277,6 +1287,7 @@ impl Qcow2Shared {
         len: u64,
     ) -> stdio::Result<()> {
         self.check_writable()?;
+        self.mark_bitmaps(off, len)?;
         let cs = self.cluster_size();
         let end = off + len;
         let mut g = off;
@@ -1297,6 +1308,14 @@ impl Qcow2Shared {
             g += n;
         }
         Ok(())
+    }
+
+    /// Records a guest change of `[off, off + len)` in the enabled persistent bitmaps.
+    fn mark_bitmaps(&self, off: u64, len: u64) -> stdio::Result<()> {
+        match &self.bitmaps {
+            Some(b) => b.mark(&self.file, off, len),
+            None => Ok(()),
+        }
     }
 
     /// Makes all completed writes and metadata changes durable.
@@ -1534,6 +1553,9 @@ impl Qcow2Shared {
             if !self.meta_dirty.load(Ordering::Acquire) {
                 break;
             }
+        }
+        if !self.corrupt.load(Ordering::Acquire) {
+            self.store_bitmaps()?;
         }
         let mut st = lock(&self.state);
         self.persist_corrupt_locked(&mut st);
@@ -1868,6 +1890,26 @@ impl BlockImage for Qcow2Image {
 
     fn close(&self) -> stdio::Result<()> {
         self.shared.close()
+    }
+
+    fn bitmaps(&self) -> Vec<super::BitmapInfo> {
+        let s = &self.shared;
+        s.bitmaps
+            .as_ref()
+            .map(|b| b.info(s.size.load(Ordering::Acquire)))
+            .unwrap_or_default()
+    }
+
+    fn clear_bitmap(&self, name: &str) -> stdio::Result<()> {
+        let s = &self.shared;
+        match &s.bitmaps {
+            Some(b) if !s.read_only => b.clear(name),
+            Some(_) => Err(stdio::Error::from_raw_os_error(libc::EROFS)),
+            None => Err(stdio::Error::new(
+                stdio::ErrorKind::NotFound,
+                format!("no bitmap named '{name}'"),
+            )),
+        }
     }
 
     fn stats(&self) -> ImageStats {

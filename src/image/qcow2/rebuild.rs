@@ -107,7 +107,7 @@ fn fixed_meta(s: &Qcow2Shared, file_len: u64) -> R<Vec<(u64, u64, &'static str)>
         }
     }
     v.extend(
-        bitmaps(s, file_len, false)?
+        bitmaps(s, file_len)?
             .into_iter()
             .map(|(o, l)| (o, l, "a persistent bitmap structure")),
     );
@@ -170,9 +170,8 @@ fn all_meta(s: &Qcow2Shared, file_len: u64, rt: &[u64]) -> R<Vec<(u64, u64, &'st
 }
 
 /// Areas used by persistent bitmaps: the directory, each bitmap table and each bitmap data
-/// cluster. With `mark_in_use`, sets every bitmap's in_use flag on disk (we do not update
-/// bitmaps, so they must not be trusted after we write).
-pub fn bitmaps(s: &Qcow2Shared, file_len: u64, mark_in_use: bool) -> R<Vec<(u64, u64)>> {
+/// cluster.
+pub fn bitmaps(s: &Qcow2Shared, file_len: u64) -> R<Vec<(u64, u64)>> {
     let Some(ext) = s.hdr.bitmaps else {
         return Ok(Vec::new());
     };
@@ -213,14 +212,7 @@ pub fn bitmaps(s: &Qcow2Shared, file_len: u64, mark_in_use: bool) -> R<Vec<(u64,
                 v.push((d, cs));
             }
         }
-        if mark_in_use {
-            dir[off + 15] |= 1;
-        }
         off += used.next_multiple_of(8);
-    }
-    if mark_in_use {
-        qio::write_bytes(&s.file, ext.directory_offset, &dir)?;
-        s.file.sync_data()?;
     }
     Ok(v)
 }
