@@ -1257,3 +1257,64 @@ fn extended_l2_concurrent_writes_to_subclusters_of_one_cluster() {
     // Subclusters 0..32 of clusters 0..16 are all written, the rest is the base's.
     assert_eq!(top_data(&top), vec![(0, 16 * CL)], "{:?}", map(&top));
 }
+
+#[test]
+fn extended_l2_write_zeroes_sets_zero_bits_of_whole_subclusters() {
+    tools_present();
+    let dir = tempfile::tempdir().unwrap();
+    let (top, mut model) = overlay_on_pattern(dir.path());
+    {
+        let im = open(&top);
+        let mut q = im.queue_handle().unwrap();
+        // Cluster 1 fully written; then zeroes over subclusters 3..=7, partial at both ends.
+        let p = pattern(21, CL as usize);
+        write(q.as_mut(), CL, &p);
+        model[CL as usize..2 * CL as usize].copy_from_slice(&p);
+        let (off, len) = (CL + 3 * SUB + 10, 4 * SUB + 100);
+        q.write_zeroes(off, len, false).unwrap();
+        model[off as usize..(off + len) as usize].fill(0);
+        // Cluster 5 untouched before: subclusters 2..=3 zeroed over the backing file,
+        // aligned, plus 20 bytes of subcluster 4.
+        let (off, len) = (5 * CL + 2 * SUB, 2 * SUB + 20);
+        q.write_zeroes(off, len, true).unwrap();
+        model[off as usize..(off + len) as usize].fill(0);
+        // The last subcluster of the disk.
+        let (off, len) = ((1 << 20) - SUB, SUB);
+        q.write_zeroes(off, len, false).unwrap();
+        model[off as usize..(off + len) as usize].fill(0);
+        assert_same(&read_all(im.as_ref()), &model, "zeroed");
+    }
+    check_clean(&top);
+    assert_same(&to_raw(dir.path(), &top, &[]), &model, "zeroed after close");
+    let m = map(&top);
+    let at = |g: u64| {
+        m.iter()
+            .find(|x| x.start <= g && g < x.start + x.length)
+            .unwrap()
+    };
+    let zero_bit = |g: u64| {
+        let x = at(g);
+        x.depth == 0 && x.zero && !x.data && x.present
+    };
+    for sc in 4..=6 {
+        assert!(
+            zero_bit(CL + sc * SUB),
+            "subcluster {sc}: {:?}",
+            at(CL + sc * SUB)
+        );
+    }
+    // The partial subclusters hold zero bytes as data.
+    assert!(at(CL + 3 * SUB).data && at(CL + 7 * SUB).data, "{m:?}");
+    assert!(
+        zero_bit(5 * CL + 2 * SUB) && zero_bit(5 * CL + 3 * SUB),
+        "{m:?}"
+    );
+    assert!(
+        at(5 * CL + 4 * SUB).data && at(5 * CL + 4 * SUB).depth == 0,
+        "{m:?}"
+    );
+    assert_eq!(at(5 * CL + SUB).depth, 1, "{m:?}");
+    assert_eq!(at(5 * CL + 5 * SUB).depth, 1, "{m:?}");
+    assert!(zero_bit((1 << 20) - 1), "{m:?}");
+    assert_eq!(at((1 << 20) - SUB - 1).depth, 1, "{m:?}");
+}

@@ -1405,15 +1405,102 @@ impl Qcow2Shared {
             let whole = in_off == 0 && (n == cs || g + n == self.size);
             match zero {
                 Some((ze, zb)) if whole => self.set_cluster(g, ze, zb)?,
-                _ => {
-                    let mut zeros = vec![0u8; n as usize];
-                    let s = [VolatileSlice::from(&mut zeros[..])];
-                    self.write_in_cluster(file, scratch, g, n, &s, 0)?;
-                }
+                _ if self.extended && self.zero_in_cluster(file, scratch, g, n)? => {}
+                _ => self.write_zero_bytes(file, scratch, g, n)?,
             }
             g += n;
         }
         Ok(())
+    }
+
+    /// Writes `n` zero bytes at guest offset `g` (within one cluster).
+    fn write_zero_bytes(
+        &self,
+        file: &File,
+        scratch: &mut Scratch,
+        g: u64,
+        n: u64,
+    ) -> stdio::Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let mut zeros = vec![0u8; n as usize];
+        let s = [VolatileSlice::from(&mut zeros[..])];
+        self.write_in_cluster(file, scratch, g, n, &s, 0)
+    }
+
+    /// Extended L2: zeroes `[g, g + n)` (within one cluster) by setting the zero bits of the
+    /// whole subclusters inside it and writing zero bytes only to the partial subclusters
+    /// at its ends. False (nothing done) if no subcluster is whole or the cluster is
+    /// compressed.
+    fn zero_in_cluster(
+        &self,
+        file: &File,
+        scratch: &mut Scratch,
+        g: u64,
+        n: u64,
+    ) -> stdio::Result<bool> {
+        let scs = self.cluster_size() / l2::SUBCLUSTERS;
+        let in_off = g & (self.cluster_size() - 1);
+        let end = in_off + n;
+        let first = in_off.div_ceil(scs);
+        // The last partial subcluster of the disk counts as whole when the range reaches the
+        // end.
+        let last = if g + n == self.size {
+            end.div_ceil(scs)
+        } else {
+            end / scs
+        };
+        if first >= last {
+            return Ok(false);
+        }
+        let mask = ((1u64 << last) - 1) & !((1u64 << first) - 1);
+        if !self.zero_subclusters(g - in_off, mask)? {
+            return Ok(false);
+        }
+        let head = first * scs - in_off;
+        self.write_zero_bytes(file, scratch, g, head)?;
+        let tail = end.saturating_sub(last * scs);
+        self.write_zero_bytes(file, scratch, g + n - tail, tail)?;
+        Ok(true)
+    }
+
+    /// Extended L2: makes subclusters `mask` of the guest cluster at `g` read as zeros:
+    /// sets their zero bits and clears their allocation bits (a host cluster stays
+    /// referenced by the entry). False if the cluster is compressed (it has no bitmap).
+    fn zero_subclusters(&self, g: u64, mask: u64) -> stdio::Result<bool> {
+        let (i, j, _) = self.locate(GuestOffset(g));
+        let w = j * self.words;
+        loop {
+            let t = self.table(i)?;
+            let (e, b) = self.load_entry(&t, j);
+            if e & COMPRESSED != 0 {
+                return Ok(false);
+            }
+            if b & mask == 0 && (b >> 32) & mask == mask {
+                return Ok(true);
+            }
+            self.ensure_dirty()?;
+            if !t.pin() {
+                std::thread::yield_now();
+                continue;
+            }
+            if t.entries[w]
+                .compare_exchange(e, RESERVED, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                t.unpin();
+                continue;
+            }
+            // Reread: the bitmap may have changed while the entry word kept its value.
+            let b = t.entries[w + 1].load(Ordering::Acquire);
+            t.entries[w + 1].store((b & !mask) | (mask << 32), Ordering::Release);
+            t.entries[w].store(e, Ordering::Release);
+            t.mark_dirty();
+            t.unpin();
+            self.meta_dirty.store(true, Ordering::Release);
+            return Ok(true);
+        }
     }
 
     /// Makes all completed writes and metadata changes durable.
