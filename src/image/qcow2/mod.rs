@@ -24,6 +24,17 @@
 //!   zeros, only the request's bytes) and then stores the final entry with Release
 //!   ordering; anyone seeing `RESERVED` yields until it is final. So a cluster is never
 //!   allocated twice and no entry points at unwritten data.
+//! - Extended L2 entries (32 subclusters per cluster, a bitmap word after each entry word):
+//!   a write to an unallocated or exclusively owned (COPIED, uncompressed) cluster writes
+//!   only the subclusters it touches, at a fresh host cluster or in place. A partly
+//!   touched subcluster that was not allocated is completed from its old contents
+//!   (backing file or zeros) at subcluster granularity; the touched subclusters' allocation
+//!   bits are set and their zero bits cleared, the others keep their state. Shared or
+//!   compressed clusters are copied whole (all subclusters allocated). Write-zeroes sets
+//!   the zero bits of the whole subclusters in its range. Changing only the bitmap also
+//!   reserves the entry word, which then returns to its old value; so after reserving, a
+//!   writer rereads the bitmap instead of trusting the pair it saw before. A write whose
+//!   subclusters are all allocated is an in-place overwrite.
 //! - On the read and in-place overwrite paths nothing shared is written: the L2 lookup, the
 //!   overlap check (`alloc::Clusters::is_meta`) and the cache's use bit (written only when
 //!   the clock hand has cleared it) are loads.
