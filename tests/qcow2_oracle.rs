@@ -1312,3 +1312,375 @@ fn overlapping_metadata_is_refused_at_open() {
     let err = open_image(&opts(&img, false)).err().expect("must refuse");
     assert!(err.to_string().contains("metadata overlap"), "{err}");
 }
+
+/// One extent of `qemu-img map --output=json`.
+#[derive(Debug)]
+struct Extent {
+    start: u64,
+    length: u64,
+    depth: u64,
+    data: bool,
+    zero: bool,
+    present: bool,
+    offset: Option<u64>,
+}
+
+fn map(img: &Path) -> Vec<Extent> {
+    let text = run_ok("qemu-img", &["map", "--output=json", s(img)]);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| Extent {
+            start: x["start"].as_u64().unwrap(),
+            length: x["length"].as_u64().unwrap(),
+            depth: x["depth"].as_u64().unwrap(),
+            data: x["data"].as_bool().unwrap(),
+            zero: x["zero"].as_bool().unwrap(),
+            present: x["present"].as_bool().unwrap(),
+            offset: x["offset"].as_u64(),
+        })
+        .collect()
+}
+
+/// Guest ranges (start, length) that hold data in the top image itself (depth 0), merged.
+fn top_data(img: &Path) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for x in map(img).into_iter().filter(|x| x.depth == 0 && x.data) {
+        match out.last_mut() {
+            Some((s0, l0)) if *s0 + *l0 == x.start => *l0 += x.length,
+            _ => out.push((x.start, x.length)),
+        }
+    }
+    out
+}
+
+/// Host offset at which the top image stores guest byte `guest` (which must be data there).
+fn host_of(img: &Path, guest: u64) -> u64 {
+    let x = map(img)
+        .into_iter()
+        .find(|x| x.start <= guest && guest < x.start + x.length)
+        .unwrap();
+    assert!(
+        x.depth == 0 && x.data,
+        "{guest:#x} is not data in the top: {x:?}"
+    );
+    x.offset.unwrap() + (guest - x.start)
+}
+
+const SUB: u64 = 2048; // subcluster of a 64 KiB extended-L2 cluster
+const CL: u64 = 65536;
+
+#[test]
+fn extended_l2_write_allocates_only_touched_subclusters() {
+    tools_present();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("x.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=65536,extended_l2=on",
+        s(&img),
+        "1M",
+    ]);
+    let mut model = vec![0u8; 1 << 20];
+    {
+        let im = open(&img);
+        let mut q = im.queue_handle().unwrap();
+        // Subclusters 3 and 4 of cluster 0, aligned; 1 KiB inside subcluster 2 of cluster 1;
+        // 3 KiB straddling subclusters 30 and 31 of cluster 2.
+        for (off, len, seed) in [
+            (3 * SUB, 2 * SUB, 1u64),
+            (CL + 2 * SUB + 300, 1024, 2),
+            (2 * CL + 30 * SUB + 1000, 3000, 3),
+        ] {
+            let p = pattern(seed, len as usize);
+            write(q.as_mut(), off, &p);
+            model[off as usize..(off + len) as usize].copy_from_slice(&p);
+        }
+        assert_same(&read_all(im.as_ref()), &model, "before close");
+    }
+    check_clean(&img);
+    compare_with_model(dir.path(), &img, &model);
+    assert_eq!(
+        top_data(&img),
+        vec![
+            (3 * SUB, 2 * SUB),
+            (CL + 2 * SUB, SUB),
+            (2 * CL + 30 * SUB, 2 * SUB)
+        ],
+        "{:?}",
+        map(&img)
+    );
+    // The rest reads as (unallocated) zeros.
+    for x in map(&img).iter().filter(|x| !x.data) {
+        assert!(x.zero && !x.present, "{x:?}");
+    }
+    // A later write to another subcluster of the same cluster keeps its host cluster.
+    let host = host_of(&img, 3 * SUB) - 3 * SUB;
+    {
+        let im = open(&img);
+        let mut q = im.queue_handle().unwrap();
+        let p = pattern(4, 100);
+        write(q.as_mut(), 20 * SUB + 7, &p);
+        model[(20 * SUB + 7) as usize..(20 * SUB + 107) as usize].copy_from_slice(&p);
+        assert_same(&read_all(im.as_ref()), &model, "reopened");
+    }
+    check_clean(&img);
+    compare_with_model(dir.path(), &img, &model);
+    assert_eq!(host_of(&img, 20 * SUB), host + 20 * SUB);
+    assert_eq!(
+        top_data(&img)[..2],
+        [(3 * SUB, 2 * SUB), (20 * SUB, SUB)],
+        "{:?}",
+        map(&img)
+    );
+}
+
+/// An extended-L2 overlay over a raw base with `pattern(1, 1 MiB)`.
+fn overlay_on_pattern(dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
+    let base = dir.join("base.raw");
+    let data = pattern(1, 1 << 20);
+    std::fs::write(&base, &data).unwrap();
+    let top = dir.join("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=65536,extended_l2=on",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        s(&top),
+        "1M",
+    ]);
+    (top, data)
+}
+
+#[test]
+fn extended_l2_write_over_backing_leaves_other_subclusters_to_it() {
+    tools_present();
+    let dir = tempfile::tempdir().unwrap();
+    let (top, mut model) = overlay_on_pattern(dir.path());
+    let base_before = std::fs::read(dir.path().join("base.raw")).unwrap();
+    {
+        let im = open(&top);
+        let mut q = im.queue_handle().unwrap();
+        for (off, len, seed) in [
+            (2 * CL + 5 * SUB + 100, 1024u64, 7u64),
+            (3 * CL + 9 * SUB, 4096, 8),
+            (4 * CL + SUB - 10, 20, 9),
+        ] {
+            let p = pattern(seed, len as usize);
+            write(q.as_mut(), off, &p);
+            model[off as usize..(off + len) as usize].copy_from_slice(&p);
+        }
+        assert_same(&read_all(im.as_ref()), &model, "overlay");
+    }
+    check_clean(&top);
+    assert_same(
+        &to_raw(dir.path(), &top, &[]),
+        &model,
+        "overlay after close",
+    );
+    assert_eq!(
+        top_data(&top),
+        vec![
+            (2 * CL + 5 * SUB, SUB),
+            (3 * CL + 9 * SUB, 2 * SUB),
+            (4 * CL, 2 * SUB)
+        ],
+        "{:?}",
+        map(&top)
+    );
+    // Everything else still comes from the base.
+    for x in map(&top).iter().filter(|x| x.depth == 0) {
+        assert!(x.data, "{x:?}");
+    }
+    // Only the touched subcluster was written: the rest of the new host cluster was never
+    // filled with the backing data (a fresh cluster past the end of the file reads zeros).
+    let host = host_of(&top, 2 * CL + 5 * SUB) - 5 * SUB;
+    let mut f = vec![0u8; CL as usize];
+    std::os::unix::fs::FileExt::read_at(&std::fs::File::open(&top).unwrap(), &mut f, host).unwrap();
+    let sc = (5 * SUB) as usize..(6 * SUB) as usize;
+    assert_same(
+        &f[sc.clone()],
+        &model[(2 * CL) as usize + sc.start..(2 * CL) as usize + sc.end],
+        "touched subcluster on disk",
+    );
+    assert!(
+        f[..sc.start].iter().chain(&f[sc.end..]).all(|&b| b == 0),
+        "untouched subclusters were written"
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("base.raw")).unwrap(),
+        base_before
+    );
+}
+
+#[test]
+fn extended_l2_fills_unallocated_subclusters_of_an_allocated_cluster_in_place() {
+    tools_present();
+    let dir = tempfile::tempdir().unwrap();
+    let (top, _) = overlay_on_pattern(dir.path());
+    // qemu allocates cluster 1 for subcluster 0, and sets zero bits for subclusters 8..10.
+    qemu_io(
+        &top,
+        &[
+            &format!("write -P 0x5a {CL} {SUB}"),
+            &format!("write -z {} {}", CL + 8 * SUB, 2 * SUB),
+        ],
+    );
+    let mut model = to_raw(dir.path(), &top, &[]);
+    let host = host_of(&top, CL);
+    {
+        let im = open(&top);
+        let mut q = im.queue_handle().unwrap();
+        // Unaligned, over subclusters 4..=6; and into the last 100 bytes of subcluster 0
+        // (already allocated) plus the start of subcluster 1.
+        for (off, len, seed) in [
+            (CL + 4 * SUB + 33, 2 * SUB + 5, 11u64),
+            (CL + SUB - 100, 300, 12),
+        ] {
+            let p = pattern(seed, len as usize);
+            write(q.as_mut(), off, &p);
+            model[off as usize..(off + len) as usize].copy_from_slice(&p);
+        }
+        // Zero subcluster 9 partly: it stays zero around the data.
+        let p = pattern(13, 200);
+        write(q.as_mut(), CL + 9 * SUB + 500, &p);
+        model[(CL + 9 * SUB + 500) as usize..(CL + 9 * SUB + 700) as usize].copy_from_slice(&p);
+        assert_same(&read_all(im.as_ref()), &model, "filled");
+    }
+    check_clean(&top);
+    assert_same(&to_raw(dir.path(), &top, &[]), &model, "filled after close");
+    // Same host cluster, written in place.
+    assert_eq!(host_of(&top, CL + 4 * SUB), host + 4 * SUB);
+    assert_eq!(
+        top_data(&top),
+        vec![(CL, 2 * SUB), (CL + 4 * SUB, 3 * SUB), (CL + 9 * SUB, SUB)],
+        "{:?}",
+        map(&top)
+    );
+    let m = map(&top);
+    let at = |g: u64| {
+        m.iter()
+            .find(|x| x.start <= g && g < x.start + x.length)
+            .unwrap()
+    };
+    // Subcluster 8 still has its zero bit, subcluster 2 still reads the base.
+    let z = at(CL + 8 * SUB);
+    assert!(z.depth == 0 && z.zero && !z.data, "{z:?}");
+    assert_eq!(at(CL + 2 * SUB).depth, 1);
+    assert_eq!(at(CL + 7 * SUB).depth, 1);
+}
+
+#[test]
+fn extended_l2_concurrent_writes_to_subclusters_of_one_cluster() {
+    tools_present();
+    let dir = tempfile::tempdir().unwrap();
+    let (top, base) = overlay_on_pattern(dir.path());
+    let im = open(&top);
+    // Four threads; in every cluster each writes an unaligned piece of its own subclusters
+    // (t, t + 4, ...), so allocations and bitmap updates of one cluster race.
+    let piece = |t: u64, k: u64, c: u64| (c * CL + (t + 4 * k) * SUB + 100 + t, 700 + t);
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let im = im.clone();
+            std::thread::spawn(move || {
+                let mut q = im.queue_handle().unwrap();
+                for k in 0..8 {
+                    for c in 0..16 {
+                        let (off, len) = piece(t, k, c);
+                        write(q.as_mut(), off, &vec![(t * 8 + k + 1) as u8; len as usize]);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let mut model = base;
+    for t in 0..4u64 {
+        for k in 0..8 {
+            for c in 0..16 {
+                let (off, len) = piece(t, k, c);
+                model[off as usize..(off + len) as usize].fill((t * 8 + k + 1) as u8);
+            }
+        }
+    }
+    assert_same(&read_all(im.as_ref()), &model, "concurrent subclusters");
+    drop(im);
+    check_clean(&top);
+    assert_same(&to_raw(dir.path(), &top, &[]), &model, "after close");
+    // Subclusters 0..32 of clusters 0..16 are all written, the rest is the base's.
+    assert_eq!(top_data(&top), vec![(0, 16 * CL)], "{:?}", map(&top));
+}
+
+#[test]
+fn extended_l2_write_zeroes_sets_zero_bits_of_whole_subclusters() {
+    tools_present();
+    let dir = tempfile::tempdir().unwrap();
+    let (top, mut model) = overlay_on_pattern(dir.path());
+    {
+        let im = open(&top);
+        let mut q = im.queue_handle().unwrap();
+        // Cluster 1 fully written; then zeroes over subclusters 3..=7, partial at both ends.
+        let p = pattern(21, CL as usize);
+        write(q.as_mut(), CL, &p);
+        model[CL as usize..2 * CL as usize].copy_from_slice(&p);
+        let (off, len) = (CL + 3 * SUB + 10, 4 * SUB + 100);
+        q.write_zeroes(off, len, false).unwrap();
+        model[off as usize..(off + len) as usize].fill(0);
+        // Cluster 5 untouched before: subclusters 2..=3 zeroed over the backing file,
+        // aligned, plus 20 bytes of subcluster 4.
+        let (off, len) = (5 * CL + 2 * SUB, 2 * SUB + 20);
+        q.write_zeroes(off, len, true).unwrap();
+        model[off as usize..(off + len) as usize].fill(0);
+        // The last subcluster of the disk.
+        let (off, len) = ((1 << 20) - SUB, SUB);
+        q.write_zeroes(off, len, false).unwrap();
+        model[off as usize..(off + len) as usize].fill(0);
+        assert_same(&read_all(im.as_ref()), &model, "zeroed");
+    }
+    check_clean(&top);
+    assert_same(&to_raw(dir.path(), &top, &[]), &model, "zeroed after close");
+    let m = map(&top);
+    let at = |g: u64| {
+        m.iter()
+            .find(|x| x.start <= g && g < x.start + x.length)
+            .unwrap()
+    };
+    let zero_bit = |g: u64| {
+        let x = at(g);
+        x.depth == 0 && x.zero && !x.data && x.present
+    };
+    for sc in 4..=6 {
+        assert!(
+            zero_bit(CL + sc * SUB),
+            "subcluster {sc}: {:?}",
+            at(CL + sc * SUB)
+        );
+    }
+    // The partial subclusters hold zero bytes as data.
+    assert!(at(CL + 3 * SUB).data && at(CL + 7 * SUB).data, "{m:?}");
+    assert!(
+        zero_bit(5 * CL + 2 * SUB) && zero_bit(5 * CL + 3 * SUB),
+        "{m:?}"
+    );
+    assert!(
+        at(5 * CL + 4 * SUB).data && at(5 * CL + 4 * SUB).depth == 0,
+        "{m:?}"
+    );
+    assert_eq!(at(5 * CL + SUB).depth, 1, "{m:?}");
+    assert_eq!(at(5 * CL + 5 * SUB).depth, 1, "{m:?}");
+    assert!(zero_bit((1 << 20) - 1), "{m:?}");
+    assert_eq!(at((1 << 20) - SUB - 1).depth, 1, "{m:?}");
+}

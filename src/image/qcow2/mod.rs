@@ -26,6 +26,17 @@
 //!   zeros, only the request's bytes) and then stores the final entry with Release
 //!   ordering; anyone seeing `RESERVED` yields until it is final. So a cluster is never
 //!   allocated twice and no entry points at unwritten data.
+//! - Extended L2 entries (32 subclusters per cluster, a bitmap word after each entry word):
+//!   a write to an unallocated or exclusively owned (COPIED, uncompressed) cluster writes
+//!   only the subclusters it touches, at a fresh host cluster or in place. A partly
+//!   touched subcluster that was not allocated is completed from its old contents
+//!   (backing file or zeros) at subcluster granularity; the touched subclusters' allocation
+//!   bits are set and their zero bits cleared, the others keep their state. Shared or
+//!   compressed clusters are copied whole (all subclusters allocated). Write-zeroes sets
+//!   the zero bits of the whole subclusters in its range. Changing only the bitmap also
+//!   reserves the entry word, which then returns to its old value; so after reserving, a
+//!   writer rereads the bitmap instead of trusting the pair it saw before. A write whose
+//!   subclusters are all allocated is an in-place overwrite.
 //! - On the read and in-place overwrite paths nothing shared is written: the L2 lookup, the
 //!   overlap check (`alloc::Clusters::is_meta`) and the cache's use bit (written only when
 //!   the clock hand has cleared it) are loads.
@@ -1008,18 +1019,37 @@ impl Qcow2Shared {
         }
     }
 
-    fn in_place(&self, e: u64, b: u64) -> bool {
+    /// Bitmap of the subclusters that bytes `[in_off, in_off + n)` of a cluster touch
+    /// (allocation bit positions; 0 without extended L2). `n` must be nonzero.
+    fn touched(&self, in_off: u64, n: u64) -> u64 {
+        if !self.extended {
+            return 0;
+        }
+        let scs = self.cluster_size() / l2::SUBCLUSTERS;
+        let first = in_off / scs;
+        let last = (in_off + n - 1) / scs;
+        ((1u64 << (last + 1)) - 1) & !((1u64 << first) - 1)
+    }
+
+    /// True if a write to the subclusters `mask` of the cluster (`e`, `b`) may go straight
+    /// to its host cluster without changing the entry.
+    fn in_place(&self, e: u64, b: u64, mask: u64) -> bool {
         e & COPIED != 0
             && e & COMPRESSED == 0
             && e & OFFSET_MASK != 0
             && if self.extended {
-                b & ALL_ALLOC == ALL_ALLOC
+                b & mask == mask
             } else {
                 e & ZERO == 0
             }
     }
 
     /// Writes request bytes `[pos, pos + n)` to guest offset `g` (within one cluster).
+    ///
+    /// With extended L2, a cluster that is unallocated or exclusively owned (COPIED, not
+    /// compressed) is written subcluster by subcluster: only the subclusters the request
+    /// touches are written and marked allocated (see [`Qcow2Shared::write_subclusters`]).
+    /// Shared and compressed clusters are copied whole.
     fn write_in_cluster(
         &self,
         file: &File,
@@ -1030,11 +1060,11 @@ impl Qcow2Shared {
         pos: u64,
     ) -> stdio::Result<()> {
         let (i, j, in_off) = self.locate(GuestOffset(g));
-        let w = j * self.words;
+        let mask = self.touched(in_off, n);
         loop {
             let t = self.table(i)?;
             let (e, b) = self.load_entry(&t, j);
-            if self.in_place(e, b) {
+            if self.in_place(e, b, mask) {
                 let h = e & OFFSET_MASK;
                 if let Err(err) = self.check_overlap(h) {
                     drop(t);
@@ -1048,53 +1078,183 @@ impl Qcow2Shared {
             // Before reserving: setting the dirty bit may wait for a running flush, and a
             // flush waits for reserved entries.
             self.ensure_dirty()?;
-            // Pinned, the table cannot be evicted while we change it; if it already was, look
-            // it up again.
-            if !t.pin() {
-                std::thread::yield_now();
-                continue;
+            if let Some(r) = self.write_reserved(file, scratch, &t, j, e, b, g, n, bufs, pos) {
+                return r;
             }
-            if t.entries[w]
-                .compare_exchange(e, RESERVED, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-            {
-                t.unpin();
-                continue;
-            }
-            let r = match self.cow_cluster(file, scratch, g - in_off, e, b, in_off, n, bufs, pos) {
-                Ok(new_e) => {
-                    if self.extended {
-                        t.entries[w + 1].store(ALL_ALLOC, Ordering::Release);
-                    }
-                    t.entries[w].store(new_e, Ordering::Release);
-                    t.mark_dirty();
-                    self.meta_dirty.store(true, Ordering::Release);
-                    // Only now, with the new entry stored and the table dirty, may the old
-                    // host clusters go to `pending`: a flush that takes them then also
-                    // writes this table (it snapshots dirty tables after taking `pending`),
-                    // so they are unreferenced only once the on-disk entry no longer points
-                    // at them. (A fresh allocation has nothing to unreference and takes no
-                    // shared lock.)
-                    if new_e & OFFSET_MASK != e & OFFSET_MASK || e & COMPRESSED != 0 {
-                        let refs = self.entry_refs(e);
-                        if !refs.is_empty() {
-                            lock(&self.pending).extend(refs);
-                        }
-                    }
-                    Ok(())
-                }
-                Err(err) => {
-                    t.entries[w].store(e, Ordering::Release);
-                    Err(err)
-                }
-            };
+            std::thread::yield_now();
+        }
+    }
+
+    /// The allocating part of [`Qcow2Shared::write_in_cluster`]: reserves entry `j` of table
+    /// `t`, last seen as (`e`, `b`), writes the request's data and stores the new entry.
+    /// `None` if the table was evicted or the entry changed since (look it up again).
+    #[allow(clippy::too_many_arguments)]
+    fn write_reserved(
+        &self,
+        file: &File,
+        scratch: &mut Scratch,
+        t: &L2Table,
+        j: usize,
+        e: u64,
+        b: u64,
+        g: u64,
+        n: u64,
+        bufs: &[GuestSlice<'_>],
+        pos: u64,
+    ) -> Option<stdio::Result<()>> {
+        let w = j * self.words;
+        let in_off = g & (self.cluster_size() - 1);
+        let mask = self.touched(in_off, n);
+        // Pinned, the table cannot be evicted while we change it.
+        if !t.pin() {
+            return None;
+        }
+        if t.entries[w]
+            .compare_exchange(e, RESERVED, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
             t.unpin();
-            if r.is_err() {
-                // Overlap protection may have tripped while we held the reservation; the
-                // header bit is written only now that nothing waits on us.
-                self.persist_corrupt();
+            return None;
+        }
+        // The entry word may have come back to the value we saw after someone else changed
+        // only the bitmap (a subcluster write keeps the host offset), so the bitmap we saw
+        // may be stale: reread it now that nobody else can change it.
+        let b = if self.extended {
+            t.entries[w + 1].load(Ordering::Acquire)
+        } else {
+            b
+        };
+        let by_subcluster =
+            self.extended && e & COMPRESSED == 0 && (e & OFFSET_MASK == 0 || e & COPIED != 0);
+        let r = if by_subcluster {
+            self.write_subclusters(file, scratch, g - in_off, e, b, in_off, n, bufs, pos)
+                .map(|new_e| (new_e, (b | mask) & !(mask << 32)))
+        } else {
+            self.cow_cluster(file, scratch, g - in_off, e, b, in_off, n, bufs, pos)
+                .map(|new_e| (new_e, ALL_ALLOC))
+        };
+        let r = match r {
+            Ok((new_e, new_b)) if new_e == e && (!self.extended || new_b == b) => {
+                // All touched subclusters were allocated after all: written in place,
+                // nothing changed.
+                t.entries[w].store(e, Ordering::Release);
+                Ok(())
             }
-            return r;
+            Ok((new_e, new_b)) => {
+                if self.extended {
+                    t.entries[w + 1].store(new_b, Ordering::Release);
+                }
+                t.entries[w].store(new_e, Ordering::Release);
+                t.mark_dirty();
+                self.meta_dirty.store(true, Ordering::Release);
+                // Only now, with the new entry stored and the table dirty, may the old host
+                // clusters go to `pending`: a flush that takes them then also writes this
+                // table (it snapshots dirty tables after taking `pending`), so they are
+                // unreferenced only once the on-disk entry no longer points at them. (A
+                // fresh allocation or a subcluster write has nothing to unreference and
+                // takes no shared lock.)
+                if new_e & OFFSET_MASK != e & OFFSET_MASK || e & COMPRESSED != 0 {
+                    let refs = self.entry_refs(e);
+                    if !refs.is_empty() {
+                        lock(&self.pending).extend(refs);
+                    }
+                }
+                Ok(())
+            }
+            Err(err) => {
+                t.entries[w].store(e, Ordering::Release);
+                Err(err)
+            }
+        };
+        t.unpin();
+        if r.is_err() {
+            // Overlap protection may have tripped while we held the reservation; the header
+            // bit is written only now that nothing waits on us.
+            self.persist_corrupt();
+        }
+        Some(r)
+    }
+
+    /// Extended L2: writes request bytes `[pos, pos + n)` to `[in_off, in_off + n)` of the
+    /// guest cluster at `cluster_guest`, described by (`e`, `b`), which is unallocated (a
+    /// host cluster is allocated) or exclusively owned (written in place). Only the touched
+    /// subclusters are written: a partly touched subcluster that was not allocated is
+    /// completed from its old contents (backing file or zeros), one that was is written
+    /// only where the request covers it. Returns the new entry word; the caller reserved the
+    /// entry and sets the touched subclusters' allocation bits.
+    #[allow(clippy::too_many_arguments)]
+    fn write_subclusters(
+        &self,
+        file: &File,
+        scratch: &mut Scratch,
+        cluster_guest: u64,
+        e: u64,
+        b: u64,
+        in_off: u64,
+        n: u64,
+        bufs: &[GuestSlice<'_>],
+        pos: u64,
+    ) -> stdio::Result<u64> {
+        let scs = self.cluster_size() / l2::SUBCLUSTERS;
+        let owned = e & OFFSET_MASK != 0;
+        let (host, fresh) = if owned {
+            (e & OFFSET_MASK, false)
+        } else {
+            let (c, fresh) = self.clusters()?.alloc_fresh(false)?;
+            (c.0 << self.cluster_bits, fresh)
+        };
+        // On failure a newly allocated cluster is released at the next flush.
+        let fail = |err: stdio::Error| {
+            if !owned {
+                lock(&self.pending).push(HostCluster(host >> self.cluster_bits));
+            }
+            Err(err)
+        };
+        if let Err(err) = self.check_overlap(host) {
+            return fail(err);
+        }
+        let first = in_off / scs;
+        let last = (in_off + n - 1) / scs;
+        let end = in_off + n;
+        let r = (|| {
+            // The parts of the first and last touched subclusters outside the request.
+            for (sc, from, to) in [(first, first * scs, in_off), (last, end, (last + 1) * scs)] {
+                if from == to || b & (1 << sc) != 0 {
+                    // Nothing to complete, or the subcluster already holds its data.
+                    continue;
+                }
+                if fresh && (b & (1 << (sc + 32)) != 0 || self.backing.is_none()) {
+                    // Old contents are zeros and so are the bytes of a cluster past the end
+                    // of the file: nothing to write, the file stays sparse.
+                    continue;
+                }
+                let mut buf = std::mem::take(&mut scratch.cluster);
+                buf.resize((to - from) as usize, 0);
+                let r = (|| {
+                    let s = [VolatileSlice::from(&mut buf[..])];
+                    self.read_in_cluster(
+                        file,
+                        scratch,
+                        cluster_guest,
+                        e,
+                        b,
+                        from,
+                        to - from,
+                        &s,
+                        0,
+                    )?;
+                    io::write_bytes(file, host + from, &buf)
+                })();
+                scratch.cluster = buf;
+                r?;
+            }
+            io::for_each_piece(bufs, pos, n, |p, pp| {
+                io::write_slice(file, host + in_off + pp, &p)
+            })
+        })();
+        match r {
+            Ok(()) => Ok(host | COPIED),
+            Err(err) => fail(err),
         }
     }
 
@@ -1299,11 +1459,8 @@ impl Qcow2Shared {
             let whole = in_off == 0 && (n == cs || g + n == size);
             match zero {
                 Some((ze, zb)) if whole => self.set_cluster(g, ze, zb)?,
-                _ => {
-                    let mut zeros = vec![0u8; n as usize];
-                    let s = [VolatileSlice::from(&mut zeros[..])];
-                    self.write_in_cluster(file, scratch, g, n, &s, 0)?;
-                }
+                _ if self.extended && self.zero_in_cluster(file, scratch, g, n)? => {}
+                _ => self.write_zero_bytes(file, scratch, g, n)?,
             }
             g += n;
         }
@@ -1315,6 +1472,96 @@ impl Qcow2Shared {
         match &self.bitmaps {
             Some(b) => b.mark(&self.file, off, len),
             None => Ok(()),
+        }
+    }
+
+    /// Writes `n` zero bytes at guest offset `g` (within one cluster).
+    fn write_zero_bytes(
+        &self,
+        file: &File,
+        scratch: &mut Scratch,
+        g: u64,
+        n: u64,
+    ) -> stdio::Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let mut zeros = vec![0u8; n as usize];
+        let s = [VolatileSlice::from(&mut zeros[..])];
+        self.write_in_cluster(file, scratch, g, n, &s, 0)
+    }
+
+    /// Extended L2: zeroes `[g, g + n)` (within one cluster) by setting the zero bits of the
+    /// whole subclusters inside it and writing zero bytes only to the partial subclusters
+    /// at its ends. False (nothing done) if no subcluster is whole or the cluster is
+    /// compressed.
+    fn zero_in_cluster(
+        &self,
+        file: &File,
+        scratch: &mut Scratch,
+        g: u64,
+        n: u64,
+    ) -> stdio::Result<bool> {
+        let scs = self.cluster_size() / l2::SUBCLUSTERS;
+        let in_off = g & (self.cluster_size() - 1);
+        let end = in_off + n;
+        let first = in_off.div_ceil(scs);
+        // The last partial subcluster of the disk counts as whole when the range reaches the
+        // end.
+        let last = if g + n == self.size.load(Ordering::Acquire) {
+            end.div_ceil(scs)
+        } else {
+            end / scs
+        };
+        if first >= last {
+            return Ok(false);
+        }
+        let mask = ((1u64 << last) - 1) & !((1u64 << first) - 1);
+        if !self.zero_subclusters(g - in_off, mask)? {
+            return Ok(false);
+        }
+        let head = first * scs - in_off;
+        self.write_zero_bytes(file, scratch, g, head)?;
+        let tail = end.saturating_sub(last * scs);
+        self.write_zero_bytes(file, scratch, g + n - tail, tail)?;
+        Ok(true)
+    }
+
+    /// Extended L2: makes subclusters `mask` of the guest cluster at `g` read as zeros:
+    /// sets their zero bits and clears their allocation bits (a host cluster stays
+    /// referenced by the entry). False if the cluster is compressed (it has no bitmap).
+    fn zero_subclusters(&self, g: u64, mask: u64) -> stdio::Result<bool> {
+        let (i, j, _) = self.locate(GuestOffset(g));
+        let w = j * self.words;
+        loop {
+            let t = self.table(i)?;
+            let (e, b) = self.load_entry(&t, j);
+            if e & COMPRESSED != 0 {
+                return Ok(false);
+            }
+            if b & mask == 0 && (b >> 32) & mask == mask {
+                return Ok(true);
+            }
+            self.ensure_dirty()?;
+            if !t.pin() {
+                std::thread::yield_now();
+                continue;
+            }
+            if t.entries[w]
+                .compare_exchange(e, RESERVED, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                t.unpin();
+                continue;
+            }
+            // Reread: the bitmap may have changed while the entry word kept its value.
+            let b = t.entries[w + 1].load(Ordering::Acquire);
+            t.entries[w + 1].store((b & !mask) | (mask << 32), Ordering::Release);
+            t.entries[w].store(e, Ordering::Release);
+            t.mark_dirty();
+            t.unpin();
+            self.meta_dirty.store(true, Ordering::Release);
+            return Ok(true);
         }
     }
 
@@ -2295,5 +2542,50 @@ mod tests {
         drop(img);
         let mut img = Image::open(&path, false).unwrap();
         check(&mut img);
+    }
+
+    /// Extended L2 (needs `qemu-img`): an allocating write that saw the entry before another
+    /// queue wrote other subclusters of the same (owned) cluster must neither complete a
+    /// subcluster that is now allocated from its old contents nor drop the other queue's
+    /// allocation bits, although the entry word is back to the value it saw.
+    #[test]
+    fn subcluster_write_rereads_bitmap_after_reserving() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.qcow2");
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o", "extended_l2=on"])
+            .arg(&path)
+            .arg("1M")
+            .output()
+            .expect("qemu-img is needed by this test (install qemu-utils)");
+        assert!(out.status.success(), "{out:?}");
+        let sub = CS / 32;
+        let mut a = Image::open(&path, false).unwrap();
+        a.write(0, &mut vec![1u8; sub as usize]).unwrap();
+        let s = a.shared.clone();
+        let t = s.table(0).unwrap();
+        let (e, b) = s.load_entry(&t, 0);
+        assert_eq!(b, 1);
+        // Another queue writes part of subcluster 1 and all of subcluster 2 meanwhile.
+        a.write(sub + 1000, &mut vec![2u8; (2 * sub - 1000) as usize])
+            .unwrap();
+        assert_eq!(s.load_entry(&t, 0), (e, 0b111));
+        // Our write, with what we saw before: 100 bytes at the start of subcluster 1.
+        let mut d = [3u8; 100];
+        let bufs = [vm_memory::VolatileSlice::from(&mut d[..])];
+        let mut scratch = super::Scratch::default();
+        s.write_reserved(&s.file, &mut scratch, &t, 0, e, b, sub, 100, &bufs, 0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.load_entry(&t, 0), (e, 0b111), "allocation bits kept");
+        let mut back = vec![0u8; 3 * sub as usize];
+        a.read(0, &mut back).unwrap();
+        let mut want = vec![1u8; sub as usize];
+        want.extend(vec![3u8; 100]);
+        want.extend(vec![0u8; 900]);
+        want.extend(vec![2u8; (2 * sub - 1000) as usize]);
+        assert!(back == want, "another queue's data was overwritten");
+        drop(t);
+        a.close().unwrap();
     }
 }
