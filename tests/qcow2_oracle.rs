@@ -676,12 +676,145 @@ fn explicit_close_clears_dirty_bit_and_image_stays_usable() {
     check_clean(&img);
 }
 
+/// Writes, discards and write-zeroes through our engine on `img`, mirrored in `model`.
+fn exercise(img: &Path, model: &mut [u8], seed: u64) {
+    let im = open(img);
+    let mut q = im.queue_handle().unwrap();
+    let size = model.len();
+    let put = |q: &mut dyn ImageQueue, model: &mut [u8], off: usize, len: usize, k: u64| {
+        let d = pattern(seed * 100 + k, len);
+        write(q, off as u64, &d);
+        model[off..off + len].copy_from_slice(&d);
+    };
+    put(q.as_mut(), model, 1000, 5000, 1);
+    put(q.as_mut(), model, (1 << 20) + 512, 70_000, 2);
+    put(q.as_mut(), model, size - 4096, 4096, 3);
+    q.discard(1 << 20, 128 << 10).unwrap();
+    model[1 << 20..(1 << 20) + (128 << 10)].fill(0);
+    q.write_zeroes(3000, 200_000, false).unwrap();
+    model[3000..203_000].fill(0);
+    put(q.as_mut(), model, 100_000, 10_000, 4);
+    q.flush().unwrap();
+    assert_same(&read_all(im.as_ref()), model, "before close");
+}
+
 #[test]
-fn data_file_is_refused() {
+fn external_data_file_is_served() {
+    tools_present();
+    for extra in ["", ",extended_l2=on"] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("d.qcow2");
+        let data = dir.path().join("d.raw");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={}{extra}", s(&data)),
+            s(&img),
+            "4M",
+        ]);
+        qemu_io(
+            &img,
+            &[
+                "write -P 0x61 0 256k",
+                "write -P 0x62 2M 64k",
+                "write -z 2M 4k",
+            ],
+        );
+        let mut model = to_raw(dir.path(), &img, &[]);
+        assert_same(
+            &read_all(open_ro(&img).as_ref()),
+            &model,
+            "qemu's data, read by us",
+        );
+        exercise(&img, &mut model, 1);
+        check_clean(&img);
+        compare_with_model(dir.path(), &img, &model);
+        // Guest data went to the data file at the guest offsets (QEMU's 1:1 mapping) and
+        // the image file holds only metadata.
+        let map = qemu_img(&["map", "--output=json", s(&img)]);
+        let map: serde_json::Value = serde_json::from_str(&map).unwrap();
+        for e in map.as_array().unwrap() {
+            if e["data"] == serde_json::json!(true) {
+                assert_eq!(e["offset"], e["start"], "{e}");
+            }
+        }
+        let meta_len = std::fs::metadata(&img).unwrap().len();
+        assert!(meta_len <= 6 << 16, "metadata only, got {meta_len} bytes");
+        // A crash: refcounts are rebuilt without counting data-file clusters.
+        let im = open(&img);
+        let mut q = im.queue_handle().unwrap();
+        write(q.as_mut(), 3 << 20, &[9u8; 8192]);
+        model[3 << 20..(3 << 20) + 8192].fill(9);
+        q.flush().unwrap();
+        std::mem::forget(q);
+        std::mem::forget(im);
+        drop(open(&img));
+        check_clean(&img);
+        compare_with_model(dir.path(), &img, &model);
+        // A relative name in the header is resolved against the image's directory (QEMU
+        // resolves it against its working directory: see docs/ARCHITECTURE.md).
+        qemu_img(&["amend", "-f", "qcow2", "-o", "data_file=d.raw", s(&img)]);
+        assert_same(
+            &read_all(open_ro(&img).as_ref()),
+            &model,
+            "relative data file name",
+        );
+    }
+}
+
+#[test]
+fn raw_external_data_file_stays_a_raw_image() {
     tools_present();
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("d.qcow2");
-    let data = dir.path().join("d.raw");
+    let img = dir.path().join("r.qcow2");
+    let data = dir.path().join("r.raw");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("data_file={},data_file_raw=on", s(&data)),
+        s(&img),
+        "4M",
+    ]);
+    let mut model = vec![0u8; 4 << 20];
+    std::fs::write(&data, {
+        let p = pattern(7, 4 << 20);
+        model.copy_from_slice(&p);
+        p
+    })
+    .unwrap();
+    exercise(&img, &mut model, 2);
+    // The data file alone is the disk, byte for byte: discard and write-zeroes reached it.
+    assert_same(
+        &std::fs::read(&data).unwrap(),
+        &model,
+        "data file as a raw image",
+    );
+    check_clean(&img);
+    compare_with_model(dir.path(), &img, &model);
+    let info = qemu_img(&["info", s(&img)]);
+    assert!(info.contains("data file raw: true"), "{info}");
+    // Every cluster is still mapped 1:1 (zeroes and discards did not unmap any).
+    let map = qemu_img(&["map", "--output=json", s(&img)]);
+    let map: serde_json::Value = serde_json::from_str(&map).unwrap();
+    for e in map.as_array().unwrap() {
+        assert_eq!(e["offset"], e["start"], "not mapped 1:1: {e}");
+    }
+    // Not resizable online (the data file and 1:1 mapping would have to grow together).
+    assert!(open(&img).resize(8 << 20).is_err());
+}
+
+#[test]
+fn bad_external_data_files_are_refused() {
+    tools_present();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("x.img");
+    let data = dir.path().join("x.raw");
     qemu_img(&[
         "create",
         "-q",
@@ -692,8 +825,52 @@ fn data_file_is_refused() {
         s(&img),
         "1M",
     ]);
-    let err = open_image(&opts(&img, true)).err().expect("must refuse");
-    assert!(err.to_string().contains("external data file"), "{err}");
+    std::fs::remove_file(&data).unwrap();
+    let err = open_image(&opts(&img, false))
+        .err()
+        .expect("missing data file");
+    assert!(err.to_string().contains("x.raw"), "{err}");
+    // A data file that is the image itself would let guest writes overwrite metadata: patch
+    // the name in the header to the image's own (same length).
+    let mut bytes = std::fs::read(&img).unwrap();
+    let at = bytes
+        .windows(data.as_os_str().len())
+        .position(|w| w == s(&data).as_bytes())
+        .expect("data file name in the header");
+    bytes[at..at + s(&img).len()].copy_from_slice(s(&img).as_bytes());
+    std::fs::write(&img, &bytes).unwrap();
+    let err = open_image(&opts(&img, false))
+        .err()
+        .expect("self as data file");
+    assert!(err.to_string().contains("image file itself"), "{err}");
+    // data_file_raw with a backing file is invalid.
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "1M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("data_file={}", s(&dir.path().join("top.raw"))),
+        "-b",
+        s(&base),
+        "-F",
+        "qcow2",
+        s(&top),
+        "1M",
+    ]);
+    let _ = std::process::Command::new("qemu-img")
+        .args(["amend", "-f", "qcow2", "-o", "data_file_raw=on", s(&top)])
+        .output();
+    let raw_bit = std::fs::read(&top).unwrap()[95] & 2 != 0;
+    if raw_bit {
+        let err = open_image(&opts(&top, false))
+            .err()
+            .expect("raw data file with backing");
+        assert!(err.to_string().contains("backing"), "{err}");
+    }
 }
 
 /// Dirty ranges of bitmap `name` as QEMU decodes them: `qemu-nbd -B` exports the bitmap and

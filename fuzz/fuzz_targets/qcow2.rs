@@ -97,8 +97,21 @@ fuzz_target!(|data: &[u8]| {
             block: u64::from(b.u32()),
         })
         .collect();
+    // An image names its external data file, which is opened writable: keep the fuzzer's
+    // images from writing to files outside the scratch directory (a relative name stays in
+    // it; the engine refuses the image file itself, directories and devices).
+    let image = b.rest();
+    if let Ok(h) = vhost_user_blk::image::qcow2::header::Header::parse(image, image.len() as u64) {
+        if h
+            .data_file
+            .as_deref()
+            .is_some_and(|n| n.starts_with('/') || n.contains(".."))
+        {
+            return;
+        }
+    }
     let path = image_path();
-    std::fs::write(path, b.rest()).expect("write image file");
+    std::fs::write(path, image).expect("write image file");
     let opts = ImageOptions {
         path: path.clone(),
         format: ImageFormat::Qcow2,

@@ -31,6 +31,8 @@ pub const INCOMPAT_KNOWN: u64 =
     INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
 /// Autoclear feature: the bitmaps extension is consistent.
 pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
+/// Autoclear feature: the external data file is a consistent raw image (`data_file_raw`).
+pub const AUTOCLEAR_DATA_RAW: u64 = 1 << 1;
 
 /// Header extension: backing file format name.
 pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;

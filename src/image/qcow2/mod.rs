@@ -194,7 +194,7 @@ impl Backing {
                 Backing::Raw { file, .. } => {
                     io::for_each_piece(bufs, pos, have, |p, pp| io::read_slice(file, off + pp, &p))?
                 }
-                Backing::Qcow2(s) => s.read_range(&s.file, scratch, off, have, bufs, pos)?,
+                Backing::Qcow2(s) => s.read_range(s.data_io(), scratch, off, have, bufs, pos)?,
             }
         }
         if have < len {
@@ -259,6 +259,13 @@ pub struct Qcow2Shared {
     /// must not reference clusters at or past this.
     file_clusters: u64,
     backing: Option<Backing>,
+    /// External data file (`data_file` incompatible feature): guest data lives there at
+    /// the host offsets the L2 entries give (QEMU maps them 1:1 to guest offsets) and is
+    /// not refcounted; the image file holds metadata only.
+    data_file: Option<File>,
+    /// `data_file_raw` (autoclear bit 1): the data file must stay a valid raw image of the
+    /// disk at all times (every entry mapped 1:1, zeroes and discards done in the file).
+    data_raw: bool,
     /// Persistent dirty bitmaps (the top image only).
     bitmaps: Option<bitmap::Bitmaps>,
     state: Mutex<MetaState>,
@@ -325,11 +332,25 @@ impl Qcow2Shared {
         io::read_bytes(&file, 0, &mut head).map_err(open_err)?;
         let hdr = Header::parse(&head, file_len).map_err(inval)?;
         let cs = hdr.cluster_size();
-        if hdr.incompatible & header::INCOMPAT_DATA_FILE != 0 || hdr.data_file.is_some() {
-            return Err(inval(
-                "images with an external data file (data_file) are not supported".into(),
-            ));
-        }
+        let data_raw = hdr.incompatible & header::INCOMPAT_DATA_FILE != 0
+            && hdr.autoclear & header::AUTOCLEAR_DATA_RAW != 0;
+        let data_file = if hdr.incompatible & header::INCOMPAT_DATA_FILE != 0 {
+            let Some(name) = &hdr.data_file else {
+                return Err(inval(
+                    "the image uses an external data file but does not name it".into(),
+                ));
+            };
+            if data_raw && hdr.backing_file.is_some() {
+                return Err(inval(
+                    "an image with a raw external data file (data_file_raw) cannot have a \
+                     backing file"
+                        .into(),
+                ));
+            }
+            Some(open_data_file(path, &file, name, read_only)?)
+        } else {
+            None
+        };
         if !read_only && hdr.incompatible & INCOMPAT_CORRUPT != 0 {
             return Err(inval(
                 "the image is marked corrupt; repair it with 'qemu-img check -r all' or open it \
@@ -407,6 +428,8 @@ impl Qcow2Shared {
             clusters: None,
             file_clusters: file_len.div_ceil(cs),
             backing,
+            data_file,
+            data_raw,
             bitmaps: None,
             state: Mutex::new(state),
             dirty_on_disk: AtomicBool::new(hdr.version == 2),
@@ -732,6 +755,13 @@ impl Qcow2Shared {
             }
             Ok(())
         };
+        if self.data_file.is_some() {
+            // Data clusters live in the data file, unrefcounted; QEMU never compresses there.
+            if e & COMPRESSED != 0 {
+                return Err("compressed cluster in an image with an external data file".into());
+            }
+            return Ok(());
+        }
         if e & COMPRESSED == 0 {
             let off = e & OFFSET_MASK;
             if off == 0 {
@@ -743,7 +773,7 @@ impl Qcow2Shared {
     }
 
     fn check_entry(&self, e: u64, b: u64) -> std::result::Result<(), String> {
-        let m = l2::decode(e, self.cluster_bits, self.extended)?;
+        let m = self.decode(e)?;
         if self.extended {
             match m {
                 Mapping::Compressed { .. } if b != 0 => {
@@ -828,7 +858,7 @@ impl Qcow2Shared {
         bufs: &[GuestSlice<'_>],
         pos: u64,
     ) -> stdio::Result<()> {
-        let m = l2::decode(e, self.cluster_bits, self.extended).map_err(corrupt)?;
+        let m = self.decode(e).map_err(corrupt)?;
         if self.extended {
             if let Mapping::Data(_) | Mapping::Unallocated = m {
                 // Subcluster by subcluster.
@@ -878,6 +908,9 @@ impl Qcow2Shared {
             Mapping::Data(h) => io::for_each_piece(bufs, pos, n, |p, pp| {
                 io::read_slice(file, h + in_off + pp, &p)
             }),
+            Mapping::Compressed { .. } if self.data_file.is_some() => Err(corrupt(
+                "compressed cluster in an image with an external data file",
+            )),
             Mapping::Compressed { offset, len } => {
                 let cs = self.cluster_size() as usize;
                 // A compressed cluster never needs more input than a cluster plus a sector
@@ -932,11 +965,15 @@ impl Qcow2Shared {
         if st.autoclear != 0 {
             // The only autoclear feature we maintain is "bitmaps consistent": we keep the
             // bitmaps consistent by having marked them all in use at open.
-            let keep = if self.hdr.bitmaps.is_some() {
+            let mut keep = if self.hdr.bitmaps.is_some() {
                 header::AUTOCLEAR_BITMAPS
             } else {
                 0
             };
+            if self.data_raw {
+                // We keep the data file a raw image of the disk.
+                keep |= header::AUTOCLEAR_DATA_RAW;
+            }
             st.autoclear &= keep;
             io::write_bytes(
                 &self.file,
@@ -956,6 +993,10 @@ impl Qcow2Shared {
     /// is written by [`Qcow2Shared::persist_corrupt`] once nothing is reserved, or by the
     /// next flush or close.
     fn check_overlap(&self, host: u64) -> stdio::Result<()> {
+        if self.data_file.is_some() {
+            // Guest data goes to the data file, which holds no metadata.
+            return Ok(());
+        }
         let c = HostCluster(host >> self.cluster_bits);
         if c.0 == 0 || self.clusters()?.is_meta(c) {
             if !self.corrupt.swap(true, Ordering::AcqRel) {
@@ -1003,6 +1044,10 @@ impl Qcow2Shared {
 
     /// Host clusters an entry holds a reference to.
     fn entry_refs(&self, e: u64) -> Vec<HostCluster> {
+        if self.data_file.is_some() {
+            // Data clusters in an external data file are not refcounted.
+            return Vec::new();
+        }
         if e & COMPRESSED != 0 {
             match l2::decode(e, self.cluster_bits, self.extended) {
                 Ok(Mapping::Compressed { offset, len }) => {
@@ -1035,8 +1080,7 @@ impl Qcow2Shared {
     /// to its host cluster without changing the entry.
     fn in_place(&self, e: u64, b: u64, mask: u64) -> bool {
         e & COPIED != 0
-            && e & COMPRESSED == 0
-            && e & OFFSET_MASK != 0
+            && self.has_host(e)
             && if self.extended {
                 b & mask == mask
             } else {
@@ -1200,13 +1244,12 @@ impl Qcow2Shared {
         let (host, fresh) = if owned {
             (e & OFFSET_MASK, false)
         } else {
-            let (c, fresh) = self.clusters()?.alloc_fresh(false)?;
-            (c.0 << self.cluster_bits, fresh)
+            self.alloc_data(cluster_guest)?
         };
         // On failure a newly allocated cluster is released at the next flush.
         let fail = |err: stdio::Error| {
             if !owned {
-                lock(&self.pending).push(HostCluster(host >> self.cluster_bits));
+                self.release_data(host);
             }
             Err(err)
         };
@@ -1280,13 +1323,12 @@ impl Qcow2Shared {
         let (host, fresh) = if reuse {
             (e & OFFSET_MASK, false)
         } else {
-            let (c, fresh) = self.clusters()?.alloc_fresh(false)?;
-            (c.0 << self.cluster_bits, fresh)
+            self.alloc_data(cluster_guest)?
         };
         // On failure a newly allocated cluster is released at the next flush.
         let fail = |err: stdio::Error| {
             if !reuse {
-                lock(&self.pending).push(HostCluster(host >> self.cluster_bits));
+                self.release_data(host);
             }
             Err(err)
         };
@@ -1326,17 +1368,100 @@ impl Qcow2Shared {
         Ok(host | COPIED)
     }
 
+    /// Decodes an L2 entry. With an external data file, host offset 0 is a real offset
+    /// (marked by COPIED, as the spec allows only there).
+    fn decode(&self, e: u64) -> std::result::Result<Mapping, String> {
+        if self.data_file.is_some()
+            && e != RESERVED
+            && e & (COMPRESSED | OFFSET_MASK) == 0
+            && e & COPIED != 0
+        {
+            return l2::decode(e & !COPIED, self.cluster_bits, self.extended).map(|m| match m {
+                Mapping::Unallocated => Mapping::Data(0),
+                m => m,
+            });
+        }
+        l2::decode(e, self.cluster_bits, self.extended)
+    }
+
+    /// True if uncompressed entry `e` maps a host cluster (with an external data file, offset
+    /// 0 with COPIED counts).
+    fn has_host(&self, e: u64) -> bool {
+        e & COMPRESSED == 0
+            && (e & OFFSET_MASK != 0 || (self.data_file.is_some() && e & COPIED != 0))
+    }
+
+    /// A host cluster for new guest data of the cluster at `cluster_guest`, and whether it is
+    /// fresh (never used since open, past the end of the file at open: reads as zeros). With
+    /// an external data file, the cluster at the same offset of the data file (as QEMU
+    /// maps them), never fresh (it may hold old data).
+    fn alloc_data(&self, cluster_guest: u64) -> stdio::Result<(u64, bool)> {
+        if self.data_file.is_some() {
+            return Ok((cluster_guest, false));
+        }
+        let (c, fresh) = self.clusters()?.alloc_fresh(false)?;
+        Ok((c.0 << self.cluster_bits, fresh))
+    }
+
+    /// Gives back a host cluster from [`Qcow2Shared::alloc_data`] that was not used (at the
+    /// next flush).
+    fn release_data(&self, host: u64) {
+        if self.data_file.is_none() {
+            lock(&self.pending).push(HostCluster(host >> self.cluster_bits));
+        }
+    }
+
+    /// The file guest data lives in: the external data file, or the image file.
+    fn data_io(&self) -> &File {
+        self.data_file.as_ref().unwrap_or(&self.file)
+    }
+
+    /// Syncs guest data (the data file, if separate) before metadata that points at it.
+    fn sync_guest_data(&self) -> stdio::Result<()> {
+        match &self.data_file {
+            Some(f) => f.sync_data(),
+            None => self.file.sync_data(),
+        }
+    }
+
+    /// Deallocates host bytes `[host, host + len)` of the external data file (best effort:
+    /// file systems without hole punching keep the bytes; the entries no longer map them).
+    fn punch_data(&self, host: u64, len: u64) {
+        use std::os::unix::io::AsRawFd;
+        let Some(f) = &self.data_file else { return };
+        let (Ok(off), Ok(len)) = (libc::off_t::try_from(host), libc::off_t::try_from(len)) else {
+            return;
+        };
+        // SAFETY: fallocate on a file descriptor we own, with plain integer arguments; it
+        // touches no memory of ours.
+        let r = unsafe {
+            libc::fallocate(
+                f.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                len,
+            )
+        };
+        if r != 0 {
+            log::debug!(
+                "{}: punching the data file at {host:#x}: {}",
+                self.path.display(),
+                stdio::Error::last_os_error()
+            );
+        }
+    }
+
     /// True if the guest cluster described by (`e`, `b`) reads as zeros throughout.
     fn reads_as_zeros(&self, e: u64, b: u64) -> bool {
         if e & COMPRESSED != 0 || e == RESERVED {
             return false;
         }
         if self.extended {
-            e & OFFSET_MASK == 0
+            !self.has_host(e)
                 && b & ALL_ALLOC == 0
                 && (self.backing.is_none() || b & ALL_ZERO == ALL_ZERO)
         } else {
-            e & ZERO != 0 || (e & OFFSET_MASK == 0 && self.backing.is_none())
+            e & ZERO != 0 || (!self.has_host(e) && self.backing.is_none())
         }
     }
 
@@ -1373,6 +1498,11 @@ impl Qcow2Shared {
             let refs = self.entry_refs(e);
             if !refs.is_empty() {
                 lock(&self.pending).extend(refs);
+            }
+            if self.has_host(e) && !self.has_host(new_e) {
+                // No longer mapped: free the space in the data file (as QEMU passes discards
+                // through to it). Without a data file the cluster is reused instead.
+                self.punch_data(e & OFFSET_MASK, self.cluster_size());
             }
             return Ok(());
         }
@@ -1425,6 +1555,18 @@ impl Qcow2Shared {
         } else {
             end / cs
         };
+        if self.data_raw {
+            // The data file must stay the disk's raw image: keep every mapping and
+            // deallocate the data in the file, which then reads as zeros, like the disk.
+            for c in first..last {
+                let (i, j, _) = self.locate(GuestOffset(c * cs));
+                let (e, _) = self.load_entry(&**self.table(i)?, j);
+                if self.has_host(e) {
+                    self.punch_data(e & OFFSET_MASK, cs);
+                }
+            }
+            return Ok(());
+        }
         let (ne, nb) = if self.backing.is_some() {
             match self.zero_entry() {
                 Some(z) => z,
@@ -1451,7 +1593,12 @@ impl Qcow2Shared {
         let cs = self.cluster_size();
         let end = off + len;
         let mut g = off;
-        let zero = self.zero_entry();
+        // With a raw data file the zeros must be in the file: write them (no zero flags).
+        let zero = if self.data_raw {
+            None
+        } else {
+            self.zero_entry()
+        };
         let size = self.size.load(Ordering::Acquire);
         while g < end {
             let in_off = g & (cs - 1);
@@ -1459,7 +1606,9 @@ impl Qcow2Shared {
             let whole = in_off == 0 && (n == cs || g + n == size);
             match zero {
                 Some((ze, zb)) if whole => self.set_cluster(g, ze, zb)?,
-                _ if self.extended && self.zero_in_cluster(file, scratch, g, n)? => {}
+                _ if self.extended
+                    && !self.data_raw
+                    && self.zero_in_cluster(file, scratch, g, n)? => {}
                 _ => self.write_zero_bytes(file, scratch, g, n)?,
             }
             g += n;
@@ -1573,7 +1722,7 @@ impl Qcow2Shared {
         let mut st = lock(&self.state);
         self.persist_corrupt_locked(&mut st);
         if !self.meta_dirty.swap(false, Ordering::AcqRel) {
-            return self.file.sync_data();
+            return self.sync_guest_data();
         }
         let r = self.flush_locked(&mut st);
         if r.is_err() {
@@ -1638,7 +1787,7 @@ impl Qcow2Shared {
                 return Err(e);
             }
             // 2. Data first.
-            self.file.sync_data()?;
+            self.sync_guest_data()?;
             // 3. Refcount blocks (allocating blocks and growing the table as needed).
             self.write_refcounts(st, clusters, &mut unref_after)?;
             // 4. L2 tables.
@@ -1846,6 +1995,13 @@ impl Qcow2Shared {
         if new_size == old_size {
             return Ok(());
         }
+        if self.data_raw {
+            return Err(invalid(
+                "resizing a qcow2 image with a raw external data file (data_file_raw) is not \
+                 supported"
+                    .into(),
+            ));
+        }
         if self.hdr.bitmaps.is_some() {
             // Bitmap tables are sized for the disk: QEMU rejects bitmaps whose table does not
             // match the image size, so growing would silently invalidate them.
@@ -1973,6 +2129,53 @@ fn check_l1_entry(e: u64, cs: u64, file_len: u64) -> std::result::Result<(), Str
         ));
     }
     Ok(())
+}
+
+/// Opens the external data file `name` of the image at `image` (a relative name is relative
+/// to the image's directory, as for backing files). It must be a regular file or a block
+/// device other than the image itself (guest writes into the image file would overwrite
+/// its metadata).
+fn open_data_file(image: &Path, image_file: &File, name: &str, read_only: bool) -> Result<File> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    if name.starts_with("json:") || name.contains("://") {
+        return Err(Error::InvalidImage {
+            path: image.to_owned(),
+            reason: format!("data file '{name}' is not a plain file name"),
+        });
+    }
+    let p = Path::new(name);
+    let path = if p.is_absolute() {
+        p.to_owned()
+    } else {
+        image.parent().unwrap_or_else(|| Path::new(".")).join(p)
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(&path)
+        .map_err(|source| Error::OpenImage {
+            path: path.clone(),
+            source,
+        })?;
+    let meta = file.metadata().map_err(|source| Error::OpenImage {
+        path: path.clone(),
+        source,
+    })?;
+    let bad = |reason: &str| Error::InvalidImage {
+        path: path.clone(),
+        reason: format!("external data file: {reason}"),
+    };
+    if !meta.is_file() && !meta.file_type().is_block_device() {
+        return Err(bad("not a regular file or block device"));
+    }
+    let img = image_file.metadata().map_err(|source| Error::OpenImage {
+        path: image.to_owned(),
+        source,
+    })?;
+    if (img.dev(), img.ino()) == (meta.dev(), meta.ino()) {
+        return Err(bad("it is the image file itself"));
+    }
+    Ok(file)
 }
 
 fn open_backing(overlay: &Path, name: &str, format: Option<&str>, depth: u32) -> Result<Backing> {
@@ -2124,7 +2327,7 @@ impl BlockImage for Qcow2Image {
 
     fn queue_handle(&self) -> stdio::Result<Box<dyn ImageQueue>> {
         Ok(Box::new(Qcow2Queue {
-            file: self.shared.file.try_clone()?,
+            file: self.shared.data_io().try_clone()?,
             slot: self.shared.register_slot(),
             shared: self.shared.clone(),
             scratch: Scratch::default(),
@@ -2187,6 +2390,8 @@ impl BlockImage for Qcow2Image {
 /// One queue's handle on a qcow2 image.
 struct Qcow2Queue {
     shared: Arc<Qcow2Shared>,
+    /// This handle's own descriptor of the file guest data lives in (the external data
+    /// file, or the image file).
     file: File,
     scratch: Scratch,
     /// This handle's request slot (epoch its current request started at, 0 when idle).

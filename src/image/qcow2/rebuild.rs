@@ -324,7 +324,9 @@ pub fn rebuild(s: &Qcow2Shared, file_len: u64) -> R<(Vec<u64>, Vec<HostCluster>)
                 s.check_entry(le, b).map_err(|m| {
                     OpenError::Invalid(format!("L2 table at {off:#x}, entry {g}: {m}"))
                 })?;
-                if le & COMPRESSED == 0 {
+                if s.data_file.is_some() {
+                    // Data clusters live in the external data file: not refcounted here.
+                } else if le & COMPRESSED == 0 {
                     // The common case without the per-entry Vec of entry_refs.
                     let off = le & OFFSET_MASK;
                     if off != 0 {
@@ -350,6 +352,12 @@ pub fn rebuild(s: &Qcow2Shared, file_len: u64) -> R<(Vec<u64>, Vec<HostCluster>)
         ));
     }
     Ok((rc, meta))
+}
+
+/// Whether the data entry `le` should have COPIED set: its cluster's refcount is 1, or it
+/// lives in an external data file (not refcounted; QEMU always sets COPIED there).
+fn data_copied(s: &Qcow2Shared, clusters: &super::alloc::Clusters, le: u64) -> bool {
+    s.data_file.is_some() || clusters.get(HostCluster((le & OFFSET_MASK) >> s.cluster_bits)) == 1
 }
 
 /// After a rebuild: makes the COPIED flags of the active L1 and L2 tables match the
@@ -381,8 +389,7 @@ pub fn fix_copied_flags(s: &Qcow2Shared) -> R<()> {
             if le & COMPRESSED != 0 || le & OFFSET_MASK == 0 {
                 continue;
             }
-            let want = clusters.get(HostCluster((le & OFFSET_MASK) >> cb)) == 1;
-            if (le & COPIED != 0) != want {
+            if (le & COPIED != 0) != data_copied(s, clusters, le) {
                 wrong = true;
                 break;
             }
@@ -403,7 +410,7 @@ pub fn fix_copied_flags(s: &Qcow2Shared) -> R<()> {
             if le & COMPRESSED != 0 || le & OFFSET_MASK == 0 {
                 continue;
             }
-            let want = clusters.get(HostCluster((le & OFFSET_MASK) >> cb)) == 1;
+            let want = data_copied(s, clusters, le);
             if (le & COPIED != 0) != want {
                 let ne = if want { le | COPIED } else { le & !COPIED };
                 t.entries[w].store(ne, Ordering::Release);
