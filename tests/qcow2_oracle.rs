@@ -204,10 +204,15 @@ fn reads_match_qemu_for_many_layouts() {
         "cluster_size=65536,extended_l2=on,compat=1.1",
         "cluster_size=16384,extended_l2=on,compat=1.1",
         "cluster_size=65536,lazy_refcounts=on,compat=1.1",
+        // DIR: the test's directory.
+        "cluster_size=65536,data_file=DIR/t.raw,compat=1.1",
+        "cluster_size=4096,data_file=DIR/t.raw,data_file_raw=on,compat=1.1",
+        "cluster_size=65536,extended_l2=on,data_file=DIR/t.raw,compat=1.1",
     ];
     for cfg in configs {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("t.qcow2");
+        let cfg = &cfg.replace("DIR", s(dir.path()));
         qemu_img(&["create", "-q", "-f", "qcow2", "-o", cfg, s(&img), "4M"]);
         let cs: u64 = cfg
             .split(',')
@@ -1278,9 +1283,12 @@ fn op_strategy() -> impl proptest::strategy::Strategy<Value = Op> {
     ]
 }
 
+/// Runs `ops` on a fresh image created with options `cfg` (`DIR` stands for the test's
+/// directory) and checks it against a model.
 fn run_ops(cfg: &str, cs: u64, ops: &[Op]) {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("prop.qcow2");
+    let cfg = &cfg.replace("DIR", s(dir.path()));
     qemu_img(&[
         "create",
         "-q",
@@ -1322,6 +1330,13 @@ fn run_ops(cfg: &str, cs: u64, ops: &[Op]) {
     }
     check_clean(&img);
     compare_with_model(dir.path(), &img, &model);
+    if cfg.contains("data_file_raw=on") {
+        assert_same(
+            &std::fs::read(dir.path().join("d.raw")).unwrap(),
+            &model,
+            "raw data file",
+        );
+    }
 }
 
 proptest::proptest! {
@@ -1343,6 +1358,18 @@ proptest::proptest! {
     fn random_ops_match_model_extended_l2(ops in proptest::collection::vec(op_strategy(), 1..25)) {
         tools_present();
         run_ops("cluster_size=16384,extended_l2=on", 16384, &ops);
+    }
+
+    #[test]
+    fn random_ops_match_model_data_file(ops in proptest::collection::vec(op_strategy(), 1..25)) {
+        tools_present();
+        run_ops("cluster_size=4096,data_file=DIR/d.raw", 4096, &ops);
+    }
+
+    #[test]
+    fn random_ops_match_model_data_file_raw(ops in proptest::collection::vec(op_strategy(), 1..25)) {
+        tools_present();
+        run_ops("cluster_size=4096,data_file=DIR/d.raw,data_file_raw=on", 4096, &ops);
     }
 }
 
