@@ -169,12 +169,17 @@ impl BlkBackend {
                 .get(thread_id)
                 .cloned()
                 .unwrap_or_default();
-            worker.handler = Some(RequestHandler::new(
-                queue,
-                self.params.clone(),
-                self.state.clone(),
-                counters,
-            ));
+            let mut handler =
+                RequestHandler::new(queue, self.params.clone(), self.state.clone(), counters);
+            // Large read batches run half on a helper thread (virtio_blk::split): worth it
+            // only with a second CPU.
+            if std::thread::available_parallelism().is_ok_and(|n| n.get() > 1) {
+                match self.device.image.queue_handle() {
+                    Ok(h) => handler = handler.with_helper(h),
+                    Err(e) => debug!("queue {thread_id}: no helper image handle: {e}"),
+                }
+            }
+            worker.handler = Some(handler);
         }
         let mut mem = self.mem.memory();
         let event_idx = self.event_idx.load(Ordering::Relaxed);

@@ -6,6 +6,7 @@
 pub mod chain;
 pub mod config;
 pub mod request;
+pub mod split;
 
 #[cfg(test)]
 mod tests;

@@ -150,6 +150,9 @@ impl ChainTracker for () {
 /// Executes one queue's requests.
 pub struct RequestHandler {
     image: Box<dyn ImageQueue>,
+    /// A second handle on the image for the helper thread of large read batches
+    /// ([`super::split`]); `None` on a single-CPU host.
+    helper: Option<Box<dyn ImageQueue>>,
     params: Arc<DeviceParams>,
     state: Arc<DeviceState>,
     layout: ChainLayout,
@@ -178,12 +181,20 @@ impl RequestHandler {
     ) -> Self {
         RequestHandler {
             image,
+            helper: None,
             params,
             state,
             layout: ChainLayout::default(),
             counters,
             bad_address: false,
         }
+    }
+
+    /// Lets large read batches run half on a helper thread through `helper`, a second
+    /// handle on the same image ([`super::split`]).
+    pub fn with_helper(mut self, helper: Box<dyn ImageQueue>) -> Self {
+        self.helper = Some(helper);
+        self
     }
 
     /// This queue's counters.
@@ -324,7 +335,12 @@ impl RequestHandler {
         results: &mut Vec<io::Result<()>>,
     ) {
         results.clear();
-        self.image.run_batch(ops, results);
+        match self.helper.as_mut() {
+            Some(h) if super::split::worth_splitting(ops) => {
+                super::split::run_split(self.image.as_mut(), h.as_mut(), ops, results)
+            }
+            _ => self.image.run_batch(ops, results),
+        }
         for (i, p) in pending.drain(..).enumerate() {
             let done = match results.get(i) {
                 Some(Ok(())) => p.done,
