@@ -150,9 +150,9 @@ impl ChainTracker for () {
 /// Executes one queue's requests.
 pub struct RequestHandler {
     image: Box<dyn ImageQueue>,
-    /// A second handle on the image for the helper thread of large read batches
+    /// The helper thread (with a second handle on the image) for large read batches
     /// ([`super::split`]); `None` on a single-CPU host.
-    helper: Option<Box<dyn ImageQueue>>,
+    helper: Option<super::split::SplitHelper>,
     params: Arc<DeviceParams>,
     state: Arc<DeviceState>,
     layout: ChainLayout,
@@ -190,10 +190,14 @@ impl RequestHandler {
         }
     }
 
-    /// Lets large read batches run half on a helper thread through `helper`, a second
-    /// handle on the same image ([`super::split`]).
+    /// Lets large read batches run half on a helper thread that owns `helper`, a second
+    /// handle on the same image ([`super::split`]). Without it (or if the thread cannot be
+    /// started) batches run on the worker alone.
     pub fn with_helper(mut self, helper: Box<dyn ImageQueue>) -> Self {
-        self.helper = Some(helper);
+        match super::split::SplitHelper::new(helper) {
+            Ok(h) => self.helper = Some(h),
+            Err(e) => debug!("no read helper thread: {e}"),
+        }
         self
     }
 
@@ -335,9 +339,9 @@ impl RequestHandler {
         results: &mut Vec<io::Result<()>>,
     ) {
         results.clear();
-        match self.helper.as_mut() {
+        match &self.helper {
             Some(h) if super::split::worth_splitting(ops) => {
-                super::split::run_split(self.image.as_mut(), h.as_mut(), ops, results)
+                super::split::run_split(self.image.as_mut(), h, ops, results)
             }
             _ => self.image.run_batch(ops, results),
         }
