@@ -173,7 +173,9 @@ impl BlkBackend {
                 RequestHandler::new(queue, self.params.clone(), self.state.clone(), counters);
             // Large read batches run half on a helper thread (virtio_blk::split): worth it
             // only with a second CPU.
-            if std::thread::available_parallelism().is_ok_and(|n| n.get() > 1) {
+            if self.device.image.parallel_reads()
+                && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1)
+            {
                 match self.device.image.queue_handle() {
                     Ok(h) => handler = handler.with_helper(h),
                     Err(e) => debug!("queue {thread_id}: no helper image handle: {e}"),

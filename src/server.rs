@@ -423,7 +423,7 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread (and so in every thread it starts
 /// later) and starts a thread that waits for them and requests shutdown. If the connection
-/// loop has not finished within [`SHUTDOWN_TIMEOUT`] (a worker stuck in I/O), the process
+/// loop has not finished within 20 s (`SHUTDOWN_TIMEOUT`; a worker stuck in I/O), the process
 /// exits with status 1 without closing the image. Call before any other thread is started.
 pub fn handle_signals(shutdown: Arc<Shutdown>) -> Result<()> {
     // SAFETY: sigset manipulation on a zeroed local set; pthread_sigmask only changes this

@@ -2,7 +2,8 @@
 //
 // For each image kind (raw; qcow2 with 64 KiB clusters; qcow2 with 4 KiB clusters; qcow2 over a
 // raw backing file; qcow2 whose clusters all start compressed, so first writes copy-on-write and
-// free the old host clusters) a loop:
+// free the old host clusters; qcow2 with extended L2 over a raw backing file, so writes allocate
+// single subclusters; qcow2 with an external data file) a loop:
 //
 //   1. start the daemon on the image (after a SIGKILL the qcow2 dirty bit makes it rebuild the
 //      refcounts on open),
@@ -518,6 +519,10 @@ enum Kind {
     /// Every cluster starts compressed: the first write to each copies it (copy-on-write of a
     /// cluster without the COPIED flag, whose old host cluster is freed after a flush).
     Qcow2Compressed,
+    /// Extended L2 over a raw backing file: writes allocate and fill single subclusters.
+    Qcow2ExtendedL2Backing,
+    /// Guest data in an external data file (not refcounted), metadata in the image.
+    Qcow2DataFile,
 }
 
 impl Kind {
@@ -531,6 +536,8 @@ impl Kind {
             Kind::Qcow2Cluster4k => "qcow2-4k-clusters",
             Kind::Qcow2Backing => "qcow2-backing-file",
             Kind::Qcow2Compressed => "qcow2-compressed",
+            Kind::Qcow2ExtendedL2Backing => "qcow2-extended-l2-backing-file",
+            Kind::Qcow2DataFile => "qcow2-data-file",
         }
     }
 }
@@ -589,18 +596,25 @@ fn make_image(dir: &Path, kind: Kind, seed: u64) -> (PathBuf, Initial) {
             ]);
             (img, Initial::Zeros)
         }
-        Kind::Qcow2Backing => {
+        Kind::Qcow2Backing | Kind::Qcow2ExtendedL2Backing => {
             let base = dir.join("base.raw");
             let mut data = vec![0u8; DISK as usize];
             for (s, sec) in data.chunks_mut(SECTOR as usize).enumerate() {
                 fill_sector(sec, seed, 0, s as u64);
             }
             std::fs::write(&base, &data).unwrap();
+            let ext = if kind == Kind::Qcow2ExtendedL2Backing {
+                "extended_l2=on"
+            } else {
+                "extended_l2=off"
+            };
             qemu_img(&[
                 "create",
                 "-q",
                 "-f",
                 "qcow2",
+                "-o",
+                ext,
                 "-b",
                 base.to_str().unwrap(),
                 "-F",
@@ -609,6 +623,20 @@ fn make_image(dir: &Path, kind: Kind, seed: u64) -> (PathBuf, Initial) {
                 &size,
             ]);
             (img, Initial::Backing)
+        }
+        Kind::Qcow2DataFile => {
+            let data = dir.join("disk.data");
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("data_file={}", data.to_str().unwrap()),
+                p,
+                &size,
+            ]);
+            (img, Initial::Zeros)
         }
         Kind::Qcow2Compressed => {
             let base = dir.join("base.raw");
@@ -984,4 +1012,14 @@ fn crash_qcow2_backing_file() {
 #[test]
 fn crash_qcow2_compressed() {
     crash_loop(Kind::Qcow2Compressed);
+}
+
+#[test]
+fn crash_qcow2_extended_l2_backing_file() {
+    crash_loop(Kind::Qcow2ExtendedL2Backing);
+}
+
+#[test]
+fn crash_qcow2_data_file() {
+    crash_loop(Kind::Qcow2DataFile);
 }

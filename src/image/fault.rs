@@ -144,6 +144,10 @@ impl BlockImage for FaultImage {
     fn discard_granularity(&self) -> u64 {
         self.inner.discard_granularity()
     }
+    fn parallel_reads(&self) -> bool {
+        self.inner.parallel_reads()
+    }
+
     fn queue_handle(&self) -> io::Result<Box<dyn ImageQueue>> {
         Ok(Box::new(FaultQueue {
             inner: self.inner.queue_handle()?,
