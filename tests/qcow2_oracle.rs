@@ -957,8 +957,13 @@ fn persistent_bitmaps_are_maintained_and_stored() {
     qemu_img(&["bitmap", "--add", "--disable", s(&img), "off"]);
     qemu_img(&["bitmap", "--add", "-g", "4096", s(&img), "fine"]);
 
-    // Read-only: listed, not recording, nothing changed on disk.
+    // Read-only: listed, not recording, consistent, nothing changed on disk.
     let ro = open_ro(&img);
+    assert!(
+        ro.bitmaps().iter().all(|b| !b.inconsistent),
+        "{:?}",
+        ro.bitmaps()
+    );
     let names: Vec<_> = ro
         .bitmaps()
         .into_iter()

@@ -108,6 +108,8 @@ pub struct Bitmaps {
     pub list: Vec<Bitmap>,
     /// The on-disk directory flags every maintained bitmap `in_use`.
     in_use_on_disk: AtomicBool,
+    /// Opened writable (bitmaps loaded and maintained).
+    writable: bool,
 }
 
 /// Bitmap table entries a bitmap of `size` bytes of disk needs.
@@ -193,6 +195,7 @@ impl Bitmaps {
             dir: Mutex::new(dir),
             list,
             in_use_on_disk: AtomicBool::new(false),
+            writable: load,
         };
         if load {
             b.set_in_use(file)?;
@@ -246,7 +249,10 @@ impl Bitmaps {
                 name: b.name.clone(),
                 granularity: 1u64.checked_shl(b.granularity_bits).unwrap_or(0),
                 enabled: b.enabled() && b.bits.is_some(),
-                inconsistent: b.bits.is_none() && (b.flags & FLAG_IN_USE != 0 || b.enabled()),
+                // Left in use by another writer, or enabled but not maintained by us (then
+                // we flagged it in use).
+                inconsistent: b.flags & FLAG_IN_USE != 0
+                    || (self.writable && b.bits.is_none() && b.enabled()),
                 dirty_bytes: b.dirty_bytes(size),
             })
             .collect()

@@ -340,6 +340,15 @@ impl Qcow2Shared {
                     "the image uses an external data file but does not name it".into(),
                 ));
             };
+            if hdr.nb_snapshots > 0 {
+                // Data clusters are not refcounted, so nothing would protect the snapshot's
+                // data from being overwritten in place (QEMU refuses to create these).
+                return Err(inval(
+                    "internal snapshots in an image with an external data file are not \
+                     supported"
+                        .into(),
+                ));
+            }
             if data_raw && hdr.backing_file.is_some() {
                 return Err(inval(
                     "an image with a raw external data file (data_file_raw) cannot have a \
