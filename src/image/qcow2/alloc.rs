@@ -402,9 +402,20 @@ impl Clusters {
     }
 
     /// Refcounts of the clusters described by refcount block `b`.
+    #[cfg(test)]
     pub fn block_values(&self, b: u64) -> Vec<u64> {
+        let mut out = Vec::new();
+        self.block_values_into(b, &mut out);
+        out
+    }
+
+    /// Refcounts of the clusters described by refcount block `b`, into a reused vector (a
+    /// flush encodes many blocks; a fresh 256 KiB vector per block is a fresh mapping,
+    /// zeroed, every time).
+    pub fn block_values_into(&self, b: u64, out: &mut Vec<u64>) {
         let n = 1u64 << self.block_shift;
-        let mut out = vec![0u64; n as usize];
+        out.clear();
+        out.resize(n as usize, 0);
         let first = b * n;
         let mut c = first;
         while c < first + n {
@@ -422,7 +433,6 @@ impl Clusters {
             }
             c = hi;
         }
-        out
     }
 }
 

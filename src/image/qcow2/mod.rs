@@ -221,6 +221,9 @@ struct MetaState {
     rt_dirty: bool,
     /// The refcount table moved and the header does not point at it yet.
     rt_moved: bool,
+    /// Reused buffers for encoding refcount blocks at flush (values, then bytes).
+    rc_values: Vec<u64>,
+    rc_bytes: Vec<u8>,
 }
 
 /// State of a qcow2 image shared by all its queues.
@@ -408,6 +411,8 @@ impl Qcow2Shared {
             rt_dirty: false,
             rt_moved: false,
             autoclear: hdr.autoclear,
+            rc_values: Vec::new(),
+            rc_bytes: Vec::new(),
         };
         let words = if hdr.extended_l2() { 2 } else { 1 };
         let absent = Arc::new(L2Table::placeholder());
@@ -1915,12 +1920,17 @@ impl Qcow2Shared {
                     break;
                 }
             }
-            let mut out = vec![0u8; cs as usize];
-            for &b in &blocks {
-                let vals = clusters.block_values(b);
+            let mut vals = std::mem::take(&mut st.rc_values);
+            let mut out = std::mem::take(&mut st.rc_bytes);
+            out.resize(cs as usize, 0);
+            let r = blocks.iter().try_for_each(|&b| {
+                clusters.block_values_into(b, &mut vals);
                 refcount::encode_block(&vals, self.hdr.refcount_order, &mut out);
-                io::write_bytes(&self.file, st.rt[b as usize], &out)?;
-            }
+                io::write_bytes(&self.file, st.rt[b as usize], &out)
+            });
+            st.rc_values = vals;
+            st.rc_bytes = out;
+            r?;
             if st.rt_dirty {
                 let mut tb = Vec::with_capacity(st.rt.len() * 8);
                 for e in &st.rt {
