@@ -120,9 +120,20 @@ impl BlkBackend {
         &self.state
     }
 
+    /// Ends a connection's queue processing: stops the workers, drops `daemon` (the
+    /// connection's `VhostUserDaemon`, which joins its worker threads) and then closes the fds
+    /// vhost-user-backend leaked. The daemon's connection loop and the vhost_user fuzz target
+    /// both tear down through this, so they cannot drift apart (the fuzz target once skipped
+    /// the fd cleanup and ran out of fds after about 10,000 inputs).
+    pub fn finish_connection<D>(&self, daemon: D) {
+        self.stop_workers();
+        drop(daemon);
+        self.close_leaked_fds();
+    }
+
     /// Closes the exit-event fds vhost-user-backend leaked (see `exit_event`). Call only after
     /// the `VhostUserDaemon` has been dropped, i.e. every worker thread and its epoll are gone.
-    pub fn close_leaked_fds(&self) {
+    fn close_leaked_fds(&self) {
         let fds = match self.handed_out.lock() {
             Ok(mut f) => std::mem::take(&mut *f),
             Err(_) => return,

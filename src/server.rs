@@ -320,10 +320,7 @@ impl Server {
         self.shutdown.set_conn(None);
         self.device.set_channel(None);
         let _ = notify::notify("STATUS=waiting for a frontend");
-        backend.stop_workers();
-        // Dropping the daemon joins its worker threads.
-        drop(daemon);
-        backend.close_leaked_fds();
+        backend.finish_connection(daemon);
         for t in relay_threads {
             let _ = t.join();
         }

@@ -272,8 +272,7 @@ pub fn run(data: &[u8]) {
     drop(client);
     let _ = daemon.wait();
     device.set_channel(None);
-    backend.stop_workers();
-    drop(daemon);
+    backend.finish_connection(daemon);
     for t in relay_threads {
         t.join().expect("relay thread panicked");
     }
