@@ -53,6 +53,18 @@ pub fn write_slice(file: &File, off: u64, s: &GuestSlice<'_>) -> io::Result<()> 
     )
 }
 
+/// Writes request bytes `[pos, pos + n)` of `bufs` to `file` at offset `at`, straight from
+/// guest memory.
+pub fn write_pieces(
+    file: &File,
+    at: u64,
+    bufs: &[GuestSlice<'_>],
+    pos: u64,
+    n: u64,
+) -> io::Result<()> {
+    for_each_piece(bufs, pos, n, |p, pp| write_slice(file, at + pp, &p))
+}
+
 /// Calls `f(piece, pos)` for each piece of the guest buffers covering bytes
 /// `[start, start + len)` of the request, where `pos` is the piece's offset from `start`.
 pub fn for_each_piece<'a>(

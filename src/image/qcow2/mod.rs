@@ -1129,9 +1129,7 @@ impl Qcow2Shared {
                     self.persist_corrupt();
                     return Err(err);
                 }
-                return io::for_each_piece(bufs, pos, n, |p, pp| {
-                    io::write_slice(file, h + in_off + pp, &p)
-                });
+                return io::write_pieces(file, h + in_off, bufs, pos, n);
             }
             // Before reserving: setting the dirty bit may wait for a running flush, and a
             // flush waits for reserved entries.
@@ -1253,66 +1251,79 @@ impl Qcow2Shared {
         bufs: &[GuestSlice<'_>],
         pos: u64,
     ) -> stdio::Result<u64> {
+        let keep = e & OFFSET_MASK != 0;
+        self.write_to_target(cluster_guest, e, keep, |host, fresh| {
+            self.fill_subclusters(file, scratch, cluster_guest, e, b, host, fresh, in_off, n)?;
+            io::write_pieces(file, host + in_off, bufs, pos, n)
+        })
+    }
+
+    /// Completes, at `host`, the parts of the first and last subclusters of `[in_off, in_off
+    /// + n)` that the request does not cover and that do not hold data yet, from their old
+    /// contents (see [`Qcow2Shared::write_subclusters`]).
+    #[allow(clippy::too_many_arguments)]
+    fn fill_subclusters(
+        &self,
+        file: &File,
+        scratch: &mut Scratch,
+        cluster_guest: u64,
+        e: u64,
+        b: u64,
+        host: u64,
+        fresh: bool,
+        in_off: u64,
+        n: u64,
+    ) -> stdio::Result<()> {
         let scs = self.cluster_size() / l2::SUBCLUSTERS;
-        let owned = e & OFFSET_MASK != 0;
-        let (host, fresh) = if owned {
+        let first = in_off / scs;
+        let last = (in_off + n - 1) / scs;
+        let end = in_off + n;
+        // The parts of the first and last touched subclusters outside the request.
+        for (sc, from, to) in [(first, first * scs, in_off), (last, end, (last + 1) * scs)] {
+            if from == to || b & (1 << sc) != 0 {
+                // Nothing to complete, or the subcluster already holds its data.
+                continue;
+            }
+            if fresh && (b & (1 << (sc + 32)) != 0 || self.backing.is_none()) {
+                // Old contents are zeros and so are the bytes of a cluster past the end of
+                // the file: nothing to write, the file stays sparse.
+                continue;
+            }
+            let mut buf = std::mem::take(&mut scratch.cluster);
+            buf.resize((to - from) as usize, 0);
+            let r = (|| {
+                let s = [VolatileSlice::from(&mut buf[..])];
+                self.read_in_cluster(file, scratch, cluster_guest, e, b, from, to - from, &s, 0)?;
+                io::write_bytes(file, host + from, &buf)
+            })();
+            scratch.cluster = buf;
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Runs `write(host, fresh)` against the host cluster a rewrite of the guest cluster at
+    /// `cluster_guest` (entry `e`) goes to: its current one with `keep`, else a new one
+    /// ([`Qcow2Shared::alloc_data`]; `fresh` as there). Overlap protection is checked first.
+    /// A new cluster is released (at the next flush) if anything fails. Returns the new
+    /// entry word.
+    fn write_to_target(
+        &self,
+        cluster_guest: u64,
+        e: u64,
+        keep: bool,
+        write: impl FnOnce(u64, bool) -> stdio::Result<()>,
+    ) -> stdio::Result<u64> {
+        let (host, fresh) = if keep {
             (e & OFFSET_MASK, false)
         } else {
             self.alloc_data(cluster_guest)?
         };
-        // On failure a newly allocated cluster is released at the next flush.
-        let fail = |err: stdio::Error| {
-            if !owned {
-                self.release_data(host);
-            }
-            Err(err)
-        };
-        if let Err(err) = self.check_overlap(host) {
-            return fail(err);
+        let r = self.check_overlap(host).and_then(|()| write(host, fresh));
+        if r.is_err() && !keep {
+            self.release_data(host);
         }
-        let first = in_off / scs;
-        let last = (in_off + n - 1) / scs;
-        let end = in_off + n;
-        let r = (|| {
-            // The parts of the first and last touched subclusters outside the request.
-            for (sc, from, to) in [(first, first * scs, in_off), (last, end, (last + 1) * scs)] {
-                if from == to || b & (1 << sc) != 0 {
-                    // Nothing to complete, or the subcluster already holds its data.
-                    continue;
-                }
-                if fresh && (b & (1 << (sc + 32)) != 0 || self.backing.is_none()) {
-                    // Old contents are zeros and so are the bytes of a cluster past the end
-                    // of the file: nothing to write, the file stays sparse.
-                    continue;
-                }
-                let mut buf = std::mem::take(&mut scratch.cluster);
-                buf.resize((to - from) as usize, 0);
-                let r = (|| {
-                    let s = [VolatileSlice::from(&mut buf[..])];
-                    self.read_in_cluster(
-                        file,
-                        scratch,
-                        cluster_guest,
-                        e,
-                        b,
-                        from,
-                        to - from,
-                        &s,
-                        0,
-                    )?;
-                    io::write_bytes(file, host + from, &buf)
-                })();
-                scratch.cluster = buf;
-                r?;
-            }
-            io::for_each_piece(bufs, pos, n, |p, pp| {
-                io::write_slice(file, host + in_off + pp, &p)
-            })
-        })();
-        match r {
-            Ok(()) => Ok(host | COPIED),
-            Err(err) => fail(err),
-        }
+        r.map(|()| host | COPIED)
     }
 
     /// Builds the new contents of a guest cluster (old contents with the request's bytes
@@ -1332,34 +1343,15 @@ impl Qcow2Shared {
         pos: u64,
     ) -> stdio::Result<u64> {
         let cs = self.cluster_size();
-        let reuse = e & COPIED != 0 && e & COMPRESSED == 0 && e & OFFSET_MASK != 0;
+        let keep = e & COPIED != 0 && e & COMPRESSED == 0 && e & OFFSET_MASK != 0;
         let zeros = self.reads_as_zeros(e, b);
-        let (host, fresh) = if reuse {
-            (e & OFFSET_MASK, false)
-        } else {
-            self.alloc_data(cluster_guest)?
-        };
-        // On failure a newly allocated cluster is released at the next flush.
-        let fail = |err: stdio::Error| {
-            if !reuse {
-                self.release_data(host);
+        self.write_to_target(cluster_guest, e, keep, |host, fresh| {
+            if fresh && zeros {
+                // The new cluster's bytes already read as zeros (holes or past EOF) and so do
+                // the old contents: write only the request's bytes, straight from guest
+                // memory. No read, no copy, no write amplification, and the file stays sparse.
+                return io::write_pieces(file, host + in_off, bufs, pos, n);
             }
-            Err(err)
-        };
-        if let Err(err) = self.check_overlap(host) {
-            return fail(err);
-        }
-        if fresh && zeros {
-            // The new cluster's bytes already read as zeros (holes or past EOF) and so do the
-            // old contents: write only the request's bytes, straight from guest memory. No
-            // read, no copy, no write amplification, and the file stays sparse.
-            let r = io::for_each_piece(bufs, pos, n, |p, pp| {
-                io::write_slice(file, host + in_off + pp, &p)
-            });
-            if let Err(err) = r {
-                return fail(err);
-            }
-        } else {
             let mut buf = std::mem::take(&mut scratch.cluster);
             buf.resize(cs as usize, 0);
             let r = (|| {
@@ -1375,11 +1367,8 @@ impl Qcow2Shared {
                 io::write_bytes(file, host, &buf)
             })();
             scratch.cluster = buf;
-            if let Err(err) = r {
-                return fail(err);
-            }
-        }
-        Ok(host | COPIED)
+            r
+        })
     }
 
     /// Decodes an L2 entry. With an external data file, host offset 0 is a real offset
