@@ -342,6 +342,17 @@ impl Clusters {
         }
     }
 
+    /// Releases metadata cluster `c` that nothing references on disk any more and no request
+    /// ever reads (an old L1 table, a bitmap data cluster): no longer metadata, one reference
+    /// dropped, and at refcount zero straight into the free bitmap (no reuse epoch needed).
+    pub fn release_meta(&self, c: HostCluster) -> io::Result<()> {
+        self.set_meta(c, false);
+        if self.unref_keep(c)? {
+            self.make_free(c);
+        }
+        Ok(())
+    }
+
     /// Marks cluster `c` as metadata (or not). Clusters past the limit are ignored.
     pub fn set_meta(&self, c: HostCluster, on: bool) {
         let Ok(seg) = self.seg_for(c.0) else { return };

@@ -408,19 +408,11 @@ impl Qcow2Shared {
             self.file.sync_data()?;
             // The tables no longer point at the released clusters, durably.
             for &c in &released {
-                clusters.set_meta(c, false);
-                if clusters.unref_keep(c)? {
-                    clusters.make_free(c);
-                }
+                clusters.release_meta(c)?;
                 self.meta_dirty.store(true, Ordering::Release);
             }
             released.clear();
-            for _ in 0..4 {
-                self.flush()?;
-                if !self.meta_dirty.load(Ordering::Acquire) {
-                    break;
-                }
-            }
+            self.flush_settled()?;
             for bm in bms.list.iter().filter(|b| b.bits.is_some()) {
                 dir[bm.entry_off + 15] &= !(FLAG_IN_USE as u8);
             }

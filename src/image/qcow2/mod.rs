@@ -1946,18 +1946,24 @@ impl Qcow2Shared {
         r
     }
 
-    /// Flushes everything and clears the dirty bit.
-    fn close(&self) -> stdio::Result<()> {
-        if self.read_only {
-            return Ok(());
-        }
-        // Unreferences at the end of a flush dirty refcount blocks again: a few rounds settle.
+    /// Flushes until no metadata is left dirty: unreferences at the end of a flush dirty
+    /// refcount blocks again, a few rounds settle.
+    fn flush_settled(&self) -> stdio::Result<()> {
         for _ in 0..4 {
             self.flush()?;
             if !self.meta_dirty.load(Ordering::Acquire) {
                 break;
             }
         }
+        Ok(())
+    }
+
+    /// Flushes everything and clears the dirty bit.
+    fn close(&self) -> stdio::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.flush_settled()?;
         if !self.corrupt.load(Ordering::Acquire) {
             self.store_bitmaps()?;
         }
@@ -2050,11 +2056,8 @@ impl Qcow2Shared {
                     for c in (first..first + n).map(HostCluster) {
                         // Nothing reads an L1 table from disk once open (it lives in memory),
                         // and the header does not point at this one.
-                        clusters.set_meta(c, false);
-                        match clusters.unref_keep(c) {
-                            Ok(true) => clusters.make_free(c),
-                            Ok(false) => {}
-                            Err(e) => error!("{}: {e}", self.path.display()),
+                        if let Err(e) = clusters.release_meta(c) {
+                            error!("{}: {e}", self.path.display());
                         }
                     }
                 };
