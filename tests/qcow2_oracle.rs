@@ -35,6 +35,16 @@ fn qemu_img(args: &[&str]) -> String {
     run_ok("qemu-img", args)
 }
 
+/// `qemu-img create -f qcow2 [-o OPTS] PATH SIZE`.
+fn create_qcow2(path: &str, opts: &str, size: &str) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([path, size]);
+    qemu_img(&args);
+}
+
 fn qemu_io(img: &Path, cmds: &[&str]) {
     let mut args = vec!["-f", "qcow2"];
     for c in cmds {
@@ -213,7 +223,7 @@ fn reads_match_qemu_for_many_layouts() {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("t.qcow2");
         let cfg = &cfg.replace("DIR", s(dir.path()));
-        qemu_img(&["create", "-q", "-f", "qcow2", "-o", cfg, s(&img), "4M"]);
+        create_qcow2(s(&img), cfg, "4M");
         let cs: u64 = cfg
             .split(',')
             .find_map(|kv| kv.strip_prefix("cluster_size="))
@@ -295,7 +305,7 @@ fn writes_flush_close_leave_a_clean_image() {
         let img = dir.path().join("w.qcow2");
         // Big enough that the 512-byte-cluster image needs more refcount blocks and a bigger
         // refcount table.
-        qemu_img(&["create", "-q", "-f", "qcow2", "-o", cfg, s(&img), "8M"]);
+        create_qcow2(s(&img), cfg, "8M");
         qemu_io(&img, &["write -P 0x5a 1M 100k"]);
         let mut model = to_raw(dir.path(), &img, &[]);
         let im = open(&img);
@@ -444,7 +454,7 @@ fn internal_snapshot_survives_our_writes() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let img = d.join("s.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "4M"]);
+    create_qcow2(s(&img), "", "4M");
     qemu_io(&img, &["write -P 0x61 0 1M", "write -P 0x62 2M 64k"]);
     qemu_img(&["snapshot", "-c", "s1", s(&img)]);
     let snap = to_raw(d, &img, &[]);
@@ -475,7 +485,7 @@ fn crash_without_close_is_repaired_on_open() {
     tools_present();
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("c.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "16M"]);
+    create_qcow2(s(&img), "", "16M");
     let im = open(&img);
     let mut q = im.queue_handle().unwrap();
     let a = pattern(1, 200_000);
@@ -504,7 +514,7 @@ fn concurrent_writers_on_shared_clusters() {
     tools_present();
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("p.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "8M"]);
+    create_qcow2(s(&img), "", "8M");
     let im = open(&img);
     let clusters = 64u64;
     let threads: Vec<_> = (0..4u64)
@@ -547,7 +557,7 @@ fn discard_and_write_zeroes() {
     for cfg in ["compat=1.1", "compat=0.10", "extended_l2=on"] {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("z.qcow2");
-        qemu_img(&["create", "-q", "-f", "qcow2", "-o", cfg, s(&img), "4M"]);
+        create_qcow2(s(&img), cfg, "4M");
         let im = open(&img);
         let mut q = im.queue_handle().unwrap();
         let mut model = pattern(3, 4 << 20);
@@ -583,7 +593,7 @@ fn malformed_images_fail_cleanly() {
     tools_present();
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("m.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "1G"]);
+    create_qcow2(s(&img), "", "1G");
     qemu_io(&img, &["write -P 1 0 64k"]);
     let good = std::fs::read(&img).unwrap();
     type Corruptor = Box<dyn Fn(&mut Vec<u8>)>;
@@ -651,7 +661,7 @@ fn corrupt_bit_allows_read_only_only() {
     tools_present();
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("k.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "1M"]);
+    create_qcow2(s(&img), "", "1M");
     let mut b = std::fs::read(&img).unwrap();
     b[79] |= 2;
     std::fs::write(&img, &b).unwrap();
@@ -667,7 +677,7 @@ fn explicit_close_clears_dirty_bit_and_image_stays_usable() {
     tools_present();
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("e.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "1M"]);
+    create_qcow2(s(&img), "", "1M");
     let im = Qcow2Image::open(&opts(&img, false)).unwrap();
     let mut q = im.queue_handle().unwrap();
     write(q.as_mut(), 0, &[9u8; 1000]);
@@ -710,16 +720,7 @@ fn external_data_file_is_served() {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("d.qcow2");
         let data = dir.path().join("d.raw");
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &format!("data_file={}{extra}", s(&data)),
-            s(&img),
-            "4M",
-        ]);
+        create_qcow2(s(&img), &format!("data_file={}{extra}", s(&data)), "4M");
         qemu_io(
             &img,
             &[
@@ -776,16 +777,11 @@ fn raw_external_data_file_stays_a_raw_image() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("r.qcow2");
     let data = dir.path().join("r.raw");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        &format!("data_file={},data_file_raw=on", s(&data)),
+    create_qcow2(
         s(&img),
+        &format!("data_file={},data_file_raw=on", s(&data)),
         "4M",
-    ]);
+    );
     let mut model = vec![0u8; 4 << 20];
     std::fs::write(&data, {
         let p = pattern(7, 4 << 20);
@@ -820,16 +816,7 @@ fn bad_external_data_files_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("x.img");
     let data = dir.path().join("x.raw");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        &format!("data_file={}", s(&data)),
-        s(&img),
-        "1M",
-    ]);
+    create_qcow2(s(&img), &format!("data_file={}", s(&data)), "1M");
     std::fs::remove_file(&data).unwrap();
     let err = open_image(&opts(&img, false))
         .err()
@@ -851,7 +838,7 @@ fn bad_external_data_files_are_refused() {
     // data_file_raw with a backing file is invalid.
     let base = dir.path().join("base.qcow2");
     let top = dir.path().join("top.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "1M"]);
+    create_qcow2(s(&base), "", "1M");
     qemu_img(&[
         "create",
         "-q",
@@ -950,7 +937,7 @@ fn persistent_bitmaps_are_maintained_and_stored() {
     tools_present();
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("b.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "4M"]);
+    create_qcow2(s(&img), "", "4M");
     qemu_img(&["bitmap", "--add", s(&img), "b0"]);
     // QEMU's own write before we open: its bit must survive.
     qemu_io(&img, &["write -P 3 3M 64k"]);
@@ -1056,16 +1043,7 @@ fn bitmaps_spanning_several_data_clusters_release_emptied_ones() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("m.qcow2");
     // 512-byte clusters, 512-byte granularity on 4 MiB: 8192 bits, two data clusters.
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=512",
-        s(&img),
-        "4M",
-    ]);
+    create_qcow2(s(&img), "cluster_size=512", "4M");
     qemu_img(&["bitmap", "--add", "-g", "512", s(&img), "b"]);
     let im = open(&img);
     let mut q = im.queue_handle().unwrap();
@@ -1094,7 +1072,7 @@ fn bitmaps_left_in_use_by_a_crash_are_reported_inconsistent() {
     tools_present();
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("c.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "1M"]);
+    create_qcow2(s(&img), "", "1M");
     qemu_img(&["bitmap", "--add", s(&img), "b0"]);
     let im = open(&img);
     let mut q = im.queue_handle().unwrap();
@@ -1137,7 +1115,7 @@ fn resize_grows_the_l1_table_in_place_and_by_moving_it() {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("r.qcow2");
         // 512-byte clusters: one L1 entry maps 32 KiB, one L1 cluster holds 64 entries (2 MiB).
-        qemu_img(&["create", "-q", "-f", "qcow2", "-o", cfg, s(&img), "1M"]);
+        create_qcow2(s(&img), cfg, "1M");
         let mut model = vec![0u8; 1 << 20];
         let im = open(&img);
         let mut q = im.queue_handle().unwrap();
@@ -1181,16 +1159,7 @@ fn resize_crash_after_growing_is_repaired() {
     tools_present();
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("c.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=512",
-        s(&img),
-        "64k",
-    ]);
+    create_qcow2(s(&img), "cluster_size=512", "64k");
     let im = open(&img);
     let mut q = im.queue_handle().unwrap();
     im.resize(4 << 20).unwrap();
@@ -1216,7 +1185,7 @@ fn resize_over_a_larger_backing_file_reads_zeros_in_the_new_area() {
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().join("base.qcow2");
         let top = dir.path().join("top.qcow2");
-        qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "4M"]);
+        create_qcow2(s(&base), "", "4M");
         qemu_io(&base, &["write -P 0x5a 0 4M"]);
         qemu_img(&[
             "create",
@@ -1253,7 +1222,7 @@ fn resize_is_refused_read_only_and_with_bitmaps() {
     tools_present();
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("b.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "1M"]);
+    create_qcow2(s(&img), "", "1M");
     let err = open_ro(&img).resize(2 << 20).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
     qemu_img(&["bitmap", "--add", s(&img), "b0"]);
@@ -1294,16 +1263,7 @@ fn run_ops(cfg: &str, cs: u64, ops: &[Op]) {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("prop.qcow2");
     let cfg = &cfg.replace("DIR", s(dir.path()));
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        cfg,
-        s(&img),
-        &PROP_SIZE.to_string(),
-    ]);
+    create_qcow2(s(&img), cfg, &PROP_SIZE.to_string());
     let mut model = vec![0u8; PROP_SIZE as usize];
     {
         let im = open(&img);
@@ -1431,7 +1391,7 @@ fn entry_pointing_into_metadata_is_refused_without_damage() {
     tools_present();
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("o.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "1M"]);
+    create_qcow2(s(&img), "", "1M");
     qemu_io(&img, &["write -P 1 0 64k"]);
     let mut b = std::fs::read(&img).unwrap();
     let be = |b: &[u8], o: usize| u64::from_be_bytes(b[o..o + 8].try_into().unwrap());
@@ -1504,7 +1464,7 @@ fn overlapping_metadata_is_refused_at_open() {
     tools_present();
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("v.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "1M"]);
+    create_qcow2(s(&img), "", "1M");
     qemu_io(&img, &["write -P 1 0 64k"]);
     let mut b = std::fs::read(&img).unwrap();
     let be = |b: &[u8], o: usize| u64::from_be_bytes(b[o..o + 8].try_into().unwrap());
@@ -1585,16 +1545,7 @@ fn extended_l2_write_allocates_only_touched_subclusters() {
     tools_present();
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("x.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=65536,extended_l2=on",
-        s(&img),
-        "1M",
-    ]);
+    create_qcow2(s(&img), "cluster_size=65536,extended_l2=on", "1M");
     let mut model = vec![0u8; 1 << 20];
     {
         let im = open(&img);
