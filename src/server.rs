@@ -13,13 +13,14 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use log::{error, info, warn};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::BlkBackend;
 use crate::device::Device;
@@ -211,16 +212,30 @@ pub fn systemd_listen_fd() -> Option<RawFd> {
 }
 
 /// Coordinates shutdown between the signal thread and the connection loop.
-#[derive(Default)]
+///
+/// The connection loop waits for a frontend in `poll` on the listening socket and an eventfd;
+/// a shutdown request writes the eventfd. The listening socket itself is never shut down: with
+/// `--fd` or systemd socket activation it is shared with the service manager, which keeps
+/// accepting connections on it for the next instance of the daemon.
 pub struct Shutdown {
     requested: AtomicBool,
     /// Handle to close the current frontend connection, if one is being served.
     conn: Mutex<Option<ShutdownHandle>>,
-    /// The listening socket's fd, shut down to wake a blocked `accept`.
-    listener_fd: AtomicI32,
+    /// Written once shutdown is requested; wakes the connection loop's `poll`.
+    wake: EventFd,
 }
 
 impl Shutdown {
+    /// A shutdown coordinator with its wake-up eventfd.
+    pub fn new() -> Result<Self> {
+        Ok(Shutdown {
+            requested: AtomicBool::new(false),
+            conn: Mutex::new(None),
+            wake: EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)
+                .map_err(|e| Error::io("create the shutdown eventfd", e))?,
+        })
+    }
+
     /// True once shutdown was requested.
     pub fn requested(&self) -> bool {
         self.requested.load(Ordering::Acquire)
@@ -235,11 +250,46 @@ impl Shutdown {
                 h.shutdown();
             }
         }
-        let fd = self.listener_fd.load(Ordering::Acquire);
-        if fd > 0 {
-            // SAFETY: shutdown(2) on the listening socket's fd, which stays open until the
-            // process exits; it only makes a blocked accept return.
-            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        if let Err(e) = self.wake.write(1) {
+            error!("waking the connection loop for shutdown failed: {e}");
+        }
+    }
+
+    /// Waits until `listener` has a connection to accept (true) or shutdown is requested
+    /// (false).
+    fn wait_for_frontend(&self, listener: &UnixListener) -> bool {
+        loop {
+            if self.requested() {
+                return false;
+            }
+            let mut fds = [
+                libc::pollfd {
+                    fd: listener.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.wake.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: poll on two valid pollfd entries of a live local array.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    warn!("waiting for a frontend failed: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                continue;
+            }
+            if fds[1].revents != 0 {
+                return !self.requested();
+            }
+            if fds[0].revents != 0 {
+                return true;
+            }
         }
     }
 
@@ -266,9 +316,6 @@ impl Server {
     /// Serves frontends one after another until shutdown is requested, then closes the image
     /// (after every worker has stopped).
     pub fn serve(&self, listener: UnixListener) -> Result<()> {
-        self.shutdown
-            .listener_fd
-            .store(listener.as_raw_fd(), Ordering::Release);
         let relay = RelaySocket::new()?;
         while !self.shutdown.requested() {
             self.serve_one(&listener, &relay)?;
@@ -283,6 +330,9 @@ impl Server {
 
     /// Accepts one frontend and serves it until it disconnects.
     fn serve_one(&self, listener: &UnixListener, relay: &RelaySocket) -> Result<()> {
+        if !self.shutdown.wait_for_frontend(listener) {
+            return Ok(());
+        }
         let frontend = match listener.accept() {
             Ok((s, _)) => s,
             Err(e) => {

@@ -1339,44 +1339,58 @@ fn systemd_socket_activation() {
     let fd = listener.as_raw_fd();
 
     // LISTEN_PID must be the daemon's own pid: a shell sets it to $$ and execs the daemon.
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg(r#"LISTEN_PID=$$ exec "$0" "$@""#)
-        .arg(BIN)
-        .arg("--blk-file")
-        .arg(&image)
-        .args(["--format", "raw", "--num-queues", "1"])
-        .env("LISTEN_FDS", "1")
-        .env("LISTEN_FDNAMES", "vhost-user-blk")
-        .env_remove("LISTEN_PID");
-    // SAFETY: the hook only calls dup2/fcntl. dup2 leaves fd 3 without FD_CLOEXEC.
-    unsafe {
-        cmd.pre_exec(move || {
-            if fd == 3 {
-                return clear_cloexec(3);
-            }
-            if libc::dup2(fd, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        })
+    let activated = |name: &str| {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(r#"LISTEN_PID=$$ exec "$0" "$@""#)
+            .arg(BIN)
+            .arg("--blk-file")
+            .arg(&image)
+            .args(["--format", "raw", "--num-queues", "1"])
+            .env("LISTEN_FDS", "1")
+            .env("LISTEN_FDNAMES", "vhost-user-blk")
+            .env_remove("LISTEN_PID");
+        // SAFETY: the hook only calls dup2/fcntl. dup2 leaves fd 3 without FD_CLOEXEC.
+        unsafe {
+            cmd.pre_exec(move || {
+                if fd == 3 {
+                    return clear_cloexec(3);
+                }
+                if libc::dup2(fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
+        Proc::spawn(cmd, dir.path(), name)
     };
-    let mut d = Proc::spawn(cmd, dir.path(), "daemon");
-    let mut c = client(&sock, 1);
-    let expect = pattern(10, 4096, 4096);
-    common::assert_bytes_eq(
-        &c.q(0).read_ok(4096, 4096),
-        &expect,
-        4096,
-        "socket-activated read",
-    );
-    drop(c);
-    assert!(d.stderr().contains("on fd 3"), "{}", d.stderr());
-    d.terminate_ok();
-    assert!(
-        is_socket(&sock),
-        "the activated socket's path must not be removed"
-    );
+    // Like systemd with Accept=no: the socket outlives each instance of the service, and the
+    // next instance serves on it. Shutting an instance down must leave the shared socket
+    // listening (a frontend reconnecting in between is queued, not refused).
+    for round in 0..2 {
+        let mut d = activated(&format!("daemon-{round}"));
+        let mut c = client(&sock, 1);
+        let expect = pattern(10, 4096, 4096);
+        common::assert_bytes_eq(
+            &c.q(0).read_ok(4096, 4096),
+            &expect,
+            4096,
+            "socket-activated read",
+        );
+        drop(c);
+        assert!(d.stderr().contains("on fd 3"), "{}", d.stderr());
+        d.terminate_ok();
+        assert!(
+            is_socket(&sock),
+            "the activated socket's path must not be removed"
+        );
+        let queued = std::os::unix::net::UnixStream::connect(&sock);
+        assert!(
+            queued.is_ok(),
+            "after the daemon exited the shared socket must still accept connections: {queued:?}"
+        );
+        let (_, _) = listener.accept().unwrap();
+    }
 
     // LISTEN_PID naming another process: the variables are not for us.
     let (st, _, err) = {
@@ -1555,20 +1569,60 @@ fn setup_errors_exit_with_one_line() {
     // Neither --socket-path nor --fd (and no socket activation).
     assert_setup_error(d, &["--blk-file", &image], &["--socket-path", "--fd"]);
 
-    // --socket-path with --fd: a command-line error (clap, exit 2) whose first line names
-    // both options.
-    let (st, out, err) = run_bin(
+    // Conflicting options: the same one-line setup error (exit 1), naming both options.
+    assert_setup_error(
         d,
         &["--socket-path", &sock, "--fd", "3", "--blk-file", &image],
-    );
-    assert_eq!(st.code(), Some(2), "{err}");
-    assert_eq!(out, "");
-    let first = err.lines().next().unwrap_or_default();
-    assert!(
-        first.starts_with("error:") && first.contains("--socket-path") && first.contains("--fd"),
-        "{err}"
+        &["--socket-path", "--fd"],
     );
     assert!(!Path::new(&sock).exists());
+    assert_setup_error(
+        d,
+        &[
+            "--socket-path",
+            &sock,
+            "--null-size",
+            "1M",
+            "--blk-file",
+            &image,
+        ],
+        &["--null-size", "--blk-file"],
+    );
+
+    // Options that cannot work are refused before --create makes a file.
+    let created = d.join("created.img");
+    assert_setup_error(
+        d,
+        &[
+            "--socket-path",
+            &sock,
+            "--blk-file",
+            &s(&created),
+            "--create",
+            "1M",
+            "--queue-size",
+            "100",
+        ],
+        &["queue size 100"],
+    );
+    assert_setup_error(
+        d,
+        &[
+            "--socket-path",
+            &sock,
+            "--blk-file",
+            &s(&created),
+            "--create",
+            "1M",
+            "--logical-block-size",
+            "1024",
+        ],
+        &["logical block size 1024"],
+    );
+    assert!(
+        !created.exists(),
+        "a refused start must not create the image"
+    );
 
     // A live socket at the path: refused, and the other daemon keeps it.
     let live = d.join("live.sock");

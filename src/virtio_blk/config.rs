@@ -183,17 +183,13 @@ pub const MAX_DWZ_SECTORS: u32 = 1 << 22;
 pub const MAX_DWZ_SEG: u32 = 32;
 
 impl DeviceParams {
-    /// Parameters for a disk of `size` bytes served with the given options. The capacity is
-    /// rounded down to whole logical blocks. Errors name what is wrong.
-    pub fn new(
-        size: u64,
+    /// Checks the options that do not depend on the image (logical block size, queue count
+    /// and size), so they can be refused before an image is created or opened.
+    pub fn check_geometry(
         logical_block_size: u32,
-        discard_granularity: u64,
         num_queues: u16,
         queue_size: u16,
-        read_only: bool,
-        serial: &str,
-    ) -> Result<Self, String> {
+    ) -> Result<(), String> {
         if logical_block_size != 512 && logical_block_size != 4096 {
             return Err(format!(
                 "logical block size {logical_block_size} (expected 512 or 4096)"
@@ -207,6 +203,21 @@ impl DeviceParams {
         if num_queues == 0 {
             return Err("number of queues 0".into());
         }
+        Ok(())
+    }
+
+    /// Parameters for a disk of `size` bytes served with the given options. The capacity is
+    /// rounded down to whole logical blocks. Errors name what is wrong.
+    pub fn new(
+        size: u64,
+        logical_block_size: u32,
+        discard_granularity: u64,
+        num_queues: u16,
+        queue_size: u16,
+        read_only: bool,
+        serial: &str,
+    ) -> Result<Self, String> {
+        Self::check_geometry(logical_block_size, num_queues, queue_size)?;
         let lbs = u64::from(logical_block_size);
         let usable = size / lbs * lbs;
         if usable == 0 {
