@@ -61,6 +61,12 @@ impl ChainTracker for Tracker<'_> {
         }
     }
 
+    fn returning(&mut self, head: u16) {
+        if let Some(q) = &self.queue {
+            q.batch(head);
+        }
+    }
+
     fn returned(&mut self, head: u16, used_idx: u16) {
         if let Some(q) = &self.queue {
             q.complete(head, used_idx);
@@ -369,7 +375,14 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let wb = self.state.writeback.load(Ordering::Relaxed);
+        // virtio-blk: with CONFIG_WCE negotiated but FLUSH not, writeback MUST read 0 (the
+        // device is write-through then, see DeviceState::write_back).
+        let acked = self.state.acked_features.load(Ordering::Relaxed);
+        let wb = if acked & features::CONFIG_WCE != 0 && acked & features::FLUSH == 0 {
+            false
+        } else {
+            self.state.writeback.load(Ordering::Relaxed)
+        };
         self.params.read_config(wb, offset, size)
     }
 

@@ -229,13 +229,24 @@ impl QueueTracker<'_> {
         }
     }
 
-    /// Records that `head` was returned to the used ring, whose index is now `used_idx`.
+    /// Records that `head` is about to be returned to the used ring, as a batch of one
+    /// (spec steps 1-3 for supplying used buffers: `desc[head].next = last_batch_head`,
+    /// `last_batch_head = head`). Must be called before the used ring's index moves, so that a
+    /// crash right after it moved finds this head as the last batch.
+    pub fn batch(&self, head: u16) {
+        if let Some(d) = self.desc(head) {
+            let last: u16 = self.region.get(self.base + 12);
+            self.region.put(d + 6, last);
+            self.region.put(self.base + 12, head);
+        }
+    }
+
+    /// Records that `head` was returned to the used ring, whose index is now `used_idx`
+    /// (steps 5-6: clear the in-flight mark, then store the used index). If we die between
+    /// the used ring's move and this, recovery sees the used ring one ahead of the recorded
+    /// index and clears the last batch, `head`.
     pub fn complete(&self, head: u16, used_idx: u16) {
         if let Some(d) = self.desc(head) {
-            // A batch of one: if we die before `used_idx` is stored, recovery clears this
-            // entry because the used ring is one ahead of the recorded index.
-            self.region.put(d + 6, 0xffffu16);
-            self.region.put(self.base + 12, head);
             self.region.put(d, 0u8);
             self.region.put(self.base + 14, used_idx);
         }
@@ -246,6 +257,26 @@ impl QueueTracker<'_> {
     /// they were taken, plus the next counter value to use.
     pub fn recover(&self, used_ring_idx: u16) -> (Vec<u16>, u64) {
         let r = self.region;
+        let version: u16 = r.get(self.base + 8);
+        let desc_num: u16 = r.get(self.base + 10);
+        if version == 0 || desc_num != r.queue_size {
+            // Version 0 is a buffer nobody initialized (as libvhost-user treats it); a
+            // different entry count is not a region for this queue. Neither says anything
+            // about in-flight requests: start this queue's tracking afresh.
+            if version != 0 {
+                warn!(
+                    "inflight region has {desc_num} entries for a queue of {}; ignoring it",
+                    r.queue_size
+                );
+            }
+            for off in (self.base..self.base + queue_region_size(r.queue_size)).step_by(8) {
+                r.put(off, 0u64);
+            }
+            r.put(self.base + 8, VERSION);
+            r.put(self.base + 10, r.queue_size);
+            r.put(self.base + 14, used_ring_idx);
+            return (Vec::new(), 0);
+        }
         let recorded: u16 = r.get(self.base + 14);
         if recorded != used_ring_idx {
             // Completions of the last batch reached the used ring but not the region.
@@ -306,19 +337,56 @@ mod tests {
         assert!(r2.queue(2).is_none());
     }
 
+    /// A crash at every point of returning a request, while another head that was returned
+    /// earlier (and so is the stale `last_batch_head`) has been taken again: recovery must
+    /// keep exactly the requests the used ring has not got.
     #[test]
-    fn completion_lost_before_used_idx_is_reconciled() {
-        let r = InflightRegion::create(1, 4).unwrap();
-        let q = r.queue(0).unwrap();
-        q.begin(2, 0);
-        q.begin(0, 1);
-        // Simulate dying after the used ring got head 2 but before the region recorded it:
-        // only the batch pointer was written.
-        let d = QHDR + 2 * DESC;
-        r.put(d + 6, 0xffffu16);
-        r.put(12, 2u16);
-        let (heads, _) = q.recover(1);
-        assert_eq!(heads, vec![0], "head 2 completed, head 0 still in flight");
+    fn crash_at_each_step_of_a_completion() {
+        // Returns the region after: head 1 taken, returned (used idx 1), taken again; head 2
+        // taken; then the first `steps` of returning head 2 (1: batch, 2: used idx moved,
+        // 3: complete).
+        let run = |steps: u32| {
+            let r = InflightRegion::create(1, 4).unwrap();
+            let q = r.queue(0).unwrap();
+            q.begin(1, 0);
+            q.batch(1);
+            q.complete(1, 1);
+            q.begin(1, 1);
+            q.begin(2, 2);
+            let mut used = 1;
+            if steps >= 1 {
+                q.batch(2);
+            }
+            if steps >= 2 {
+                used = 2; // the used ring now holds head 2
+            }
+            if steps >= 3 {
+                q.complete(2, 2);
+            }
+            let (heads, next) = q.recover(used);
+            assert_eq!(next, 3);
+            heads
+        };
+        assert_eq!(run(0), vec![1, 2], "nothing returned yet");
+        assert_eq!(run(1), vec![1, 2], "batch recorded, used ring not moved");
+        assert_eq!(run(2), vec![1], "used ring moved, region not updated");
+        assert_eq!(run(3), vec![1], "fully returned");
+    }
+
+    #[test]
+    fn uninitialized_or_mismatched_queue_regions_start_afresh() {
+        let r = InflightRegion::create(2, 8).unwrap();
+        let q0 = r.queue(0).unwrap();
+        q0.begin(3, 7);
+        r.put(8, 0u16); // queue 0: version 0, as in a buffer nobody initialized
+        let q1 = r.queue(1).unwrap();
+        q1.begin(4, 9);
+        r.put(queue_region_size(8) + 10, 16u16); // queue 1: entry count of another size
+        assert_eq!(q0.recover(5), (Vec::new(), 0));
+        assert_eq!(q1.recover(5), (Vec::new(), 0));
+        // Both are usable afterwards.
+        q0.begin(2, 0);
+        assert_eq!(q0.recover(5).0, vec![2]);
     }
 
     #[test]

@@ -137,6 +137,8 @@ fn kind_of(req: u32) -> ReqKind {
 pub trait ChainTracker {
     /// Chain `head` was taken from the avail ring.
     fn taken(&mut self, head: u16);
+    /// Chain `head` is about to be put on the used ring (called before the used index moves).
+    fn returning(&mut self, head: u16);
     /// Chain `head` was put on the used ring, whose index is now `used_idx`.
     fn returned(&mut self, head: u16, used_idx: u16);
 }
@@ -144,6 +146,7 @@ pub trait ChainTracker {
 /// No tracking.
 impl ChainTracker for () {
     fn taken(&mut self, _head: u16) {}
+    fn returning(&mut self, _head: u16) {}
     fn returned(&mut self, _head: u16, _used_idx: u16) {}
 }
 
@@ -412,6 +415,7 @@ impl RequestHandler {
                 }
             }
         };
+        tracker.returning(head);
         if let Err(e) = queue.add_used(mem, head, len) {
             warn!("cannot return descriptor {head} to the used ring: {e}");
         } else {
