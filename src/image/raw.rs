@@ -775,6 +775,10 @@ impl ImageQueue for RawQueue {
     }
 
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        // A zero-length segment is valid and discards nothing (fallocate would say EINVAL).
+        if len == 0 {
+            return Ok(());
+        }
         let r = if self.block_device {
             self.blk_ioctl(BLKDISCARD, offset, len)
         } else {
@@ -886,6 +890,9 @@ mod tests {
         let mut q = img.queue_handle().unwrap();
         write(q.as_mut(), 0, &mut vec![7u8; 4 << 20]).unwrap();
         img.flush().unwrap();
+        // Zero-length segments succeed and touch nothing, like zero-length write-zeroes.
+        q.discard(4096, 0).unwrap();
+        q.write_zeroes(4096, 0, true).unwrap();
         let before = allocated_bytes(img.path());
         q.discard(1 << 20, 2 << 20).unwrap();
         assert_eq!(std::fs::metadata(img.path()).unwrap().len(), 4 << 20);
