@@ -45,7 +45,7 @@ fn bin() -> Command {
 fn runs_unprivileged_and_serves_io() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED: needs root to drop privileges");
+        common::skip_unless_ci("needs root to drop privileges");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -111,7 +111,7 @@ fn runs_unprivileged_and_serves_io() {
 fn sockets_get_owner_group_and_mode() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED: needs root to chown");
+        common::skip_unless_ci("needs root to chown");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

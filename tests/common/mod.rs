@@ -40,6 +40,17 @@ pub enum Backend {
     Qsd,
 }
 
+/// For a test whose prerequisite (root, a mount, a tool) is missing: prints `SKIPPED: why`
+/// so a developer's partial run still passes, or panics when `CI` is set. `ci/test` (the
+/// README's test command, which installs every prerequisite and runs as root) sets `CI`, so
+/// in the full suite nothing is skipped silently.
+pub fn skip_unless_ci(why: &str) {
+    if std::env::var_os("CI").is_some() {
+        panic!("{why}; CI is set, so this is a failure, not a skip");
+    }
+    eprintln!("SKIPPED: {why}");
+}
+
 pub fn backend() -> Backend {
     match std::env::var("VUB_TEST_BACKEND") {
         Err(std::env::VarError::NotPresent) => Backend::Ours,
