@@ -90,11 +90,22 @@ fn relay_socket() -> &'static Mutex<RelaySocket> {
 
 fn memfd() -> File {
     // SAFETY: memfd_create with a valid NUL-terminated name; the fd is owned by the File.
-    let fd = unsafe { libc::memfd_create(c"vub-fuzz-guest".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe {
+        libc::memfd_create(
+            c"vub-fuzz-guest".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
     assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
     // SAFETY: fd is a fresh, valid fd nobody else owns.
     let f = unsafe { File::from_raw_fd(fd) };
     f.set_len(MEMFD_SIZE).expect("memfd size");
+    // Sealed against shrinking, as the daemon requires of an inflight region: the same fd
+    // passed with SET_INFLIGHT_FD is then accepted, so the fuzzer reaches inflight recovery
+    // (on a region whose contents it controls) and not only its refusal.
+    // SAFETY: fcntl on our own fd; the seal only forbids shrinking it.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
+    assert!(r >= 0, "F_ADD_SEALS: {}", io::Error::last_os_error());
     f
 }
 
