@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use arc_swap::ArcSwapOption;
-use log::{debug, warn};
+use log::{debug, info, warn};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
@@ -406,6 +406,11 @@ fn set_inflight(chan: &Channel, msg: &Message) -> Option<Message> {
     };
     let status: u64 = match result {
         Ok(region) => {
+            info!(
+                "inflight region set: {} queue(s) of {} entries",
+                region.num_queues(),
+                region.queue_size()
+            );
             chan.inflight.store(Some(Arc::new(region)));
             chan.inflight_gen.fetch_add(1, Ordering::AcqRel);
             if let Ok(mut o) = chan.offered.lock() {

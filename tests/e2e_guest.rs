@@ -545,12 +545,25 @@ fn guest_survives_daemon_restarts() {
         "QEMU reconnected only {connects} times for {restarts} restarts:\n{}",
         tail(&log, 30)
     );
+    // QEMU hands the inflight region (back) at every start of the device: each connection
+    // must have had it accepted, or a restart could not recover in-flight requests.
+    let regions = log.matches("inflight region set").count();
+    assert!(
+        regions >= connects,
+        "only {regions} of {connects} connections set an inflight region:\n{}",
+        tail(&log, 30)
+    );
     let resubmitted = log.matches("resubmitting").count();
+    let fio: Vec<&str> = console
+        .lines()
+        .filter_map(|l| l.split_once("E2E-LOG fio ").map(|(_, r)| r.trim()))
+        .collect();
     let mut err = std::io::stderr();
     let _ = writeln!(
         err,
         "e2e_guest: {restarts} daemon restarts under a running fio verify: guest saw no I/O \
          error, verify passed; {connects} connections, {resubmitted} queue(s) resubmitted \
-         in-flight requests"
+         in-flight requests; fio: {}",
+        fio.join(" | ")
     );
 }
