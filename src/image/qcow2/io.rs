@@ -117,3 +117,46 @@ pub fn copy_from_pieces(bufs: &[GuestSlice<'_>], start: u64, dst: &mut [u8]) -> 
         Ok(())
     })
 }
+
+/// Byte ranges `(start, end)` of a `len`-byte metadata cluster to write for the dirty-piece
+/// mask `pieces` (bit k: bytes `k * piece..(k + 1) * piece`), adjacent pieces merged into
+/// one run and the last one cut at `len`.
+pub fn piece_runs(pieces: u64, piece: usize, len: usize) -> impl Iterator<Item = (usize, usize)> {
+    let n = len.div_ceil(piece).min(64);
+    let mut k = 0;
+    std::iter::from_fn(move || {
+        while k < n && pieces & (1u64 << k) == 0 {
+            k += 1;
+        }
+        if k >= n {
+            return None;
+        }
+        let first = k;
+        while k < n && pieces & (1u64 << k) != 0 {
+            k += 1;
+        }
+        Some((first * piece, (k * piece).min(len)))
+    })
+}
+
+#[cfg(test)]
+mod piece_tests {
+    use super::piece_runs;
+
+    #[test]
+    fn piece_runs_merge_neighbours_and_stop_at_the_end() {
+        let runs = |p, piece, len| piece_runs(p, piece, len).collect::<Vec<_>>();
+        assert_eq!(runs(0, 4096, 65536), vec![]);
+        assert_eq!(runs(0b1011, 4096, 65536), vec![(0, 8192), (12288, 16384)]);
+        assert_eq!(runs(1 << 15, 4096, 65536), vec![(61440, 65536)]);
+        assert_eq!(runs(u64::MAX, 4096, 65536), vec![(0, 65536)]);
+        // A table smaller than a piece is one short piece.
+        assert_eq!(runs(u64::MAX, 4096, 512), vec![(0, 512)]);
+        assert_eq!(runs(1, 4096, 2048), vec![(0, 2048)]);
+        // 2 MiB table, 64 pieces of 32 KiB.
+        assert_eq!(
+            runs(1 << 63, 32768, 2 << 20),
+            vec![((2 << 20) - 32768, 2 << 20)]
+        );
+    }
+}

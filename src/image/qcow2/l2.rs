@@ -97,6 +97,10 @@ pub fn compressed_clusters(
     first..=last
 }
 
+/// Smallest write-back piece of an L2 table: one page, so a partial table write never makes
+/// the host read-modify-write a page.
+const MIN_PIECE: usize = 4096;
+
 /// Table state: evicted from the cache (never modified again).
 const EVICTED: u64 = 1 << 63;
 /// Table state: changed since it was last written to the image.
@@ -120,6 +124,9 @@ pub struct L2Table {
     /// Entries; with extended L2 two words per guest cluster (entry, subcluster bitmap).
     pub entries: Box<[AtomicU64]>,
     state: AtomicU64,
+    /// Which pieces ([`L2Table::piece_bytes`]) of the table changed since it was last
+    /// written: a flush that writes the table in place writes only those.
+    dirty_pieces: AtomicU64,
     /// Used since the cache's clock hand last passed (second chance).
     referenced: AtomicBool,
 }
@@ -131,6 +138,7 @@ impl L2Table {
         L2Table {
             entries: (0..words).map(|_| AtomicU64::new(0)).collect(),
             state: AtomicU64::new(0),
+            dirty_pieces: AtomicU64::new(0),
             referenced: AtomicBool::new(true),
         }
     }
@@ -141,6 +149,7 @@ impl L2Table {
         L2Table {
             entries: Box::new([]),
             state: AtomicU64::new(EVICTED),
+            dirty_pieces: AtomicU64::new(0),
             referenced: AtomicBool::new(false),
         }
     }
@@ -152,6 +161,7 @@ impl L2Table {
         L2Table {
             entries: Box::new([]),
             state: AtomicU64::new(LOADING),
+            dirty_pieces: AtomicU64::new(0),
             referenced: AtomicBool::new(false),
         }
     }
@@ -168,6 +178,7 @@ impl L2Table {
                 })
                 .collect(),
             state: AtomicU64::new(0),
+            dirty_pieces: AtomicU64::new(0),
             referenced: AtomicBool::new(true),
         }
     }
@@ -197,8 +208,25 @@ impl L2Table {
         self.state.fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// Marks the table changed (the caller holds a pin).
-    pub fn mark_dirty(&self) {
+    /// Bytes of one write-back piece: a 4 KiB page, or 1/64 of the table for tables over
+    /// 256 KiB (the dirty-piece mask has 64 bits).
+    pub fn piece_bytes(&self) -> usize {
+        (self.entries.len() * 8 / 64).max(MIN_PIECE)
+    }
+
+    /// Marks the table changed at entry word `word` (the caller holds a pin and has stored
+    /// the word). The piece bit is set before the table's dirty bit, so a flush that sees
+    /// the table dirty also sees the piece.
+    pub fn mark_dirty(&self, word: usize) {
+        let piece = word * 8 / self.piece_bytes();
+        self.dirty_pieces
+            .fetch_or(1u64 << piece.min(63), Ordering::AcqRel);
+        self.state.fetch_or(DIRTY, Ordering::AcqRel);
+    }
+
+    /// Marks the whole table changed.
+    pub fn mark_all_dirty(&self) {
+        self.dirty_pieces.store(u64::MAX, Ordering::Release);
         self.state.fetch_or(DIRTY, Ordering::AcqRel);
     }
 
@@ -207,22 +235,28 @@ impl L2Table {
         self.state.load(Ordering::Acquire) & (DIRTY | WRITING) != 0
     }
 
-    /// Flush: if the table is dirty, clears that and marks it being written; returns whether
-    /// it was dirty. Changes made from now on mark it dirty again.
-    pub fn begin_write(&self) -> bool {
+    /// Flush: if the table is dirty, clears that and marks it being written; returns the
+    /// mask of pieces changed since the last write (bit k: bytes `k * piece_bytes()..`), or
+    /// None if it was clean. Changes made from now on mark it dirty again. The mask is taken
+    /// after the dirty bit is cleared, so a change racing with this is either in the mask or
+    /// makes the table dirty again (or both: then it is written twice, harmlessly).
+    pub fn begin_write(&self) -> Option<u64> {
         self.state
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
                 (s & DIRTY != 0).then_some((s & !DIRTY) | WRITING)
             })
-            .is_ok()
+            .ok()?;
+        Some(self.dirty_pieces.swap(0, Ordering::AcqRel))
     }
 
     /// Flush: the write started by [`L2Table::begin_write`] finished (`ok`) or failed (the
-    /// table is dirty again).
+    /// table is dirty again, all of it: the failed write may have moved the table to a new
+    /// cluster whose contents are unknown).
     pub fn end_write(&self, ok: bool) {
         if ok {
             self.state.fetch_and(!WRITING, Ordering::AcqRel);
         } else {
+            self.dirty_pieces.store(u64::MAX, Ordering::Release);
             let _ = self
                 .state
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
@@ -301,20 +335,50 @@ mod tests {
     }
 
     #[test]
+    fn dirty_pieces_follow_the_changed_entries() {
+        // 64 KiB table: 16 pieces of 4 KiB (512 entries each).
+        let t = L2Table::zeroed(8192);
+        assert_eq!(t.piece_bytes(), 4096);
+        t.mark_dirty(0);
+        t.mark_dirty(511);
+        t.mark_dirty(512);
+        t.mark_dirty(8191);
+        assert_eq!(t.begin_write(), Some(1 | 2 | 1 << 15));
+        t.end_write(true);
+        assert!(!t.is_dirty());
+        t.mark_all_dirty();
+        assert_eq!(t.begin_write(), Some(u64::MAX));
+        t.end_write(true);
+        // 2 MiB table: 64 pieces of 32 KiB.
+        let big = L2Table::zeroed(1 << 18);
+        assert_eq!(big.piece_bytes(), 32 << 10);
+        big.mark_dirty((1 << 18) - 1);
+        assert_eq!(big.begin_write(), Some(1 << 63));
+        // 4 KiB table (small clusters): one piece.
+        let small = L2Table::zeroed(512);
+        small.mark_dirty(511);
+        assert_eq!(small.begin_write(), Some(1));
+    }
+
+    #[test]
     fn table_states() {
         let t = L2Table::zeroed(4);
         assert!(t.pin());
         assert!(!t.try_evict(), "pinned");
-        t.mark_dirty();
+        t.mark_dirty(3);
         t.unpin();
         assert!(!t.try_evict(), "dirty");
-        assert!(t.begin_write());
-        assert!(!t.begin_write());
+        assert_eq!(t.begin_write(), Some(1));
+        assert_eq!(t.begin_write(), None);
         assert!(t.is_dirty());
         assert!(!t.try_evict(), "being written");
         t.end_write(false);
         assert!(t.is_dirty());
-        assert!(t.begin_write());
+        assert_eq!(
+            t.begin_write(),
+            Some(u64::MAX),
+            "a failed write rewrites everything"
+        );
         t.end_write(true);
         assert!(!t.is_dirty());
         assert!(t.try_evict());

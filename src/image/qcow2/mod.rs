@@ -1201,7 +1201,7 @@ impl Qcow2Shared {
                     t.entries[w + 1].store(new_b, Ordering::Release);
                 }
                 t.entries[w].store(new_e, Ordering::Release);
-                t.mark_dirty();
+                t.mark_dirty(w);
                 self.meta_dirty.store(true, Ordering::Release);
                 // Only now, with the new entry stored and the table dirty, may the old host
                 // clusters go to `pending`: a flush that takes them then also writes this
@@ -1495,7 +1495,7 @@ impl Qcow2Shared {
                 t.entries[w + 1].store(new_b, Ordering::Release);
             }
             t.entries[w].store(new_e, Ordering::Release);
-            t.mark_dirty();
+            t.mark_dirty(w);
             t.unpin();
             self.meta_dirty.store(true, Ordering::Release);
             let refs = self.entry_refs(e);
@@ -1710,7 +1710,7 @@ impl Qcow2Shared {
             let b = t.entries[w + 1].load(Ordering::Acquire);
             t.entries[w + 1].store((b & !mask) | (mask << 32), Ordering::Release);
             t.entries[w].store(e, Ordering::Release);
-            t.mark_dirty();
+            t.mark_dirty(w);
             t.unpin();
             self.meta_dirty.store(true, Ordering::Release);
             return Ok(true);
@@ -1747,17 +1747,22 @@ impl Qcow2Shared {
         let cs = self.cluster_size() as usize;
         let pending = std::mem::take(&mut *lock(&self.pending));
         let mut unref_after: Vec<HostCluster> = Vec::new();
-        // 1. Snapshot dirty L2 tables, giving each a host cluster it owns.
-        let mut tables: Vec<(usize, u64)> = Vec::new();
+        // 1. Snapshot dirty L2 tables, giving each a host cluster it owns. A table written in
+        //    place is written only where it changed (its dirty pieces); a table that gets a
+        //    new cluster is written whole.
+        let mut tables: Vec<(usize, u64, u64)> = Vec::new();
         let mut snap: Vec<Arc<L2Table>> = Vec::new();
         let mut buf: Vec<u8> = Vec::new();
         let mut snap_err = None;
         let l1_len = self.l1_len.load(Ordering::Acquire);
         for (i, slot) in self.l2.iter().take(l1_len).enumerate() {
             let t = slot.load();
-            if Arc::ptr_eq(&t, &self.absent) || !t.begin_write() {
+            if Arc::ptr_eq(&t, &self.absent) {
                 continue;
             }
+            let Some(mut pieces) = t.begin_write() else {
+                continue;
+            };
             // Being written, the table cannot be evicted until `end_write`.
             snap.push(Guard::into_inner(t));
             let Some(t) = snap.last() else { continue };
@@ -1777,13 +1782,14 @@ impl Qcow2Shared {
                 }
                 self.l1[i].store((c.0 << self.cluster_bits) | COPIED, Ordering::Release);
                 self.l1_dirty.store(true, Ordering::Release);
+                pieces = u64::MAX;
             }
             let at = buf.len();
             buf.resize(at + cs, 0);
             while !t.to_bytes(&mut buf[at..]) {
                 std::thread::yield_now();
             }
-            tables.push((i, self.l1[i].load(Ordering::Acquire) & OFFSET_MASK));
+            tables.push((i, self.l1[i].load(Ordering::Acquire) & OFFSET_MASK, pieces));
         }
         let r = (|| {
             if let Some(e) = snap_err.take() {
@@ -1793,9 +1799,12 @@ impl Qcow2Shared {
             self.sync_guest_data()?;
             // 3. Refcount blocks (allocating blocks and growing the table as needed).
             self.write_refcounts(st, clusters, &mut unref_after)?;
-            // 4. L2 tables.
-            for (k, &(_, off)) in tables.iter().enumerate() {
-                io::write_bytes(&self.file, off, &buf[k * cs..(k + 1) * cs])?;
+            // 4. L2 tables (their changed pieces).
+            for (k, &(_, off, pieces)) in tables.iter().enumerate() {
+                let piece = snap[k].piece_bytes();
+                for (start, end) in io::piece_runs(pieces, piece, cs) {
+                    io::write_bytes(&self.file, off + start as u64, &buf[k * cs..][start..end])?;
+                }
             }
             self.file.sync_data()?;
             // 5. L1 table.
@@ -2581,7 +2590,7 @@ pub mod bench_support {
                 }
                 let t = slot.load();
                 if t.pin() {
-                    t.mark_dirty();
+                    t.mark_all_dirty();
                     t.unpin();
                     k += 1;
                 }
@@ -2691,7 +2700,7 @@ mod tests {
             let t = a.shared.table(0).unwrap();
             assert!(t.pin());
             t.entries[0].store(x | super::COPIED | super::ZERO, Ordering::Release);
-            t.mark_dirty();
+            t.mark_dirty(0);
             t.unpin();
             let c = a.shared.clusters().unwrap();
             c.set_meta(super::alloc::HostCluster(x / CS), true);
@@ -2707,6 +2716,87 @@ mod tests {
 
     /// Writes from several threads over many more L2 tables than a 4-table cache holds,
     /// with flushes in between, and checks every byte before and after a reopen.
+    /// A flush writes a table that already has its own cluster only where it changed (its
+    /// dirty pieces). Writes spread over every piece of two tables, several flushes, each
+    /// followed by a copy of the file as a crash would leave it: every flushed write must be
+    /// in the copy, and everything in the image after a clean close.
+    #[test]
+    fn in_place_table_writes_keep_every_changed_piece() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.qcow2");
+        Qcow2Image::create(&path, 2 * SPAN).unwrap();
+        let mut img = Image::open(&path, false).unwrap();
+        // 64 KiB tables: 16 pieces of 4 KiB, each mapping SPAN / 16 of the disk.
+        let piece_span = SPAN / 16;
+        let mut written: Vec<u64> = Vec::new();
+        for round in 0..4u64 {
+            for table in 0..2u64 {
+                for piece in (round % 2..16).step_by(2 - (round as usize % 2)) {
+                    let o = table * SPAN + piece * piece_span + (round * 5 + piece) % 8 * CS;
+                    let mut d = pattern(o ^ round, 4096);
+                    img.write(o, &mut d).unwrap();
+                    written.retain(|&x| x != o);
+                    written.push(o);
+                }
+            }
+            // Rewrite one entry in a piece of its own too (a one-piece flush).
+            let lone = SPAN + 11 * piece_span + 9 * CS;
+            img.write(lone, &mut pattern(lone, 4096)).unwrap();
+            written.retain(|&x| x != lone);
+            written.push(lone);
+            // Unmap a cluster in an odd piece during an even round, which writes only even
+            // pieces: only the discard makes that piece dirty.
+            let gone = 13 * piece_span + 12 * CS;
+            if round == 0 {
+                img.write(gone, &mut pattern(gone, 4096)).unwrap();
+                img.flush().unwrap();
+            } else if round == 2 {
+                img.shared.discard_range(gone, CS).unwrap();
+            }
+            img.flush().unwrap();
+            let copy = dir.path().join(format!("crash-{round}.qcow2"));
+            std::fs::copy(&path, &copy).unwrap();
+            let mut c = Image::open(&copy, false).unwrap();
+            for &o in &written {
+                let mut back = vec![0u8; 4096];
+                c.read(o, &mut back).unwrap();
+                let want = if o == lone {
+                    pattern(o, 4096)
+                } else {
+                    // The last round that wrote `o`.
+                    let r = (0..=round)
+                        .rev()
+                        .find(|&r| {
+                            (0..2u64).any(|t| {
+                                (r % 2..16)
+                                    .step_by(2 - (r as usize % 2))
+                                    .any(|p| t * SPAN + p * piece_span + (r * 5 + p) % 8 * CS == o)
+                            })
+                        })
+                        .unwrap();
+                    pattern(o ^ r, 4096)
+                };
+                assert_eq!(back, want, "round {round}: flushed write at {o:#x} lost");
+            }
+            if round >= 2 {
+                assert_eq!(c.lookup(gone).unwrap(), None, "round {round}: discard lost");
+            }
+            c.close().unwrap();
+        }
+        img.close().unwrap();
+        drop(img);
+        let out = std::process::Command::new("qemu-img")
+            .args(["check", "-f", "qcow2"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
     #[test]
     fn small_l2_cache_never_loses_a_write() {
         let dir = tempfile::tempdir().unwrap();

@@ -414,7 +414,7 @@ pub fn fix_copied_flags(s: &Qcow2Shared) -> R<()> {
             if (le & COPIED != 0) != want {
                 let ne = if want { le | COPIED } else { le & !COPIED };
                 t.entries[w].store(ne, Ordering::Release);
-                t.mark_dirty();
+                t.mark_dirty(w);
             }
         }
         t.unpin();
