@@ -1,5 +1,6 @@
 //! Host cluster accounting: in-memory refcounts, the free-cluster bitmap, the metadata-cluster
-//! bitmap (overlap protection), per-refcount-block dirty bits and the end-of-image cursor.
+//! bitmap (overlap protection), dirty bits per piece of a refcount block and the
+//! end-of-image cursor.
 //!
 //! # Layout (lock-free)
 //!
@@ -12,8 +13,10 @@
 //! (a thread only initialises segment `s` after every segment below it), so "segment `s`
 //! exists" implies "all segments below `s` exist".
 //!
-//! Dirty bits of refcount blocks are stored in the segment holding the block's first
-//! cluster, so they need no separately grown array whatever the block size.
+//! Dirty bits are kept per *piece* of a refcount block (the refcounts of `2^piece_shift`
+//! clusters: 4 KiB of a refcount block, or the whole block when it is smaller), so a flush
+//! writes only the pages of a block that changed. They are stored in the segment holding the
+//! piece's first cluster, so they need no separately grown array whatever the piece size.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -41,9 +44,9 @@ struct Segment {
     free: Box<[AtomicU64]>,
     /// Bit set: cluster holds qcow2 metadata; guest data must never be written there.
     meta: Box<[AtomicU64]>,
-    /// Bit set: refcount block changed since last written (for the blocks whose first
+    /// Bit set: refcount piece changed since last written (for the pieces whose first
     /// cluster is in this segment).
-    dirty_blocks: Box<[AtomicU64]>,
+    dirty_pieces: Box<[AtomicU64]>,
 }
 
 fn atomics(n: usize) -> Box<[AtomicU64]> {
@@ -56,7 +59,7 @@ impl Segment {
             rc: atomics(SEG_CLUSTERS as usize),
             free: atomics(SEG_WORDS),
             meta: atomics(SEG_WORDS),
-            dirty_blocks: atomics(dirty_words),
+            dirty_pieces: atomics(dirty_words),
         })
     }
 }
@@ -73,8 +76,8 @@ pub struct Clusters {
     free_count: AtomicU64,
     /// Word index where the next free-bitmap scan starts.
     hint: AtomicUsize,
-    /// log2 of refcount entries per refcount block.
-    block_shift: u32,
+    /// log2 of refcount entries per dirty-tracking piece (see the module doc).
+    piece_shift: u32,
 }
 
 fn corrupt(msg: String) -> io::Error {
@@ -98,9 +101,10 @@ fn bit(c: u64) -> (usize, u64) {
 
 impl Clusters {
     /// Accounting for an image whose used clusters end at `end`, with the given refcounts
-    /// (`rc.len()` may be less than `end`: the rest are zero). Refcounts at or past
+    /// (`rc.len()` may be less than `end`: the rest are zero), tracking dirty refcounts in
+    /// pieces of `2^piece_shift` clusters. Refcounts at or past
     /// [`MAX_HOST_CLUSTERS`](super::MAX_HOST_CLUSTERS) are ignored (callers check the limit).
-    pub fn new(rc: Vec<u64>, end: u64, block_shift: u32) -> Clusters {
+    pub fn new(rc: Vec<u64>, end: u64, piece_shift: u32) -> Clusters {
         let segs: Box<[OnceLock<Box<Segment>>]> = (0..MAX_SEGS).map(|_| OnceLock::new()).collect();
         let c = Clusters {
             segs,
@@ -108,7 +112,7 @@ impl Clusters {
             end: AtomicU64::new(end),
             free_count: AtomicU64::new(0),
             hint: AtomicUsize::new(0),
-            block_shift,
+            piece_shift,
         };
         let top = end.max(rc.len() as u64).min(super::MAX_HOST_CLUSTERS);
         if top > 0 {
@@ -141,12 +145,12 @@ impl Clusters {
         c
     }
 
-    /// Words of dirty-block bits per segment.
+    /// Words of dirty-piece bits per segment.
     fn dirty_words(&self) -> usize {
-        if self.block_shift >= SEG_BITS {
+        if self.piece_shift >= SEG_BITS {
             1
         } else {
-            (1usize << (SEG_BITS - self.block_shift)).div_ceil(64)
+            (1usize << (SEG_BITS - self.piece_shift)).div_ceil(64)
         }
     }
 
@@ -172,22 +176,22 @@ impl Clusters {
         Ok(seg)
     }
 
-    /// Where the dirty bit of refcount block `b` lives: (segment index, word, mask).
-    fn block_bit(&self, b: u64) -> (u64, usize, u64) {
-        let first = b << self.block_shift;
+    /// Where the dirty bit of piece `b` lives: (segment index, word, mask).
+    fn piece_bit(&self, b: u64) -> (u64, usize, u64) {
+        let first = b << self.piece_shift;
         let s = first >> SEG_BITS;
-        let k = if self.block_shift >= SEG_BITS {
+        let k = if self.piece_shift >= SEG_BITS {
             0
         } else {
-            (first & SEG_MASK) >> self.block_shift
+            (first & SEG_MASK) >> self.piece_shift
         };
         (s, (k / 64) as usize, 1u64 << (k % 64))
     }
 
-    fn mark_block(&self, c: u64) {
-        let (s, w, m) = self.block_bit(c >> self.block_shift);
+    fn mark_piece(&self, c: u64) {
+        let (s, w, m) = self.piece_bit(c >> self.piece_shift);
         if let Some(seg) = self.segs.get(s as usize).and_then(|x| x.get()) {
-            seg.dirty_blocks[w].fetch_or(m, Ordering::AcqRel);
+            seg.dirty_pieces[w].fetch_or(m, Ordering::AcqRel);
         }
     }
 
@@ -243,7 +247,7 @@ impl Clusters {
             let (w, m) = bit(c);
             seg.meta[w].fetch_or(m, Ordering::AcqRel);
         }
-        self.mark_block(c);
+        self.mark_piece(c);
         Ok((HostCluster(c), fresh))
     }
 
@@ -255,7 +259,7 @@ impl Clusters {
             seg.rc[(c & SEG_MASK) as usize].store(1, Ordering::Release);
             let (w, m) = bit(c);
             seg.meta[w].fetch_or(m, Ordering::AcqRel);
-            self.mark_block(c);
+            self.mark_piece(c);
         }
         Ok(HostCluster(start))
     }
@@ -318,7 +322,7 @@ impl Clusters {
                 c.0
             ))),
             Ok(prev) => {
-                self.mark_block(c.0);
+                self.mark_piece(c.0);
                 if prev == 1 && c.0 != 0 {
                     let (w, m) = bit(c.0);
                     seg.meta[w].fetch_and(!m, Ordering::AcqRel);
@@ -373,12 +377,12 @@ impl Clusters {
             .is_some_and(|s| s.meta[w].load(Ordering::Acquire) & m != 0)
     }
 
-    /// Returns and clears the dirty refcount block indices (ascending).
-    pub fn take_dirty_blocks(&self) -> Vec<u64> {
+    /// Returns and clears the dirty piece indices (ascending).
+    pub fn take_dirty_pieces(&self) -> Vec<u64> {
         let mut out = Vec::new();
         for s in 0..self.nsegs.load(Ordering::Acquire) {
             let Some(seg) = self.segs[s].get() else { break };
-            for (w, word) in seg.dirty_blocks.iter().enumerate() {
+            for (w, word) in seg.dirty_pieces.iter().enumerate() {
                 if word.load(Ordering::Relaxed) == 0 {
                     continue;
                 }
@@ -386,8 +390,8 @@ impl Clusters {
                 while v != 0 {
                     let k = v.trailing_zeros() as u64;
                     let first =
-                        ((s as u64) << SEG_BITS) + ((w as u64 * 64 + k) << self.block_shift);
-                    out.push(first >> self.block_shift);
+                        ((s as u64) << SEG_BITS) + ((w as u64 * 64 + k) << self.piece_shift);
+                    out.push(first >> self.piece_shift);
                     v &= !(1 << k);
                 }
             }
@@ -395,39 +399,39 @@ impl Clusters {
         out
     }
 
-    /// Marks refcount block `b` dirty again (after a failed write).
-    pub fn redirty_block(&self, b: u64) {
-        let (s, w, m) = self.block_bit(b);
+    /// Marks piece `b` dirty again (after a failed write).
+    pub fn redirty_piece(&self, b: u64) {
+        let (s, w, m) = self.piece_bit(b);
         let Ok(seg) = self.seg_for(s << SEG_BITS) else {
             return;
         };
-        seg.dirty_blocks[w].fetch_or(m, Ordering::AcqRel);
+        seg.dirty_pieces[w].fetch_or(m, Ordering::AcqRel);
     }
 
-    /// Marks every refcount block up to the end of the image dirty.
+    /// Marks every piece up to the end of the image dirty.
     pub fn dirty_all(&self) {
         let end = self.end();
-        for b in 0..=(end >> self.block_shift) {
-            self.redirty_block(b);
+        for b in 0..=(end >> self.piece_shift) {
+            self.redirty_piece(b);
         }
     }
 
-    /// Refcounts of the clusters described by refcount block `b`.
+    /// Refcounts of the clusters described by piece `b`.
     #[cfg(test)]
-    pub fn block_values(&self, b: u64) -> Vec<u64> {
+    pub fn piece_values(&self, b: u64) -> Vec<u64> {
         let mut out = Vec::new();
-        self.block_values_into(b, &mut out);
+        self.piece_values_into(b, 1, &mut out);
         out
     }
 
-    /// Refcounts of the clusters described by refcount block `b`, into a reused vector (a
-    /// flush encodes many blocks; a fresh 256 KiB vector per block is a fresh mapping,
-    /// zeroed, every time).
-    pub fn block_values_into(&self, b: u64, out: &mut Vec<u64>) {
-        let n = 1u64 << self.block_shift;
+    /// Refcounts of the clusters described by the `count` pieces from piece `b` on, into a
+    /// reused vector (a flush encodes many pieces; a fresh vector each time is a fresh
+    /// mapping, zeroed, every time).
+    pub fn piece_values_into(&self, b: u64, count: u64, out: &mut Vec<u64>) {
+        let n = count << self.piece_shift;
         out.clear();
         out.resize(n as usize, 0);
-        let first = b * n;
+        let first = b << self.piece_shift;
         let mut c = first;
         while c < first + n {
             let seg_end = ((c >> SEG_BITS) + 1) << SEG_BITS;
@@ -465,8 +469,8 @@ mod tests {
         assert!(c.unref(HostCluster(3)).is_err());
         assert_eq!(c.alloc(true).unwrap(), HostCluster(3));
         assert!(c.is_meta(HostCluster(3)));
-        assert!(!c.take_dirty_blocks().is_empty());
-        assert!(c.take_dirty_blocks().is_empty());
+        assert!(!c.take_dirty_pieces().is_empty());
+        assert!(c.take_dirty_pieces().is_empty());
     }
 
     #[test]
@@ -500,28 +504,28 @@ mod tests {
         assert!(!c.is_meta(HostCluster(last + 1)));
         assert!(!c.is_meta(HostCluster(SEG_CLUSTERS * 100)));
         assert_eq!(c.get(HostCluster(SEG_CLUSTERS * 100)), 0);
-        c.take_dirty_blocks();
+        c.take_dirty_pieces();
         let start = c.alloc_contiguous(SEG_CLUSTERS + 3).unwrap();
         assert_eq!(start, HostCluster(10));
-        assert_eq!(c.take_dirty_blocks(), vec![0, 1, 2]);
-        let v = c.block_values(1);
+        assert_eq!(c.take_dirty_pieces(), vec![0, 1, 2]);
+        let v = c.piece_values(1);
         assert_eq!(v.len(), 1 << 15);
         assert!(v.iter().all(|&x| x == 1));
         c.unref(HostCluster(SEG_CLUSTERS + 1)).unwrap();
-        assert_eq!(c.take_dirty_blocks(), vec![2]);
+        assert_eq!(c.take_dirty_pieces(), vec![2]);
         assert_eq!(c.alloc(false).unwrap(), HostCluster(SEG_CLUSTERS + 1));
-        c.redirty_block(7);
-        assert_eq!(c.take_dirty_blocks(), vec![2, 7]);
+        c.redirty_piece(7);
+        assert_eq!(c.take_dirty_pieces(), vec![2, 7]);
         // Huge blocks (2^18 clusters): one per four segments, bit in the first segment.
         let c = Clusters::new(vec![1; 3], 3, 18);
-        c.take_dirty_blocks();
+        c.take_dirty_pieces();
         let h = HostCluster(SEG_CLUSTERS * 5 + 9);
         c.set_meta(h, true);
         c.unref(HostCluster(2)).unwrap();
         c.set_meta(h, false);
-        c.redirty_block(1);
-        assert_eq!(c.take_dirty_blocks(), vec![0, 1]);
-        let v = c.block_values(0);
+        c.redirty_piece(1);
+        assert_eq!(c.take_dirty_pieces(), vec![0, 1]);
+        let v = c.piece_values(0);
         assert_eq!(v.len(), 1 << 18);
         assert_eq!(&v[..4], &[1, 1, 0, 0]);
         let (used, free) = c.usage();
