@@ -4,7 +4,9 @@
 //! * inflight I/O tracking (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`): the daemon is SIGKILLed
 //!   with requests deterministically in flight (the test-only fault layer makes a write hang),
 //!   a new daemon gets the same guest memory, rings and inflight region, and every request
-//!   must complete exactly once, in order, with its data on disk.
+//!   must complete exactly once, in order, with its data on disk;
+//! * conformance: offered features and protocol features, the queue count, the configuration
+//!   space and its writable `writeback` byte.
 //!
 //! All of this is specific to our daemon (fault injection, log lines), so it is skipped with
 //! `VUB_TEST_BACKEND=qsd`.
@@ -30,6 +32,18 @@ fn skip_other_backend() -> bool {
         return true;
     }
     false
+}
+
+/// A temporary directory with a 1 MiB raw image (`pattern(seed)`, or zeros) served by a
+/// one-queue daemon; None (after saying so) with another backend.
+fn one_queue_daemon(seed: Option<u64>) -> Option<(tempfile::TempDir, PathBuf, Daemon)> {
+    if skip_other_backend() {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = create_image(dir.path(), "disk.img", MIB, seed);
+    let d = Daemon::start(dir.path(), &img, &DaemonConfig::new().num_queues(1));
+    Some((dir, img, d))
 }
 
 /// Waits (≤ 10 s) until the daemon's log contains `needle`.
@@ -288,4 +302,229 @@ fn inflight_requests_resubmitted_after_crash_daemon_rewinds() {
 #[test]
 fn inflight_requests_resubmitted_after_crash_qcow2() {
     inflight_recovery("qcow2", Base::AvailIdx);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conformance: features, protocol features, queue count, configuration space
+// ---------------------------------------------------------------------------------------------
+
+/// Protocol features for the conformance tests: CONFIG for GET/SET_CONFIG, MQ for
+/// GET_QUEUE_NUM, REPLY_ACK so every setup message and SET_CONFIG is checked.
+fn conformance_opts(features: u64) -> RawOpts {
+    RawOpts {
+        features,
+        protocol_features: PF_CONFIG | PF_MQ | PF_REPLY_ACK,
+        ..RawOpts::default()
+    }
+}
+
+#[test]
+fn offered_features_protocol_features_and_queue_count() {
+    if skip_other_backend() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = create_image(dir.path(), "disk.img", MIB, None);
+    for read_only in [false, true] {
+        let mut cfg = DaemonConfig::new().num_queues(3);
+        if read_only {
+            cfg = cfg.read_only();
+        }
+        let d = Daemon::start(dir.path(), &img, &cfg);
+        let mut c = RawClient::connect_with(&d.socket, conformance_opts(DEFAULT_FEATURES));
+        let f = c.device_features;
+        for (name, bit) in [
+            ("VERSION_1", F_VERSION_1),
+            ("SEG_MAX", F_SEG_MAX),
+            ("BLK_SIZE", F_BLK_SIZE),
+            ("TOPOLOGY", F_TOPOLOGY),
+            ("FLUSH", F_FLUSH),
+            ("CONFIG_WCE", F_CONFIG_WCE),
+            ("MQ", F_MQ),
+            ("DISCARD", F_DISCARD),
+            ("WRITE_ZEROES", F_WRITE_ZEROES),
+            ("RING_EVENT_IDX", F_RING_EVENT_IDX),
+            ("RING_INDIRECT_DESC", F_RING_INDIRECT_DESC),
+            ("PROTOCOL_FEATURES", F_PROTOCOL_FEATURES),
+        ] {
+            assert!(f & bit != 0, "feature {name} not offered: {f:#x}");
+        }
+        assert_eq!(f & F_RO != 0, read_only, "RO offered: {f:#x}");
+        let pf = c.protocol_features;
+        for (name, bit) in [
+            ("MQ", PF_MQ),
+            ("REPLY_ACK", PF_REPLY_ACK),
+            ("CONFIG", PF_CONFIG),
+            ("CONFIGURE_MEM_SLOTS", PF_CONFIGURE_MEM_SLOTS),
+            ("INFLIGHT_SHMFD", PF_INFLIGHT_SHMFD),
+        ] {
+            assert!(
+                pf & bit != 0,
+                "protocol feature {name} not offered: {pf:#x}"
+            );
+        }
+        assert_eq!(c.get_u64(GET_QUEUE_NUM), 3, "GET_QUEUE_NUM");
+        drop(c);
+        d.terminate_ok();
+    }
+}
+
+/// Offsets in struct virtio_blk_config (virtio 1.2, 5.2.4).
+mod cfg {
+    pub const CAPACITY: usize = 0;
+    pub const SIZE_MAX: usize = 8;
+    pub const SEG_MAX: usize = 12;
+    pub const GEOMETRY: usize = 16;
+    pub const BLK_SIZE: usize = 20;
+    pub const PHYSICAL_BLOCK_EXP: usize = 24;
+    pub const ALIGNMENT_OFFSET: usize = 25;
+    pub const MIN_IO_SIZE: usize = 26;
+    pub const OPT_IO_SIZE: usize = 28;
+    pub const WRITEBACK: usize = 32;
+    pub const UNUSED0: usize = 33;
+    pub const NUM_QUEUES: usize = 34;
+    pub const MAX_DISCARD_SECTORS: usize = 36;
+    pub const MAX_DISCARD_SEG: usize = 40;
+    pub const DISCARD_SECTOR_ALIGNMENT: usize = 44;
+    pub const MAX_WRITE_ZEROES_SECTORS: usize = 48;
+    pub const MAX_WRITE_ZEROES_SEG: usize = 52;
+    pub const WRITE_ZEROES_MAY_UNMAP: usize = 56;
+    pub const UNUSED1: usize = 57;
+    /// Up to and including unused1 (before the secure-erase fields).
+    pub const LEN: usize = 60;
+}
+
+fn u32_at(c: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes(c[o..o + 4].try_into().unwrap())
+}
+
+fn u16_at(c: &[u8], o: usize) -> u16 {
+    u16::from_le_bytes(c[o..o + 2].try_into().unwrap())
+}
+
+#[test]
+fn config_space_reports_the_device() {
+    if skip_other_backend() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // 8 MiB and 9 sectors: 512-byte blocks keep every sector, 4 KiB blocks round down.
+    let size = 8 * MIB + 9 * SECTOR;
+    let img = create_image(dir.path(), "disk.img", size, None);
+    for (queue_size, lbs, capacity) in [
+        (None, 512u32, size / SECTOR),
+        (Some(64u32), 4096, (8 * MIB + 4096) / SECTOR),
+    ] {
+        let mut cfg = DaemonConfig::new().num_queues(2).logical_block_size(lbs);
+        cfg.queue_size = queue_size;
+        let d = Daemon::start(dir.path(), &img, &cfg);
+        let mut rc = RawClient::connect_with(&d.socket, conformance_opts(DEFAULT_FEATURES));
+        let what = format!("--queue-size {queue_size:?} --logical-block-size {lbs}");
+        let c = &rc.get_config(0, cfg::LEN as u32);
+        assert_eq!(c.len(), cfg::LEN, "{what}: GET_CONFIG size");
+        assert_eq!(
+            u64::from_le_bytes(c[cfg::CAPACITY..8].try_into().unwrap()),
+            capacity,
+            "{what}: capacity"
+        );
+        assert_eq!(
+            u32_at(c, cfg::SIZE_MAX),
+            0,
+            "{what}: size_max (not offered)"
+        );
+        // The default --queue-size is 256.
+        let qs = queue_size.unwrap_or(256);
+        assert_eq!(u32_at(c, cfg::SEG_MAX), qs - 2, "{what}: seg_max");
+        assert_eq!(
+            u32_at(c, cfg::GEOMETRY),
+            0,
+            "{what}: geometry (not offered)"
+        );
+        assert_eq!(u32_at(c, cfg::BLK_SIZE), lbs, "{what}: blk_size");
+        assert_eq!(c[cfg::PHYSICAL_BLOCK_EXP], 0, "{what}: physical_block_exp");
+        assert_eq!(c[cfg::ALIGNMENT_OFFSET], 0, "{what}: alignment_offset");
+        assert_eq!(u16_at(c, cfg::MIN_IO_SIZE), 1, "{what}: min_io_size");
+        assert_eq!(u32_at(c, cfg::OPT_IO_SIZE), 0, "{what}: opt_io_size");
+        assert_eq!(c[cfg::WRITEBACK], 1, "{what}: writeback (the default)");
+        assert_eq!(c[cfg::UNUSED0], 0, "{what}: unused0");
+        assert_eq!(u16_at(c, cfg::NUM_QUEUES), 2, "{what}: num_queues");
+        // The daemon's limits (src/virtio_blk/config.rs: 2 GiB and 32 segments per
+        // request), a whole number of logical blocks; alignment: the raw image's 4 KiB.
+        let lbs_sectors = lbs / SECTOR as u32;
+        for (name, o) in [
+            ("max_discard_sectors", cfg::MAX_DISCARD_SECTORS),
+            ("max_write_zeroes_sectors", cfg::MAX_WRITE_ZEROES_SECTORS),
+        ] {
+            assert_eq!(u32_at(c, o), 1 << 22, "{what}: {name}");
+            assert_eq!(u32_at(c, o) % lbs_sectors, 0, "{what}: {name}");
+        }
+        assert_eq!(
+            u32_at(c, cfg::MAX_DISCARD_SEG),
+            32,
+            "{what}: max_discard_seg"
+        );
+        assert_eq!(
+            u32_at(c, cfg::MAX_WRITE_ZEROES_SEG),
+            32,
+            "{what}: max_write_zeroes_seg"
+        );
+        assert_eq!(
+            u32_at(c, cfg::DISCARD_SECTOR_ALIGNMENT),
+            8,
+            "{what}: discard_sector_alignment"
+        );
+        assert_eq!(
+            c[cfg::WRITE_ZEROES_MAY_UNMAP],
+            1,
+            "{what}: write_zeroes_may_unmap"
+        );
+        assert_eq!(&c[cfg::UNUSED1..cfg::LEN], &[0; 3], "{what}: unused1");
+        drop(rc);
+        d.terminate_ok();
+    }
+}
+
+#[test]
+fn writeback_byte_switches_the_cache_mode() {
+    let Some((_dir, _img, d)) = one_queue_daemon(None) else {
+        return;
+    };
+
+    let mut c =
+        RawClient::connect_with(&d.socket, conformance_opts(DEFAULT_FEATURES | F_CONFIG_WCE));
+    let wb = cfg::WRITEBACK as u32;
+    assert_eq!(c.get_config(wb, 1), [1], "write-back by default");
+    assert_eq!(
+        c.set_config(wb, &[0]).expect("SET_CONFIG"),
+        0,
+        "to write-through"
+    );
+    assert_eq!(c.get_config(wb, 1), [0], "after switching to write-through");
+    assert_eq!(
+        c.get_config(0, cfg::LEN as u32)[cfg::WRITEBACK],
+        0,
+        "in the whole space"
+    );
+    c.data()[..4096].fill(0x5A);
+    assert_eq!(
+        c.request(T_OUT, 0, 4096, None),
+        S_OK,
+        "write in write-through mode"
+    );
+    assert_eq!(
+        c.set_config(wb, &[1]).expect("SET_CONFIG"),
+        0,
+        "back to write-back"
+    );
+    assert_eq!(c.get_config(wb, 1), [1], "after switching back");
+    drop(c);
+
+    // CONFIG_WCE without FLUSH: the device must be (and report) write-through.
+    let mut c = RawClient::connect_with(
+        &d.socket,
+        conformance_opts((DEFAULT_FEATURES | F_CONFIG_WCE) & !F_FLUSH),
+    );
+    assert_eq!(c.get_config(wb, 1), [0], "CONFIG_WCE acked without FLUSH");
+    drop(c);
+    d.terminate_ok();
 }
