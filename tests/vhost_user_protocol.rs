@@ -6,7 +6,9 @@
 //!   a new daemon gets the same guest memory, rings and inflight region, and every request
 //!   must complete exactly once, in order, with its data on disk;
 //! * conformance: offered features and protocol features, the queue count, the configuration
-//!   space and its writable `writeback` byte.
+//!   space and its writable `writeback` byte;
+//! * hostile memory tables: overlapping regions, updates while the queue runs, buffers
+//!   outside every region.
 //!
 //! All of this is specific to our daemon (fault injection, log lines), so it is skipped with
 //! `VUB_TEST_BACKEND=qsd`.
@@ -527,4 +529,206 @@ fn writeback_byte_switches_the_cache_mode() {
     assert_eq!(c.get_config(wb, 1), [0], "CONFIG_WCE acked without FLUSH");
     drop(c);
     d.terminate_ok();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile memory tables
+// ---------------------------------------------------------------------------------------------
+
+/// Protocol features for the memory table tests: REPLY_ACK to see each message's result,
+/// CONFIGURE_MEM_SLOTS for ADD/REM_MEM_REG.
+fn memory_opts() -> RawOpts {
+    RawOpts {
+        protocol_features: PF_REPLY_ACK | PF_CONFIGURE_MEM_SLOTS,
+        ..RawOpts::default()
+    }
+}
+
+/// Writes `pattern(seed)` to `sector` through `c` and reads it back.
+#[track_caller]
+fn write_read_back(c: &mut RawClient, sector: u64, seed: u64) {
+    let w = pattern(seed, sector * SECTOR, 4096);
+    c.data()[..4096].copy_from_slice(&w);
+    assert_eq!(c.request(T_OUT, sector, 4096, None), S_OK, "write");
+    c.data()[..4096].fill(0);
+    assert_eq!(c.request(T_IN, sector, 4096, None), S_OK, "read");
+    assert_bytes_eq(&c.data()[..4096], &w, sector * SECTOR, "read back");
+}
+
+#[test]
+fn overlapping_memory_regions_are_refused() {
+    let Some((_dir, _img, mut d)) = one_queue_daemon(Some(21)) else {
+        return;
+    };
+    let half = MEM_LEN as u64 / 2;
+
+    // SET_MEM_TABLE: the second region's guest range starts inside the first's.
+    let mut c = RawClient::connect_with(&d.socket, memory_opts());
+    write_read_back(&mut c, 0, 1);
+    let a = c.mem().addr();
+    let fd = c.mem().fd();
+    let table = mem_table(&[[a, half, a, 0], [a + half / 2, half, a + half, half]]);
+    // Refused: an error status, or the connection closed.
+    let r = c.ack(SET_MEM_TABLE, &table, &[fd, fd]);
+    assert!(!matches!(r, Ok(0)), "overlapping SET_MEM_TABLE accepted");
+    drop(c);
+    d.assert_running();
+
+    // ADD_MEM_REG of a region overlapping the table's.
+    let mut c = RawClient::connect_with(&d.socket, memory_opts());
+    let a = c.mem().addr();
+    let fd = c.mem().fd();
+    let r = c.ack(ADD_MEM_REG, &mem_region([a + half, half, a, 0]), &[fd]);
+    assert!(!matches!(r, Ok(0)), "overlapping ADD_MEM_REG accepted");
+    drop(c);
+    d.assert_running();
+
+    // The next client is served correctly.
+    let mut c = RawClient::connect(&d.socket);
+    assert_eq!(c.request(T_IN, 64, 4096, None), S_OK, "read");
+    assert_bytes_eq(
+        &c.data()[..4096],
+        &pattern(21, 64 * SECTOR, 4096),
+        64 * SECTOR,
+        "read",
+    );
+    write_read_back(&mut c, 8, 2);
+    drop(c);
+    d.terminate_ok();
+}
+
+/// Reads 4 KiB at `sector` into the start of `buf` through `c` and checks it holds `expected`.
+#[track_caller]
+fn read_into(c: &mut RawClient, buf: &mut GuestMem, sector: u64, expected: &[u8], what: &str) {
+    let req = RawReq {
+        req_type: T_IN,
+        sector,
+        data: Some((buf.addr(), 4096)),
+        seg: None,
+    };
+    assert_eq!(c.run(&req), S_OK, "{what}");
+    assert_bytes_eq(buf.bytes(0, 4096), expected, sector * SECTOR, what);
+}
+
+#[test]
+fn memory_table_updates_while_the_queue_runs() {
+    let Some((_dir, img, mut d)) = one_queue_daemon(Some(22)) else {
+        return;
+    };
+    let mut c = RawClient::connect_with(&d.socket, memory_opts());
+    let mut extra = GuestMem::new(MIB as usize);
+    let (extra_addr, extra_fd) = (extra.addr(), extra.fd());
+    let in_extra = |req_type, sector| RawReq {
+        req_type,
+        sector,
+        data: Some((extra_addr, 4096)),
+        seg: None,
+    };
+    write_read_back(&mut c, 0, 1);
+
+    // Buffers outside every region (another mapping of ours the daemon was not given, and
+    // one running past the end of guest memory) fail with IOERR, write nothing, and the
+    // queue goes on.
+    extra.bytes(0, 4096).fill(0x77);
+    assert_eq!(
+        c.run(&in_extra(T_IN, 16)),
+        S_IOERR,
+        "read into unknown memory"
+    );
+    assert_eq!(
+        c.run(&in_extra(T_OUT, 16)),
+        S_IOERR,
+        "write from unknown memory"
+    );
+    let straddling = c.req(T_OUT, 16, MAX_DATA - 512, 512);
+    let straddling = RawReq {
+        data: straddling.data.map(|(addr, _)| (addr, 4096)),
+        ..straddling
+    };
+    assert_eq!(
+        c.run(&straddling),
+        S_IOERR,
+        "write running past guest memory"
+    );
+    assert_eq!(
+        c.request(T_IN, 16, 4096, None),
+        S_OK,
+        "read after the failures"
+    );
+    assert_bytes_eq(
+        &c.data()[..4096],
+        &pattern(22, 16 * SECTOR, 4096),
+        16 * SECTOR,
+        "untouched",
+    );
+
+    // ADD_MEM_REG while the queue runs: the region works at once.
+    let st = c.ack(ADD_MEM_REG, &mem_region(extra.region()), &[extra_fd]);
+    assert_eq!(st.expect("ADD_MEM_REG"), 0, "ADD_MEM_REG");
+    let expected = pattern(22, 16 * SECTOR, 4096);
+    read_into(
+        &mut c,
+        &mut extra,
+        16,
+        &expected,
+        "read into the added region",
+    );
+    let w = pattern(3, 24 * SECTOR, 4096);
+    extra.bytes(0, 4096).copy_from_slice(&w);
+    assert_eq!(
+        c.run(&in_extra(T_OUT, 24)),
+        S_OK,
+        "write from the added region"
+    );
+    write_read_back(&mut c, 32, 4);
+
+    // REM_MEM_REG: gone again.
+    let st = c.ack(REM_MEM_REG, &mem_region(extra.region()), &[]);
+    assert_eq!(st.expect("REM_MEM_REG"), 0, "REM_MEM_REG");
+    assert_eq!(
+        c.run(&in_extra(T_IN, 16)),
+        S_IOERR,
+        "read into the removed region"
+    );
+    write_read_back(&mut c, 40, 5);
+
+    // SET_MEM_TABLE with both regions, then with the first only, between requests.
+    let main = c.mem().region();
+    let main_fd = c.mem().fd();
+    // Sorted by guest address: vhost-user-backend (vm-memory) refuses an unsorted table.
+    let mut regions = [(main, main_fd), (extra.region(), extra_fd)];
+    regions.sort_by_key(|(r, _)| r[0]);
+    let both = mem_table(&[regions[0].0, regions[1].0]);
+    assert_eq!(
+        c.ack(SET_MEM_TABLE, &both, &[regions[0].1, regions[1].1])
+            .expect("SET_MEM_TABLE"),
+        0
+    );
+    read_into(
+        &mut c,
+        &mut extra,
+        24,
+        &w,
+        "read into the region the table added",
+    );
+    write_read_back(&mut c, 48, 6);
+    let only_main = mem_table(&[main]);
+    assert_eq!(
+        c.ack(SET_MEM_TABLE, &only_main, &[main_fd])
+            .expect("SET_MEM_TABLE"),
+        0
+    );
+    assert_eq!(
+        c.run(&in_extra(T_IN, 24)),
+        S_IOERR,
+        "read into the region the table dropped"
+    );
+    write_read_back(&mut c, 56, 7);
+
+    drop(c);
+    d.assert_running();
+    d.terminate_ok();
+    let file = read_file(&img);
+    let o = (24 * SECTOR) as usize;
+    assert_bytes_eq(&file[o..o + 4096], &w, 24 * SECTOR, "image file");
 }
