@@ -2,18 +2,25 @@
 //!
 //! Wraps an image so that chosen operations fail with a chosen errno, to test that host I/O
 //! errors reach the guest as IOERR, that the daemon keeps serving, and that the image stays
-//! consistent. SPEC is `OP:ERRNO[:after=N][:count=M]`:
+//! consistent; or so that they never finish, to stop the daemon with requests deterministically
+//! in flight (inflight recovery tests). SPEC is `OP:ERRNO[:after=N][:count=M]`:
 //!
 //! - `OP`: `read`, `write`, `flush`, `discard`, `write-zeroes` or `any`;
-//! - `ERRNO`: `eio`, `enospc`, `edquot` or a number;
+//! - `ERRNO`: `eio`, `enospc`, `edquot` or a number: the operation fails with that errno; or
+//!   `hang`: the operation logs `injected fault: OP operation #K hangs until the process is
+//!   killed` (K counts matching operations from 0) and then sleeps forever, holding its queue's
+//!   worker (a SIGTERM then ends the daemon only through the shutdown watchdog; tests SIGKILL);
 //! - `after=N`: let the first N matching operations through (default 0);
-//! - `count=M`: fail M operations, then let everything through again (default 0 = forever).
+//! - `count=M`: fail (or hang) M operations, then let everything through again (default 0 =
+//!   forever).
 //!
 //! Operations are counted across all queues.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+use log::warn;
 
 use super::{BitmapInfo, BlockImage, GuestSlice, ImageQueue, ImageStats};
 
@@ -34,13 +41,22 @@ pub enum FaultOp {
     Any,
 }
 
+/// What a faulted operation does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultAction {
+    /// Fails with this errno.
+    Fail(i32),
+    /// Never returns: sleeps until the process is killed.
+    Hang,
+}
+
 /// A parsed `--inject-faults` specification.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FaultSpec {
     /// Operations that fail.
     pub op: FaultOp,
-    /// The errno they fail with.
-    pub errno: i32,
+    /// What they do instead of running.
+    pub action: FaultAction,
     /// Matching operations let through before failing starts.
     pub after: u64,
     /// How many fail (0: all from then on).
@@ -61,17 +77,18 @@ impl std::str::FromStr for FaultSpec {
             "any" => FaultOp::Any,
             other => return Err(format!("unknown fault operation '{other}'")),
         };
-        let errno = match parts.next().unwrap_or_default() {
-            "eio" => libc::EIO,
-            "enospc" => libc::ENOSPC,
-            "edquot" => libc::EDQUOT,
-            n => n
-                .parse()
-                .map_err(|_| format!("unknown errno '{n}' (eio, enospc, edquot or a number)"))?,
+        let action = match parts.next().unwrap_or_default() {
+            "eio" => FaultAction::Fail(libc::EIO),
+            "enospc" => FaultAction::Fail(libc::ENOSPC),
+            "edquot" => FaultAction::Fail(libc::EDQUOT),
+            "hang" => FaultAction::Hang,
+            n => FaultAction::Fail(n.parse().map_err(|_| {
+                format!("unknown errno '{n}' (eio, enospc, edquot, hang or a number)")
+            })?),
         };
         let mut spec = FaultSpec {
             op,
-            errno,
+            action,
             after: 0,
             count: 0,
         };
@@ -104,10 +121,16 @@ impl Injector {
         let n = self.seen.fetch_add(1, Ordering::Relaxed);
         let failing = n >= self.spec.after
             && (self.spec.count == 0 || n < self.spec.after.saturating_add(self.spec.count));
-        if failing {
-            Err(io::Error::from_raw_os_error(self.spec.errno))
-        } else {
-            Ok(())
+        match self.spec.action {
+            _ if !failing => Ok(()),
+            FaultAction::Fail(errno) => Err(io::Error::from_raw_os_error(errno)),
+            FaultAction::Hang => {
+                warn!("injected fault: {op:?} operation #{n} hangs until the process is killed");
+                loop {
+                    // park() may return spuriously; nothing ever unparks this thread.
+                    std::thread::park();
+                }
+            }
         }
     }
 }
@@ -211,8 +234,21 @@ mod tests {
     fn specs_parse() {
         let s: FaultSpec = "write:eio:after=3:count=2".parse().unwrap();
         assert_eq!(s.op, FaultOp::Write);
-        assert_eq!((s.errno, s.after, s.count), (libc::EIO, 3, 2));
-        assert_eq!("flush:28".parse::<FaultSpec>().unwrap().errno, 28);
+        assert_eq!(
+            (s.action, s.after, s.count),
+            (FaultAction::Fail(libc::EIO), 3, 2)
+        );
+        assert_eq!(
+            "flush:28".parse::<FaultSpec>().unwrap().action,
+            FaultAction::Fail(28)
+        );
+        let h: FaultSpec = "write:hang:after=3".parse().unwrap();
+        assert_eq!(
+            (h.op, h.action, h.after, h.count),
+            (FaultOp::Write, FaultAction::Hang, 3, 0)
+        );
+        assert!("any:hang".parse::<FaultSpec>().is_ok());
+        assert!("write:hung".parse::<FaultSpec>().is_err());
         assert!("write".parse::<FaultSpec>().is_err());
         assert!("nope:eio".parse::<FaultSpec>().is_err());
         assert!("read:eio:x=1".parse::<FaultSpec>().is_err());
