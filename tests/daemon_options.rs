@@ -1,0 +1,375 @@
+// Daemon options through the real binary (started as a child process) and a libblkio client, one
+// section per option: `--direct`.
+
+mod common;
+
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+
+use blkio::ReqFlags;
+use common::*;
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// A temporary directory on the file system of the target directory. /tmp may be a tmpfs,
+/// which refuses O_DIRECT; the target directory is on the machine's disk.
+fn disk_tempdir() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir in CARGO_TARGET_TMPDIR")
+}
+
+/// Err(why) unless files in `dir` can be opened with O_DIRECT and written 512 bytes at a
+/// 512-byte offset from a 512-byte aligned buffer (what `--direct` with the default logical
+/// block size needs).
+fn direct_io_512(dir: &Path) -> Result<(), String> {
+    let path = dir.join("o_direct-probe");
+    fs::write(&path, [0u8; 1024]).map_err(|e| format!("create {}: {e}", path.display()))?;
+    let opened = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path);
+    let buf = vec![0x5Au8; 8192];
+    let at = buf.as_ptr().align_offset(4096);
+    let written = opened.and_then(|f| f.write_at(&buf[at..at + 512], 512));
+    let _ = fs::remove_file(&path);
+    match written {
+        Ok(512) => Ok(()),
+        Ok(n) => Err(format!("an O_DIRECT write of 512 bytes wrote {n}")),
+        Err(e) => Err(format!(
+            "O_DIRECT write of 512 bytes at 512 in {}: {e}",
+            dir.display()
+        )),
+    }
+}
+
+/// A raw image of `size` bytes holding `pattern(seed, ..)`, created in `dir` and served with
+/// `cfg`.
+fn serve_raw(dir: &Path, size: u64, seed: u64, cfg: &DaemonConfig) -> (PathBuf, Daemon) {
+    let img = create_image(dir, "disk.img", size, Some(seed));
+    let daemon = Daemon::start(dir, &img, cfg);
+    (img, daemon)
+}
+
+/// The fds (as names in /proc/PID/fd) the process has open on `path`.
+fn fds_on(pid: libc::pid_t, path: &Path) -> Vec<String> {
+    let want = fs::canonicalize(path).expect("canonicalize image path");
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read /proc/PID/fd")
+        .filter_map(|e| {
+            let e = e.ok()?;
+            (fs::read_link(e.path()).ok()? == want).then(|| e.file_name().to_string_lossy().into())
+        })
+        .collect()
+}
+
+/// The open-file flags of fd `fd` of process `pid` (the octal `flags:` of its fdinfo).
+fn fd_flags(pid: libc::pid_t, fd: &str) -> i32 {
+    let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).expect("read fdinfo");
+    let flags = info
+        .lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .unwrap_or_else(|| panic!("no flags in fdinfo: {info}"));
+    i32::from_str_radix(flags.trim(), 8).expect("octal fdinfo flags")
+}
+
+/// One vectored request whose data segments are `(offset in the queue's buffer, length)`.
+#[derive(Clone, Debug)]
+struct VecReq {
+    write: bool,
+    disk: u64,
+    segs: Vec<(usize, usize)>,
+}
+
+impl VecReq {
+    fn len(&self) -> usize {
+        self.segs.iter().map(|s| s.1).sum()
+    }
+}
+
+/// Submits all `reqs` at once on `q` (user_data = index), waits for them, and returns their
+/// completions in submission order. Write data must already be in the buffer (`scatter`).
+fn submit_all(q: &mut Queue, reqs: &[VecReq]) -> Vec<Done> {
+    let iovs: Vec<Vec<libc::iovec>> = reqs
+        .iter()
+        .map(|r| {
+            r.segs
+                .iter()
+                .map(|&(off, len)| libc::iovec {
+                    iov_base: q.buf()[off..off + len].as_mut_ptr().cast(),
+                    iov_len: len,
+                })
+                .collect()
+        })
+        .collect();
+    for (i, (r, iov)) in reqs.iter().zip(&iovs).enumerate() {
+        let (ptr, cnt) = (iov.as_ptr(), iov.len() as u32);
+        if r.write {
+            q.q.writev(r.disk, ptr, cnt, i, ReqFlags::empty());
+        } else {
+            q.q.readv(r.disk, ptr, cnt, i, ReqFlags::empty());
+        }
+    }
+    // `iovs` stays alive until every request completed: blkio reads the arrays lazily.
+    let mut done = q.wait(reqs.len());
+    drop(iovs);
+    done.sort_by_key(|d| d.user_data);
+    done
+}
+
+/// Copies `data` into the buffer segments `segs` of `q`, in order.
+fn scatter(q: &mut Queue, segs: &[(usize, usize)], data: &[u8]) {
+    let mut pos = 0;
+    for &(off, len) in segs {
+        q.buf()[off..off + len].copy_from_slice(&data[pos..pos + len]);
+        pos += len;
+    }
+    assert_eq!(pos, data.len(), "segments do not cover the data");
+}
+
+/// Concatenates the buffer segments `segs` of `q`.
+fn gather(q: &mut Queue, segs: &[(usize, usize)]) -> Vec<u8> {
+    segs.iter()
+        .flat_map(|&(off, len)| q.buf()[off..off + len].to_vec())
+        .collect()
+}
+
+#[track_caller]
+fn assert_all_ok(done: &[Done], reqs: &[VecReq], what: &str) {
+    for (d, r) in done.iter().zip(reqs) {
+        assert_eq!(d.ret, 0, "{what}: {r:?} failed: {}", d.errno_name());
+    }
+}
+
+/// Submits `r` alone and asserts that it succeeds.
+#[track_caller]
+fn submit_ok(q: &mut Queue, r: &VecReq, what: &str) {
+    let one = std::slice::from_ref(r);
+    assert_all_ok(&submit_all(q, one), one, what);
+}
+
+/// The single-segment read of `len` bytes at `disk` into `q`'s buffer at `off`.
+fn read_at(q: &mut Queue, disk: u64, off: usize, len: usize) -> Vec<u8> {
+    let r = VecReq {
+        write: false,
+        disk,
+        segs: vec![(off, len)],
+    };
+    q.buf()[off..off + len].fill(0xEE);
+    submit_ok(q, &r, "read");
+    q.buf()[off..off + len].to_vec()
+}
+
+/// `n` segments of `seg` bytes laid out in *reverse* order in the buffer, from `base` on, so
+/// a device that mixed up the segment order would produce different bytes.
+fn reversed_segments(base: usize, n: usize, seg: usize) -> Vec<(usize, usize)> {
+    (0..n).map(|i| (base + (n - 1 - i) * seg, seg)).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// --direct
+// ---------------------------------------------------------------------------------------------
+
+/// The writes of one queue's batch: aligned and unaligned guest buffers (page-aligned,
+/// 512-aligned, odd addresses), lengths that are multiples of 512 but not of 4096, and
+/// vectored requests mixing aligned and unaligned segments. Disk offsets are relative to the
+/// queue's region; buffer offsets are within the queue's buffer. No two requests overlap.
+fn direct_batch() -> Vec<VecReq> {
+    let w = |disk: u64, segs: Vec<(usize, usize)>| VecReq {
+        write: true,
+        disk,
+        segs,
+    };
+    vec![
+        w(0, vec![(0, 4096)]),
+        w(8 * KIB + 512, vec![(8192 + 512, 1536)]),
+        w(16 * KIB + 1024, vec![(20 * 1024 + 1, 512)]),
+        w(32 * KIB, vec![(40 * 1024 + 7, 64 * 1024 + 512)]),
+        w(128 * KIB + 512, vec![(160 * 1024 + 3 * 512 + 3, 3 * 4096)]),
+        w(
+            256 * KIB + 512,
+            vec![
+                (300 * 1024, 4096),
+                (310 * 1024 + 1, 512),
+                (320 * 1024 + 512, 1024),
+                (330 * 1024 + 5, 2048),
+            ],
+        ),
+        w(320 * KIB, vec![(400 * 1024, 8192), (416 * 1024, 4096)]),
+        w(384 * KIB + 3584, reversed_segments(448 * 1024 + 9, 7, 512)),
+    ]
+}
+
+/// Runs the `direct_batch` writes at `region` on `q`, then reads the whole region back with
+/// unaligned buffers in one batch of several reads, and checks it against `model` (the
+/// region's expected contents, updated here).
+fn direct_io_on_queue(q: &mut Queue, region: u64, seed: u64, model: &mut [u8]) {
+    let reqs: Vec<VecReq> = direct_batch()
+        .into_iter()
+        .map(|mut r| {
+            r.disk += region;
+            r
+        })
+        .collect();
+    for r in &reqs {
+        let data = pattern(seed, r.disk, r.len());
+        scatter(q, &r.segs, &data);
+        let at = (r.disk - region) as usize;
+        model[at..at + data.len()].copy_from_slice(&data);
+    }
+    assert_all_ok(&submit_all(q, &reqs), &reqs, "O_DIRECT write batch");
+
+    // Read back: four reads of 128 KiB in one batch, into disjoint buffers at odd addresses,
+    // one of them vectored with uneven (but 512-multiple) segments.
+    let (chunk, stride) = (128 * 1024, 200 * 1024);
+    let reads: Vec<VecReq> = (0..4)
+        .map(|i| VecReq {
+            write: false,
+            disk: region + (i * chunk) as u64,
+            segs: if i == 2 {
+                let b = i * stride + 11;
+                vec![(b, 512), (b + 4096, chunk - 2048), (b + chunk + 4096, 1536)]
+            } else {
+                vec![(i * stride + 1 + i, chunk)]
+            },
+        })
+        .collect();
+    for r in &reads {
+        for &(o, l) in &r.segs {
+            q.buf()[o..o + l].fill(0xEE);
+        }
+    }
+    assert_all_ok(&submit_all(q, &reads), &reads, "O_DIRECT read batch");
+    for r in &reads {
+        let at = (r.disk - region) as usize;
+        assert_bytes_eq(
+            &gather(q, &r.segs),
+            &model[at..at + r.len()],
+            r.disk,
+            &format!("queue {} O_DIRECT read-back", q.index),
+        );
+    }
+}
+
+#[test]
+fn direct_serves_unaligned_buffers_on_two_queues() {
+    let dir = disk_tempdir();
+    if let Err(why) = direct_io_512(dir.path()) {
+        skip_unless_ci(&format!(
+            "--direct needs a file system with O_DIRECT: {why}"
+        ));
+        return;
+    }
+    const SEED: u64 = 0xD1;
+    let size = 8 * MIB;
+    let region = |i: usize| i as u64 * 4 * MIB;
+    let cfg = DaemonConfig {
+        direct: true,
+        ..DaemonConfig::new().num_queues(2)
+    };
+    let (img, daemon) = serve_raw(dir.path(), size, SEED, &cfg);
+    let mut c = Client::new(
+        &daemon.socket,
+        &ClientOpts {
+            num_queues: 2,
+            ..Default::default()
+        },
+    );
+
+    // Every handle the daemon has on the image really is O_DIRECT.
+    let fds = fds_on(daemon.pid(), &img);
+    assert!(!fds.is_empty(), "the daemon has no fd on {}", img.display());
+    for fd in &fds {
+        assert_ne!(
+            fd_flags(daemon.pid(), fd) & libc::O_DIRECT,
+            0,
+            "image fd {fd} is not O_DIRECT"
+        );
+    }
+
+    // Both queues at once, each on its own thread and its own 4 MiB region.
+    let full = pattern(SEED, 0, size as usize);
+    let mut models: Vec<Vec<u8>> = (0..2)
+        .map(|i| full[region(i) as usize..(region(i) + 512 * KIB) as usize].to_vec())
+        .collect();
+    std::thread::scope(|s| {
+        for (q, model) in c.queues.iter_mut().zip(models.iter_mut()) {
+            s.spawn(move || {
+                let r = region(q.index);
+                direct_io_on_queue(q, r, 0x100 + q.index as u64, model)
+            });
+        }
+    });
+
+    // Across queues: queue 1 reads what queue 0 wrote, into a buffer at an odd address.
+    let q1 = c.q(1);
+    let got = read_at(q1, region(0), 4097, 512 * KIB as usize);
+    assert_bytes_eq(
+        &got,
+        &models[0],
+        region(0),
+        "queue 0's data read on queue 1",
+    );
+    assert_eq!(c.q(0).flush().ret, 0, "FLUSH with --direct");
+
+    drop(c);
+    daemon.terminate_ok();
+    let file = read_file(&img);
+    let mut expected = full;
+    for (i, m) in models.iter().enumerate() {
+        let r = region(i) as usize;
+        expected[r..r + m.len()].copy_from_slice(m);
+    }
+    assert_bytes_eq(&file, &expected, 0, "image file after O_DIRECT I/O");
+}
+
+/// Runs the binary with `args` and returns (status, stdout, stderr).
+fn run_daemon(args: &[&str]) -> (ExitStatus, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vhost-user-blk");
+    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+    (out.status, text(out.stdout), text(out.stderr))
+}
+
+#[test]
+fn direct_is_refused_for_qcow2_with_one_line() {
+    let dir = disk_tempdir();
+    let img = dir.path().join("disk.qcow2");
+    let img_s = img.to_str().expect("utf-8 path");
+    qemu_img(&["create", "-q", "-f", "qcow2", img_s, "4M"]);
+    let before = read_file(&img);
+    let sock = dir.path().join("vub.sock");
+    let sock_s = sock.to_str().expect("utf-8 path");
+    let args = [
+        "--socket-path",
+        sock_s,
+        "--blk-file",
+        img_s,
+        "--format",
+        "qcow2",
+        "--direct",
+    ];
+    let (st, out, err) = run_daemon(&args);
+    assert_eq!(st.code(), Some(1), "{args:?}: {st}, stderr {err:?}");
+    assert_eq!(out, "", "nothing on stdout");
+    assert_eq!(err.lines().count(), 1, "one-line error, got {err:?}");
+    assert!(err.starts_with("vhost-user-blk: error: "), "{err:?}");
+    assert!(
+        err.contains("--direct") && err.contains("qcow2") && err.contains(img_s),
+        "the error should name --direct, qcow2 and the image: {err:?}"
+    );
+    assert!(!sock.exists(), "a refused start left its socket behind");
+    assert_eq!(
+        read_file(&img),
+        before,
+        "a refused start modified the image"
+    );
+}
