@@ -1,18 +1,22 @@
 // Daemon options through the real binary (started as a child process) and a libblkio client, one
-// section per option: `--direct`.
+// section per option: `--direct` and `--writethrough`.
 
 mod common;
 
-use std::fs::{self, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 use blkio::ReqFlags;
 use common::*;
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
+
+/// Generous bound for waits on a loaded 2-core machine (exit after a signal, log lines).
+const DEADLINE: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -46,6 +50,33 @@ fn direct_io_512(dir: &Path) -> Result<(), String> {
             dir.display()
         )),
     }
+}
+
+/// Polls `ready` every 10 ms until it returns Some, for at most `DEADLINE`; panics with
+/// `what` and the daemon's log after that.
+#[track_caller]
+fn wait_until<T>(d: &mut Daemon, what: &str, mut ready: impl FnMut(&mut Daemon) -> Option<T>) -> T {
+    let until = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = ready(d) {
+            return v;
+        }
+        assert!(
+            Instant::now() < until,
+            "{what}: not within {DEADLINE:?}\n--- log ---\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until the daemon's log contains `needle` (the daemon must keep running).
+#[track_caller]
+fn wait_for_log(d: &mut Daemon, needle: &str) {
+    wait_until(d, &format!("{needle:?} in the log"), |d| {
+        d.assert_running();
+        d.log().contains(needle).then_some(())
+    })
 }
 
 /// A raw image of `size` bytes holding `pattern(seed, ..)`, created in `dir` and served with
@@ -372,4 +403,157 @@ fn direct_is_refused_for_qcow2_with_one_line() {
         before,
         "a refused start modified the image"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// --writethrough
+// ---------------------------------------------------------------------------------------------
+
+/// `strace -f` attached to a running process, recording write system calls.
+struct Strace {
+    child: Child,
+    out: PathBuf,
+}
+
+impl Strace {
+    /// Attaches to every thread of `pid` (and the threads it starts later); returns once all
+    /// of its current threads are traced. None if strace is not installed.
+    fn attach(pid: libc::pid_t, out: PathBuf) -> Option<Strace> {
+        let child = match Command::new("strace")
+            .args(["-f", "-qq", "-s", "0", "-e", "signal=none"])
+            .args(["-e", "trace=pwrite64,pwritev,pwritev2"])
+            .arg("-o")
+            .arg(&out)
+            .arg("-p")
+            .arg(pid.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => panic!("cannot run strace: {e}"),
+        };
+        let mut s = Strace { child, out };
+        let tracer = s.child.id().to_string();
+        let until = Instant::now() + DEADLINE;
+        loop {
+            let traced = fs::read_dir(format!("/proc/{pid}/task"))
+                .expect("list threads")
+                .filter_map(|t| fs::read_to_string(t.ok()?.path().join("status")).ok())
+                .all(|st| {
+                    st.lines()
+                        .any(|l| l.strip_prefix("TracerPid:").map(str::trim) == Some(&tracer))
+                });
+            if traced {
+                return Some(s);
+            }
+            if let Some(st) = s.child.try_wait().expect("try_wait strace") {
+                panic!("strace exited with {st} before attaching to {pid}");
+            }
+            assert!(
+                Instant::now() < until,
+                "strace did not attach within {DEADLINE:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Detaches (SIGINT) and returns the trace.
+    fn finish(mut self) -> String {
+        // SAFETY: kill() on the pid of our own, not yet reaped child.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
+        assert_eq!(rc, 0, "kill strace: {}", std::io::Error::last_os_error());
+        let _ = self.child.wait();
+        fs::read_to_string(&self.out).expect("read strace output")
+    }
+}
+
+impl Drop for Strace {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The write system calls to any of `fds` in an `strace -f` trace, as (syscall, durable):
+/// durable means the call carried RWF_DSYNC.
+fn image_writes(trace: &str, fds: &[String]) -> Vec<(String, bool)> {
+    trace
+        .lines()
+        .filter_map(|l| {
+            let call = l.split_whitespace().nth(1)?;
+            let (name, args) = call.split_once('(')?;
+            let fd = args.split(',').next()?;
+            (name.starts_with("pwrite") && fds.iter().any(|f| f == fd))
+                .then(|| (name.to_string(), l.contains("RWF_DSYNC")))
+        })
+        .collect()
+}
+
+/// Serves with and without `--writethrough`: the writeback byte the client reads through
+/// GET_CONFIG, that written data is in the file as soon as the write completes (before any
+/// FLUSH), and, where strace is available, that every image write in write-through mode is a
+/// pwritev2(RWF_DSYNC) and none in write-back mode is.
+#[test]
+fn writethrough_reports_no_writeback_and_writes_with_dsync() {
+    let mut strace_missing = false;
+    for writethrough in [false, true] {
+        let mode = if writethrough {
+            "write-through"
+        } else {
+            "write-back"
+        };
+        let dir = disk_tempdir();
+        let cfg = DaemonConfig {
+            writethrough,
+            ..DaemonConfig::new().num_queues(1)
+        };
+        let (img, mut daemon) = serve_raw(dir.path(), 2 * MIB, 0x77, &cfg);
+        wait_for_log(&mut daemon, &format!("(cache: {mode})"));
+        let mut c = Client::simple(&daemon.socket);
+        // blkio sets `flush-needed` from the config space's writeback byte (CONFIG_WCE is
+        // offered), i.e. the byte GET_CONFIG returned.
+        assert_eq!(
+            c.get_bool("flush-needed"),
+            !writethrough,
+            "{mode}: writeback byte of the config space"
+        );
+
+        let trace = dir.path().join("strace.out");
+        let strace = Strace::attach(daemon.pid(), trace);
+        strace_missing |= strace.is_none();
+        let file = File::open(&img).expect("open image");
+        const WRITES: u64 = 8;
+        for i in 0..WRITES {
+            let off = 64 * KIB * i + 512 * i;
+            let data = pattern(0x700 + i, off, 4096 + 512 * i as usize);
+            c.q(0).write_ok(off, &data);
+            // No FLUSH was sent: the bytes are in the file (at least its page cache) once
+            // the write completed.
+            let mut got = vec![0u8; data.len()];
+            file.read_exact_at(&mut got, off).expect("pread image");
+            assert_bytes_eq(&got, &data, off, &format!("{mode}: file right after write"));
+        }
+        if let Some(s) = strace {
+            let fds = fds_on(daemon.pid(), &img);
+            let writes = image_writes(&s.finish(), &fds);
+            assert!(
+                writes.len() as u64 >= WRITES,
+                "{mode}: expected at least {WRITES} writes to image fds {fds:?}, traced {writes:?}"
+            );
+            assert!(
+                writes.iter().all(|w| w.1 == writethrough),
+                "{mode}: image writes with RWF_DSYNC should be {writethrough}: {writes:?}"
+            );
+        }
+        drop(c);
+        daemon.terminate_ok();
+    }
+    if strace_missing {
+        skip_unless_ci("strace is not installed: RWF_DSYNC of write-through writes not checked");
+    }
 }
