@@ -1,5 +1,9 @@
 // Daemon options through the real binary (started as a child process) and a libblkio client, one
-// section per option: `--direct` and `--writethrough`.
+// section per option: `--direct`, `--writethrough` and `--queue-size`.
+//
+// Requests libblkio cannot send go through other frontends: a chain with more data segments than
+// `seg_max` (which only fits in a ring through an indirect descriptor table) through the small
+// `indirect` frontend at the end of this file.
 
 mod common;
 
@@ -9,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use blkio::ReqFlags;
+use blkio::{Errno, ReqFlags};
 use common::*;
 
 const KIB: u64 = 1 << 10;
@@ -555,5 +559,358 @@ fn writethrough_reports_no_writeback_and_writes_with_dsync() {
     }
     if strace_missing {
         skip_unless_ci("strace is not installed: RWF_DSYNC of write-through writes not checked");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// --queue-size
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn queue_size_bounds_the_ring_and_seg_max() {
+    use common::raw::{S_IOERR, S_OK, T_OUT};
+    const SEG: usize = 512;
+    for n in [64u32, 1024] {
+        let seg_max = n as usize - 2;
+        let dir = tempfile::tempdir().unwrap();
+        let size = 4 * MIB;
+        let cfg = DaemonConfig {
+            queue_size: Some(n),
+            ..DaemonConfig::new().num_queues(1)
+        };
+        let (img, mut daemon) = serve_raw(dir.path(), size, 0x51, &cfg);
+
+        // A ring larger than the maximum is refused by the device (a REPLY_ACK error to
+        // SET_VRING_NUM, which blkio reports as EIO) when the client sets it up.
+        let b = connect(&daemon.socket, false).expect("connect");
+        match start(b, 1, 2 * n as i32) {
+            Ok(_) => panic!("--queue-size {n}: a ring of {} entries was accepted", 2 * n),
+            Err(e) => assert_eq!(e.errno(), Errno::IO, "--queue-size {n}: ring of 2N: {e}"),
+        }
+        daemon.assert_running();
+
+        // A ring of exactly N works, and seg_max (blkio's max-segments) is N - 2.
+        let mut c = Client::new(
+            &daemon.socket,
+            &ClientOpts {
+                queue_size: n as i32,
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            c.get_i32("max-segments") as usize,
+            seg_max,
+            "--queue-size {n}: seg_max"
+        );
+        // seg_max segments (N descriptors with header and status: the whole ring) work.
+        let q = c.q(0);
+        let disk = MIB + 512;
+        let data = pattern(0x500 + u64::from(n), disk, seg_max * SEG);
+        let w = VecReq {
+            write: true,
+            disk,
+            segs: reversed_segments(0, seg_max, SEG),
+        };
+        scatter(q, &w.segs, &data);
+        submit_ok(q, &w, "write of seg_max segments");
+        let r = VecReq {
+            write: false,
+            disk,
+            segs: reversed_segments(3, seg_max, SEG),
+        };
+        q.buf()[..(seg_max + 1) * SEG].fill(0xEE);
+        submit_ok(q, &r, "read of seg_max segments");
+        assert_bytes_eq(
+            &gather(q, &r.segs),
+            &data,
+            disk,
+            "seg_max-segment read-back",
+        );
+        drop(c);
+
+        // One segment more only fits through an indirect table: the device refuses it.
+        let mut raw = indirect::Frontend::connect(&daemon.socket, n as u16);
+        let fresh = pattern(0x600 + u64::from(n), 0, (seg_max + 1) * SEG);
+        raw.data()[..fresh.len()].copy_from_slice(&fresh);
+        let sector = 2 * MIB / SECTOR;
+        assert_eq!(
+            raw.request(T_OUT, sector, seg_max + 1, SEG),
+            S_IOERR,
+            "--queue-size {n}: a write of seg_max + 1 segments"
+        );
+        let mut now = vec![0u8; (seg_max + 1) * SEG];
+        File::open(&img)
+            .and_then(|f| f.read_exact_at(&mut now, 2 * MIB))
+            .expect("pread image");
+        assert_bytes_eq(
+            &now,
+            &pattern(0x51, 2 * MIB, now.len()),
+            2 * MIB,
+            "the refused write changed the image",
+        );
+        // The same write with seg_max segments through an indirect table works.
+        assert_eq!(
+            raw.request(T_OUT, sector, seg_max, SEG),
+            S_OK,
+            "--queue-size {n}: an indirect write of seg_max segments"
+        );
+        drop(raw);
+        daemon.terminate_ok();
+
+        let mut expected = pattern(0x51, 0, size as usize);
+        expected[disk as usize..disk as usize + data.len()].copy_from_slice(&data);
+        let at = (2 * MIB) as usize;
+        expected[at..at + seg_max * SEG].copy_from_slice(&fresh[..seg_max * SEG]);
+        assert_bytes_eq(
+            &read_file(&img),
+            &expected,
+            0,
+            "image after --queue-size I/O",
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A vhost-user frontend that sends each request through an indirect descriptor table
+// ---------------------------------------------------------------------------------------------
+
+/// The one frontend here that can put more descriptors in a chain than the ring has entries
+/// (libblkio uses direct descriptors only, so its chains can never exceed seg_max). One
+/// split virtqueue of a chosen size, one request at a time, polling the used ring; guest
+/// addresses equal our virtual addresses in one shared memfd region.
+mod indirect {
+    use super::common::WAIT_TIMEOUT;
+    use std::io::{Read, Write};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    use std::os::unix::net::UnixStream;
+    use std::path::Path;
+    use std::sync::atomic::{fence, Ordering};
+    use std::time::Instant;
+
+    use vhost::vhost_user::message::{
+        FrontendReq, VhostUserMemory, VhostUserMemoryRegion, VhostUserU64, VhostUserVringAddr,
+        VhostUserVringAddrFlags, VhostUserVringState,
+    };
+    use vhost::vhost_user::VhostUserVirtioFeatures;
+    use virtio_queue::desc::split::Descriptor;
+    use vm_memory::{ByteValued, FileOffset, MmapRegion};
+
+    /// VIRTIO_F_VERSION_1 and VIRTIO_RING_F_INDIRECT_DESC.
+    const VIRTIO_FEATURES: u64 = 1 << 32 | 1 << 28;
+    /// Descriptor flags NEXT, WRITE and INDIRECT, in this order.
+    const DESC_FLAGS: [u16; 3] = [1, 2, 4];
+
+    /// Layout of the shared region: the descriptor table from 0, the avail and used rings
+    /// (room for 1024 entries each), the indirect table, the request header, its status byte,
+    /// and the data.
+    const MEM_LEN: usize = 1 << 20;
+    const AVAIL: usize = 16 << 10;
+    const USED: usize = 20 << 10;
+    const TABLE: usize = 32 << 10;
+    const HEADER: usize = 64 << 10;
+    const STATUS: usize = HEADER + 16;
+    const DATA: usize = 128 << 10;
+
+    pub struct Frontend {
+        sock: UnixStream,
+        /// Start of `region`, the memory shared with the daemon.
+        mem: *mut u8,
+        region: MmapRegion<()>,
+        qsize: u16,
+        kick: OwnedFd,
+        call: OwnedFd,
+        next_avail: u16,
+    }
+
+    /// Takes ownership of a new descriptor returned by a libc call (checked for failure).
+    fn owned(fd: RawFd, what: &str) -> OwnedFd {
+        assert!(fd >= 0, "{what}: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+
+    impl Frontend {
+        /// Sends one vhost-user message (protocol version 1) with `body`, passing `fd` along.
+        fn msg(&mut self, req: FrontendReq, body: &[u8], fd: Option<RawFd>) {
+            let mut bytes = [u32::from(req), 1, body.len() as u32]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>();
+            bytes.extend_from_slice(body);
+            let Some(fd) = fd else {
+                return self.sock.write_all(&bytes).expect("vhost-user write");
+            };
+            let mut iov = libc::iovec {
+                iov_base: bytes.as_mut_ptr().cast(),
+                iov_len: bytes.len(),
+            };
+            let mut control = [0u64; 4];
+            // SAFETY: an all-zero msghdr is a valid empty header.
+            let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+            hdr.msg_iov = &mut iov;
+            hdr.msg_iovlen = 1;
+            hdr.msg_control = control.as_mut_ptr().cast();
+            // SAFETY: CMSG_SPACE only computes a size.
+            hdr.msg_controllen = unsafe { libc::CMSG_SPACE(4) } as usize;
+            // SAFETY: `control` (32 bytes, 8-aligned) holds CMSG_SPACE(4) = 24 bytes, so the
+            // first header and its 4-byte payload are inside it.
+            unsafe {
+                let c = libc::CMSG_FIRSTHDR(&hdr);
+                (*c).cmsg_level = libc::SOL_SOCKET;
+                (*c).cmsg_type = libc::SCM_RIGHTS;
+                (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
+                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd);
+            }
+            // SAFETY: every pointer in `hdr` refers to a live local buffer of the stated size.
+            let n = unsafe { libc::sendmsg(self.sock.as_raw_fd(), &hdr, libc::MSG_NOSIGNAL) };
+            let err = std::io::Error::last_os_error();
+            assert_eq!(n, bytes.len() as isize, "sendmsg {req:?}: {err}");
+        }
+
+        /// Sends a request whose reply carries one u64, and returns that.
+        fn ask(&mut self, req: FrontendReq) -> u64 {
+            self.msg(req, &[], None);
+            let mut reply = [0u8; 20];
+            self.sock.read_exact(&mut reply).expect("vhost-user reply");
+            assert_eq!(reply[..4], u32::from(req).to_le_bytes(), "reply to {req:?}");
+            assert_eq!(
+                reply[8..12],
+                8u32.to_le_bytes(),
+                "size of the reply to {req:?}"
+            );
+            u64::from_le_bytes(reply[12..].try_into().expect("8 bytes"))
+        }
+
+        /// Connects and sets up virtqueue 0 with `qsize` entries and indirect descriptors.
+        pub fn connect(socket: &Path, qsize: u16) -> Frontend {
+            assert!(qsize <= 1024, "the layout has room for 1024 ring entries");
+            let sock = UnixStream::connect(socket).expect("connect vhost-user socket");
+            sock.set_read_timeout(Some(WAIT_TIMEOUT)).expect("timeout");
+            // SAFETY: memfd_create with a valid NUL-terminated name; `owned` checks the result.
+            let memfd = unsafe { libc::memfd_create(c"indirect".as_ptr(), libc::MFD_CLOEXEC) };
+            let memfd = std::fs::File::from(owned(memfd, "memfd_create"));
+            memfd.set_len(MEM_LEN as u64).expect("size the memfd");
+            let region = MmapRegion::<()>::from_file(FileOffset::new(memfd, 0), MEM_LEN)
+                .expect("map the memfd");
+            let flags = libc::EFD_CLOEXEC | libc::EFD_NONBLOCK;
+            // SAFETY: eventfd has no memory preconditions.
+            let (kick, call) = unsafe { (libc::eventfd(0, flags), libc::eventfd(0, flags)) };
+            let mut f = Frontend {
+                sock,
+                mem: region.as_ptr(),
+                region,
+                qsize,
+                kick: owned(kick, "eventfd"),
+                call: owned(call, "eventfd"),
+                next_avail: 0,
+            };
+            // Guest addresses are our virtual addresses.
+            let base = f.mem as u64;
+            f.msg(FrontendReq::SET_OWNER, &[], None);
+            let offered = f.ask(FrontendReq::GET_FEATURES);
+            let wanted = VIRTIO_FEATURES | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+            assert_eq!(offered & wanted, wanted, "features {offered:#x}");
+            f.msg(
+                FrontendReq::SET_FEATURES,
+                VhostUserU64::new(wanted).as_slice(),
+                None,
+            );
+            f.ask(FrontendReq::GET_PROTOCOL_FEATURES);
+            let none = VhostUserU64::new(0);
+            f.msg(FrontendReq::SET_PROTOCOL_FEATURES, none.as_slice(), None);
+            let mut table = VhostUserMemory::new(1).as_slice().to_vec();
+            let region = VhostUserMemoryRegion::new(base, MEM_LEN as u64, base, 0);
+            table.extend_from_slice(region.as_slice());
+            let memfd = f
+                .region
+                .file_offset()
+                .expect("file-backed")
+                .file()
+                .as_raw_fd();
+            f.msg(FrontendReq::SET_MEM_TABLE, &table, Some(memfd));
+            let num = VhostUserVringState::new(0, qsize.into());
+            f.msg(FrontendReq::SET_VRING_NUM, num.as_slice(), None);
+            let first = VhostUserVringState::new(0, 0);
+            f.msg(FrontendReq::SET_VRING_BASE, first.as_slice(), None);
+            let (used, avail) = (base + USED as u64, base + AVAIL as u64);
+            let addr =
+                VhostUserVringAddr::new(0, VhostUserVringAddrFlags::empty(), base, used, avail, 0);
+            f.msg(FrontendReq::SET_VRING_ADDR, addr.as_slice(), None);
+            let (kick, call) = (f.kick.as_raw_fd(), f.call.as_raw_fd());
+            f.msg(FrontendReq::SET_VRING_KICK, none.as_slice(), Some(kick));
+            f.msg(FrontendReq::SET_VRING_CALL, none.as_slice(), Some(call));
+            let on = VhostUserVringState::new(0, 1);
+            f.msg(FrontendReq::SET_VRING_ENABLE, on.as_slice(), None);
+            // A request with a reply orders everything above before the first kick.
+            f.ask(FrontendReq::GET_FEATURES);
+            f
+        }
+
+        /// The shared region from `off` on.
+        fn at(&mut self, off: usize, len: usize) -> &mut [u8] {
+            assert!(off + len <= MEM_LEN);
+            // SAFETY: in bounds of our mapping (checked); the daemon only touches it while a
+            // request is in flight, and then we only poll the used index (`used_idx`).
+            unsafe { std::slice::from_raw_parts_mut(self.mem.add(off), len) }
+        }
+
+        fn used_idx(&self) -> u16 {
+            // SAFETY: USED + 2 is inside our mapping and 2-aligned; volatile because the
+            // daemon writes it.
+            unsafe { std::ptr::read_volatile(self.mem.add(USED + 2).cast::<u16>()) }
+        }
+
+        /// The data area: segment `i` of a request is `data()[i * seg_len..][..seg_len]`.
+        pub fn data(&mut self) -> &mut [u8] {
+            self.at(DATA, MEM_LEN - DATA)
+        }
+
+        /// Writes a descriptor at `off`; its address is given as an offset in the region.
+        fn put_desc(&mut self, off: usize, addr: usize, len: usize, flags: u16, next: u16) {
+            let d = Descriptor::new(self.mem as u64 + addr as u64, len as u32, flags, next);
+            self.at(off, 16).copy_from_slice(d.as_slice());
+        }
+
+        /// Sends request `req_type` at `sector` with `nseg` device-readable data segments of
+        /// `seg_len` bytes (so: a write) as one indirect table, waits (≤ 10 s) and returns the
+        /// status byte.
+        pub fn request(&mut self, req_type: u32, sector: u64, nseg: usize, seg_len: usize) -> u8 {
+            let [next, write, indirect] = DESC_FLAGS;
+            let entries = nseg + 2;
+            assert!(TABLE + 16 * entries <= HEADER && DATA + nseg * seg_len <= MEM_LEN);
+            let header = [u64::from(req_type), sector];
+            let header: Vec<u8> = header.iter().flat_map(|v| v.to_le_bytes()).collect();
+            self.at(HEADER, 16).copy_from_slice(&header);
+            self.at(STATUS, 1)[0] = 0xFF;
+            self.put_desc(TABLE, HEADER, 16, next, 1);
+            for i in 0..nseg {
+                let at = TABLE + 16 * (i + 1);
+                self.put_desc(at, DATA + i * seg_len, seg_len, next, (i + 2) as u16);
+            }
+            self.put_desc(TABLE + 16 * (nseg + 1), STATUS, 1, write, 0);
+            self.put_desc(0, TABLE, 16 * entries, indirect, 0);
+
+            // Publish descriptor 0 in the avail ring, then the new avail index, then kick.
+            let slot = AVAIL + 4 + 2 * usize::from(self.next_avail % self.qsize);
+            self.at(slot, 2).copy_from_slice(&0u16.to_le_bytes());
+            fence(Ordering::SeqCst);
+            self.next_avail = self.next_avail.wrapping_add(1);
+            let idx = self.next_avail.to_le_bytes();
+            self.at(AVAIL + 2, 2).copy_from_slice(&idx);
+            fence(Ordering::SeqCst);
+            let mut kick = std::fs::File::from(self.kick.try_clone().expect("dup kick"));
+            kick.write_all(&1u64.to_ne_bytes()).expect("kick");
+
+            let until = Instant::now() + WAIT_TIMEOUT;
+            while self.used_idx() != self.next_avail {
+                assert!(
+                    Instant::now() < until,
+                    "request not completed in {WAIT_TIMEOUT:?}"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            fence(Ordering::SeqCst);
+            self.at(STATUS, 1)[0]
+        }
     }
 }
