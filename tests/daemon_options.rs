@@ -1,5 +1,5 @@
 // Daemon options through the real binary (started as a child process) and a libblkio client, one
-// section per option: `--direct`, `--writethrough` and `--queue-size`.
+// section per option: `--direct`, `--writethrough`, `--queue-size` and the shutdown signals.
 //
 // Requests libblkio cannot send go through other frontends: a chain with more data segments than
 // `seg_max` (which only fits in a ring through an indirect descriptor table) through the small
@@ -81,6 +81,12 @@ fn wait_for_log(d: &mut Daemon, needle: &str) {
         d.assert_running();
         d.log().contains(needle).then_some(())
     })
+}
+
+/// Waits for the daemon to exit after `why`, and returns its status.
+#[track_caller]
+fn wait_exit(d: &mut Daemon, why: &str) -> ExitStatus {
+    wait_until(d, &format!("exit after {why}"), Daemon::exited)
 }
 
 /// A raw image of `size` bytes holding `pattern(seed, ..)`, created in `dir` and served with
@@ -668,6 +674,149 @@ fn queue_size_bounds_the_ring_and_seg_max() {
             "image after --queue-size I/O",
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signals
+// ---------------------------------------------------------------------------------------------
+
+/// SIGINT with no frontend and SIGHUP with a connected frontend that has just written: exit
+/// status 0, both sockets removed, the data in the image.
+#[test]
+fn sigint_and_sighup_exit_cleanly_and_remove_the_sockets() {
+    for (sig, name, connected) in [
+        (libc::SIGINT, "SIGINT", false),
+        (libc::SIGHUP, "SIGHUP", true),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let ctl = dir.path().join("ctl.sock");
+        let cfg = DaemonConfig::new()
+            .num_queues(2)
+            .arg("--control-socket")
+            .arg(ctl.to_str().expect("utf-8 path"));
+        let (img, mut daemon) = serve_raw(dir.path(), MIB, 0x31, &cfg);
+        // The signal handlers are installed just before this line is logged.
+        wait_for_log(&mut daemon, "serving ");
+        let data = pattern(0x32, 64 * KIB, 8192);
+        let client = connected.then(|| {
+            let mut c = Client::new(
+                &daemon.socket,
+                &ClientOpts {
+                    num_queues: 2,
+                    ..Default::default()
+                },
+            );
+            c.q(1).write_ok(64 * KIB, &data);
+            c
+        });
+        daemon.signal(sig);
+        let st = wait_exit(&mut daemon, name);
+        assert_eq!(
+            st.code(),
+            Some(0),
+            "{name}: exit status {st}\n{}",
+            daemon.log()
+        );
+        assert!(
+            !daemon.socket.exists(),
+            "{name}: vhost-user socket left behind"
+        );
+        assert!(!ctl.exists(), "{name}: control socket left behind");
+        drop(client);
+        if connected {
+            assert_bytes_eq(
+                &read_file(&img)[64 * KIB as usize..64 * KIB as usize + 8192],
+                &data,
+                64 * KIB,
+                &format!("{name}: image after exit"),
+            );
+        }
+    }
+}
+
+/// Byte 72..80 of a qcow2 v3 header: the incompatible feature bits (bit 0 dirty, bit 1
+/// corrupt).
+fn qcow2_incompatible_features(image: &Path) -> u64 {
+    let mut b = [0u8; 8];
+    File::open(image)
+        .and_then(|f| f.read_exact_at(&mut b, 72))
+        .expect("read qcow2 header");
+    u64::from_be_bytes(b)
+}
+
+/// SIGTERM while a client is connected and its writes (allocating clusters and L2 tables,
+/// never flushed) have just completed: exit 0, socket removed, and the qcow2 image is
+/// consistent and holds the data, i.e. the daemon wrote its cached metadata back and cleared
+/// the dirty bit at shutdown.
+#[test]
+fn sigterm_with_a_connected_client_leaves_a_clean_qcow2() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    let img_s = img.to_str().expect("utf-8 path");
+    let size = 64 * MIB;
+    qemu_img(&["create", "-q", "-f", "qcow2", img_s, &size.to_string()]);
+    let mut daemon = Daemon::start_format(
+        dir.path(),
+        &img,
+        "qcow2",
+        &DaemonConfig::new().num_queues(2).arg("-v"),
+    );
+    wait_for_log(&mut daemon, "serving ");
+    let mut c = Client::new(
+        &daemon.socket,
+        &ClientOpts {
+            num_queues: 2,
+            ..Default::default()
+        },
+    );
+    // Scattered writes on both queues, each allocating clusters (refcounts, L2 entries):
+    // partial clusters, one across a cluster boundary, far apart, and the last sector.
+    let writes: [(usize, u64, usize); 6] = [
+        (0, 0, 4096),
+        (1, 64 * KIB - 512, 1024),
+        (0, 5 * MIB + 3 * 512, 70 * 1024),
+        (1, 17 * MIB, 256 * 1024),
+        (0, 40 * MIB + 4096, 512),
+        (1, size - 512, 512),
+    ];
+    let mut model = vec![0u8; size as usize];
+    for (i, &(q, off, len)) in writes.iter().enumerate() {
+        let data = pattern(0x40 + i as u64, off, len);
+        c.q(q).write_ok(off, &data);
+        model[off as usize..off as usize + len].copy_from_slice(&data);
+    }
+    assert_ne!(
+        qcow2_incompatible_features(&img) & 1,
+        0,
+        "the dirty bit is not set while the daemon has unflushed allocations"
+    );
+
+    daemon.signal(libc::SIGTERM);
+    let st = wait_exit(&mut daemon, "SIGTERM");
+    assert_eq!(
+        st.code(),
+        Some(0),
+        "SIGTERM: exit status {st}\n{}",
+        daemon.log()
+    );
+    assert!(!daemon.socket.exists(), "SIGTERM: socket left behind");
+    drop(c);
+
+    assert_eq!(
+        qcow2_incompatible_features(&img) & 3,
+        0,
+        "dirty or corrupt bit set after a clean shutdown"
+    );
+    let check = qemu_img_check(&img);
+    assert!(
+        check.clean(),
+        "qemu-img check after SIGTERM:\n{}",
+        check.output
+    );
+    let raw = dir.path().join("disk.raw");
+    let raw_s = raw.to_str().expect("utf-8 path");
+    qemu_img(&["convert", "-f", "qcow2", "-O", "raw", img_s, raw_s]);
+    assert_bytes_eq(&read_file(&raw), &model, 0, "qcow2 contents after SIGTERM");
 }
 
 // ---------------------------------------------------------------------------------------------
