@@ -1,9 +1,10 @@
 // Daemon options through the real binary (started as a child process) and a libblkio client, one
-// section per option: `--direct`, `--writethrough`, `--queue-size` and the shutdown signals.
+// section per option: `--direct`, `--writethrough`, `--queue-size`, the shutdown signals and a raw
+// block device (a loop device).
 //
 // Requests libblkio cannot send go through other frontends: a chain with more data segments than
 // `seg_max` (which only fits in a ring through an indirect descriptor table) through the small
-// `indirect` frontend at the end of this file.
+// `indirect` frontend at the end of this file; writes to a read-only disk through `common::raw`.
 
 mod common;
 
@@ -819,6 +820,182 @@ fn sigterm_with_a_connected_client_leaves_a_clean_qcow2() {
     assert_bytes_eq(&read_file(&raw), &model, 0, "qcow2 contents after SIGTERM");
 }
 
+// ---------------------------------------------------------------------------------------------
+// Raw block device (loop device)
+// ---------------------------------------------------------------------------------------------
+
+/// A loop device over a file, detached on drop.
+struct LoopDev {
+    dev: PathBuf,
+}
+
+impl LoopDev {
+    /// Err(why) when this cannot be done here (not root, no losetup, no loop devices).
+    fn attach(file: &Path) -> Result<LoopDev, String> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("loop devices need root".into());
+        }
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .map_err(|e| format!("cannot run losetup: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "losetup -f --show failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        Ok(LoopDev { dev: dev.into() })
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+#[test]
+fn loop_block_device_serves_io_discard_and_write_zeroes() {
+    const SEED: u64 = 0xB1;
+    let size = 64 * MIB;
+    let dir = tempfile::tempdir().unwrap();
+    let backing = create_image(dir.path(), "backing.img", size, Some(SEED));
+    let lo = match LoopDev::attach(&backing) {
+        Ok(l) => l,
+        Err(why) => return skip_unless_ci(&why),
+    };
+    let mut model = pattern(SEED, 0, size as usize);
+
+    let daemon = Daemon::start(dir.path(), &lo.dev, &DaemonConfig::new().num_queues(2));
+    let mut c = Client::new(
+        &daemon.socket,
+        &ClientOpts {
+            num_queues: 2,
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        c.get_u64("capacity"),
+        size,
+        "capacity of {}",
+        lo.dev.display()
+    );
+
+    // Writes on both queues at once, then each queue reads the other's data.
+    let areas = [(MIB + 512, 300 * 1024), (33 * MIB - 4096, 200 * 1024)];
+    std::thread::scope(|s| {
+        for (q, &(off, len)) in c.queues.iter_mut().zip(&areas) {
+            s.spawn(move || {
+                for k in 0..4u64 {
+                    let at = off + k * len as u64;
+                    q.write_ok(at, &pattern(0x900 + k, at, len));
+                }
+            });
+        }
+    });
+    for (i, &(off, len)) in areas.iter().enumerate() {
+        for k in 0..4u64 {
+            let at = (off + k * len as u64) as usize;
+            model[at..at + len].copy_from_slice(&pattern(0x900 + k, at as u64, len));
+        }
+        let (start, end) = (off as usize - 4096, off as usize + 4 * len + 4096);
+        assert_bytes_eq(
+            &c.q(1 - i).read_all(start as u64, (end - start) as u64),
+            &model[start..end],
+            start as u64,
+            &format!("area {i} read on the other queue"),
+        );
+    }
+
+    // DISCARD and WRITE_ZEROES (with and without unmap) read back as zeros, the neighbouring
+    // bytes stay intact.
+    let align = (c.get_i32("discard-alignment") as u64).max(SECTOR);
+    let q = c.q(0);
+    let zeroed: [(u64, u64, Option<ReqFlags>); 5] = [
+        (8 * MIB, MIB, None),
+        (10 * MIB + 8 * align, 4 * align, None),
+        (12 * MIB + 3 * 512, 5 * 512, Some(ReqFlags::empty())),
+        (14 * MIB, MIB + 4096, Some(ReqFlags::NO_UNMAP)),
+        (20 * MIB + 512, 64 * KIB, Some(ReqFlags::NO_UNMAP)),
+    ];
+    for &(off, len, wz) in &zeroed {
+        let d = match wz {
+            None => q.discard(off, len),
+            Some(flags) => q.write_zeroes(off, len, flags),
+        };
+        assert_eq!(d.ret, 0, "{wz:?} [{off}, +{len}): {}", d.errno_name());
+        model[off as usize..(off + len) as usize].fill(0);
+        let (start, end) = (off - 8192, off + len + 8192);
+        assert_bytes_eq(
+            &q.read_all(start, end - start),
+            &model[start as usize..end as usize],
+            start,
+            &format!(
+                "around {} [{off}, +{len})",
+                if wz.is_some() {
+                    "write-zeroes"
+                } else {
+                    "discard"
+                }
+            ),
+        );
+    }
+    assert_eq!(q.flush().ret, 0, "FLUSH on a block device");
+    assert_bytes_eq(&q.read_all(0, size), &model, 0, "whole device");
+    drop(c);
+    daemon.terminate_ok();
+    // The daemon has exited (it flushes the device, and closing the last handle of a block
+    // device syncs it), so the loop driver has passed everything on to the backing file.
+    assert_bytes_eq(&read_file(&backing), &model, 0, "backing file");
+
+    // Read-only: reads are served, every modification fails in the device.
+    use common::raw::*;
+    let mut daemon = Daemon::start(dir.path(), &lo.dev, &DaemonConfig::new().read_only());
+    let mut c = RawClient::connect(&daemon.socket);
+    assert_ne!(
+        c.device_features & F_RO,
+        0,
+        "read-only device without VIRTIO_BLK_F_RO"
+    );
+    assert_eq!(c.request(T_IN, 16, 4096, None), S_OK, "read, read-only");
+    assert_bytes_eq(
+        &c.data()[..4096],
+        &model[8192..12288],
+        8192,
+        "read-only read",
+    );
+    c.data()[..4096].fill(0x5A);
+    assert_eq!(
+        c.request(T_OUT, 16, 4096, None),
+        S_IOERR,
+        "write, read-only"
+    );
+    let seg = Some((64, 8, 0));
+    assert_eq!(
+        c.request(T_DISCARD, 0, 0, seg),
+        S_IOERR,
+        "discard, read-only"
+    );
+    assert_eq!(
+        c.request(T_WRITE_ZEROES, 0, 0, seg),
+        S_IOERR,
+        "write-zeroes, read-only"
+    );
+    assert_eq!(c.request(T_FLUSH, 0, 0, None), S_OK, "flush, read-only");
+    daemon.assert_running();
+    drop(c);
+    daemon.terminate_ok();
+    assert_bytes_eq(
+        &read_file(&backing),
+        &model,
+        0,
+        "backing file after read-only",
+    );
+}
 // ---------------------------------------------------------------------------------------------
 // A vhost-user frontend that sends each request through an indirect descriptor table
 // ---------------------------------------------------------------------------------------------
