@@ -1,10 +1,11 @@
 // Daemon options through the real binary (started as a child process) and a libblkio client, one
-// section per option: `--direct`, `--writethrough`, `--queue-size`, the shutdown signals and a raw
-// block device (a loop device).
+// section per option: `--direct`, `--writethrough`, `--queue-size`, the shutdown signals, a raw
+// block device (a loop device) and `--logical-block-size 4096`.
 //
 // Requests libblkio cannot send go through other frontends: a chain with more data segments than
 // `seg_max` (which only fits in a ring through an indirect descriptor table) through the small
-// `indirect` frontend at the end of this file; writes to a read-only disk through `common::raw`.
+// `indirect` frontend at the end of this file; writes to a read-only disk and unaligned requests
+// through `common::raw`.
 
 mod common;
 
@@ -996,6 +997,62 @@ fn loop_block_device_serves_io_discard_and_write_zeroes() {
         "backing file after read-only",
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// --logical-block-size 4096 (capacity and aligned I/O: tests/blkio_client.rs)
+// ---------------------------------------------------------------------------------------------
+
+/// Requests aligned to 512 but not to 4096 fail in the device and touch nothing; libblkio
+/// refuses to send them itself, so they go through the raw frontend.
+#[test]
+fn logical_block_size_4096_refuses_512_aligned_requests() {
+    use common::raw::*;
+    let size = 2 * MIB;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = DaemonConfig::new().logical_block_size(4096).num_queues(1);
+    let (img, mut daemon) = serve_raw(dir.path(), size, 0x4B, &cfg);
+    let before = read_file(&img);
+    let mut c = RawClient::connect(&daemon.socket);
+    c.data()[..8192].fill(0xC3);
+    let cases = [
+        ("read at sector 1", T_IN, 1, 4096, None),
+        ("read of 512 bytes", T_IN, 8, 512, None),
+        ("write at sector 9", T_OUT, 9, 4096, None),
+        ("write of 4096 + 512 bytes", T_OUT, 16, 4608, None),
+        (
+            "write-zeroes at sector 4",
+            T_WRITE_ZEROES,
+            0,
+            0,
+            Some((4, 8, 0)),
+        ),
+        ("discard of 7 sectors", T_DISCARD, 0, 0, Some((8, 7, 0))),
+    ];
+    for (what, t, sector, len, seg) in cases {
+        assert_eq!(c.request(t, sector, len, seg), S_IOERR, "{what}");
+    }
+    daemon.assert_running();
+    // Aligned requests work (away from the ranges above, which must stay untouched).
+    assert_eq!(c.request(T_OUT, 24, 4096, None), S_OK, "aligned write");
+    assert_eq!(c.request(T_IN, 24, 8192, None), S_OK, "aligned read");
+    let mut expected = before;
+    expected[12288..16384].fill(0xC3);
+    assert_bytes_eq(
+        &c.data()[..8192],
+        &expected[12288..20480],
+        12288,
+        "read-back",
+    );
+    drop(c);
+    daemon.terminate_ok();
+    assert_bytes_eq(
+        &read_file(&img),
+        &expected,
+        0,
+        "image after refused requests",
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // A vhost-user frontend that sends each request through an indirect descriptor table
 // ---------------------------------------------------------------------------------------------
