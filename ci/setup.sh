@@ -16,7 +16,7 @@ die() { echo "[ci/setup] ERROR: $*" >&2; exit 1; }
 export DEBIAN_FRONTEND=noninteractive
 
 # Packages from the normal bookworm suite.
-BASE_PKGS=(busybox-static fio e2fsprogs cpio gzip xz-utils zstd util-linux kmod shellcheck)
+BASE_PKGS=(busybox-static fio e2fsprogs cpio gzip xz-utils zstd util-linux kmod shellcheck strace)
 # Packages that must come from bookworm-backports (matching qemu-utils 10).
 BPO_PKGS=(qemu-system-x86 qemu-utils)
 
