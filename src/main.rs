@@ -332,6 +332,12 @@ fn open(cli: &Cli) -> Result<(PathBuf, Arc<dyn BlockImage>)> {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    // Signals are taken over first, before any file or socket is created: a SIGTERM that
+    // arrives while the image is opened or the socket bound then still means "shut down
+    // cleanly" (the loop sees the request and returns at once), not death by the default
+    // action with the socket left behind.
+    let shutdown = Arc::new(Shutdown::new()?);
+    handle_signals(shutdown.clone())?;
     let listen = match (cli.socket_path.clone(), cli.fd) {
         (Some(p), None) => ListenOn::Path(p),
         (None, Some(fd)) => ListenOn::Fd(fd),
@@ -396,8 +402,6 @@ fn run(cli: Cli) -> Result<()> {
             return Err(e);
         }
     };
-    let shutdown = Arc::new(Shutdown::new()?);
-    handle_signals(shutdown.clone())?;
     info!(
         "serving {} ({}, {} bytes{}) on {} with {} queues of {} (cache: {})",
         path.display(),
