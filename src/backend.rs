@@ -82,6 +82,9 @@ pub struct BlkBackend {
     state: Arc<DeviceState>,
     mem: GuestMemAtomic,
     event_idx: AtomicBool,
+    /// A refused config write was logged at warn level (later ones go to debug: the guest
+    /// can repeat them at will).
+    config_write_refused: AtomicBool,
     workers: Vec<Mutex<Worker>>,
     exit_events: Vec<(EventConsumer, EventNotifier)>,
     /// Raw fds of exit-event consumers handed to vhost-user-backend (which leaks them).
@@ -115,6 +118,7 @@ impl BlkBackend {
             params,
             mem,
             event_idx: AtomicBool::new(false),
+            config_write_refused: AtomicBool::new(false),
             workers,
             exit_events,
             handed_out: Mutex::new(Vec::new()),
@@ -397,12 +401,21 @@ impl VhostUserBackend for BlkBackend {
             self.state.writeback.store(wb, Ordering::Relaxed);
             return Ok(());
         }
-        warn!(
-            "frontend tried to write {} config byte(s) at offset {offset}; only the writeback \
-             byte (with CONFIG_WCE) is writable",
+        // Ignored, not failed: vhost-user-backend ends the whole connection when set_config
+        // fails, and QEMU forwards the guest's writes of the writeback byte whether or not
+        // CONFIG_WCE was negotiated, so an error here would let a guest disconnect its own
+        // disk at will. The virtio spec has the device ignore writes to read-only fields.
+        let msg = format!(
+            "ignoring a write of {} config byte(s) at offset {offset}: only the writeback \
+             byte (with CONFIG_WCE negotiated) is writable",
             buf.len()
         );
-        Err(io::Error::from(io::ErrorKind::PermissionDenied))
+        if self.config_write_refused.swap(true, Ordering::Relaxed) {
+            debug!("{msg}");
+        } else {
+            warn!("{msg}");
+        }
+        Ok(())
     }
 
     fn update_memory(&self, _mem: GuestMemAtomic) -> io::Result<()> {

@@ -528,6 +528,36 @@ fn writeback_byte_switches_the_cache_mode() {
     );
     assert_eq!(c.get_config(wb, 1), [0], "CONFIG_WCE acked without FLUSH");
     drop(c);
+
+    // Writes the device does not allow (a read-only field; the writeback byte without
+    // CONFIG_WCE, which QEMU forwards whenever the guest changes it) are ignored: the
+    // configuration stays as it was and the connection keeps working. Failing them would
+    // make vhost-user-backend drop the connection, a disconnect the guest could trigger.
+    let mut c = RawClient::connect_with(&d.socket, conformance_opts(DEFAULT_FEATURES));
+    let before = c.get_config(0, cfg::LEN as u32);
+    assert_eq!(
+        c.set_config(0, &[0xff; 8]).expect("SET_CONFIG"),
+        0,
+        "capacity write"
+    );
+    assert_eq!(
+        c.set_config(wb, &[0]).expect("SET_CONFIG"),
+        0,
+        "writeback write without CONFIG_WCE"
+    );
+    assert_eq!(
+        c.get_config(0, cfg::LEN as u32),
+        before,
+        "configuration unchanged"
+    );
+    write_read_back(&mut c, 8, 77);
+    drop(c);
+    assert!(
+        d.log()
+            .contains("ignoring a write of 8 config byte(s) at offset 0"),
+        "{}",
+        d.log()
+    );
     d.terminate_ok();
 }
 
