@@ -46,7 +46,13 @@ fn create_qcow2(path: &str, opts: &str, size: &str) {
 }
 
 fn qemu_io(img: &Path, cmds: &[&str]) {
+    qemu_io_opts(img, &[], cmds);
+}
+
+/// `qemu-io -f qcow2 OPTS -c CMD... IMG`; fails if a command fails.
+fn qemu_io_opts(img: &Path, opts: &[&str], cmds: &[&str]) {
     let mut args = vec!["-f", "qcow2"];
+    args.extend_from_slice(opts);
     for c in cmds {
         args.push("-c");
         args.push(c);
@@ -1843,4 +1849,220 @@ fn extended_l2_write_zeroes_sets_zero_bits_of_whole_subclusters() {
     assert_eq!(at(5 * CL + 5 * SUB).depth, 1, "{m:?}");
     assert!(zero_bit((1 << 20) - 1), "{m:?}");
     assert_eq!(at((1 << 20) - SUB - 1).depth, 1, "{m:?}");
+}
+
+// ---- Hostile images: backing chains and table contents ----
+
+/// Opens `path` on another thread: a hostile image is refused (or opened) within a minute,
+/// never hangs the caller.
+fn open_within(
+    path: &Path,
+    read_only: bool,
+) -> Result<Arc<dyn BlockImage>, vhost_user_blk::error::Error> {
+    let o = opts(path, read_only);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(open_image(&o));
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+        Ok(r) => r,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("opening {} hangs", path.display())
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            panic!("opening {} panicked", path.display())
+        }
+    }
+}
+
+/// Asserts that opening `img` (read-only and writable) fails with a message containing
+/// `want`, and leaves the file as it was.
+fn assert_open_refused(img: &Path, read_only: &[bool], want: &str, what: &str) {
+    let before = std::fs::read(img).unwrap();
+    for &ro in read_only {
+        match open_within(img, ro) {
+            Ok(_) => panic!("{what}: opened (read_only {ro})"),
+            Err(e) => assert!(e.to_string().contains(want), "{what}: {e}"),
+        }
+        assert!(
+            std::fs::read(img).unwrap() == before,
+            "{what}: the image changed"
+        );
+    }
+}
+
+/// Images from qemu before 1.1 have no end marker between the header extensions and the
+/// backing file name: QEMU reads extensions only up to the name, and so must we (we used to
+/// read the name as an extension and refuse the image).
+#[test]
+fn v2_backing_name_right_after_the_extensions_opens_as_in_qemu() {
+    tools_present();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("base.raw"), pattern(3, 1 << 20)).unwrap();
+    let img = d.join("legacy.qcow2");
+    create_qcow2(
+        s(&img),
+        "compat=0.10,backing_file=base.raw,backing_fmt=raw",
+        "1M",
+    );
+    // qemu 10 writes: header (72 bytes), backing format extension (16), end marker (8),
+    // name. Move the name over the end marker, as old qemu laid it out.
+    let mut b = std::fs::read(&img).unwrap();
+    assert_eq!(
+        b[72..76],
+        [0xe2, 0x79, 0x2a, 0xca],
+        "backing format extension"
+    );
+    assert_eq!(b[88..104], *b"\0\0\0\0\0\0\0\0base.raw", "end marker, name");
+    b.copy_within(96..104, 88);
+    b[96..104].fill(0);
+    b[8..16].copy_from_slice(&88u64.to_be_bytes());
+    std::fs::write(&img, &b).unwrap();
+    let info = qemu_img(&["info", s(&img)]);
+    assert!(
+        info.contains("backing file: base.raw") && info.contains("backing file format: raw"),
+        "{info}"
+    );
+    let mut model = to_raw(d, &img, &[]);
+    assert_same(&model, &pattern(3, 1 << 20), "QEMU's view");
+    assert_same(&read_all(open_ro(&img).as_ref()), &model, "read-only");
+    let im = open(&img);
+    let p = pattern(4, 10_000);
+    write(im.queue_handle().unwrap().as_mut(), 5000, &p);
+    model[5000..15_000].copy_from_slice(&p);
+    im.close().unwrap();
+    drop(im);
+    verify_closed(d, &img, &model, "after our write");
+}
+
+/// Backing and data file references the header extensions name but we must not follow:
+/// another format, a JSON or URL name (QEMU would open a network connection or any driver),
+/// a missing file, and an image that uses a data file without naming it. Each is refused at
+/// open, read-only and writable, with the name in the message, and the image is untouched.
+#[test]
+fn bad_backing_and_data_file_references_are_refused() {
+    tools_present();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("base.raw"), vec![0u8; 1 << 20]).unwrap();
+    let json = r#"json:{"driver":"raw","file":{"driver":"file","filename":"base.raw"}}"#;
+    let cases = [
+        (
+            "base.raw",
+            "vmdk",
+            "backing file 'base.raw' has format 'vmdk'",
+        ),
+        (json, "raw", "is not a plain file name"),
+        (
+            "nbd://127.0.0.1/x",
+            "raw",
+            "'nbd://127.0.0.1/x' is not a plain file name",
+        ),
+        ("missing.raw", "raw", "missing.raw"),
+    ];
+    let img = d.join("r.qcow2");
+    for (backing, format, want) in cases {
+        let _ = std::fs::remove_file(&img);
+        create_qcow2(s(&img), "", "1M");
+        qemu_img(&["rebase", "-u", "-b", backing, "-F", format, s(&img)]);
+        assert_open_refused(&img, &[true, false], want, backing);
+    }
+    // The data file bit without the extension naming the file: turn the extension into an
+    // unknown one.
+    let data = d.join("r.raw");
+    std::fs::remove_file(&img).unwrap();
+    create_qcow2(s(&img), &format!("data_file={}", s(&data)), "1M");
+    let mut b = std::fs::read(&img).unwrap();
+    let pos = b
+        .windows(4)
+        .position(|w| w == [0x44, 0x41, 0x54, 0x41])
+        .expect("data file name extension");
+    b[pos..pos + 4].copy_from_slice(&[0x12, 0x34, 0x56, 0x78]);
+    std::fs::write(&img, &b).unwrap();
+    let want = "uses an external data file but does not name it";
+    assert_open_refused(&img, &[true, false], want, "unnamed data file");
+}
+
+/// Feature bits we do not know in the compatible and autoclear fields: the image opens
+/// (an implementation may ignore them), read-only opens leave them alone, and a writer clears
+/// the unknown autoclear bit before its first write (the spec's condition for writing) and
+/// keeps the compatible one.
+#[test]
+fn unknown_compatible_and_autoclear_bits() {
+    tools_present();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("u.qcow2");
+    create_qcow2(s(&img), "", "1M");
+    let mut b = std::fs::read(&img).unwrap();
+    b[80..88].copy_from_slice(&(1u64 << 40).to_be_bytes());
+    b[88..96].copy_from_slice(&(1u64 << 33).to_be_bytes());
+    std::fs::write(&img, &b).unwrap();
+    assert_eq!(read_all(open_ro(&img).as_ref()), vec![0u8; 1 << 20]);
+    assert!(
+        std::fs::read(&img).unwrap() == b,
+        "a read-only open changed the image"
+    );
+    let im = open(&img);
+    let mut q = im.queue_handle().unwrap();
+    let p = pattern(5, 70_000);
+    write(q.as_mut(), 1000, &p);
+    // Before any flush or close: the header already says what the write needs.
+    let now = std::fs::read(&img).unwrap();
+    assert_eq!(now[80..88], (1u64 << 40).to_be_bytes(), "compatible bits");
+    assert_eq!(now[88..96], [0; 8], "autoclear bits");
+    drop(q);
+    im.close().unwrap();
+    drop(im);
+    let mut model = vec![0u8; 1 << 20];
+    model[1000..71_000].copy_from_slice(&p);
+    verify_closed(dir.path(), &img, &model, "after the write");
+}
+
+/// A chain that loops back on itself (an image that is its own backing file, A -> B -> A)
+/// is refused by the depth limit without hanging, as is a chain one image deeper than the
+/// limit; a chain at the limit opens and reads the bottom image's data.
+#[test]
+fn backing_chain_cycles_and_excess_depth_are_refused() {
+    tools_present();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let rebase = |img: &Path, backing: &str| {
+        qemu_img(&["rebase", "-u", "-b", backing, "-F", "qcow2", s(img)]);
+    };
+    let own = d.join("own.qcow2");
+    create_qcow2(s(&own), "", "1M");
+    rebase(&own, "own.qcow2");
+    let (a, b) = (d.join("a.qcow2"), d.join("b.qcow2"));
+    create_qcow2(s(&a), "", "1M");
+    create_qcow2(s(&b), "", "1M");
+    rebase(&a, "b.qcow2");
+    rebase(&b, "a.qcow2");
+    let deeper = "backing chain deeper than 16 images";
+    assert_open_refused(&own, &[true, false], deeper, "own backing file");
+    assert_open_refused(&a, &[true, false], deeper, "A -> B -> A");
+    // c0 <- c1 <- ... <- c16: 16 images (c0..c15) are the most we follow.
+    let chain: Vec<_> = (0..=16).map(|i| d.join(format!("c{i}.qcow2"))).collect();
+    create_qcow2(s(&chain[0]), "", "1M");
+    qemu_io(&chain[0], &["write -P 0x5a 64k 4k"]);
+    for (i, img) in chain.iter().enumerate().skip(1) {
+        let backing = format!("c{}.qcow2", i - 1);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            &backing,
+            "-F",
+            "qcow2",
+            s(img),
+            "1M",
+        ]);
+    }
+    let at_limit = open_within(&chain[15], true).unwrap_or_else(|e| panic!("c15: {e}"));
+    let mut q = at_limit.queue_handle().unwrap();
+    assert_eq!(read(q.as_mut(), 64 << 10, 4096), vec![0x5a; 4096]);
+    assert_open_refused(&chain[16], &[true, false], deeper, "17 images");
 }
