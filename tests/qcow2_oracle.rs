@@ -2066,3 +2066,241 @@ fn backing_chain_cycles_and_excess_depth_are_refused() {
     assert_eq!(read(q.as_mut(), 64 << 10, 4096), vec![0x5a; 4096]);
     assert_open_refused(&chain[16], &[true, false], deeper, "17 images");
 }
+
+/// `qemu-img check --output=json` of a possibly corrupt image: (corruptions, leaks), or
+/// None when qemu cannot check it at all.
+fn qemu_check_counts(img: &Path) -> Option<(u64, u64)> {
+    let out = run("qemu-img", &["check", "--output=json", s(img)]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some((v["corruptions"].as_u64()?, v["leaks"].as_u64().unwrap_or(0)))
+}
+
+/// QEMU's view of the guest disk, or None when it cannot read all of it.
+fn qemu_view(dir: &Path, img: &Path) -> Option<Vec<u8>> {
+    let out = dir.join("view.raw");
+    let _ = std::fs::remove_file(&out);
+    let ok = run("qemu-img", &["convert", "-O", "raw", s(img), s(&out)])
+        .status
+        .success();
+    ok.then(|| std::fs::read(&out).unwrap())
+}
+
+/// Host offsets of the tables of [`small_cluster_image`].
+#[derive(Clone, Copy)]
+struct Tables {
+    l1: u64,
+    rt: u64,
+    /// The L2 tables of guest [0, 2M) and [2M, 4M).
+    l2_0: u64,
+    l2_1: u64,
+    /// The first refcount block.
+    rb0: u64,
+    /// The host cluster of guest cluster 0.
+    data0: u64,
+}
+
+impl Tables {
+    /// Where the (16-bit) refcount of the host cluster at `off` is stored.
+    fn refcount_at(&self, off: u64) -> u64 {
+        self.rb0 + (off >> 12) * 2
+    }
+}
+
+/// Creates an 8 MiB image with 4 KiB clusters (one L2 table maps 2 MiB, so guest 0, 2M and
+/// 4M use separate tables) holding 0x11 at [0, 64k) and 0x22 at [2M, 2M + 64k); returns
+/// its bytes and where its tables are.
+fn small_cluster_image(img: &Path) -> (Vec<u8>, Tables) {
+    create_qcow2(s(img), "cluster_size=4096", "8M");
+    qemu_io(img, &["write -P 0x11 0 64k", "write -P 0x22 2M 64k"]);
+    let b = std::fs::read(img).unwrap();
+    let be = |o: u64| u64::from_be_bytes(b[o as usize..o as usize + 8].try_into().unwrap());
+    const MASK: u64 = 0x00ff_ffff_ffff_fe00;
+    let (l1, rt) = (be(40), be(48));
+    let l2_0 = be(l1) & MASK;
+    let t = Tables {
+        l1,
+        rt,
+        l2_0,
+        l2_1: be(l1 + 8) & MASK,
+        rb0: be(rt),
+        data0: be(l2_0) & MASK,
+    };
+    (b, t)
+}
+
+/// Where a corrupted table entry is noticed.
+#[derive(Clone, Copy, Debug)]
+enum Noticed {
+    /// Opening refuses the image (read-only opens too when true).
+    Open(bool),
+    /// The image opens writable; the first access to guest cluster 0 fails.
+    Access,
+    /// Like `Access`, with guest cluster 0 mapped onto metadata: QEMU reads the metadata as
+    /// its data, which changes with the metadata.
+    AccessAliased,
+}
+
+/// Corrupt L1, L2, refcount table and refcount block entries: each is refused at open or at
+/// the first access to the clusters they map, with an error naming the problem and never a
+/// panic or a hang. Afterwards the rest of the disk still works, and `qemu-img check` finds
+/// no more corruption than before, and QEMU reads the corrupt area as it did before.
+#[test]
+fn corrupt_table_entries_fail_cleanly_without_new_damage() {
+    tools_present();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("t.qcow2");
+    let (good, t) = small_cluster_image(&img);
+    let Tables {
+        l1,
+        rt,
+        l2_0,
+        l2_1,
+        rb0,
+        data0,
+    } = t;
+    let copied = 1u64 << 63;
+    use Noticed::{Access, AccessAliased, Open};
+    let cases: Vec<(&str, u64, Vec<u8>, Noticed, &str)> = vec![
+        (
+            "L1 entry unaligned",
+            l1 + 8,
+            (copied | (l2_1 + 512)).to_be_bytes().to_vec(),
+            Open(true),
+            "L1 entry 1: L2 table offset",
+        ),
+        (
+            "L1 entry with reserved bits",
+            l1 + 8,
+            (copied | 1 << 57 | l2_1).to_be_bytes().to_vec(),
+            Open(true),
+            "L1 entry 1: 0x",
+        ),
+        (
+            "L1 entry pointing at the L1 table",
+            l1 + 8,
+            (copied | l1).to_be_bytes().to_vec(),
+            Open(false),
+            "metadata overlap",
+        ),
+        (
+            "refcount table entry pointing into the L1 table",
+            rt,
+            l1.to_be_bytes().to_vec(),
+            Open(false),
+            "metadata overlap",
+        ),
+        (
+            "refcount table entry unaligned",
+            rt,
+            (rb0 + 8).to_be_bytes().to_vec(),
+            Open(false),
+            "refcount table entry 0",
+        ),
+        (
+            "refcount table entry past the end of the file",
+            rt + 8,
+            (1u64 << 40).to_be_bytes().to_vec(),
+            Open(false),
+            "refcount table entry 1",
+        ),
+        (
+            "refcount block: an L2 table is free",
+            t.refcount_at(l2_0),
+            vec![0, 0],
+            Open(false),
+            "has refcount 0",
+        ),
+        (
+            "L2 entry past the end of the file",
+            l2_0,
+            (copied | 1 << 40).to_be_bytes().to_vec(),
+            Access,
+            "past the end of the file",
+        ),
+        (
+            "L2 entry unaligned",
+            l2_0,
+            (copied | (data0 + 512)).to_be_bytes().to_vec(),
+            Access,
+            "not cluster aligned",
+        ),
+        (
+            "L2 entry pointing at the L1 table",
+            l2_0,
+            (copied | l1).to_be_bytes().to_vec(),
+            AccessAliased,
+            "holds metadata",
+        ),
+        (
+            "L2 entry pointing at its own table",
+            l2_0,
+            (copied | l2_0).to_be_bytes().to_vec(),
+            AccessAliased,
+            "holds metadata",
+        ),
+        (
+            "compressed L2 entry whose data lies in the header",
+            l2_0,
+            (1u64 << 62 | 0x100).to_be_bytes().to_vec(),
+            AccessAliased,
+            "holds metadata",
+        ),
+    ];
+    for (what, at, bytes, noticed, want) in cases {
+        let mut b = good.clone();
+        b[at as usize..at as usize + bytes.len()].copy_from_slice(&bytes);
+        std::fs::write(&img, &b).unwrap();
+        match noticed {
+            Open(ro_too) => {
+                let modes: &[bool] = if ro_too { &[true, false] } else { &[false] };
+                assert_open_refused(&img, modes, want, what);
+                continue;
+            }
+            Access | AccessAliased => {}
+        }
+        let checked = qemu_check_counts(&img);
+        let mut view = qemu_view(d, &img);
+        let im = open_within(&img, false).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let mut q = im.queue_handle().unwrap();
+        let mut buf = vec![0u8; 4096];
+        let e = q
+            .read(0, &[VolatileSlice::from(&mut buf[..])])
+            .expect_err(what);
+        assert!(e.to_string().contains(want), "{what}: read: {e}");
+        let e = q
+            .write(0, &[VolatileSlice::from(&mut buf[..])], false)
+            .expect_err(what);
+        assert!(e.to_string().contains(want), "{what}: write: {e}");
+        // The rest of the disk works: the other table reads, a new one is allocated.
+        assert_eq!(read(q.as_mut(), 2 << 20, 4096), vec![0x22; 4096], "{what}");
+        let new = 4usize << 20..(4 << 20) + (128 << 10);
+        write(q.as_mut(), new.start as u64, &vec![0x33; new.len()]);
+        q.flush().unwrap();
+        drop(q);
+        im.close().unwrap_or_else(|e| panic!("{what}: close: {e}"));
+        drop(im);
+        let after = qemu_check_counts(&img);
+        match (checked, after) {
+            (Some((c0, _)), Some((c1, _))) => {
+                assert!(c1 <= c0, "{what}: corruptions {c0} -> {c1}")
+            }
+            (x, y) => assert_eq!(x.is_some(), y.is_some(), "{what}: qemu-img check"),
+        }
+        // QEMU sees what it saw before, plus the new write.
+        qemu_io_opts(
+            &img,
+            &["-r"],
+            &["read -P 0x22 2M 64k", "read -P 0x33 4M 128k"],
+        );
+        let now = qemu_view(d, &img);
+        assert_eq!(now.is_some(), view.is_some(), "{what}: qemu-img convert");
+        if let (Some(mut now), Some(view)) = (now, view.as_mut()) {
+            view[new.clone()].fill(0x33);
+            if matches!(noticed, AccessAliased) {
+                now[..4096].copy_from_slice(&view[..4096]);
+            }
+            assert_same(&now, view, what);
+        }
+    }
+}
