@@ -1,7 +1,7 @@
-//! Host I/O errors (injected with the hidden `--inject-faults` option): the affected guest
-//! requests complete with IOERR, the daemon keeps serving, service resumes when the faults
-//! stop, and qcow2 images stay consistent. (Real ENOSPC from a full file system is in
-//! tests/enospc.rs.)
+//! Host I/O errors, EIO and ENOSPC (injected with the hidden `--inject-faults` option): the
+//! affected guest requests complete with IOERR, the daemon keeps serving, service resumes
+//! when the faults stop, and qcow2 images stay consistent. (Real ENOSPC from a full file
+//! system is in tests/enospc.rs.)
 
 mod common;
 
@@ -28,13 +28,15 @@ fn make_image(dir: &Path, format: &str) -> std::path::PathBuf {
     img
 }
 
-/// Writes 40 blocks one at a time while writes 11..=20 fail with EIO.
-fn write_faults(format: &str) {
+/// Writes 40 blocks one at a time while writes 11..=20 fail with `errno` (named `name` in
+/// the fault spec): each failed request completes with IOERR (-EIO from the client,
+/// whatever the host errno), the daemon logs the host error, and everything else reads back.
+fn write_faults(format: &str, name: &str, errno: i32) {
     let dir = tempfile::tempdir().unwrap();
     let img = make_image(dir.path(), format);
     let cfg = DaemonConfig::new()
         .arg("--inject-faults")
-        .arg("write:eio:after=10:count=10");
+        .arg(&format!("write:{name}:after=10:count=10"));
     let daemon = Daemon::start_format(dir.path(), &img, format, &cfg);
     let mut c = Client::simple(&daemon.socket);
     let mut failed = Vec::new();
@@ -62,24 +64,35 @@ fn write_faults(format: &str) {
         }
     }
     drop(c);
+    // The host error reached the log as what it was.
+    let host = std::io::Error::from_raw_os_error(errno).to_string();
+    let log = daemon.log();
+    assert_eq!(log.matches(&host).count(), 10, "{format}: {name}: {log}");
     daemon.terminate_ok();
     if format == "qcow2" {
         let check = qemu_img_check(&img);
         assert!(
             check.clean(),
-            "qemu-img check after injected EIO: {check:?}"
+            "qemu-img check after injected {name}: {check:?}"
         );
     }
 }
 
 #[test]
 fn write_eio_raw() {
-    write_faults("raw");
+    write_faults("raw", "eio", libc::EIO);
 }
 
 #[test]
 fn write_eio_qcow2() {
-    write_faults("qcow2");
+    write_faults("qcow2", "eio", libc::EIO);
+}
+
+#[test]
+fn write_enospc_raw_and_qcow2() {
+    for format in ["raw", "qcow2"] {
+        write_faults(format, "enospc", libc::ENOSPC);
+    }
 }
 
 #[test]

@@ -236,9 +236,38 @@ impl Header {
             bitmaps: None,
             feature_names: HashMap::new(),
         };
-        // Extensions first, so error messages about feature bits can use the name table.
+        // Where the backing file name lies, before the extensions: like qemu, the extension
+        // area ends at the name (qemu before 1.1 wrote it right after the extensions, with no
+        // end marker), and the name may overlap neither the header nor the extensions.
         let cluster_end = (cluster_size as usize).min(head.len());
-        h.parse_extensions(&head[..cluster_end])?;
+        let bfo = be64(head, 8);
+        let bfs = u64::from(be32(head, 16));
+        let ext_end = if bfo == 0 {
+            cluster_end
+        } else {
+            if bfs == 0 || bfs > 1023 {
+                return Err(format!(
+                    "backing file name length {bfs} out of range (1..=1023)"
+                ));
+            }
+            let header_end = if version == 3 { header_length } else { 72 };
+            if bfo < u64::from(header_end) {
+                return Err(format!(
+                    "backing file name at offset {bfo} overlaps the {header_end}-byte header"
+                ));
+            }
+            bfo.checked_add(bfs)
+                .filter(|&e| e <= cluster_end as u64)
+                .ok_or("backing file name lies outside the first cluster")?;
+            bfo as usize
+        };
+        // Extensions first, so error messages about feature bits can use the name table.
+        let bound = if bfo == 0 {
+            "the first cluster"
+        } else {
+            "the backing file name"
+        };
+        h.parse_extensions(&head[..ext_end], bound)?;
 
         let unknown = incompatible & !INCOMPAT_KNOWN;
         if unknown != 0 {
@@ -277,21 +306,10 @@ impl Header {
             ));
         }
 
-        // Backing file name.
-        let bfo = be64(head, 8);
+        // Backing file name (its place was checked above).
         if bfo != 0 {
-            let bfs = u64::from(be32(head, 16));
-            if bfs == 0 || bfs > 1023 {
-                return Err(format!(
-                    "backing file name length {bfs} out of range (1..=1023)"
-                ));
-            }
-            let end = bfo
-                .checked_add(bfs)
-                .filter(|&e| e <= cluster_end as u64)
-                .ok_or("backing file name lies outside the first cluster")?;
             h.backing_file = Some(string_of(
-                &head[bfo as usize..end as usize],
+                &head[ext_end..ext_end + bfs as usize],
                 "backing file name",
             )?);
         }
@@ -380,31 +398,30 @@ impl Header {
         Ok(h)
     }
 
-    fn parse_extensions(&mut self, cluster: &[u8]) -> Result<(), String> {
+    /// Parses the extensions in `area` (the first cluster up to the backing file name, if
+    /// any; `bound` names that end for messages). As in qemu, the extensions end at an end
+    /// marker or exactly at the end of the area.
+    fn parse_extensions(&mut self, area: &[u8], bound: &str) -> Result<(), String> {
         let mut off = self.header_length as usize;
         if self.version == 2 {
             off = 72;
         }
-        // Bounded by the first cluster: each extension takes at least 8 bytes.
-        loop {
-            if off + 8 > cluster.len() {
-                if self.version == 2 {
-                    // v2 images may have no end marker when there is no room; stop.
-                    return Ok(());
-                }
-                return Err("header extensions run past the first cluster".into());
+        // Bounded by the area: each extension takes at least 8 bytes.
+        while off < area.len() {
+            if off + 8 > area.len() {
+                return Err(format!("header extensions run past {bound}"));
             }
-            let ty = be32(cluster, off);
-            let len = be32(cluster, off + 4) as usize;
+            let ty = be32(area, off);
+            let len = be32(area, off + 4) as usize;
             if ty == 0 {
                 return Ok(());
             }
             let data_start = off + 8;
             let data_end = data_start
                 .checked_add(len)
-                .filter(|&e| e <= cluster.len())
-                .ok_or_else(|| format!("header extension {ty:#x} runs past the first cluster"))?;
-            let data = &cluster[data_start..data_end];
+                .filter(|&e| e <= area.len())
+                .ok_or_else(|| format!("header extension {ty:#x} runs past {bound}"))?;
+            let data = &area[data_start..data_end];
             match ty {
                 EXT_BACKING_FORMAT => {
                     self.backing_format = Some(string_of(data, "backing format")?);
@@ -434,6 +451,7 @@ impl Header {
             }
             off = data_start + len.div_ceil(8) * 8;
         }
+        Ok(())
     }
 }
 
@@ -499,6 +517,415 @@ mod tests {
     }
 
     const LEN: u64 = 4 << 16;
+
+    fn put32(h: &mut [u8], off: usize, v: u32) {
+        h[off..off + 4].copy_from_slice(&v.to_be_bytes());
+    }
+
+    fn put64(h: &mut [u8], off: usize, v: u64) {
+        h[off..off + 8].copy_from_slice(&v.to_be_bytes());
+    }
+
+    /// Writes a header extension at `at`; returns where the next one starts.
+    fn put_ext(h: &mut [u8], at: usize, ty: u32, data: &[u8]) -> usize {
+        put32(h, at, ty);
+        put32(h, at + 4, data.len() as u32);
+        h[at + 8..at + 8 + data.len()].copy_from_slice(data);
+        at + 8 + data.len().next_multiple_of(8)
+    }
+
+    /// Names a backing file `name` stored at `at`.
+    fn put_backing(h: &mut [u8], at: usize, name: &[u8]) {
+        put64(h, 8, at as u64);
+        put32(h, 16, name.len() as u32);
+        h[at..at + name.len()].copy_from_slice(name);
+    }
+
+    /// A header edit: a big-endian value written at a byte offset.
+    #[derive(Clone, Copy)]
+    enum Set {
+        W32(usize, u32),
+        W64(usize, u64),
+        Byte(usize, u8),
+    }
+    use Set::{Byte, W32, W64};
+
+    fn apply(h: &mut [u8], edits: &[Set]) {
+        for e in edits {
+            match *e {
+                W32(at, v) => put32(h, at, v),
+                W64(at, v) => put64(h, at, v),
+                Byte(at, v) => h[at] = v,
+            }
+        }
+    }
+
+    fn assert_refused(name: &str, h: &[u8], want: &str) {
+        match Header::parse(h, LEN) {
+            Ok(_) => panic!("{name}: accepted"),
+            Err(e) => assert!(e.contains(want), "{name}: {e:?} lacks {want:?}"),
+        }
+    }
+
+    /// Every fixed header field with an out-of-range value: the fresh header with the edits
+    /// must be refused with a message naming the field.
+    #[test]
+    fn out_of_range_fields_are_refused_naming_the_field() {
+        let max_l1 = (MAX_L1_BYTES / 8) as u32;
+        let cases: &[(&str, &[Set], &str)] = &[
+            ("version 0", &[W32(4, 0)], "unsupported qcow2 version 0"),
+            ("version 1", &[W32(4, 1)], "unsupported qcow2 version 1"),
+            (
+                "cluster_bits 8",
+                &[W32(20, 8)],
+                "cluster_bits 8 out of range",
+            ),
+            (
+                "cluster_bits 22",
+                &[W32(20, 22)],
+                "cluster_bits 22 out of range",
+            ),
+            (
+                "extended L2 with 8 KiB clusters",
+                &[W32(20, 13), W64(72, INCOMPAT_EXTL2)],
+                "extended L2 entries need cluster_bits >= 14",
+            ),
+            ("size 2^62 + 1", &[W64(24, (1 << 62) + 1)], "virtual size"),
+            (
+                "size u64::MAX",
+                &[W64(24, u64::MAX)],
+                "virtual size 18446744073709551615",
+            ),
+            (
+                "size beyond what the L1 maps with 512-byte clusters",
+                &[W32(20, 9), W64(24, 1 << 40)],
+                "L1 table too small for the virtual size (2 entries, 33554432 needed)",
+            ),
+            ("crypt_method 2 (LUKS)", &[W32(32, 2)], "crypt_method 2"),
+            (
+                "l1_size over 32 MiB",
+                &[W32(36, max_l1 + 1)],
+                "L1 table size 4194305",
+            ),
+            ("l1_table_offset 0", &[W64(40, 0)], "L1 table offset 0x0"),
+            (
+                "L1 table running past the end of the file",
+                &[W32(36, 8193)],
+                "L1 table at 0x30000 (65544 bytes) extends past the end of the file",
+            ),
+            (
+                "refcount_table_offset unaligned",
+                &[W64(48, 0x10200)],
+                "refcount table offset 0x10200 is not cluster aligned",
+            ),
+            (
+                "refcount_table_offset 0",
+                &[W64(48, 0)],
+                "refcount table offset 0x0",
+            ),
+            (
+                "refcount_table_clusters 0",
+                &[W32(56, 0)],
+                "refcount table has zero",
+            ),
+            (
+                "refcount_table_clusters u32::MAX",
+                &[W32(56, u32::MAX)],
+                "refcount table of 4294967295 clusters is too large",
+            ),
+            (
+                "refcount table running past the end of the file",
+                &[W32(56, 4)],
+                "refcount table at 0x10000 (262144 bytes) extends past the end of the file",
+            ),
+            (
+                "nb_snapshots 65537",
+                &[W32(60, 65537)],
+                "too many snapshots (65537)",
+            ),
+            (
+                "snapshots_offset 0",
+                &[W32(60, 1)],
+                "snapshot table offset 0x0 is not",
+            ),
+            (
+                "snapshots_offset unaligned",
+                &[W32(60, 1), W64(64, 0x10008)],
+                "snapshot table offset 0x10008 is not cluster aligned",
+            ),
+            (
+                "snapshots_offset at the end of the file",
+                &[W32(60, 1), W64(64, LEN)],
+                "snapshot table at 0x40000 (1 bytes) extends past the end of the file",
+            ),
+            (
+                "incompatible bit 63",
+                &[W64(72, 1 << 63)],
+                "unknown incompatible feature bit 63",
+            ),
+            (
+                "refcount_order u32::MAX",
+                &[W32(96, u32::MAX)],
+                "refcount_order 4294967295",
+            ),
+            (
+                "header_length 96",
+                &[W32(100, 96)],
+                "header_length 96 invalid",
+            ),
+            (
+                "header_length 108",
+                &[W32(100, 108)],
+                "header_length 108 invalid",
+            ),
+            (
+                "header_length > cluster",
+                &[W32(100, 65544)],
+                "header_length 65544 exceeds",
+            ),
+            (
+                "compression_type 2",
+                &[W64(72, INCOMPAT_COMPRESSION), Byte(104, 2)],
+                "unknown compression_type 2",
+            ),
+            (
+                "zstd without the compression type bit",
+                &[Byte(104, 1)],
+                "compression_type 1 without the compression type feature bit",
+            ),
+            (
+                "compression type bit with compression_type 0",
+                &[W64(72, INCOMPAT_COMPRESSION)],
+                "compression type bit set but compression_type is 0",
+            ),
+            (
+                "compression type bit with a 104-byte header",
+                &[W32(100, 104), W64(72, INCOMPAT_COMPRESSION)],
+                "the header has no compression_type",
+            ),
+            (
+                "extension length running past the cluster by one byte",
+                &[W32(112, 0x1234_5678), W32(116, 65536 - 120 + 1)],
+                "header extension 0x12345678 runs past the first cluster",
+            ),
+            (
+                "backing_file_offset u64::MAX",
+                &[W64(8, u64::MAX), W32(16, 4)],
+                "backing file name lies outside the first cluster",
+            ),
+            (
+                "backing_file_offset + size past the cluster",
+                &[W64(8, 65536 - 3), W32(16, 4)],
+                "backing file name lies outside the first cluster",
+            ),
+            (
+                "backing_file_size 0",
+                &[W64(8, 4096)],
+                "backing file name length 0 out of",
+            ),
+            (
+                "backing_file_size 1024",
+                &[W64(8, 4096), W32(16, 1024)],
+                "backing file name length 1024 out of range",
+            ),
+            (
+                "backing file name in the header",
+                &[W64(8, 8), W32(16, 8)],
+                "backing file name at offset 8 overlaps the 112-byte header",
+            ),
+        ];
+        for (name, edits, want) in cases {
+            let mut h = fresh();
+            apply(&mut h, edits);
+            assert_refused(name, &h, want);
+        }
+    }
+
+    /// Every header extension we parse, and the backing file name, with bad contents or in a
+    /// bad place: refused with a message naming it.
+    #[test]
+    fn bad_extensions_and_backing_names_are_refused() {
+        let dir = |nb: u32, size: u64, offset: u64| {
+            let mut d = vec![0u8; 24];
+            put32(&mut d, 0, nb);
+            put64(&mut d, 8, size);
+            put64(&mut d, 16, offset);
+            d
+        };
+        let exts: &[(&str, u32, Vec<u8>, &str)] = &[
+            (
+                "backing format not UTF-8",
+                EXT_BACKING_FORMAT,
+                b"qc\xffw2".to_vec(),
+                "backing format is not valid UTF-8",
+            ),
+            (
+                "data file name not UTF-8",
+                EXT_DATA_FILE,
+                b"\xc3(.raw".to_vec(),
+                "data file name is not valid UTF-8",
+            ),
+            (
+                "bitmaps extension of 16 bytes",
+                EXT_BITMAPS,
+                vec![0; 16],
+                "bitmaps extension too short",
+            ),
+            (
+                "no bitmaps",
+                EXT_BITMAPS,
+                dir(0, 64, 2 << 16),
+                "bad bitmap count 0",
+            ),
+            (
+                "65536 bitmaps",
+                EXT_BITMAPS,
+                dir(65536, 64, 2 << 16),
+                "bad bitmap count 65536",
+            ),
+            (
+                "empty bitmap directory",
+                EXT_BITMAPS,
+                dir(1, 0, 2 << 16),
+                "bad directory size 0",
+            ),
+            (
+                "huge bitmap directory",
+                EXT_BITMAPS,
+                dir(1, u64::MAX, 2 << 16),
+                "bad directory size 18446744073709551615",
+            ),
+            (
+                "unaligned bitmap directory",
+                EXT_BITMAPS,
+                dir(1, 64, 0x20100),
+                "bitmap directory offset 0x20100 is not cluster aligned",
+            ),
+            (
+                "bitmap directory past the end",
+                EXT_BITMAPS,
+                dir(1, 64, !0xffff),
+                "bitmap directory at 0xffffffffffff0000 (64 bytes) extends past the end",
+            ),
+        ];
+        for (name, ty, data, want) in exts {
+            let mut h = fresh();
+            put_ext(&mut h, 112, *ty, data);
+            assert_refused(name, &h, want);
+        }
+        // The backing file name: not UTF-8; overlapping an extension's data; cutting an
+        // extension's header (the extension area ends where the name starts).
+        let fmt_end = 112 + 8 + 8;
+        let names: &[(&str, usize, &[u8], &str)] = &[
+            (
+                "name not UTF-8",
+                4096,
+                b"b\xffse",
+                "backing file name is not valid UTF-8",
+            ),
+            (
+                "name inside an extension",
+                fmt_end - 4,
+                b"base.qcow2",
+                "header extension 0xe2792aca runs past the backing file name",
+            ),
+            (
+                "name cutting an extension header",
+                fmt_end + 4,
+                b"base.qcow2",
+                "header extensions run past the backing file name",
+            ),
+        ];
+        for (name, at, bytes, want) in names {
+            let mut h = fresh();
+            assert_eq!(put_ext(&mut h, 112, EXT_BACKING_FORMAT, b"qcow2"), fmt_end);
+            put_backing(&mut h, *at, bytes);
+            assert_refused(name, &h, want);
+        }
+    }
+
+    /// Values at the edges of the valid ranges, and fields an implementation must ignore or
+    /// carry along, are accepted.
+    #[test]
+    fn edge_values_are_accepted() {
+        type Edit = fn(&mut Vec<u8>);
+        type Check = fn(&Header) -> bool;
+        let cases: &[(&str, Edit, Check)] = &[
+            ("size 0", |h| put64(h, 24, 0), |h| h.size == 0),
+            (
+                "cluster_bits 9",
+                |h| {
+                    put32(h, 20, 9);
+                    put64(h, 24, 64 << 10);
+                },
+                |h| h.cluster_size() == 512 && h.l2_entries() == 64,
+            ),
+            (
+                "extended L2 with 16 KiB clusters",
+                |h| {
+                    put32(h, 20, 14);
+                    put64(h, 72, INCOMPAT_EXTL2);
+                    put64(h, 24, 16 << 20);
+                },
+                |h| h.extended_l2() && h.l2_entries() == 1024,
+            ),
+            (
+                "unknown compatible and autoclear bits",
+                |h| {
+                    put64(h, 80, 1 << 40);
+                    put64(h, 88, 1 << 33);
+                },
+                |h| h.compatible == 1 << 40 && h.autoclear == 1 << 33,
+            ),
+            (
+                "refcount_order 6",
+                |h| put32(h, 96, 6),
+                |h| h.refcount_bits() == 64,
+            ),
+            (
+                "refcount_order 0",
+                |h| put32(h, 96, 0),
+                |h| h.refcount_bits() == 1,
+            ),
+            (
+                "zstd",
+                |h| {
+                    put64(h, 72, INCOMPAT_COMPRESSION);
+                    h[104] = 1;
+                },
+                |h| h.compression == Compression::Zstd,
+            ),
+            (
+                "l1_size larger than the virtual size needs",
+                |h| put32(h, 36, 8192),
+                |h| h.l1_size == 8192,
+            ),
+            (
+                "backing file name of 1023 bytes at the end of the cluster",
+                |h| put_backing(h, 65536 - 1023, &[b'n'; 1023]),
+                |h| h.backing_file.as_ref().map(String::len) == Some(1023),
+            ),
+            (
+                "extensions ending exactly at the backing file name, without an end marker",
+                |h| {
+                    let next = put_ext(h, 112, EXT_BACKING_FORMAT, b"qcow2");
+                    put_backing(h, next, b"base.qcow2");
+                },
+                |h| {
+                    h.backing_format.as_deref() == Some("qcow2")
+                        && h.backing_file.as_deref() == Some("base.qcow2")
+                },
+            ),
+        ];
+        for (name, edit, check) in cases {
+            let mut h = fresh();
+            edit(&mut h);
+            match Header::parse(&h, LEN) {
+                Ok(parsed) => assert!(check(&parsed), "{name}: {parsed:?}"),
+                Err(e) => panic!("{name}: refused: {e}"),
+            }
+        }
+    }
 
     #[test]
     fn fresh_header_parses() {
