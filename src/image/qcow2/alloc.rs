@@ -346,6 +346,46 @@ impl Clusters {
         }
     }
 
+    /// Takes every cluster out of the free bitmap and returns them as a bitmap (bit `c` of
+    /// word `c / 64`): the holes a clean image had at open, kept from allocation until
+    /// `holes::check` has made sure nothing references them (their refcount on disk may be
+    /// wrong). Clusters freed later go to the free bitmap as usual.
+    pub fn take_holes(&self) -> Vec<u64> {
+        let nsegs = self.nsegs.load(Ordering::Acquire);
+        let mut out = vec![0u64; nsegs * SEG_WORDS];
+        for s in 0..nsegs {
+            let Some(seg) = self.segs[s].get() else { break };
+            for (w, word) in seg.free.iter().enumerate() {
+                let v = word.swap(0, Ordering::AcqRel);
+                if v != 0 {
+                    self.free_count
+                        .fetch_sub(u64::from(v.count_ones()), Ordering::AcqRel);
+                    out[s * SEG_WORDS + w] = v;
+                }
+            }
+        }
+        out
+    }
+
+    /// Puts the clusters of the `holes` bitmap (from [`Clusters::take_holes`]) that still
+    /// have refcount zero back into the free bitmap; returns how many.
+    pub fn release_holes(&self, holes: &[u64]) -> u64 {
+        let mut n = 0;
+        for (w, &v) in holes.iter().enumerate() {
+            let mut v = v;
+            while v != 0 {
+                let k = u64::from(v.trailing_zeros());
+                v &= v - 1;
+                let c = HostCluster(w as u64 * 64 + k);
+                if self.get(c) == 0 && !self.is_meta(c) {
+                    self.make_free(c);
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
     /// Releases metadata cluster `c` that nothing references on disk any more and no request
     /// ever reads (an old L1 table, a bitmap data cluster): no longer metadata, one reference
     /// dropped, and at refcount zero straight into the free bitmap (no reuse epoch needed).
@@ -530,6 +570,26 @@ mod tests {
         assert_eq!(&v[..4], &[1, 1, 0, 0]);
         let (used, free) = c.usage();
         assert_eq!((used, free), (2, 1));
+    }
+
+    #[test]
+    fn holes_are_kept_from_allocation_until_released() {
+        let c = Clusters::new(vec![1, 0, 1, 0, 0, 1], 6, 15);
+        let holes = c.take_holes();
+        assert_eq!(holes[0], 0b11010);
+        // Held back: allocation goes to the end.
+        assert_eq!(c.alloc(false).unwrap(), HostCluster(6));
+        // A cluster freed now is reusable at once.
+        c.unref(HostCluster(2)).unwrap();
+        assert_eq!(c.alloc(false).unwrap(), HostCluster(2));
+        // Cluster 3 turned out to be in use: only 1 and 4 are released.
+        let mut checked = holes.clone();
+        checked[0] &= !(1 << 3);
+        assert_eq!(c.release_holes(&checked), 2);
+        let mut got = vec![c.alloc(false).unwrap().0, c.alloc(false).unwrap().0];
+        got.sort();
+        assert_eq!(got, vec![1, 4]);
+        assert_eq!(c.alloc(false).unwrap(), HostCluster(7));
     }
 
     #[test]

@@ -84,6 +84,7 @@ mod alloc;
 mod bitmap;
 mod compress;
 pub mod header;
+mod holes;
 mod io;
 mod l2;
 mod rebuild;
@@ -99,7 +100,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::{ArcSwap, Guard};
 
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use vm_memory::VolatileSlice;
 
 use self::alloc::{Clusters, HostCluster};
@@ -228,6 +229,8 @@ struct MetaState {
 
 /// State of a qcow2 image shared by all its queues.
 pub struct Qcow2Shared {
+    /// The open-time free clusters being checked in the background (holes.rs).
+    holes: Arc<holes::HoleCheck>,
     path: PathBuf,
     file: File,
     hdr: Header,
@@ -454,6 +457,7 @@ impl Qcow2Shared {
             epoch: AtomicU64::new(1),
             slots: Mutex::new(Vec::new()),
             deferred: Mutex::new(Vec::new()),
+            holes: Arc::default(),
             hdr,
         };
         if !read_only {
@@ -504,6 +508,27 @@ impl Qcow2Shared {
         let clusters = Clusters::new(rc, end, self.refcount_piece_shift());
         for c in meta_clusters {
             clusters.set_meta(c, true);
+        }
+        if !dirty {
+            // Refcounts were trusted: keep the free clusters out of use until a background
+            // check has made sure no table references them (holes.rs).
+            let holes = clusters.take_holes();
+            if holes.iter().any(|&w| w != 0) {
+                let active = self.l1.iter().map(|e| e.load(Ordering::Relaxed)).collect();
+                let l1s = rebuild::all_l1s(self, file_len, active)?;
+                let file = self.file.try_clone().map_err(rebuild::OpenError::Io)?;
+                holes::spawn(
+                    file,
+                    holes::Geometry {
+                        cluster_bits: self.cluster_bits,
+                        extended: self.extended,
+                        data_file: self.data_file.is_some(),
+                    },
+                    l1s.into_iter().map(|(l1, _)| l1).collect(),
+                    holes,
+                    self.holes.clone(),
+                );
+            }
         }
         self.clusters = Some(clusters);
         if dirty {
@@ -1742,6 +1767,13 @@ impl Qcow2Shared {
 
     fn flush_locked(&self, st: &mut MetaState) -> stdio::Result<()> {
         let clusters = self.clusters()?;
+        if let Some(h) = self.holes.take_checked() {
+            let n = clusters.release_holes(&h);
+            debug!(
+                "{}: {n} checked free cluster(s) back in use",
+                self.path.display()
+            );
+        }
         self.ensure_dirty_locked(st)?;
         let cs = self.cluster_size() as usize;
         let pending = std::mem::take(&mut *lock(&self.pending));
@@ -2884,6 +2916,56 @@ mod tests {
         img.close().unwrap();
         drop(img);
         check(&path, false);
+    }
+
+    /// Free clusters of a clean image go back into use once the background check found them
+    /// unreferenced (and a flush picked the result up); until then new clusters come from
+    /// the end of the file.
+    #[test]
+    fn checked_holes_are_reused_after_a_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.qcow2");
+        Qcow2Image::create(&path, 64 * CS).unwrap();
+        let mut img = Image::open(&path, false).unwrap();
+        for k in 0..4u64 {
+            img.write(k * CS, &mut pattern(k * CS, CS as usize))
+                .unwrap();
+        }
+        img.flush().unwrap();
+        let hole = img.lookup(CS).unwrap().unwrap();
+        img.shared.discard_range(CS, CS).unwrap();
+        img.close().unwrap();
+        drop(img);
+        let mut img = Image::open(&path, false).unwrap();
+        let end = std::fs::metadata(&path).unwrap().len();
+        img.write(10 * CS, &mut pattern(10 * CS, 4096)).unwrap();
+        assert!(
+            img.lookup(10 * CS).unwrap().unwrap() >= end,
+            "before the check, allocation goes to the end"
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut g = 11;
+        loop {
+            img.flush().unwrap();
+            img.write(g * CS, &mut pattern(g * CS, 4096)).unwrap();
+            if img.lookup(g * CS).unwrap() == Some(hole) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the hole was never reused"
+            );
+            assert!(g < 63, "the hole was never reused");
+            g += 1;
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // Data written before the reuse is intact.
+        for k in [0u64, 2, 3] {
+            let mut back = vec![0u8; CS as usize];
+            img.read(k * CS, &mut back).unwrap();
+            assert_eq!(back, pattern(k * CS, CS as usize));
+        }
+        img.close().unwrap();
     }
 
     #[test]

@@ -61,7 +61,9 @@ fn snapshots(s: &Qcow2Shared, file_len: u64) -> R<(u64, Vec<(u64, u32)>)> {
         let cs = s.cluster_size();
         if u64::from(l1_size) * 8 > super::header::MAX_L1_BYTES
             || !l1_off.is_multiple_of(cs)
-            || l1_off + u64::from(l1_size) * 8 > file_len
+            || l1_off
+                .checked_add(u64::from(l1_size) * 8)
+                .is_none_or(|end| end > file_len)
         {
             return invalid(format!("snapshot {k} has an invalid L1 table"));
         }
@@ -196,7 +198,9 @@ pub fn bitmaps(s: &Qcow2Shared, file_len: u64) -> R<Vec<(u64, u64)>> {
         if table_size * 8 > super::header::MAX_L1_BYTES
             || !table_off.is_multiple_of(cs)
             || table_off == 0
-            || table_off + table_size * 8 > file_len
+            || table_off
+                .checked_add(table_size * 8)
+                .is_none_or(|end| end > file_len)
         {
             return invalid(format!("bitmap {k} has an invalid bitmap table"));
         }
@@ -206,7 +210,10 @@ pub fn bitmaps(s: &Qcow2Shared, file_len: u64) -> R<Vec<(u64, u64)>> {
         for i in 0..table_size as usize {
             let d = be64_at(&tb, i) & OFFSET_MASK;
             if d != 0 {
-                if !d.is_multiple_of(cs) || d + cs > file_len.next_multiple_of(cs) {
+                if !d.is_multiple_of(cs)
+                    || d.checked_add(cs)
+                        .is_none_or(|end| end > file_len.next_multiple_of(cs))
+                {
                     return invalid(format!("bitmap {k} table entry {i} is invalid"));
                 }
                 v.push((d, cs));
@@ -221,7 +228,11 @@ fn rt_entries(s: &Qcow2Shared, file_len: u64) -> R<Vec<u64>> {
     let st = super::lock(&s.state);
     let cs = s.cluster_size();
     for (i, &e) in st.rt.iter().enumerate() {
-        if e & (cs - 1) != 0 || (e != 0 && e + cs > file_len.next_multiple_of(cs)) {
+        if e & (cs - 1) != 0
+            || (e != 0
+                && e.checked_add(cs)
+                    .is_none_or(|end| end > file_len.next_multiple_of(cs)))
+        {
             return invalid(format!("refcount table entry {i} ({e:#x}) is invalid"));
         }
     }
@@ -298,11 +309,46 @@ pub fn rebuild(s: &Qcow2Shared, file_len: u64) -> R<(Vec<u64>, Vec<HostCluster>)
         }
     }
     let active: Vec<u64> = s.l1.iter().map(|e| e.load(Ordering::Relaxed)).collect();
+    let l1s = all_l1s(s, file_len, active)?;
+    walk_l2(s, file_len, l1s, |c, is_table, is_active| {
+        add(c, is_table && is_active, &mut rc)
+    })?;
+    let max = if s.hdr.refcount_order == 6 {
+        u64::MAX
+    } else {
+        (1u64 << (1 << s.hdr.refcount_order)) - 1
+    };
+    if let Some(c) = rc.iter().position(|&v| v > max) {
+        return invalid(format!(
+            "cluster {:#x} has more references than the refcount width allows",
+            c as u64 * cs
+        ));
+    }
+    Ok((rc, meta))
+}
+
+/// Every L1 table of the image: `active` (the active one, marked true) and each internal
+/// snapshot's (false).
+pub fn all_l1s(s: &Qcow2Shared, file_len: u64, active: Vec<u64>) -> R<Vec<(Vec<u64>, bool)>> {
     let (_, snaps) = snapshots(s, file_len)?;
     let mut l1s = vec![(active, true)];
     for (o, n) in snaps {
         l1s.push((read_l1(s, o, n)?, false));
     }
+    Ok(l1s)
+}
+
+/// Reads every L2 table the L1 tables `l1s` reference, checking each entry, and calls
+/// `visit(cluster, is_table, is_active)` for each cluster referenced: the L2 table itself,
+/// then the host clusters of its data entries (none with an external data file, whose data
+/// clusters are not refcounted).
+pub fn walk_l2(
+    s: &Qcow2Shared,
+    file_len: u64,
+    l1s: Vec<(Vec<u64>, bool)>,
+    mut visit: impl FnMut(u64, bool, bool) -> R<()>,
+) -> R<()> {
+    let cs = s.cluster_size();
     let mut buf = vec![0u8; cs as usize];
     for (l1, is_active) in l1s {
         for (i, e) in l1.into_iter().enumerate() {
@@ -312,7 +358,7 @@ pub fn rebuild(s: &Qcow2Shared, file_len: u64) -> R<(Vec<u64>, Vec<HostCluster>)
             if off == 0 {
                 continue;
             }
-            add(off / cs, is_active, &mut rc)?;
+            visit(off / cs, true, is_active)?;
             qio::read_bytes(&s.file, off, &mut buf)?;
             for g in 0..s.l2_entries() as usize {
                 let le = be64_at(&buf, g * s.words);
@@ -330,28 +376,17 @@ pub fn rebuild(s: &Qcow2Shared, file_len: u64) -> R<(Vec<u64>, Vec<HostCluster>)
                     // The common case without the per-entry Vec of entry_refs.
                     let off = le & OFFSET_MASK;
                     if off != 0 {
-                        add(off >> s.cluster_bits, false, &mut rc)?;
+                        visit(off >> s.cluster_bits, false, is_active)?;
                     }
                 } else {
                     for c in s.entry_refs(le) {
-                        add(c.0, false, &mut rc)?;
+                        visit(c.0, false, is_active)?;
                     }
                 }
             }
         }
     }
-    let max = if s.hdr.refcount_order == 6 {
-        u64::MAX
-    } else {
-        (1u64 << (1 << s.hdr.refcount_order)) - 1
-    };
-    if let Some(c) = rc.iter().position(|&v| v > max) {
-        return invalid(format!(
-            "cluster {:#x} has more references than the refcount width allows",
-            c as u64 * cs
-        ));
-    }
-    Ok((rc, meta))
+    Ok(())
 }
 
 /// Whether the data entry `le` should have COPIED set: its cluster's refcount is 1, or it
