@@ -33,13 +33,25 @@ use vhost_user_blk::virtio_blk::{DeviceParams, DeviceState, GuestMem, RequestHan
 struct Track {
     taken: Vec<u16>,
     returned: Vec<u16>,
+    /// The head announced by `returning` and not yet `returned`.
+    returning: Option<u16>,
 }
 
 impl ChainTracker for Track {
     fn taken(&mut self, head: u16) {
         self.taken.push(head);
     }
+    fn returning(&mut self, head: u16) {
+        // The inflight region's batch bookkeeping: announced once, before the used ring moves.
+        assert_eq!(self.returning, None, "returning({head}) while another return is open");
+        self.returning = Some(head);
+    }
     fn returned(&mut self, head: u16, _used_idx: u16) {
+        assert_eq!(
+            self.returning.take(),
+            Some(head),
+            "returned({head}) without returning({head}) right before it"
+        );
         self.returned.push(head);
     }
 }
