@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 
 use log::{info, warn};
 
-use super::l2::{self, Mapping, COMPRESSED, OFFSET_MASK};
+use super::l2::{self, OFFSET_MASK};
 
 /// The result slot of one image's hole check.
 #[derive(Default)]
@@ -122,18 +122,8 @@ fn check(
                 let mut b = [0u8; 8];
                 b.copy_from_slice(&entry[..8]);
                 let le = u64::from_be_bytes(b);
-                if le & COMPRESSED == 0 {
-                    // Data, or a zero cluster that keeps its (refcounted) host cluster.
-                    let h = le & OFFSET_MASK;
-                    if h != 0 {
-                        hit(h >> geo.cluster_bits, &mut holes, "by data");
-                    }
-                } else if let Ok(Mapping::Compressed { offset, len }) =
-                    l2::decode(le, geo.cluster_bits, geo.extended)
-                {
-                    for c in l2::compressed_clusters(offset, len, geo.cluster_bits) {
-                        hit(c, &mut holes, "by compressed data");
-                    }
+                for c in l2::host_clusters(le, geo.cluster_bits, geo.extended) {
+                    hit(c, &mut holes, "by an L2 entry");
                 }
             }
         }

@@ -97,6 +97,30 @@ pub fn compressed_clusters(
     first..=last
 }
 
+/// Host clusters (indices) whose refcount the L2 entry `entry` holds: its data cluster
+/// (also for a zero cluster that keeps one), the clusters a compressed cluster's bytes span,
+/// or none (unallocated, or a compressed entry that does not decode).
+pub fn host_clusters(
+    entry: u64,
+    cluster_bits: u32,
+    extended: bool,
+) -> std::ops::RangeInclusive<u64> {
+    let none = std::ops::RangeInclusive::new(1, 0);
+    if entry & COMPRESSED != 0 {
+        match decode(entry, cluster_bits, extended) {
+            Ok(Mapping::Compressed { offset, len }) => {
+                compressed_clusters(offset, len, cluster_bits)
+            }
+            _ => none,
+        }
+    } else if entry & OFFSET_MASK != 0 {
+        let c = (entry & OFFSET_MASK) >> cluster_bits;
+        c..=c
+    } else {
+        none
+    }
+}
+
 /// Smallest write-back piece of an L2 table: one page, so a partial table write never makes
 /// the host read-modify-write a page.
 const MIN_PIECE: usize = 4096;
@@ -318,6 +342,23 @@ mod tests {
         assert!(decode(1 << 58, 16, false).is_err());
         // Extended L2: bit 0 is reserved.
         assert!(decode(ZERO, 16, true).is_err());
+    }
+
+    #[test]
+    fn host_clusters_of_each_entry_kind() {
+        let none = |r: std::ops::RangeInclusive<u64>| r.count() == 0;
+        assert!(none(host_clusters(0, 16, false)), "unallocated");
+        assert_eq!(host_clusters(COPIED | 0x30000, 16, false), 3..=3);
+        // A zero cluster that keeps its host cluster still holds its refcount.
+        assert_eq!(host_clusters(0x30000 | ZERO, 16, false), 3..=3);
+        // Compressed: offset 0xfff0, one additional sector: bytes 0xfe00..0x10200 minus the
+        // in-sector offset, i.e. clusters 0 and 1.
+        let e = COMPRESSED | (1u64 << 54) | 0xfff0;
+        assert_eq!(host_clusters(e, 16, false), 0..=1);
+        assert!(
+            none(host_clusters(COMPRESSED | COPIED, 16, false)),
+            "invalid"
+        );
     }
 
     #[test]

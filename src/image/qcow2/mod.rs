@@ -1086,20 +1086,9 @@ impl Qcow2Shared {
             // Data clusters in an external data file are not refcounted.
             return Vec::new();
         }
-        if e & COMPRESSED != 0 {
-            match l2::decode(e, self.cluster_bits, self.extended) {
-                Ok(Mapping::Compressed { offset, len }) => {
-                    l2::compressed_clusters(offset, len, self.cluster_bits)
-                        .map(HostCluster)
-                        .collect()
-                }
-                _ => Vec::new(),
-            }
-        } else if e & OFFSET_MASK != 0 {
-            vec![HostCluster((e & OFFSET_MASK) >> self.cluster_bits)]
-        } else {
-            Vec::new()
-        }
+        l2::host_clusters(e, self.cluster_bits, self.extended)
+            .map(HostCluster)
+            .collect()
     }
 
     /// Bitmap of the subclusters that bytes `[in_off, in_off + n)` of a cluster touch

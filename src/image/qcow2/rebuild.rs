@@ -370,17 +370,10 @@ pub fn walk_l2(
                 s.check_entry(le, b).map_err(|m| {
                     OpenError::Invalid(format!("L2 table at {off:#x}, entry {g}: {m}"))
                 })?;
-                if s.data_file.is_some() {
-                    // Data clusters live in the external data file: not refcounted here.
-                } else if le & COMPRESSED == 0 {
-                    // The common case without the per-entry Vec of entry_refs.
-                    let off = le & OFFSET_MASK;
-                    if off != 0 {
-                        visit(off >> s.cluster_bits, false, is_active)?;
-                    }
-                } else {
-                    for c in s.entry_refs(le) {
-                        visit(c.0, false, is_active)?;
+                // Data clusters in an external data file are not refcounted here.
+                if s.data_file.is_none() {
+                    for c in super::l2::host_clusters(le, s.cluster_bits, s.extended) {
+                        visit(c, false, is_active)?;
                     }
                 }
             }
