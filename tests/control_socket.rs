@@ -1591,34 +1591,25 @@ fn setup_errors_exit_with_one_line() {
 
     // Options that cannot work are refused before --create makes a file.
     let created = d.join("created.img");
-    assert_setup_error(
-        d,
-        &[
-            "--socket-path",
-            &sock,
-            "--blk-file",
-            &s(&created),
-            "--create",
-            "1M",
-            "--queue-size",
-            "100",
-        ],
-        &["queue size 100"],
-    );
-    assert_setup_error(
-        d,
-        &[
-            "--socket-path",
-            &sock,
-            "--blk-file",
-            &s(&created),
-            "--create",
-            "1M",
-            "--logical-block-size",
-            "1024",
-        ],
-        &["logical block size 1024"],
-    );
+    for (option, value, error) in [
+        ("--queue-size", "100", "queue size 100"),
+        ("--logical-block-size", "1024", "logical block size 1024"),
+    ] {
+        assert_setup_error(
+            d,
+            &[
+                "--socket-path",
+                &sock,
+                "--blk-file",
+                &s(&created),
+                "--create",
+                "1M",
+                option,
+                value,
+            ],
+            &[error],
+        );
+    }
     assert!(
         !created.exists(),
         "a refused start must not create the image"

@@ -2692,6 +2692,34 @@ mod tests {
     const CS: u64 = 64 << 10;
     const SPAN: u64 = CS * (CS / 8);
 
+    /// `qemu-img create -f qcow2 -o OPTS PATH SIZE` (the oracle's own image layouts).
+    fn qemu_img_create(path: &std::path::Path, opts: &str, size: &str) {
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o", opts])
+            .arg(path)
+            .arg(size)
+            .output()
+            .expect("qemu-img is needed by this test (install qemu-utils)");
+        assert!(out.status.success(), "{out:?}");
+    }
+
+    /// Asserts that `qemu-img check` finds no errors in `path`, and no leaks unless
+    /// `leaks_ok` (exit code 3: a crash may leak clusters).
+    fn assert_qemu_img_check(path: &std::path::Path, leaks_ok: bool) {
+        let out = std::process::Command::new("qemu-img")
+            .args(["check", "-f", "qcow2"])
+            .arg(path)
+            .output()
+            .expect("qemu-img is needed by this test (install qemu-utils)");
+        let code = out.status.code();
+        assert!(
+            code == Some(0) || (leaks_ok && code == Some(3)),
+            "{}: {code:?}\n{}",
+            path.display(),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
     fn pattern(off: u64, len: usize) -> Vec<u8> {
         (0..len as u64)
             .map(|k| ((off >> 9) ^ (k * 31) ^ (off >> 20)) as u8)
@@ -2846,16 +2874,7 @@ mod tests {
         }
         img.close().unwrap();
         drop(img);
-        let out = std::process::Command::new("qemu-img")
-            .args(["check", "-f", "qcow2"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        assert_qemu_img_check(&path, false);
     }
 
     /// Refcount blocks are written in place only where they changed (4 KiB pieces). With
@@ -2867,27 +2886,7 @@ mod tests {
     fn refcount_pieces_written_in_place_stay_exact() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.qcow2");
-        let st = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-o", "refcount_bits=64"])
-            .arg(&path)
-            .arg("1G")
-            .status()
-            .unwrap();
-        assert!(st.success());
-        let check = |p: &std::path::Path, leaks_ok: bool| {
-            let out = std::process::Command::new("qemu-img")
-                .args(["check", "-f", "qcow2"])
-                .arg(p)
-                .output()
-                .unwrap();
-            let code = out.status.code();
-            assert!(
-                code == Some(0) || (leaks_ok && code == Some(3)),
-                "{}: {code:?}\n{}",
-                p.display(),
-                String::from_utf8_lossy(&out.stdout)
-            );
-        };
+        qemu_img_create(&path, "refcount_bits=64", "1G");
         let mut img = Image::open(&path, false).unwrap();
         let mut d = vec![0u8; 1 << 20];
         for round in 0..5u64 {
@@ -2900,11 +2899,11 @@ mod tests {
             img.flush().unwrap();
             let copy = dir.path().join(format!("crash-{round}.qcow2"));
             std::fs::copy(&path, &copy).unwrap();
-            check(&copy, true);
+            assert_qemu_img_check(&copy, true);
         }
         img.close().unwrap();
         drop(img);
-        check(&path, false);
+        assert_qemu_img_check(&path, false);
     }
 
     /// Free clusters of a clean image go back into use once the background check found them
@@ -3018,13 +3017,7 @@ mod tests {
     fn subcluster_write_rereads_bitmap_after_reserving() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.qcow2");
-        let out = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-o", "extended_l2=on"])
-            .arg(&path)
-            .arg("1M")
-            .output()
-            .expect("qemu-img is needed by this test (install qemu-utils)");
-        assert!(out.status.success(), "{out:?}");
+        qemu_img_create(&path, "extended_l2=on", "1M");
         let sub = CS / 32;
         let mut a = Image::open(&path, false).unwrap();
         a.write(0, &mut vec![1u8; sub as usize]).unwrap();
