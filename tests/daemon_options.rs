@@ -85,12 +85,6 @@ fn wait_for_log(d: &mut Daemon, needle: &str) {
     })
 }
 
-/// Waits for the daemon to exit after `why`, and returns its status.
-#[track_caller]
-fn wait_exit(d: &mut Daemon, why: &str) -> ExitStatus {
-    wait_until(d, &format!("exit after {why}"), Daemon::exited)
-}
-
 /// A raw image of `size` bytes holding `pattern(seed, ..)`, created in `dir` and served with
 /// `cfg`.
 fn serve_raw(dir: &Path, size: u64, seed: u64, cfg: &DaemonConfig) -> (PathBuf, Daemon) {
@@ -711,7 +705,7 @@ fn sigint_and_sighup_exit_cleanly_and_remove_the_sockets() {
             c
         });
         daemon.signal(sig);
-        let st = wait_exit(&mut daemon, name);
+        let st = daemon.wait_exit(name);
         assert_eq!(
             st.code(),
             Some(0),
@@ -829,7 +823,7 @@ fn sigterm_with_a_connected_client_leaves_a_clean_qcow2() {
     );
 
     daemon.signal(libc::SIGTERM);
-    let st = wait_exit(&mut daemon, "SIGTERM");
+    let st = daemon.wait_exit("SIGTERM");
     assert_eq!(
         st.code(),
         Some(0),

@@ -270,11 +270,10 @@ impl Daemon {
     }
 
     /// Wait ≤ 10 s for the process to exit and reap it.
-    fn wait_exit(&mut self, why: &str) -> ExitStatus {
+    pub fn wait_exit(&mut self, why: &str) -> ExitStatus {
         let deadline = Instant::now() + WAIT_TIMEOUT;
         loop {
-            if let Some(status) = self.child_mut().try_wait().expect("try_wait") {
-                self.child = None;
+            if let Some(status) = self.exited() {
                 return status;
             }
             if Instant::now() >= deadline {
