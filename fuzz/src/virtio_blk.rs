@@ -174,10 +174,34 @@ pub fn run(data: &[u8], make_image: impl FnOnce(&Setup, &DeviceParams) -> Box<dy
     queue.set_ready(true);
     assert!(queue.is_valid(&mem), "harness built an invalid queue");
 
+    // Handing completions back every few requests (as the daemon does for images that run a
+    // batch sequentially) is chosen by the low bits of the start position: 0 = off.
+    handler.set_notify_every(usize::from(setup.start % 8));
     let mut track = Track::default();
-    let used_any = handler
-        .process_queue(&mut queue, &mem, &mut track, &mut || false)
-        .used;
+    let mut used_any = false;
+    let mut passes = 0u32;
+    let mut after_more = false;
+    loop {
+        let before = queue.next_avail();
+        let run = handler.process_queue(&mut queue, &mem, &mut track, &mut || false);
+        used_any |= run.used;
+        passes += 1;
+        // `more` promises that chains are waiting: the daemon's worker loop relies on the
+        // next pass taking one (else it could stop with chains nobody kicks for).
+        // (Unless the avail index is bogus, more than a queue's worth ahead: then the
+        // worker stops, as for any pass that takes nothing.)
+        let sane = queue
+            .avail_idx(&mem, Ordering::Acquire)
+            .is_ok_and(|a| (a - Wrapping(before)).0 <= setup.queue_size);
+        if after_more && sane {
+            assert_ne!(before, queue.next_avail(), "BUG: nothing taken after `more`");
+        }
+        if !run.more {
+            break;
+        }
+        after_more = true;
+        assert!(passes <= u32::from(setup.queue_size) + 1, "BUG: `more` forever");
+    }
     if crate::debug() {
         let kinds: Vec<String> = ReqKind::ALL
             .iter()

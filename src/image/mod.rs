@@ -160,6 +160,15 @@ pub trait ImageQueue: Send {
         }
     }
 
+    /// Whether [`ImageQueue::run_batch`] runs its ops one after another, each costing real
+    /// time (a copy through the page cache, metadata work). The request handler then returns
+    /// completions to the driver every few requests instead of at the end of the batch, so
+    /// the driver refills the queue while the rest runs. Images that run a batch concurrently
+    /// (io_uring) or whose ops cost nothing (null) say `false`.
+    fn sequential(&self) -> bool {
+        true
+    }
+
     /// Runs one batch op synchronously.
     fn run_op(&mut self, op: &BatchOp<'_>) -> io::Result<()> {
         if op.write {

@@ -741,6 +741,11 @@ impl ImageQueue for RawQueue {
         }
     }
 
+    fn sequential(&self) -> bool {
+        // With io_uring (O_DIRECT) a batch is in flight at once and completes together.
+        self.ring.is_none()
+    }
+
     fn read(&mut self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()> {
         self.io(offset, bufs, Dir::Read)
     }

@@ -132,6 +132,13 @@ fn kind_of(req: u32) -> ReqKind {
     }
 }
 
+/// Whether the driver has made chains available that `queue` has not taken yet.
+fn chains_waiting(queue: &Queue, mem: &GuestMem) -> bool {
+    queue
+        .avail_idx(mem, Ordering::Acquire)
+        .is_ok_and(|idx| idx.0 != queue.next_avail())
+}
+
 /// Observes descriptor chains being taken from and returned to a queue (used for vhost-user
 /// inflight I/O tracking).
 pub trait ChainTracker {
@@ -162,6 +169,9 @@ pub struct RequestHandler {
     counters: Arc<QueueCounters>,
     /// The request being prepared referenced an address outside guest memory.
     bad_address: bool,
+    /// Reads/writes per batch after which [`RequestHandler::process_queue`] returns so the
+    /// caller can tell the driver about them (`None`: only when the queue is empty).
+    notify_every: Option<usize>,
 }
 
 /// What one [`RequestHandler::process_queue`] call did.
@@ -172,6 +182,9 @@ pub struct QueueRun {
     /// A chain referenced memory the current map lacks, and the map has since changed: the
     /// chain was put back and the queue must be processed again with the new map.
     pub memory_changed: bool,
+    /// The call stopped after a batch of [`RequestHandler::notify_every`] requests, with more
+    /// chains possibly available: notify the driver, then call again.
+    pub more: bool,
 }
 
 impl RequestHandler {
@@ -190,7 +203,24 @@ impl RequestHandler {
             layout: ChainLayout::default(),
             counters,
             bad_address: false,
+            notify_every: None,
         }
+    }
+
+    /// Makes [`RequestHandler::process_queue`] return after each batch of `n` reads/writes
+    /// when more chains are waiting (with [`QueueRun::more`] set), so that their completions
+    /// reach the driver while later requests still run. Worth it when the image runs a batch
+    /// one request after another ([`ImageQueue::sequential`]) and the driver has a CPU to
+    /// run on meanwhile: a driver that went to sleep waiting for completions then wakes and
+    /// refills the queue during the rest of the batch instead of after it. `0` turns it off.
+    pub fn set_notify_every(&mut self, n: usize) {
+        self.notify_every = (n > 0).then_some(n.min(MAX_BATCH));
+    }
+
+    /// Whether the image runs a batch one request after another
+    /// ([`ImageQueue::sequential`]).
+    pub fn sequential(&self) -> bool {
+        self.image.sequential()
     }
 
     /// Lets large read batches run half on a helper thread that owns `helper`, a second
@@ -231,11 +261,13 @@ impl RequestHandler {
         let mut pending: Vec<Pending> = Vec::new();
         let mut ops: Vec<BatchOp<'_>> = Vec::new();
         let mut results: Vec<io::Result<()>> = Vec::new();
+        let limit = self.notify_every.unwrap_or(MAX_BATCH);
         loop {
-            let chain = if pending.len() < MAX_BATCH {
-                queue.pop_descriptor_chain(mem)
-            } else {
+            let full = pending.len() >= limit;
+            let chain = if full {
                 None
+            } else {
+                queue.pop_descriptor_chain(mem)
             };
             let Some(chain) = chain else {
                 if pending.is_empty() {
@@ -243,6 +275,15 @@ impl RequestHandler {
                 }
                 self.complete_batch(queue, mem, tracker, &mut pending, &mut ops, &mut results);
                 used_any = true;
+                // Return early only if chains are waiting: after the last batch the caller
+                // busy-polls for the driver's next requests instead.
+                if full && self.notify_every.is_some() && chains_waiting(queue, mem) {
+                    return QueueRun {
+                        used: true,
+                        memory_changed: false,
+                        more: true,
+                    };
+                }
                 continue;
             };
             let head = chain.head_index();
@@ -285,6 +326,7 @@ impl RequestHandler {
                     return QueueRun {
                         used: used_any,
                         memory_changed: true,
+                        more: false,
                     };
                 }
                 Step::Done(done) => {
@@ -320,6 +362,7 @@ impl RequestHandler {
         QueueRun {
             used: used_any,
             memory_changed: false,
+            more: false,
         }
     }
 

@@ -929,3 +929,81 @@ fn chain_outside_memory_is_put_back_when_the_map_changed() {
     assert_eq!(st, status::IOERR);
     assert!(r.disk.calls().is_empty());
 }
+
+/// Adds `n` one-sector write chains (header, data, status byte) to `vq`.
+fn add_write_chains(r: &Rig, vq: &MockSplitQueue<'_, GuestMem>, n: u64) {
+    let mut raw = Vec::new();
+    for i in 0..n {
+        let h = 0x1000 + i * 0x100;
+        r.header(h, req_type::OUT, i);
+        let first = raw.len() as u16;
+        raw.push(RawDescriptor::from(SplitDescriptor::new(
+            h,
+            16,
+            1,
+            first + 1,
+        )));
+        raw.push(RawDescriptor::from(SplitDescriptor::new(
+            0x2000,
+            512,
+            1,
+            first + 2,
+        )));
+        raw.push(RawDescriptor::from(SplitDescriptor::new(
+            0x3000 + i,
+            1,
+            F_WRITE,
+            0,
+        )));
+    }
+    vq.add_desc_chains(&raw, 0).unwrap();
+}
+
+#[test]
+fn notify_every_returns_after_each_batch_while_chains_wait() {
+    let mut r = Rig::new(params());
+    let vq = MockSplitQueue::new(&r.mem, 32);
+    add_write_chains(&r, &vq, 10);
+    let mut q: Queue = vq.create_queue().unwrap();
+    r.handler.set_notify_every(4);
+    let mut runs = Vec::new();
+    loop {
+        let run = r
+            .handler
+            .process_queue(&mut q, &r.mem, &mut (), &mut || false);
+        runs.push((run.used, run.more, q.next_used()));
+        if !run.more {
+            break;
+        }
+    }
+    // Two early returns with 4 completions each on the used ring, then the last 2.
+    assert_eq!(
+        runs,
+        vec![(true, true, 4), (true, true, 8), (true, false, 10)]
+    );
+    assert_eq!(r.disk.calls()[0], "batch 4");
+    for i in 0..10 {
+        let used = vq.used().ring().ref_at(i).unwrap().load();
+        assert_eq!((used.id(), used.len()), ((i * 3) as u32, 1));
+    }
+    assert_eq!(r.handler.counters().requests(ReqKind::Write), 10);
+}
+
+#[test]
+fn notify_every_does_not_return_early_when_nothing_waits() {
+    // A full batch with nothing behind it ends the call normally (the caller then polls for
+    // the driver's next requests), and with the setting off everything is one batch.
+    for (every, chains, batch) in [(4, 4, "batch 4"), (0, 10, "batch 10")] {
+        let mut r = Rig::new(params());
+        let vq = MockSplitQueue::new(&r.mem, 32);
+        add_write_chains(&r, &vq, chains);
+        let mut q: Queue = vq.create_queue().unwrap();
+        r.handler.set_notify_every(every);
+        let run = r
+            .handler
+            .process_queue(&mut q, &r.mem, &mut (), &mut || false);
+        assert!(run.used && !run.more);
+        assert_eq!(q.next_used(), chains as u16);
+        assert_eq!(r.disk.calls()[0], batch);
+    }
+}
