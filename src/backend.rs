@@ -38,7 +38,7 @@ pub const MAX_QUEUES: usize = 64;
 /// image runs a batch one request at a time ([`crate::image::ImageQueue::sequential`]). The
 /// driver, often asleep waiting, then refills the queue while the rest of the batch runs
 /// instead of after it. On the contended 2-vCPU machine 4k random reads QD32 from a qcow2
-/// went from 117k-189k to 233k-283k IOPS with 4 (8 measured the same, 16 less); see
+/// went from 117k-189k to 233k-283k IOPS with 4 (8 measured alike, 16 less); see
 /// docs/PERFORMANCE.md.
 const NOTIFY_EVERY: usize = 4;
 
