@@ -182,8 +182,10 @@ pub struct QueueRun {
     /// A chain referenced memory the current map lacks, and the map has since changed: the
     /// chain was put back and the queue must be processed again with the new map.
     pub memory_changed: bool,
-    /// The call stopped after a batch of [`RequestHandler::notify_every`] requests, with more
-    /// chains possibly available: notify the driver, then call again.
+    /// The call stopped after a batch of the size set by
+    /// [`RequestHandler::set_notify_every`] while more chains were waiting: notify the driver,
+    /// then call again (the next call takes at least one chain, unless the avail index is
+    /// bogus).
     pub more: bool,
 }
 
