@@ -28,7 +28,7 @@ use crate::device::Device;
 use crate::inflight::QueueTracker;
 use crate::interposer::Channel;
 use crate::virtio_blk::config::{features, WRITEBACK_OFFSET};
-use crate::virtio_blk::{ChainTracker, GuestMem};
+use crate::virtio_blk::{chains_waiting, ChainTracker, GuestMem};
 use crate::virtio_blk::{DeviceParams, DeviceState, RequestHandler};
 
 /// Largest number of queues: vhost-user-backend maps queues to threads with a 64-bit mask.
@@ -305,10 +305,7 @@ impl BlkBackend {
                 let deadline = Instant::now() + Duration::from_nanos(self.device.poll_ns);
                 let mut more = false;
                 while Instant::now() < deadline {
-                    if q.avail_idx(&*mem, Ordering::Acquire)
-                        .map(|idx| idx.0 != q.next_avail())
-                        .unwrap_or(false)
-                    {
+                    if chains_waiting(q, &mem) {
                         more = true;
                         break;
                     }

@@ -940,13 +940,14 @@ fn stream_and_verify(format: &str, num_queues: usize, depth: usize, rounds: u64)
     let size = (num_queues * depth) as u64 * BLOCKS_PER_SLOT * BLOCK as u64;
     let img = if format == "qcow2" {
         let p = dir.path().join("disk.qcow2");
-        let out = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&p)
-            .arg(size.to_string())
-            .output()
-            .expect("run qemu-img");
-        assert!(out.status.success(), "qemu-img create: {out:?}");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            &p.to_string_lossy(),
+            &size.to_string(),
+        ]);
         p
     } else {
         create_image(dir.path(), "disk.img", size, Some(7))

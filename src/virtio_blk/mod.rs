@@ -13,4 +13,4 @@ mod tests;
 
 pub use chain::GuestMem;
 pub use config::DeviceParams;
-pub use request::{ChainTracker, DeviceState, QueueRun, RequestHandler};
+pub use request::{chains_waiting, ChainTracker, DeviceState, QueueRun, RequestHandler};

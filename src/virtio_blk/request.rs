@@ -132,8 +132,9 @@ fn kind_of(req: u32) -> ReqKind {
     }
 }
 
-/// Whether the driver has made chains available that `queue` has not taken yet.
-fn chains_waiting(queue: &Queue, mem: &GuestMem) -> bool {
+/// Whether the driver has made chains available that `queue` has not taken yet (an
+/// unreadable avail index counts as none).
+pub fn chains_waiting(queue: &Queue, mem: &GuestMem) -> bool {
     queue
         .avail_idx(mem, Ordering::Acquire)
         .is_ok_and(|idx| idx.0 != queue.next_avail())
