@@ -90,7 +90,6 @@ fn check(
     mut holes: Vec<u64>,
 ) -> std::io::Result<(Vec<u64>, u64)> {
     let cs = 1u64 << geo.cluster_bits;
-    let words = if geo.extended { 2 } else { 1 };
     let mut found = 0u64;
     let mut hit = |c: u64, holes: &mut Vec<u64>, what: &str| {
         let (w, m) = ((c / 64) as usize, 1u64 << (c % 64));
@@ -118,10 +117,7 @@ fn check(
             if geo.data_file {
                 continue;
             }
-            for entry in buf.chunks_exact(8 * words) {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(&entry[..8]);
-                let le = u64::from_be_bytes(b);
+            for (le, _) in l2::table_entries(&buf, geo.extended) {
                 for c in l2::host_clusters(le, geo.cluster_bits, geo.extended) {
                     hit(c, &mut holes, "by an L2 entry");
                 }

@@ -121,6 +121,20 @@ pub fn host_clusters(
     }
 }
 
+/// The entries of an L2 table as stored in the file (`table` is the whole cluster), in order:
+/// each entry's first word and, with extended L2 entries, its subcluster bitmap (else 0).
+pub fn table_entries(table: &[u8], extended: bool) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let width = if extended { 16 } else { 8 };
+    table.chunks_exact(width).map(move |e| {
+        let word = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&e[i * 8..i * 8 + 8]);
+            u64::from_be_bytes(b)
+        };
+        (word(0), if extended { word(1) } else { 0 })
+    })
+}
+
 /// Smallest write-back piece of an L2 table: one page, so a partial table write never makes
 /// the host read-modify-write a page.
 const MIN_PIECE: usize = 4096;
@@ -342,6 +356,21 @@ mod tests {
         assert!(decode(1 << 58, 16, false).is_err());
         // Extended L2: bit 0 is reserved.
         assert!(decode(ZERO, 16, true).is_err());
+    }
+
+    #[test]
+    fn table_entries_in_both_layouts() {
+        let mut t = Vec::new();
+        for w in [COPIED | 0x30000, 0xff, 0x50000, 0] {
+            t.extend_from_slice(&u64::to_be_bytes(w));
+        }
+        let plain: Vec<_> = table_entries(&t, false).collect();
+        assert_eq!(
+            plain,
+            vec![(COPIED | 0x30000, 0), (0xff, 0), (0x50000, 0), (0, 0)]
+        );
+        let extended: Vec<_> = table_entries(&t, true).collect();
+        assert_eq!(extended, vec![(COPIED | 0x30000, 0xff), (0x50000, 0)]);
     }
 
     #[test]

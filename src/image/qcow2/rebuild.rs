@@ -360,13 +360,7 @@ pub fn walk_l2(
             }
             visit(off / cs, true, is_active)?;
             qio::read_bytes(&s.file, off, &mut buf)?;
-            for g in 0..s.l2_entries() as usize {
-                let le = be64_at(&buf, g * s.words);
-                let b = if s.extended {
-                    be64_at(&buf, g * 2 + 1)
-                } else {
-                    0
-                };
+            for (g, (le, b)) in super::l2::table_entries(&buf, s.extended).enumerate() {
                 s.check_entry(le, b).map_err(|m| {
                     OpenError::Invalid(format!("L2 table at {off:#x}, entry {g}: {m}"))
                 })?;
