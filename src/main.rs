@@ -16,6 +16,7 @@ use vhost_user_blk::backend::MAX_QUEUES;
 use vhost_user_blk::device::Device;
 use vhost_user_blk::image::fault::{FaultImage, FaultSpec};
 use vhost_user_blk::image::null::NullImage;
+use vhost_user_blk::image::qcow2::JournalMode;
 use vhost_user_blk::image::{
     create_image, open_image_cached, BlockImage, ImageFormat, ImageOptions,
 };
@@ -127,6 +128,19 @@ struct Cli {
     /// Open the image with O_DIRECT (bypass the host page cache).
     #[arg(long)]
     direct: bool,
+
+    /// qcow2: directory (tmpfs or ramfs) of the mapping journal, which keeps the mapping
+    /// changes of completed writes until a flush writes them to the image, so that they
+    /// survive a crash of the daemon. Default /dev/shm (if unusable: --no-journal, with a
+    /// warning).
+    #[arg(long, value_name = "DIR", conflicts_with = "no_journal")]
+    journal_dir: Option<PathBuf>,
+
+    /// qcow2: no mapping journal; instead write metadata back before completing every
+    /// request that changes a mapping (slower; completed writes still survive a crash of
+    /// the daemon).
+    #[arg(long)]
+    no_journal: bool,
 
     /// Start in write-through mode: every write is durable before it completes. By default
     /// the cache is write-back and the guest flushes; the guest can switch (CONFIG_WCE).
@@ -318,6 +332,11 @@ fn open(cli: &Cli) -> Result<(PathBuf, Arc<dyn BlockImage>)> {
             read_only: cli.read_only,
             direct: cli.direct,
             logical_block_size: cli.logical_block_size,
+            journal: match (&cli.journal_dir, cli.no_journal) {
+                (_, true) => JournalMode::Off,
+                (Some(d), false) => JournalMode::Dir(d.clone()),
+                (None, false) => JournalMode::Default,
+            },
         },
         cli.metadata_cache,
     )?;

@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_vhost_user_blk_global_optspecs
-    string join \n control-socket= socket-path= fd= print-capabilities blk-file= null-size= read-only format= create= num-queues= queue-size= serial= logical-block-size= metadata-cache= poll-us= inject-faults= direct writethrough socket-owner= socket-group= socket-mode= v/verbose h/help V/version
+    string join \n control-socket= socket-path= fd= print-capabilities blk-file= null-size= read-only format= create= num-queues= queue-size= serial= logical-block-size= metadata-cache= poll-us= inject-faults= direct journal-dir= no-journal writethrough socket-owner= socket-group= socket-mode= v/verbose h/help V/version
 end
 
 function __fish_vhost_user_blk_needs_command
@@ -38,12 +38,14 @@ complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l logical-b
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l metadata-cache -d 'qcow2: bytes of L2 tables kept in memory (e.g. 64M). Each MiB covers 8 GiB of guest space with 64 KiB clusters; the default 32M covers 256 GiB' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l poll-us -d 'After each batch, busy-poll the queue this many microseconds for more requests before sleeping (0 disables polling: lowest CPU use, higher latency)' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l inject-faults -d 'Testing only: make operations fail, e.g. write:eio:after=100:count=10 (see src/image/fault.rs)' -r
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l journal-dir -d 'qcow2: directory (tmpfs or ramfs) of the mapping journal, which keeps the mapping changes of completed writes until a flush writes them to the image, so that they survive a crash of the daemon. Default /dev/shm (if unusable: --no-journal, with a warning)' -r -F
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l socket-owner -d 'Owner (user name or uid) of the sockets the daemon creates (needs privilege)' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l socket-group -d 'Group (name or gid) of the sockets the daemon creates, e.g. the VMM\'s group together with --socket-mode 0660' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l socket-mode -d 'Permissions of the socket created by --socket-path, in octal' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l print-capabilities -d 'Print the vhost-user backend capabilities as JSON and exit'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l read-only -d 'Serve the disk read-only: every write-like request fails with IOERR'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l direct -d 'Open the image with O_DIRECT (bypass the host page cache)'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l no-journal -d 'qcow2: no mapping journal; instead write metadata back before completing every request that changes a mapping (slower; completed writes still survive a crash of the daemon)'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l writethrough -d 'Start in write-through mode: every write is durable before it completes. By default the cache is write-back and the guest flushes; the guest can switch (CONFIG_WCE)'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -s v -l verbose -d 'More log output (-v debug, -vv trace). RUST_LOG overrides'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -s h -l help -d 'Print help'

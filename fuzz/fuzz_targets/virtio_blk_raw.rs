@@ -35,6 +35,7 @@ fuzz_target!(|data: &[u8]| {
             read_only: setup.read_only,
             direct: false,
             logical_block_size: setup.lbs,
+            journal: vhost_user_blk::image::qcow2::JournalMode::Off,
         };
         let img = RawImage::open(&opts, setup.probed).expect("open raw image");
         assert_eq!(img.virtual_size(), setup.disk_size);

@@ -18,7 +18,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::qcow2::Qcow2Image;
+use super::qcow2::{JournalMode, Qcow2Image};
 use super::raw::RawImage;
 use super::BlockImage;
 use crate::error::{Error, Result};
@@ -66,6 +66,8 @@ pub struct ImageOptions {
     /// Logical block size the guest will see; with `direct` it must be a multiple of the file's
     /// O_DIRECT offset alignment.
     pub logical_block_size: u32,
+    /// qcow2: where completed mapping changes are journaled until a flush writes them back.
+    pub journal: JournalMode,
 }
 
 /// Creates a new image of `size` bytes at `path`: a sparse file for raw, an empty version 3
@@ -162,6 +164,7 @@ mod tests {
             read_only: false,
             direct: false,
             logical_block_size: 512,
+            journal: JournalMode::Default,
         }
     }
 

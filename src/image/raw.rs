@@ -845,6 +845,7 @@ mod tests {
             read_only: false,
             direct,
             logical_block_size: 512,
+            journal: crate::image::qcow2::JournalMode::Default,
         };
         RawImage::open(&opts, probed).unwrap()
     }

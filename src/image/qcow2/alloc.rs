@@ -295,6 +295,23 @@ impl Clusters {
         None
     }
 
+    /// Takes the specific cluster `c` out of the free bitmap and gives it refcount 1 (journal
+    /// replay: a mapping the journal restores references a cluster the rebuilt refcounts
+    /// found unreferenced). False, with nothing changed, if `c` is not free.
+    pub fn claim(&self, c: HostCluster) -> bool {
+        let Some(seg) = self.seg(c.0) else {
+            return false;
+        };
+        let (w, m) = bit(c.0);
+        if seg.free[w].fetch_and(!m, Ordering::AcqRel) & m == 0 {
+            return false;
+        }
+        self.free_count.fetch_sub(1, Ordering::AcqRel);
+        seg.rc[(c.0 & SEG_MASK) as usize].store(1, Ordering::Release);
+        self.mark_piece(c.0);
+        true
+    }
+
     /// Drops one reference to cluster `c`; at zero the cluster becomes free for allocation
     /// (callers only do this once the unmapping is durable).
     pub fn unref(&self, c: HostCluster) -> io::Result<()> {

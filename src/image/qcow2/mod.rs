@@ -56,6 +56,14 @@
 //! puts the old host clusters on the pending list only after the new entry is stored and
 //! its table marked dirty, so the flush that unreferences them is one that wrote the table.
 //!
+//! A crash of the daemon alone (the host and its page cache survive) must not lose a write
+//! that completed: its data is in the file, and its new L2 entry, not yet written back, is in
+//! the mapping journal (journal.rs), appended before the entry is stored. A restarted daemon
+//! replays the journal onto the dirty image after rebuilding the refcounts (replay.rs).
+//! Without a journal (`--no-journal`), a write, discard or write-zeroes flushes before it
+//! completes whenever a mapping changed since the last completed flush (its own, or one it
+//! may have written through).
+//!
 //! # Reuse
 //!
 //! A request may have looked up a mapping before a discard or copy-on-write replaced it and
@@ -86,9 +94,13 @@ mod compress;
 pub mod header;
 mod holes;
 mod io;
+pub mod journal;
 mod l2;
 mod rebuild;
 mod refcount;
+mod replay;
+#[cfg(test)]
+mod testing;
 
 use std::fs::{File, OpenOptions};
 use std::io as stdio;
@@ -293,7 +305,32 @@ pub struct Qcow2Shared {
     /// Clusters at refcount zero, tagged with the epoch they were freed in, that requests
     /// in flight since before then may still access: not yet in the free bitmap.
     deferred: Mutex<Vec<(u64, HostCluster)>>,
+    /// The mapping journal (writable top-level images; see journal.rs). Without one, a
+    /// writable image writes its metadata back before completing any request that changed a
+    /// mapping (`Qcow2Queue`), so a daemon crash still loses nothing completed.
+    journal: Option<journal::Journal>,
+    /// Without a journal: mapping changes published so far ([`Qcow2Shared::publish`]), and
+    /// how many of them a completed flush has written back (a flush covers every change
+    /// published before it started).
+    published: AtomicU64,
+    written_back: AtomicU64,
 }
+
+/// Where a writable image keeps its mapping journal (see journal.rs).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum JournalMode {
+    /// In `/dev/shm`; if that cannot be used, warn and write metadata through instead.
+    #[default]
+    Default,
+    /// In this directory (tmpfs or ramfs); failing to use it is an error.
+    Dir(PathBuf),
+    /// No journal: metadata is written back before a request that changed a mapping
+    /// completes.
+    Off,
+}
+
+/// The default journal directory.
+pub const DEFAULT_JOURNAL_DIR: &str = "/dev/shm";
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -314,8 +351,14 @@ impl Qcow2Shared {
         self.hdr.l2_entries()
     }
 
-    /// Opens an image file; `depth` counts backing levels above it.
-    fn open(path: &Path, read_only: bool, depth: u32) -> Result<Qcow2Shared> {
+    /// Opens an image file; `depth` counts backing levels above it. `journal` applies to a
+    /// writable image only.
+    fn open(
+        path: &Path,
+        read_only: bool,
+        depth: u32,
+        journal: &JournalMode,
+    ) -> Result<Qcow2Shared> {
         let inval = |reason: String| Error::InvalidImage {
             path: path.to_owned(),
             reason,
@@ -458,13 +501,28 @@ impl Qcow2Shared {
             slots: Mutex::new(Vec::new()),
             deferred: Mutex::new(Vec::new()),
             holes: Arc::default(),
+            journal: None,
+            published: AtomicU64::new(0),
+            written_back: AtomicU64::new(0),
             hdr,
         };
         if !read_only {
-            s.setup_writable(file_len).map_err(|e| match e {
+            let opened = open_journal(path, &s.file, s.cluster_bits, journal)?;
+            let recovered = opened.as_ref().map_or(&[][..], |o| &o.recovered[..]);
+            s.setup_writable(file_len, recovered).map_err(|e| match e {
                 rebuild::OpenError::Invalid(r) => inval(r),
                 rebuild::OpenError::Io(source) => open_err(source),
             })?;
+            if let Some(o) = opened {
+                // Whatever the file held is durable in the image now (or was stale).
+                o.journal.start();
+                debug!(
+                    "{}: mapping journal {}",
+                    path.display(),
+                    o.journal.path().display()
+                );
+                s.journal = Some(o.journal);
+            }
         }
         // Bitmaps are kept only when the extension is marked consistent (autoclear bit 0;
         // an older writer that did not know them cleared it).
@@ -480,9 +538,22 @@ impl Qcow2Shared {
         Ok(s)
     }
 
-    /// Loads (or rebuilds) refcounts for a writable open.
-    fn setup_writable(&mut self, file_len: u64) -> std::result::Result<(), rebuild::OpenError> {
+    /// Loads (or rebuilds) refcounts for a writable open. A dirty image first gets the
+    /// mapping changes `recovered` from the journal of the daemon that left it dirty.
+    fn setup_writable(
+        &mut self,
+        file_len: u64,
+        recovered: &[journal::Record],
+    ) -> std::result::Result<(), rebuild::OpenError> {
         let dirty = self.hdr.incompatible & INCOMPAT_DIRTY != 0;
+        if !dirty && !recovered.is_empty() {
+            warn!(
+                "{}: ignoring {} journaled mapping change(s): the image was closed cleanly \
+                 since they were recorded",
+                self.path.display(),
+                recovered.len()
+            );
+        }
         // Refcounts are kept in memory, 8 bytes per host cluster: bound that.
         if file_len >> self.cluster_bits > MAX_HOST_CLUSTERS {
             return Err(rebuild::OpenError::Invalid(format!(
@@ -532,6 +603,14 @@ impl Qcow2Shared {
         }
         self.clusters = Some(clusters);
         if dirty {
+            if !recovered.is_empty() {
+                let n = replay::apply(self, recovered)?;
+                info!(
+                    "{}: replayed {n} mapping change(s) that requests had completed with \
+                     before the previous daemon stopped",
+                    self.path.display()
+                );
+            }
             rebuild::fix_copied_flags(self)?;
             if let Some(c) = &self.clusters {
                 c.dirty_all();
@@ -706,15 +785,7 @@ impl Qcow2Shared {
         let Ok(mut st) = self.state.try_lock() else {
             return;
         };
-        let r = if self.meta_dirty.swap(false, Ordering::AcqRel) {
-            let r = self.flush_locked(&mut st);
-            if r.is_err() {
-                self.meta_dirty.store(true, Ordering::Release);
-            }
-            r
-        } else {
-            Ok(())
-        };
+        let r = self.flush_with(&mut st);
         drop(st);
         match r {
             Ok(()) => {
@@ -1132,6 +1203,7 @@ impl Qcow2Shared {
     ) -> stdio::Result<()> {
         let (i, j, in_off) = self.locate(GuestOffset(g));
         let mask = self.touched(in_off, n);
+        let (mut credit, mut credited) = (None, false);
         loop {
             let t = self.table(i)?;
             let (e, b) = self.load_entry(&t, j);
@@ -1144,10 +1216,18 @@ impl Qcow2Shared {
                 }
                 return io::write_pieces(file, h + in_off, bufs, pos, n);
             }
-            // Before reserving: setting the dirty bit may wait for a running flush, and a
-            // flush waits for reserved entries.
+            // Before reserving: setting the dirty bit and taking a journal credit may wait
+            // for a flush, and a flush waits for reserved entries.
             self.ensure_dirty()?;
-            if let Some(r) = self.write_reserved(file, scratch, &t, j, e, b, g, n, bufs, pos) {
+            if !credited {
+                credit = self.credit()?;
+                credited = true;
+                // The entry may have changed while we waited: look again.
+                continue;
+            }
+            if let Some(r) =
+                self.write_reserved(file, scratch, &t, j, e, b, g, n, bufs, pos, &mut credit)
+            {
                 return r;
             }
             std::thread::yield_now();
@@ -1170,6 +1250,7 @@ impl Qcow2Shared {
         n: u64,
         bufs: &[GuestSlice<'_>],
         pos: u64,
+        credit: &mut Option<journal::Credit<'_>>,
     ) -> Option<stdio::Result<()>> {
         let w = j * self.words;
         let in_off = g & (self.cluster_size() - 1);
@@ -1210,12 +1291,7 @@ impl Qcow2Shared {
                 Ok(())
             }
             Ok((new_e, new_b)) => {
-                if self.extended {
-                    t.entries[w + 1].store(new_b, Ordering::Release);
-                }
-                t.entries[w].store(new_e, Ordering::Release);
-                t.mark_dirty(w);
-                self.meta_dirty.store(true, Ordering::Release);
+                self.publish(t, w, g >> self.cluster_bits, new_e, new_b, credit.take());
                 // Only now, with the new entry stored and the table dirty, may the old host
                 // clusters go to `pending`: a flush that takes them then also writes this
                 // table (it snapshots dirty tables after taking `pending`), so they are
@@ -1242,6 +1318,66 @@ impl Qcow2Shared {
             self.persist_corrupt();
         }
         Some(r)
+    }
+
+    /// Makes a new value of the reserved entry at word `w` of `t` (guest cluster `cluster`)
+    /// visible: marks the table dirty, appends the change to the mapping journal, then stores
+    /// the bitmap word and last the entry word, which ends the reservation. The order is the
+    /// journal protocol's (journal.rs): a flush that reads the journal cursor after the append
+    /// finds the table dirty, and changes of one entry reach the journal in their order.
+    fn publish(
+        &self,
+        t: &L2Table,
+        w: usize,
+        cluster: u64,
+        new_e: u64,
+        new_b: u64,
+        credit: Option<journal::Credit<'_>>,
+    ) {
+        t.mark_dirty(w);
+        self.meta_dirty.store(true, Ordering::Release);
+        if self.journal.is_none() {
+            self.published.fetch_add(1, Ordering::AcqRel);
+        }
+        if let Some(c) = credit {
+            c.commit(journal::Record {
+                cluster,
+                entry: new_e,
+                bitmap: if self.extended { new_b } else { 0 },
+            });
+        }
+        if self.extended {
+            t.entries[w + 1].store(new_b, Ordering::Release);
+        }
+        t.entries[w].store(new_e, Ordering::Release);
+    }
+
+    /// A journal credit for one mapping change (`None` without a journal). Taken before the
+    /// entry is reserved: when the journal is full this writes the metadata back (a flush),
+    /// which waits for reserved entries.
+    fn credit(&self) -> stdio::Result<Option<journal::Credit<'_>>> {
+        let Some(j) = &self.journal else {
+            return Ok(None);
+        };
+        loop {
+            if j.pressure() {
+                // Make room before writers have to wait, if no flush is running already.
+                if let Ok(mut st) = self.state.try_lock() {
+                    if let Err(e) = self.flush_with(&mut st) {
+                        debug!("{}: journal write-back failed: {e}", self.path.display());
+                    }
+                }
+            }
+            if let Some(c) = j.try_credit() {
+                return Ok(Some(c));
+            }
+            // Full: a flush makes every record durable and frees the ring.
+            self.flush()?;
+            if let Some(c) = j.try_credit() {
+                return Ok(Some(c));
+            }
+            std::thread::yield_now();
+        }
     }
 
     /// Extended L2: writes request bytes `[pos, pos + n)` to `[in_off, in_off + n)` of the
@@ -1486,6 +1622,7 @@ impl Qcow2Shared {
     fn set_cluster(&self, g: u64, new_e: u64, new_b: u64) -> stdio::Result<()> {
         let (i, j, _) = self.locate(GuestOffset(g));
         let w = j * self.words;
+        let (mut credit, mut credited) = (None, false);
         loop {
             let t = self.table(i)?;
             let (e, b) = self.load_entry(&t, j);
@@ -1493,6 +1630,11 @@ impl Qcow2Shared {
                 return Ok(());
             }
             self.ensure_dirty()?;
+            if !credited {
+                credit = self.credit()?;
+                credited = true;
+                continue;
+            }
             if !t.pin() {
                 std::thread::yield_now();
                 continue;
@@ -1504,13 +1646,8 @@ impl Qcow2Shared {
                 t.unpin();
                 continue;
             }
-            if self.extended {
-                t.entries[w + 1].store(new_b, Ordering::Release);
-            }
-            t.entries[w].store(new_e, Ordering::Release);
-            t.mark_dirty(w);
+            self.publish(&t, w, g >> self.cluster_bits, new_e, new_b, credit.take());
             t.unpin();
-            self.meta_dirty.store(true, Ordering::Release);
             let refs = self.entry_refs(e);
             if !refs.is_empty() {
                 lock(&self.pending).extend(refs);
@@ -1698,6 +1835,7 @@ impl Qcow2Shared {
     fn zero_subclusters(&self, g: u64, mask: u64) -> stdio::Result<bool> {
         let (i, j, _) = self.locate(GuestOffset(g));
         let w = j * self.words;
+        let (mut credit, mut credited) = (None, false);
         loop {
             let t = self.table(i)?;
             let (e, b) = self.load_entry(&t, j);
@@ -1708,6 +1846,11 @@ impl Qcow2Shared {
                 return Ok(true);
             }
             self.ensure_dirty()?;
+            if !credited {
+                credit = self.credit()?;
+                credited = true;
+                continue;
+            }
             if !t.pin() {
                 std::thread::yield_now();
                 continue;
@@ -1721,11 +1864,9 @@ impl Qcow2Shared {
             }
             // Reread: the bitmap may have changed while the entry word kept its value.
             let b = t.entries[w + 1].load(Ordering::Acquire);
-            t.entries[w + 1].store((b & !mask) | (mask << 32), Ordering::Release);
-            t.entries[w].store(e, Ordering::Release);
-            t.mark_dirty(w);
+            let new_b = (b & !mask) | (mask << 32);
+            self.publish(&t, w, g >> self.cluster_bits, e, new_b, credit.take());
             t.unpin();
-            self.meta_dirty.store(true, Ordering::Release);
             return Ok(true);
         }
     }
@@ -1736,20 +1877,46 @@ impl Qcow2Shared {
             return Ok(());
         }
         let mut st = lock(&self.state);
-        self.persist_corrupt_locked(&mut st);
-        if !self.meta_dirty.swap(false, Ordering::AcqRel) {
-            return self.sync_guest_data();
-        }
-        let r = self.flush_locked(&mut st);
-        if r.is_err() {
-            self.meta_dirty.store(true, Ordering::Release);
-        }
+        let r = self.flush_with(&mut st);
         drop(st);
         // Written tables are clean now: bring the L2 cache back within its budget.
         if r.is_ok()
             && self.loaded.load(Ordering::Acquire) > self.cache_tables.load(Ordering::Relaxed)
         {
             self.evict_some(usize::MAX);
+        }
+        r
+    }
+
+    /// Flush with the flush lock held: writes the metadata back if any changed (else only
+    /// syncs data), and drops the journal records the flush made durable.
+    fn flush_with(&self, st: &mut MetaState) -> stdio::Result<()> {
+        self.persist_corrupt_locked(st);
+        // Journal protocol (journal.rs): the cursor is read, and every record below it
+        // committed, before the dirty tables are snapshotted.
+        let upto = self.journal.as_ref().map(|j| {
+            let c = j.cursor();
+            j.wait_committed(c);
+            c
+        });
+        // Likewise without a journal: changes published before this are in the snapshot.
+        let published = self.published.load(Ordering::Acquire);
+        let r = if self.meta_dirty.swap(false, Ordering::AcqRel) {
+            let r = self.flush_locked(st);
+            if r.is_err() {
+                self.meta_dirty.store(true, Ordering::Release);
+            }
+            r
+        } else {
+            // Nothing changed since the last completed flush, which wrote every change
+            // recorded before this cursor.
+            self.sync_guest_data()
+        };
+        if r.is_ok() {
+            if let (Some(j), Some(c)) = (&self.journal, upto) {
+                j.advance(c);
+            }
+            self.written_back.fetch_max(published, Ordering::AcqRel);
         }
         r
     }
@@ -2187,11 +2354,19 @@ impl Qcow2Shared {
 
 impl Drop for Qcow2Shared {
     fn drop(&mut self) {
-        if let Err(e) = self.close() {
-            error!(
+        match self.close() {
+            Ok(()) => {
+                // Closed cleanly: the journal holds nothing the image lacks.
+                if let Some(j) = &self.journal {
+                    if j.pending() == 0 {
+                        j.remove();
+                    }
+                }
+            }
+            Err(e) => error!(
                 "{}: closing the qcow2 image failed: {e}",
                 self.path.display()
-            );
+            ),
         }
     }
 }
@@ -2210,6 +2385,37 @@ fn check_l1_entry(e: u64, cs: u64, file_len: u64) -> std::result::Result<(), Str
         ));
     }
     Ok(())
+}
+
+/// Opens the mapping journal of a writable image as `mode` asks; `None` means there is none
+/// and metadata is written through instead (see [`JournalMode`]).
+fn open_journal(
+    image: &Path,
+    file: &File,
+    cluster_bits: u32,
+    mode: &JournalMode,
+) -> Result<Option<journal::Opened>> {
+    let dir = match mode {
+        JournalMode::Off => return Ok(None),
+        JournalMode::Default => Path::new(DEFAULT_JOURNAL_DIR),
+        JournalMode::Dir(d) => d.as_path(),
+    };
+    match journal::Journal::open(dir, file, cluster_bits) {
+        Ok(o) => Ok(Some(o)),
+        Err(e) if *mode == JournalMode::Default => {
+            warn!(
+                "{}: no mapping journal in {DEFAULT_JOURNAL_DIR} ({e}); writing metadata back \
+                 before completing each request that changes a mapping instead (slower; \
+                 --journal-dir chooses another tmpfs directory)",
+                image.display()
+            );
+            Ok(None)
+        }
+        Err(e) => Err(Error::InvalidOption(format!(
+            "--journal-dir {}: {e}",
+            dir.display()
+        ))),
+    }
 }
 
 /// Opens the external data file `name` of the image at `image` (a relative name is relative
@@ -2285,6 +2491,7 @@ fn open_backing(overlay: &Path, name: &str, format: Option<&str>, depth: u32) ->
             &path,
             true,
             depth + 1,
+            &JournalMode::Off,
         )?))),
         Some("raw") => {
             let file = File::open(&path).map_err(|source| Error::OpenImage {
@@ -2324,7 +2531,7 @@ impl Qcow2Image {
                 reason: "O_DIRECT (--direct) is not supported for qcow2 images".into(),
             });
         }
-        let shared = Qcow2Shared::open(&opts.path, opts.read_only, 0)?;
+        let shared = Qcow2Shared::open(&opts.path, opts.read_only, 0, &opts.journal)?;
         Ok(Qcow2Image {
             shared: Arc::new(shared),
         })
@@ -2487,6 +2694,29 @@ impl Qcow2Queue {
         self.shared.end_request(&self.slot);
         r
     }
+
+    /// Runs a request that may change mappings. Without a mapping journal, changed
+    /// metadata is written back before the request completes, so that a crash of the
+    /// daemon cannot lose a mapping the guest was told about (journal.rs). Flushing outside
+    /// the request: the data is written, so clusters the flush frees need not wait for us.
+    fn mapping_request(
+        &mut self,
+        durable: bool,
+        f: impl FnOnce(&Qcow2Shared, &File, &mut Scratch) -> stdio::Result<()>,
+    ) -> stdio::Result<()> {
+        self.request(f)?;
+        let s = &self.shared;
+        // Without a journal: this request may have changed a mapping, or written in place
+        // into a cluster another queue mapped a moment ago; either way, once every mapping
+        // published so far is written back, it survives a crash.
+        if durable
+            || (s.journal.is_none()
+                && s.written_back.load(Ordering::Acquire) < s.published.load(Ordering::Acquire))
+        {
+            s.flush()?;
+        }
+        Ok(())
+    }
 }
 
 impl ImageQueue for Qcow2Queue {
@@ -2496,13 +2726,9 @@ impl ImageQueue for Qcow2Queue {
     }
 
     fn write(&mut self, offset: u64, bufs: &[GuestSlice<'_>], durable: bool) -> stdio::Result<()> {
-        self.request(|s, file, scratch| s.write_range(file, scratch, offset, bufs))?;
-        // Flushing outside the request: the data is written, so clusters this flush frees
-        // need not wait for us.
-        if durable {
-            self.shared.flush()?;
-        }
-        Ok(())
+        self.mapping_request(durable, |s, file, scratch| {
+            s.write_range(file, scratch, offset, bufs)
+        })
     }
 
     fn flush(&mut self) -> stdio::Result<()> {
@@ -2510,11 +2736,13 @@ impl ImageQueue for Qcow2Queue {
     }
 
     fn discard(&mut self, offset: u64, len: u64) -> stdio::Result<()> {
-        self.request(|s, _, _| s.discard_range(offset, len))
+        self.mapping_request(false, |s, _, _| s.discard_range(offset, len))
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64, _unmap: bool) -> stdio::Result<()> {
-        self.request(|s, file, scratch| s.write_zeroes_range(file, scratch, offset, len))
+        self.mapping_request(false, |s, file, scratch| {
+            s.write_zeroes_range(file, scratch, offset, len)
+        })
     }
 }
 
@@ -2578,7 +2806,17 @@ pub mod bench_support {
     impl Image {
         /// Opens the image at `path` (repairing it first if it is dirty and writable).
         pub fn open(path: &Path, read_only: bool) -> Result<Image> {
-            let shared = Arc::new(Qcow2Shared::open(path, read_only, 0)?);
+            Image::open_journaled(path, read_only, &super::JournalMode::Off)
+        }
+
+        /// Opens the image at `path` with a mapping journal as `journal` says (replaying
+        /// what an earlier user of the image left in it).
+        pub fn open_journaled(
+            path: &Path,
+            read_only: bool,
+            journal: &super::JournalMode,
+        ) -> Result<Image> {
+            let shared = Arc::new(Qcow2Shared::open(path, read_only, 0, journal)?);
             Ok(Image {
                 slot: shared.register_slot(),
                 shared,
@@ -2681,50 +2919,43 @@ pub mod bench_support {
         pub fn close(&self) -> stdio::Result<()> {
             self.shared.close()
         }
+
+        /// Discards guest bytes `[off, off + len)`.
+        #[cfg(test)]
+        pub(crate) fn discard(&mut self, off: u64, len: u64) -> stdio::Result<()> {
+            self.shared.begin_request(&self.slot);
+            let r = self.shared.discard_range(off, len);
+            self.shared.end_request(&self.slot);
+            r
+        }
+
+        /// Makes guest bytes `[off, off + len)` read as zeros.
+        #[cfg(test)]
+        pub(crate) fn write_zeroes(&mut self, off: u64, len: u64) -> stdio::Result<()> {
+            self.shared.begin_request(&self.slot);
+            let r = self
+                .shared
+                .write_zeroes_range(&self.shared.file, &mut self.scratch, off, len);
+            self.shared.end_request(&self.slot);
+            r
+        }
+
+        /// The mapping journal's file, if the image has a journal.
+        #[cfg(test)]
+        pub(crate) fn journal_path(&self) -> Option<std::path::PathBuf> {
+            self.shared.journal.as_ref().map(|j| j.path().to_owned())
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::bench_support::Image;
+    use super::testing::{assert_qemu_img_check, pattern, qemu_img_create};
     use super::Qcow2Image;
 
     const CS: u64 = 64 << 10;
     const SPAN: u64 = CS * (CS / 8);
-
-    /// `qemu-img create -f qcow2 -o OPTS PATH SIZE` (the oracle's own image layouts).
-    fn qemu_img_create(path: &std::path::Path, opts: &str, size: &str) {
-        let out = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-o", opts])
-            .arg(path)
-            .arg(size)
-            .output()
-            .expect("qemu-img is needed by this test (install qemu-utils)");
-        assert!(out.status.success(), "{out:?}");
-    }
-
-    /// Asserts that `qemu-img check` finds no errors in `path`, and no leaks unless
-    /// `leaks_ok` (exit code 3: a crash may leak clusters).
-    fn assert_qemu_img_check(path: &std::path::Path, leaks_ok: bool) {
-        let out = std::process::Command::new("qemu-img")
-            .args(["check", "-f", "qcow2"])
-            .arg(path)
-            .output()
-            .expect("qemu-img is needed by this test (install qemu-utils)");
-        let code = out.status.code();
-        assert!(
-            code == Some(0) || (leaks_ok && code == Some(3)),
-            "{}: {code:?}\n{}",
-            path.display(),
-            String::from_utf8_lossy(&out.stdout)
-        );
-    }
-
-    fn pattern(off: u64, len: usize) -> Vec<u8> {
-        (0..len as u64)
-            .map(|k| ((off >> 9) ^ (k * 31) ^ (off >> 20)) as u8)
-            .collect()
-    }
 
     /// Reuse rule: a cluster freed while a request was in flight is not handed out again
     /// until that request has finished.
@@ -3033,9 +3264,21 @@ mod tests {
         let mut d = [3u8; 100];
         let bufs = [vm_memory::VolatileSlice::from(&mut d[..])];
         let mut scratch = super::Scratch::default();
-        s.write_reserved(&s.file, &mut scratch, &t, 0, e, b, sub, 100, &bufs, 0)
-            .unwrap()
-            .unwrap();
+        s.write_reserved(
+            &s.file,
+            &mut scratch,
+            &t,
+            0,
+            e,
+            b,
+            sub,
+            100,
+            &bufs,
+            0,
+            &mut None,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(s.load_entry(&t, 0), (e, 0b111), "allocation bits kept");
         let mut back = vec![0u8; 3 * sub as usize];
         a.read(0, &mut back).unwrap();
