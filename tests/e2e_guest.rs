@@ -424,8 +424,9 @@ fn ctl_resize(control: &Path, size: u64) -> Result<serde_json::Value, String> {
     ctl_json(control, &["resize", &size.to_string()])
 }
 
-/// Starts the daemon on `image` at `socket`, appending to `log`, and waits for the socket.
-fn start_daemon(image: &Path, socket: &Path, log: &Path) -> ChildGuard {
+/// Starts the daemon on `image` (of `format`) at `socket`, appending to `log`, and waits for
+/// the socket.
+fn start_daemon_format(image: &Path, format: &str, socket: &Path, log: &Path) -> ChildGuard {
     let _ = fs::remove_file(socket);
     let log_file = fs::OpenOptions::new()
         .create(true)
@@ -437,7 +438,7 @@ fn start_daemon(image: &Path, socket: &Path, log: &Path) -> ChildGuard {
         .arg(socket)
         .arg("--blk-file")
         .arg(image)
-        .args(["--format", "raw", "--num-queues", "2"])
+        .args(["--format", format, "--num-queues", "2"])
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(log_file.try_clone().expect("dup log"))
@@ -460,13 +461,42 @@ fn start_daemon(image: &Path, socket: &Path, log: &Path) -> ChildGuard {
     guard
 }
 
-/// Backend restart under a live guest: the guest runs a verified write workload while the
+/// The image a restart test serves.
+#[derive(Clone, Copy, Debug)]
+enum RestartImage {
+    Raw,
+    /// A fresh qcow2: every first write allocates.
+    Qcow2,
+    /// A qcow2 over a raw backing file full of data: every first write copies on write.
+    Qcow2Backing,
+}
+
+/// Backend restart under a live guest: the guest runs a verified write workload (fio with
+/// crc32c verify, and a loop that zeroes and discards slots and reads them back) while the
 /// daemon is SIGKILLed and restarted; QEMU reconnects (reconnect-ms) and the in-flight
 /// requests are resubmitted from the inflight region. The guest must see no I/O error and
-/// fio's verify must pass. `VUB_RECONNECT_RESTARTS` (default 5) sets the number of restarts;
-/// the long mode is `VUB_RECONNECT_RESTARTS=20 cargo test --test e2e_guest restarts`.
+/// every verify must pass: a completed write, discard or write-zeroes must survive a kill,
+/// flushed or not. `VUB_RECONNECT_RESTARTS` (default 5) sets the number of restarts; the long
+/// mode is `VUB_RECONNECT_RESTARTS=20 cargo test --test e2e_guest restarts`.
 #[test]
 fn guest_survives_daemon_restarts() {
+    restarts_under_guest(RestartImage::Raw);
+}
+
+/// The same on a fresh qcow2 image (allocating writes: mappings made since the last flush
+/// live in the daemon's memory and its mapping journal).
+#[test]
+fn guest_survives_daemon_restarts_qcow2() {
+    restarts_under_guest(RestartImage::Qcow2);
+}
+
+/// The same on a qcow2 image over a raw backing file (copy-on-write).
+#[test]
+fn guest_survives_daemon_restarts_qcow2_backing_file() {
+    restarts_under_guest(RestartImage::Qcow2Backing);
+}
+
+fn restarts_under_guest(kind: RestartImage) {
     if !ensure_guest() {
         return;
     }
@@ -475,14 +505,46 @@ fn guest_survives_daemon_restarts() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
     let tmp = tempfile::tempdir().expect("tempdir");
-    let image = tmp.path().join("disk.img");
     let socket = tmp.path().join("vub.sock");
     let daemon_log = tmp.path().join("daemon.log");
     let console_log = tmp.path().join("console.log");
-    File::create(&image)
-        .and_then(|f| f.set_len(IMAGE_SIZE))
-        .expect("create image");
-    let mut daemon = start_daemon(&image, &socket, &daemon_log);
+    let (image, format) = match kind {
+        RestartImage::Raw => {
+            let image = tmp.path().join("disk.img");
+            File::create(&image)
+                .and_then(|f| f.set_len(IMAGE_SIZE))
+                .expect("create image");
+            (image, "raw")
+        }
+        RestartImage::Qcow2 | RestartImage::Qcow2Backing => {
+            let image = tmp.path().join("disk.qcow2");
+            let mut args = vec![
+                "create".to_string(),
+                "-q".into(),
+                "-f".into(),
+                "qcow2".into(),
+            ];
+            if let RestartImage::Qcow2Backing = kind {
+                let base = tmp.path().join("base.raw");
+                let data: Vec<u8> = (0..IMAGE_SIZE).map(|i| (i / 512 * 7 + i) as u8).collect();
+                fs::write(&base, data).expect("write backing file");
+                args.extend([
+                    "-b".into(),
+                    base.display().to_string(),
+                    "-F".into(),
+                    "raw".into(),
+                ]);
+            }
+            args.extend([image.display().to_string(), IMAGE_SIZE.to_string()]);
+            let out = Command::new("qemu-img")
+                .args(&args)
+                .output()
+                .expect("qemu-img");
+            assert!(out.status.success(), "qemu-img create: {out:?}");
+            (image, "qcow2")
+        }
+    };
+    let mut daemon = start_daemon_format(&image, format, &socket, &daemon_log);
 
     // fio runs long enough for every restart (one every ~2 s) plus margin.
     let fio_secs = 10 + 2 * u64::from(restarts);
@@ -524,7 +586,7 @@ fn guest_survives_daemon_restarts() {
             "daemon did not die"
         );
         drop(daemon);
-        daemon = start_daemon(&image, &socket, &daemon_log);
+        daemon = start_daemon_format(&image, format, &socket, &daemon_log);
         eprintln!("e2e_guest: restart {}/{restarts} done", i + 1);
         sleep(Duration::from_millis(1500));
     }
@@ -554,16 +616,38 @@ fn guest_survives_daemon_restarts() {
         tail(&log, 30)
     );
     let resubmitted = log.matches("resubmitting").count();
+    let replayed: Vec<&str> = log.lines().filter(|l| l.contains("replayed")).collect();
     let fio: Vec<&str> = console
         .lines()
         .filter_map(|l| l.split_once("E2E-LOG fio ").map(|(_, r)| r.trim()))
         .collect();
+    let zloop: Vec<&str> = console
+        .lines()
+        .filter_map(|l| l.split_once("E2E-LOG zero-loop: ").map(|(_, r)| r.trim()))
+        .collect();
+    if format == "qcow2" {
+        // A clean shutdown writes everything back and clears the dirty bit.
+        daemon.term_first = true;
+        drop(daemon);
+        let out = Command::new("qemu-img")
+            .arg("check")
+            .arg(&image)
+            .output()
+            .expect("qemu-img check");
+        assert!(
+            out.status.success(),
+            "qemu-img check after the run: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
     let mut err = std::io::stderr();
     let _ = writeln!(
         err,
-        "e2e_guest: {restarts} daemon restarts under a running fio verify: guest saw no I/O \
-         error, verify passed; {connects} connections, {resubmitted} queue(s) resubmitted \
-         in-flight requests; fio: {}",
+        "e2e_guest [{kind:?}]: {restarts} daemon restarts under a running fio verify: guest saw \
+         no I/O error, verify passed; {connects} connections, {resubmitted} queue(s) \
+         resubmitted in-flight requests, {} journal replay(s); zero loop: {}; fio: {}",
+        replayed.len(),
+        zloop.join(" | "),
         fio.join(" | ")
     );
 }
