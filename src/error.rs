@@ -50,12 +50,18 @@ pub enum Error {
         /// What failed.
         reason: String,
     },
-    /// The daemon refused a control request, or its reply made no sense.
-    #[error("{0}")]
-    Control(String),
+    /// The daemon refused a control request (its message).
+    #[error("daemon refused: {0}")]
+    ControlRefused(String),
+    /// The daemon's reply to a control request made no sense.
+    #[error("bad reply from the daemon: {0}")]
+    ControlReply(serde_json::Error),
+    /// A control request could not be encoded.
+    #[error("cannot encode the control request: {0}")]
+    ControlEncode(serde_json::Error),
     /// The vhost-user daemon framework failed.
     #[error("vhost-user: {0}")]
-    VhostUser(String),
+    VhostUser(vhost_user_backend::Error),
     /// An I/O error with context.
     #[error("{context}: {source}")]
     Io {

@@ -10,9 +10,8 @@ use std::sync::Arc;
 
 use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand};
 use log::info;
-use serde_json::json;
 
-use vhost_user_blk::backend::MAX_QUEUES;
+use vhost_user_blk::control::{self, client as ctl, Request};
 use vhost_user_blk::device::Device;
 use vhost_user_blk::image::fault::{FaultImage, FaultSpec};
 use vhost_user_blk::image::null::NullImage;
@@ -23,8 +22,9 @@ use vhost_user_blk::server::{
     bind_socket_with, handle_signals, listener_from_fd, lookup_group, lookup_user,
     systemd_listen_fd, ListenOn, Server, Shutdown, SocketPerms,
 };
+use vhost_user_blk::vhost_user::MAX_QUEUES;
 use vhost_user_blk::virtio_blk::DeviceParams;
-use vhost_user_blk::{control, ctl, notify, Error, Result};
+use vhost_user_blk::{notify, Error, Result};
 
 /// Capabilities printed by `--print-capabilities` (vhost-user.rst, type "block").
 const CAPABILITIES: &str = r#"{"type":"block","features":["read-only","blk-file"]}"#;
@@ -212,17 +212,22 @@ fn run_ctl(args: CtlArgs) -> Result<()> {
         CtlAction::Watch => return ctl::watch(sock),
         CtlAction::Stats { format } => match format.as_deref() {
             Some("prometheus") => {
-                let r = ctl::call(sock, &json!({"command": "stats", "format": "prometheus"}))?;
+                let r = ctl::call(
+                    sock,
+                    &Request::Stats {
+                        format: Some("prometheus".into()),
+                    },
+                )?;
                 print!("{}", r.as_str().unwrap_or_default());
                 return Ok(());
             }
-            None | Some("table") => json!({"command": "stats"}),
+            None | Some("table") => Request::Stats { format: None },
             Some(f) => return Err(Error::InvalidOption(format!("unknown --format {f}"))),
         },
-        CtlAction::Flush => json!({"command": "flush"}),
-        CtlAction::Resize { size } => json!({"command": "resize", "size": size}),
-        CtlAction::Bitmaps => json!({"command": "bitmaps"}),
-        CtlAction::BitmapClear { name } => json!({"command": "bitmap-clear", "name": name}),
+        CtlAction::Flush => Request::Flush {},
+        CtlAction::Resize { size } => Request::Resize { size: *size },
+        CtlAction::Bitmaps => Request::Bitmaps {},
+        CtlAction::BitmapClear { name } => Request::BitmapClear { name: name.clone() },
     };
     let result = ctl::call(sock, &request)?;
     if args.json {

@@ -22,11 +22,11 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::backend::BlkBackend;
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::interposer;
 use crate::notify;
+use crate::sync::lock;
+use crate::vhost_user::{interposer, BlkBackend, Connection};
 
 /// Where the listening socket comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -245,10 +245,8 @@ impl Shutdown {
     /// stop) and wakes a pending `accept`.
     pub fn request(&self) {
         self.requested.store(true, Ordering::Release);
-        if let Ok(conn) = self.conn.lock() {
-            if let Some(h) = conn.as_ref() {
-                h.shutdown();
-            }
+        if let Some(h) = lock(&self.conn).as_ref() {
+            h.shutdown();
         }
         if let Err(e) = self.wake.write(1) {
             error!("waking the connection loop for shutdown failed: {e}");
@@ -294,9 +292,7 @@ impl Shutdown {
     }
 
     fn set_conn(&self, handle: Option<ShutdownHandle>) {
-        if let Ok(mut conn) = self.conn.lock() {
-            *conn = handle;
-        }
+        *lock(&self.conn) = handle;
         // A request that came in before the handle was stored must still close it.
         if self.requested() {
             self.request();
@@ -347,28 +343,28 @@ impl Server {
         info!("frontend connected");
         let _ = notify::notify("STATUS=serving a frontend");
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let channel = Arc::new(interposer::Channel::default());
+        let conn = Arc::new(Connection::default());
         let backend = Arc::new(
-            BlkBackend::new(self.device.clone(), channel.clone(), mem.clone())
+            BlkBackend::new(self.device.clone(), conn.clone(), mem.clone())
                 .map_err(|e| Error::io("create backend", e))?,
         );
         let mut daemon = VhostUserDaemon::new("vhost-user-blk".into(), backend.clone(), mem)
-            .map_err(|e| Error::VhostUser(e.to_string()))?;
+            .map_err(Error::VhostUser)?;
         // vhost-user-backend talks to our relay, which talks to the frontend.
         daemon
             .start_client(&relay.path_str)
-            .map_err(|e| Error::VhostUser(e.to_string()))?;
+            .map_err(Error::VhostUser)?;
         let handler_side = relay.accept()?;
-        let relay_threads = interposer::start(frontend, handler_side, channel.clone())
+        let relay_threads = interposer::start(frontend, handler_side, conn.clone())
             .map_err(|e| Error::io("start relay", e))?;
-        self.device.set_channel(Some(channel));
+        self.device.set_connection(Some(conn));
         self.shutdown.set_conn(daemon.shutdown_handle());
         match daemon.wait() {
             Ok(()) => info!("frontend disconnected"),
             Err(e) => info!("frontend connection ended: {e}"),
         }
         self.shutdown.set_conn(None);
-        self.device.set_channel(None);
+        self.device.set_connection(None);
         let _ = notify::notify("STATUS=waiting for a frontend");
         backend.finish_connection(daemon);
         for t in relay_threads {

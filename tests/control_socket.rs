@@ -791,7 +791,7 @@ fn unknown_fields_on_parameterless_commands_are_refused() {
 }
 
 /// Bytes that are not UTF-8 are a malformed request like any other: an error reply, and the
-/// connection stays open (src/control.rs: "A malformed line gets an error reply and the
+/// connection stays open (src/control/server.rs: "A malformed line gets an error reply and the
 /// connection stays open").
 #[test]
 fn invalid_utf8_gets_an_error_reply_and_the_connection_stays_open() {

@@ -79,9 +79,9 @@ fn latest_log(d: &Daemon) -> String {
 /// Queue size of the inflight tests: room for 10 requests in flight (3 descriptors each).
 const QSIZE: u16 = 32;
 /// Writes submitted. The N - DONE_BEFORE outstanding ones (4) fit in one batch of a worker
-/// that hands completions back early (`NOTIFY_EVERY` in src/backend.rs), so the worker takes
-/// all of them before it runs the first, which hangs; with more, it would leave the rest on
-/// the avail ring and the region would list only the batch it took.
+/// that hands completions back early (`NOTIFY_EVERY` in src/vhost_user/backend.rs), so the
+/// worker takes all of them before it runs the first, which hangs; with more, it would leave
+/// the rest on the avail ring and the region would list only the batch it took.
 const N: usize = 7;
 /// Writes that complete before the fault layer makes the next one hang.
 const DONE_BEFORE: usize = 3;

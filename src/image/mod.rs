@@ -40,7 +40,7 @@ pub struct ImageStats {
 }
 
 /// A persistent dirty bitmap of an image.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BitmapInfo {
     /// Bitmap name.
     pub name: String,
