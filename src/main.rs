@@ -171,8 +171,8 @@ struct CtlArgs {
     /// The daemon's --control-socket.
     #[arg(long, value_name = "PATH")]
     control_socket: PathBuf,
-    /// Print the raw JSON result instead of a table.
-    #[arg(long)]
+    /// Print the raw JSON result instead of a table (before or after the action).
+    #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
     action: CtlAction,
@@ -234,6 +234,8 @@ fn run_ctl(args: CtlArgs) -> Result<()> {
         println!("{result}");
     } else if matches!(args.action, CtlAction::Stats { .. }) {
         print!("{}", ctl::stats_table(&result, None));
+    } else if matches!(args.action, CtlAction::Bitmaps) {
+        print!("{}", ctl::bitmaps_table(&result)?);
     } else {
         println!(
             "{}",

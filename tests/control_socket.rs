@@ -703,6 +703,44 @@ fn qcow2_bitmaps_track_client_writes_and_clear() {
     assert_eq!(list(&mut ctl)[0]["dirty_bytes"], json!(0));
     c.q(0).write_ok(0, &pattern(3, 0, 512));
     assert_eq!(list(&mut ctl)[0]["dirty_bytes"], json!(65536));
+    // `ctl bitmaps` prints a table; `--json` (before or after the action) the result.
+    let p = s.ctl.to_str().unwrap().to_owned();
+    let ctl_bin = |args: &[&str]| {
+        let mut all = vec!["ctl", "--control-socket", &p];
+        all.extend_from_slice(args);
+        let (st, out, err) = run_bin(s.dir.path(), &all);
+        assert!(st.success(), "ctl {args:?}: {st}: {err}");
+        out
+    };
+    let table = ctl_bin(&["bitmaps"]);
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            vec![
+                "name",
+                "granularity",
+                "enabled",
+                "inconsistent",
+                "dirty",
+                "bytes"
+            ],
+            vec!["backup-0", "65536", "yes", "no", "65536"],
+        ],
+        "{table}"
+    );
+    for args in [&["--json", "bitmaps"][..], &["bitmaps", "--json"]] {
+        let out = ctl_bin(args);
+        let v: Value = serde_json::from_str(out.trim()).expect("ctl bitmaps --json prints JSON");
+        assert_eq!(
+            v["bitmaps"][0]["dirty_bytes"],
+            json!(65536),
+            "{args:?}: {out}"
+        );
+    }
     drop(c);
     s.daemon.terminate_ok();
     let info = qemu_img_info(&s.image);
@@ -1132,6 +1170,12 @@ fn ctl_subcommand_talks_to_the_daemon() {
     let v: Value = serde_json::from_str(out.trim()).expect("ctl --json stats prints JSON");
     assert_eq!(n(&v["queues"][0]["requests"]["write"]), 4);
     assert_eq!(out.trim().lines().count(), 1, "one line of JSON");
+    // --json after the action, as the README writes it, does the same.
+    let (st, out, err) = ctl(&["stats", "--json"]);
+    assert!(st.success(), "ctl stats --json: {err}");
+    let v: Value = serde_json::from_str(out.trim()).expect("ctl stats --json prints JSON");
+    assert_eq!(n(&v["queues"][0]["requests"]["write"]), 4);
+    assert_eq!(out.trim().lines().count(), 1, "one line of JSON");
 
     // flush.
     let (st, out, err) = ctl(&["flush"]);
@@ -1164,6 +1208,9 @@ fn ctl_subcommand_talks_to_the_daemon() {
     let (st, out, _) = ctl(&["--json", "bitmaps"]);
     assert!(st.success());
     assert_eq!(out.trim(), r#"{"bitmaps":[]}"#);
+    let (st, out, _) = ctl(&["bitmaps"]);
+    assert!(st.success());
+    assert_eq!(out, "no persistent dirty bitmaps\n");
 
     // A bad size is a command-line error (exit 2) and never reaches the daemon.
     let (st, _, err) = ctl(&["resize", "12Q"]);

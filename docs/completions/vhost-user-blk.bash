@@ -221,7 +221,7 @@ _vhost__user__blk() {
             return 0
             ;;
         vhost__subcmd__user__subcmd__blk__subcmd__ctl__subcmd__bitmap__subcmd__clear)
-            opts="-h --help"
+            opts="-h --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -235,7 +235,7 @@ _vhost__user__blk() {
             return 0
             ;;
         vhost__subcmd__user__subcmd__blk__subcmd__ctl__subcmd__bitmaps)
-            opts="-h --help"
+            opts="-h --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -249,7 +249,7 @@ _vhost__user__blk() {
             return 0
             ;;
         vhost__subcmd__user__subcmd__blk__subcmd__ctl__subcmd__flush)
-            opts="-h --help"
+            opts="-h --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -375,7 +375,7 @@ _vhost__user__blk() {
             return 0
             ;;
         vhost__subcmd__user__subcmd__blk__subcmd__ctl__subcmd__resize)
-            opts="-h --help"
+            opts="-h --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -389,7 +389,7 @@ _vhost__user__blk() {
             return 0
             ;;
         vhost__subcmd__user__subcmd__blk__subcmd__ctl__subcmd__stats)
-            opts="-h --format --help"
+            opts="-h --format --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -407,7 +407,7 @@ _vhost__user__blk() {
             return 0
             ;;
         vhost__subcmd__user__subcmd__blk__subcmd__ctl__subcmd__watch)
-            opts="-h --help"
+            opts="-h --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

@@ -189,25 +189,11 @@ mod tests {
             {"name": "b", "granularity": 4096, "enabled": false,
              "inconsistent": true, "dirty_bytes": null},
         ]});
-        let table = bitmaps_table(&v).unwrap();
-        let rows: Vec<Vec<&str>> = table
-            .lines()
-            .map(|l| l.split_whitespace().collect())
-            .collect();
         assert_eq!(
-            rows,
-            [
-                vec![
-                    "name",
-                    "granularity",
-                    "enabled",
-                    "inconsistent",
-                    "dirty",
-                    "bytes"
-                ],
-                vec!["backup-0", "65536", "yes", "no", "196608"],
-                vec!["b", "4096", "no", "yes", "-"],
-            ]
+            bitmaps_table(&v).unwrap(),
+            "name     granularity enabled inconsistent    dirty bytes\n\
+             backup-0       65536     yes           no         196608\n\
+             b               4096      no          yes              -\n"
         );
         assert_eq!(
             bitmaps_table(&json!({"bitmaps": []})).unwrap(),
