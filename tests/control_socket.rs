@@ -7,6 +7,9 @@
 //! (libblkio, see tests/common). Every wait is bounded and every child process is killed by a
 //! guard when a test fails.
 
+// A test reports a failure by panicking: unwrap and expect are how it does so.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::fs::{self, File};
@@ -1337,6 +1340,7 @@ fn sockets_are_0600_by_default_and_honour_socket_mode() {
 fn clear_cloexec(fd: libc::c_int) -> std::io::Result<()> {
     // SAFETY: fcntl on an fd this process owns.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    // SAFETY: as above.
     if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) } < 0 {
         return Err(std::io::Error::last_os_error());
     }

@@ -1,42 +1,45 @@
-// Crash consistency: "never lose a write".
-//
-// For each image kind (raw; qcow2 with 64 KiB clusters; qcow2 with 4 KiB clusters; qcow2 over a
-// raw backing file; qcow2 whose clusters all start compressed, so first writes copy-on-write and
-// free the old host clusters; qcow2 with extended L2 over a raw backing file, so writes allocate
-// single subclusters; qcow2 with an external data file) a loop:
-//
-//   1. start the daemon on the image (after a SIGKILL the qcow2 dirty bit makes it rebuild the
-//      refcounts on open),
-//   2. read back the whole work region and check it against the model (below),
-//   3. run a verified write workload on several virtqueues at once (random 512-byte-aligned
-//      offsets, random sizes 4 KiB..256 KiB, FLUSH at random points; every 512-byte sector of
-//      every write carries a header with the write id and the sector number, the rest derived
-//      from a seed, so any sector read back names the write it came from and is checked in
-//      full),
-//   4. SIGKILL the daemon at a random moment while I/O is in flight (after a random delay,
-//      just after the N-th FLUSH was submitted, or after the N-th write completed),
-//   5. for qcow2, `qemu-img check` the killed image: leaks are fine, anything else is not.
-//
-// The model: writes in flight at the same time never overlap, so the writes to each sector are
-// totally ordered. A write is durable once a FLUSH submitted after it completed has completed.
-// After a crash each sector must hold the last durable write to it, or any write to it that came
-// later (completed or still in flight); never an older value, never a mix, never garbage. What
-// was read back becomes the sector's new baseline.
-//
-// After the loop: restart, verify, SIGTERM (exit 0), `qemu-img check` (errors fail, leaks are
-// reported), restart, verify the whole disk, SIGTERM, and `qemu-img check` must say "No errors
-// were found".
-//
-// A SIGKILL leaves the host page cache intact, so this exercises the daemon's own state
-// (in-memory qcow2 metadata, write-back ordering, repair on open), not power loss.
-//
-// Quick mode (default): 20 kills per image kind. Long mode:
-//
-//   VUB_CRASH_KILLS=200 CARGO_TARGET_DIR=/work/target-crash \
-//       cargo test --test crash_consistency -- --nocapture --test-threads=1
-//
-// VUB_CRASH_SEED=N replays a run (the seed of each image kind is printed); with
-// VUB_TEST_BACKEND=qsd the same checks run against qemu-storage-daemon (validates the test).
+//! Crash consistency: "never lose a write".
+//!
+//! For each image kind (raw; qcow2 with 64 KiB clusters; qcow2 with 4 KiB clusters; qcow2 over a
+//! raw backing file; qcow2 whose clusters all start compressed, so first writes copy-on-write and
+//! free the old host clusters; qcow2 with extended L2 over a raw backing file, so writes allocate
+//! single subclusters; qcow2 with an external data file) a loop:
+//!
+//!   1. start the daemon on the image (after a SIGKILL the qcow2 dirty bit makes it rebuild the
+//!      refcounts on open),
+//!   2. read back the whole work region and check it against the model (below),
+//!   3. run a verified write workload on several virtqueues at once (random 512-byte-aligned
+//!      offsets, random sizes 4 KiB..256 KiB, FLUSH at random points; every 512-byte sector of
+//!      every write carries a header with the write id and the sector number, the rest derived
+//!      from a seed, so any sector read back names the write it came from and is checked in
+//!      full),
+//!   4. SIGKILL the daemon at a random moment while I/O is in flight (after a random delay,
+//!      just after the N-th FLUSH was submitted, or after the N-th write completed),
+//!   5. for qcow2, `qemu-img check` the killed image: leaks are fine, anything else is not.
+//!
+//! The model: writes in flight at the same time never overlap, so the writes to each sector are
+//! totally ordered. A write is durable once a FLUSH submitted after it completed has completed.
+//! After a crash each sector must hold the last durable write to it, or any write to it that came
+//! later (completed or still in flight); never an older value, never a mix, never garbage. What
+//! was read back becomes the sector's new baseline.
+//!
+//! After the loop: restart, verify, SIGTERM (exit 0), `qemu-img check` (errors fail, leaks are
+//! reported), restart, verify the whole disk, SIGTERM, and `qemu-img check` must say "No errors
+//! were found".
+//!
+//! A SIGKILL leaves the host page cache intact, so this exercises the daemon's own state
+//! (in-memory qcow2 metadata, write-back ordering, repair on open), not power loss.
+//!
+//! Quick mode (default): 20 kills per image kind. Long mode:
+//!
+//!   VUB_CRASH_KILLS=200 CARGO_TARGET_DIR=/work/target-crash \
+//!       cargo test --test crash_consistency -- --nocapture --test-threads=1
+//!
+//! VUB_CRASH_SEED=N replays a run (the seed of each image kind is printed); with
+//! VUB_TEST_BACKEND=qsd the same checks run against qemu-storage-daemon (validates the test).
+
+// A test reports a failure by panicking: unwrap and expect are how it does so.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -444,6 +447,7 @@ fn io_thread(
             last_progress = Instant::now();
         }
         for c in &comps[..n] {
+            // SAFETY: do_io initialised the first `n` entries.
             let c = unsafe { c.assume_init_ref() };
             let i = c.user_data;
             let slot = std::mem::replace(&mut slots[i], Slot::Free);

@@ -1,11 +1,14 @@
-// Daemon options through the real binary (started as a child process) and a libblkio client, one
-// section per option: `--direct`, `--writethrough`, `--queue-size`, the shutdown signals, a raw
-// block device (a loop device) and `--logical-block-size 4096`.
-//
-// Requests libblkio cannot send go through other frontends: a chain with more data segments than
-// `seg_max` (which only fits in a ring through an indirect descriptor table) through the small
-// `indirect` frontend at the end of this file; writes to a read-only disk and unaligned requests
-// through `common::raw`.
+//! Daemon options through the real binary (started as a child process) and a libblkio client, one
+//! section per option: `--direct`, `--writethrough`, `--queue-size`, the shutdown signals, a raw
+//! block device (a loop device) and `--logical-block-size 4096`.
+//!
+//! Requests libblkio cannot send go through other frontends: a chain with more data segments than
+//! `seg_max` (which only fits in a ring through an indirect descriptor table) through the small
+//! `indirect` frontend at the end of this file; writes to a read-only disk and unaligned requests
+//! through `common::raw`.
+
+// A test reports a failure by panicking: unwrap and expect are how it does so.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

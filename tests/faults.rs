@@ -3,6 +3,9 @@
 //! when the faults stop, and qcow2 images stay consistent. (Real ENOSPC from a full file
 //! system is in tests/enospc.rs.)
 
+// A test reports a failure by panicking: unwrap and expect are how it does so.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::Path;

@@ -3,6 +3,9 @@
 //! Every test needs `qemu-img` and `qemu-io`; when one is missing the test fails with a
 //! message saying so (it never silently skips).
 
+// A test reports a failure by panicking: unwrap and expect are how it does so.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;

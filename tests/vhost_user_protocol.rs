@@ -13,6 +13,9 @@
 //! All of this is specific to our daemon (fault injection, log lines), so it is skipped with
 //! `VUB_TEST_BACKEND=qsd`.
 
+// A test reports a failure by panicking: unwrap and expect are how it does so.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::{Path, PathBuf};

@@ -248,6 +248,7 @@ impl Daemon {
     }
 
     pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill takes no pointers; the pid is our own child, not yet reaped.
         let rc = unsafe { libc::kill(self.pid(), sig) };
         assert_eq!(
             rc,
@@ -318,6 +319,7 @@ impl Drop for Daemon {
         if let Some(child) = self.child.as_mut() {
             if let Ok(None) = child.try_wait() {
                 // SIGKILL our own child by pid; cannot be ignored, so wait() returns promptly.
+                // SAFETY: kill takes no pointers; the child is not reaped yet (try_wait above).
                 unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
             }
             let _ = child.wait();
@@ -432,6 +434,7 @@ pub fn fs_supports_punch_hole(dir: &Path) -> bool {
     (&f).write_all(&vec![1u8; 1 << 20]).unwrap();
     f.sync_all().unwrap();
     let before = allocated_blocks(&p);
+    // SAFETY: fallocate takes no pointers; `f` is an open file we own.
     let rc = unsafe {
         libc::fallocate(
             f.as_raw_fd(),
@@ -491,6 +494,8 @@ impl Done {
             None
         } else {
             Some(
+                // SAFETY: libblkio sets a non-null error_msg to a NUL-terminated string that
+                // lives until the next call on the queue; it is copied here at once.
                 unsafe { std::ffi::CStr::from_ptr(c.error_msg) }
                     .to_string_lossy()
                     .into_owned(),
@@ -559,6 +564,9 @@ pub enum Req {
 
 impl Queue {
     pub fn buf(&mut self) -> &mut [u8] {
+        // SAFETY: `buf..buf + buf_len` is this queue's own slice of the Client's mapped region
+        // (see `Send` above), borrowed mutably through `self`; no request is in flight
+        // between calls (`batch` waits for all of its completions).
         unsafe { std::slice::from_raw_parts_mut(self.buf, self.buf_len) }
     }
 
@@ -585,6 +593,7 @@ impl Queue {
                     )
                 });
             for c in &comps[got..got + k] {
+                // SAFETY: do_io initialised the first `k` entries it was given.
                 out.push(Done::from_completion(unsafe { c.assume_init_ref() }));
             }
             got += k;
@@ -617,9 +626,13 @@ impl Queue {
             "too many requests in one batch"
         );
         for (i, r) in reqs.iter().enumerate() {
+            // SAFETY: offs[i] + the request's length <= buf_len (asserted above), so `p` and
+            // the bytes written through it below stay inside this queue's buffer; requests
+            // get disjoint ranges and none is in flight yet.
             let p = unsafe { self.buf.add(offs[i]) };
             match r {
                 Req::Read { offset, len } => {
+                    // SAFETY: see `p`.
                     unsafe { std::ptr::write_bytes(p, 0xEE, *len) };
                     self.q.read(*offset, p, *len, i, ReqFlags::empty());
                 }
@@ -628,6 +641,7 @@ impl Queue {
                     data,
                     flags,
                 } => {
+                    // SAFETY: see `p`; `data` is a separate Vec, so the ranges do not overlap.
                     unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
                     self.q.write(*offset, p, data.len(), i, *flags);
                 }
@@ -659,6 +673,8 @@ impl Queue {
             .map(|(i, d)| {
                 let d = d.unwrap();
                 let data = match &reqs[i] {
+                    // SAFETY: the read completed (every request of the batch has), and its
+                    // range lies inside this queue's buffer (asserted above).
                     Req::Read { len, .. } if d.ret == 0 => Some(
                         unsafe { std::slice::from_raw_parts(self.buf.add(offs[i]), *len) }.to_vec(),
                     ),
