@@ -1,6 +1,6 @@
 //! End-to-end tests driving the daemon through libblkio's `virtio-blk-vhost-user` driver.
 //!
-//! Each test makes its own temp dir, raw image and daemon process (see tests/common/mod.rs).
+//! Each test makes its own temp dir, raw image and daemon process (see tests/common/daemon.rs).
 //! Run against qemu-storage-daemon instead of our binary with `VUB_TEST_BACKEND=qsd`.
 
 // A test reports a failure by panicking: unwrap and expect are how it does so.
@@ -943,14 +943,7 @@ fn stream_and_verify(format: &str, num_queues: usize, depth: usize, rounds: u64)
     let size = (num_queues * depth) as u64 * BLOCKS_PER_SLOT * BLOCK as u64;
     let img = if format == "qcow2" {
         let p = dir.path().join("disk.qcow2");
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            &p.to_string_lossy(),
-            &size.to_string(),
-        ]);
+        create_qcow2(&p, "", &size.to_string());
         p
     } else {
         create_image(dir.path(), "disk.img", size, Some(7))

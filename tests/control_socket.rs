@@ -12,163 +12,23 @@
 
 mod common;
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
 use std::os::linux::net::SocketAddrExt;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram, UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{pattern, Client, ClientOpts};
+use common::{create_qcow2, is_socket, pattern, qemu_img, run_bin, Client, ClientOpts, Proc};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-blk");
 const WAIT: Duration = Duration::from_secs(10);
 const MIB: u64 = 1 << 20;
-
-// ---------------------------------------------------------------------------------------------
-// Process guard
-// ---------------------------------------------------------------------------------------------
-
-/// A spawned process whose stdout and stderr go to files. Killed (SIGKILL) and reaped on drop;
-/// on a panic its output is printed.
-struct Proc {
-    child: Option<Child>,
-    out: PathBuf,
-    err: PathBuf,
-}
-
-impl Proc {
-    fn spawn(mut cmd: Command, dir: &Path, name: &str) -> Proc {
-        let out = dir.join(format!("{name}.stdout"));
-        let err = dir.join(format!("{name}.stderr"));
-        cmd.stdin(Stdio::null())
-            .stdout(File::create(&out).expect("create stdout file"))
-            .stderr(File::create(&err).expect("create stderr file"));
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
-        Proc {
-            child: Some(child),
-            out,
-            err,
-        }
-    }
-
-    fn pid(&self) -> libc::pid_t {
-        self.child.as_ref().expect("already reaped").id() as libc::pid_t
-    }
-
-    fn stdout(&self) -> String {
-        String::from_utf8_lossy(&fs::read(&self.out).unwrap_or_default()).into_owned()
-    }
-
-    fn stderr(&self) -> String {
-        String::from_utf8_lossy(&fs::read(&self.err).unwrap_or_default()).into_owned()
-    }
-
-    fn try_wait(&mut self) -> Option<ExitStatus> {
-        let status = self.child.as_mut()?.try_wait().expect("try_wait")?;
-        self.child = None;
-        Some(status)
-    }
-
-    /// Waits (bounded) for the process to exit.
-    #[track_caller]
-    fn wait_exit(&mut self, why: &str) -> ExitStatus {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(s) = self.try_wait() {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "process did not exit within {WAIT:?} ({why})\n--- stderr ---\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn signal(&self, sig: libc::c_int) {
-        // SAFETY: kill(2) on our own, not yet reaped, child.
-        let rc = unsafe { libc::kill(self.pid(), sig) };
-        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
-    }
-
-    /// SIGTERM and require a clean exit (status 0).
-    #[track_caller]
-    fn terminate_ok(&mut self) {
-        self.signal(libc::SIGTERM);
-        let s = self.wait_exit("SIGTERM");
-        assert!(
-            s.success(),
-            "daemon exited with {s} after SIGTERM\n--- stderr ---\n{}",
-            self.stderr()
-        );
-    }
-
-    /// Waits (bounded) for `path` to be a socket; panics with the log if the process exits.
-    #[track_caller]
-    fn wait_for_socket(&mut self, path: &Path) {
-        let deadline = Instant::now() + WAIT;
-        while !is_socket(path) {
-            if let Some(s) = self.try_wait() {
-                panic!(
-                    "daemon exited ({s}) before creating {}\n--- stderr ---\n{}",
-                    path.display(),
-                    self.stderr()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not appear within {WAIT:?}\n--- stderr ---\n{}",
-                path.display(),
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    #[track_caller]
-    fn assert_running(&mut self) {
-        if let Some(s) = self.try_wait() {
-            panic!(
-                "daemon exited unexpectedly ({s})\n--- stderr ---\n{}",
-                self.stderr()
-            );
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            if let Ok(None) = child.try_wait() {
-                // SAFETY: SIGKILL to our own child, by pid.
-                unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
-            }
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "--- child stdout ---\n{}\n--- child stderr ---\n{}",
-                self.stdout(),
-                self.stderr()
-            );
-        }
-    }
-}
-
-fn is_socket(path: &Path) -> bool {
-    fs::symlink_metadata(path)
-        .map(|m| m.file_type().is_socket())
-        .unwrap_or(false)
-}
 
 fn mode_of(path: &Path) -> u32 {
     fs::symlink_metadata(path)
@@ -176,15 +36,6 @@ fn mode_of(path: &Path) -> u32 {
         .permissions()
         .mode()
         & 0o7777
-}
-
-/// Runs the binary to completion (bounded) and returns (status, stdout, stderr).
-fn run_bin(dir: &Path, args: &[&str]) -> (ExitStatus, String, String) {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args);
-    let mut p = Proc::spawn(cmd, dir, "run");
-    let s = p.wait_exit(&format!("{args:?}"));
-    (s, p.stdout(), p.stderr())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -618,24 +469,10 @@ fn resize_respects_block_size_and_read_only() {
     s.daemon.terminate_ok();
 }
 
-/// Runs `qemu-img` with `args`, which must succeed; returns its standard output.
-fn qemu_img<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Vec<u8> {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img is required (run ci/setup.sh)");
-    assert!(
-        out.status.success(),
-        "qemu-img {:?}: {out:?}",
-        args.iter().map(|a| a.as_ref()).collect::<Vec<_>>()
-    );
-    out.stdout
-}
-
 /// `qemu-img info --output=json` of an image.
 fn qemu_img_info(image: &Path) -> Value {
     let out = qemu_img(&["info".as_ref(), "--output=json".as_ref(), image.as_os_str()]);
-    serde_json::from_slice(&out).expect("qemu-img info json")
+    serde_json::from_str(&out).expect("qemu-img info json")
 }
 
 #[test]
@@ -643,7 +480,7 @@ fn resize_grows_a_qcow2_image_online() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.qcow2");
     let img = image.to_str().unwrap();
-    qemu_img(&["create", "-q", "-f", "qcow2", img, "16M"]);
+    create_qcow2(img, "", "16M");
     let mut s = serve(dir, image, &["--format", "qcow2"]);
     let mut ctl = Ctl::connect(&s.ctl);
     assert_eq!(ctl.stats()["image"]["format"], json!("qcow2"));
@@ -684,7 +521,7 @@ fn qcow2_bitmaps_track_client_writes_and_clear() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.qcow2");
     let img = image.to_str().unwrap();
-    qemu_img(&["create", "-q", "-f", "qcow2", img, "16M"]);
+    create_qcow2(img, "", "16M");
     qemu_img(&["bitmap", "--add", img, "backup-0"]);
     let mut s = serve(dir, image, &["--format", "qcow2"]);
     let mut ctl = Ctl::connect(&s.ctl);

@@ -73,19 +73,12 @@ const FLUSH_EVERY: u64 = 12;
 // Deterministic randomness and sector contents
 // ---------------------------------------------------------------------------------------------
 
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
 struct Rng(u64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(1);
-        mix(self.0.wrapping_mul(0xD134_2543_DE82_EF95))
+        splitmix64(self.0.wrapping_mul(0xD134_2543_DE82_EF95))
     }
     /// Uniform in `[lo, hi)`.
     fn range(&mut self, lo: u64, hi: u64) -> u64 {
@@ -97,16 +90,16 @@ impl Rng {
 const MAGIC: u64 = 0x5655_4243;
 
 /// The 512 bytes write `id` puts in `sector`: word 0 = MAGIC << 32 | id, word 1 = sector, the
-/// rest derived from (seed, id, sector, word index).
+/// rest the data pattern of that place on the disk for a seed derived from (seed, id).
 fn fill_sector(out: &mut [u8], seed: u64, id: u32, sector: u64) {
     debug_assert_eq!(out.len(), SECTOR as usize);
     out[0..8].copy_from_slice(&((MAGIC << 32) | u64::from(id)).to_le_bytes());
     out[8..16].copy_from_slice(&sector.to_le_bytes());
-    let base = mix(seed ^ (u64::from(id) << 40) ^ sector.rotate_left(20));
-    for i in 2..64u64 {
-        let w = mix(base ^ i);
-        out[i as usize * 8..i as usize * 8 + 8].copy_from_slice(&w.to_le_bytes());
-    }
+    fill_pattern(
+        &mut out[16..],
+        splitmix64(seed ^ (u64::from(id) << 40)),
+        sector * SECTOR + 16,
+    );
 }
 
 /// What a never-written sector reads as.
@@ -567,7 +560,7 @@ fn base_seed(kind: Kind) -> u64 {
             t.as_nanos() as u64 ^ u64::from(std::process::id())
         }
     };
-    mix(s ^ kind as u64)
+    splitmix64(s ^ kind as u64)
 }
 
 fn make_image(dir: &Path, kind: Kind, seed: u64) -> (PathBuf, Initial) {
@@ -584,20 +577,11 @@ fn make_image(dir: &Path, kind: Kind, seed: u64) -> (PathBuf, Initial) {
             (img, Initial::Zeros)
         }
         Kind::Qcow2 => {
-            qemu_img(&["create", "-q", "-f", "qcow2", p, &size]);
+            create_qcow2(p, "", &size);
             (img, Initial::Zeros)
         }
         Kind::Qcow2Cluster4k => {
-            qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "cluster_size=4096",
-                p,
-                &size,
-            ]);
+            create_qcow2(p, "cluster_size=4096", &size);
             (img, Initial::Zeros)
         }
         Kind::Qcow2Backing | Kind::Qcow2ExtendedL2Backing => {
@@ -630,16 +614,7 @@ fn make_image(dir: &Path, kind: Kind, seed: u64) -> (PathBuf, Initial) {
         }
         Kind::Qcow2DataFile => {
             let data = dir.join("disk.data");
-            qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                &format!("data_file={}", data.to_str().unwrap()),
-                p,
-                &size,
-            ]);
+            create_qcow2(p, &format!("data_file={}", data.to_str().unwrap()), &size);
             (img, Initial::Zeros)
         }
         Kind::Qcow2Compressed => {

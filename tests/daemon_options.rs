@@ -15,7 +15,7 @@ mod common;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use blkio::{Errno, ReqFlags};
@@ -368,23 +368,12 @@ fn direct_serves_unaligned_buffers_on_two_queues() {
     assert_bytes_eq(&file, &expected, 0, "image file after O_DIRECT I/O");
 }
 
-/// Runs the binary with `args` and returns (status, stdout, stderr).
-fn run_daemon(args: &[&str]) -> (ExitStatus, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run vhost-user-blk");
-    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
-    (out.status, text(out.stdout), text(out.stderr))
-}
-
 #[test]
 fn direct_is_refused_for_qcow2_with_one_line() {
     let dir = disk_tempdir();
     let img = dir.path().join("disk.qcow2");
     let img_s = img.to_str().expect("utf-8 path");
-    qemu_img(&["create", "-q", "-f", "qcow2", img_s, "4M"]);
+    create_qcow2(img_s, "", "4M");
     let before = read_file(&img);
     let sock = dir.path().join("vub.sock");
     let sock_s = sock.to_str().expect("utf-8 path");
@@ -397,7 +386,7 @@ fn direct_is_refused_for_qcow2_with_one_line() {
         "qcow2",
         "--direct",
     ];
-    let (st, out, err) = run_daemon(&args);
+    let (st, out, err) = run_bin(dir.path(), &args);
     assert_eq!(st.code(), Some(1), "{args:?}: {st}, stderr {err:?}");
     assert_eq!(out, "", "nothing on stdout");
     assert_eq!(err.lines().count(), 1, "one-line error, got {err:?}");
@@ -788,7 +777,7 @@ fn sigterm_with_a_connected_client_leaves_a_clean_qcow2() {
     let img = dir.path().join("disk.qcow2");
     let img_s = img.to_str().expect("utf-8 path");
     let size = 64 * MIB;
-    qemu_img(&["create", "-q", "-f", "qcow2", img_s, &size.to_string()]);
+    create_qcow2(img_s, "", &size.to_string());
     let mut daemon = Daemon::start_format(
         dir.path(),
         &img,

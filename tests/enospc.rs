@@ -144,14 +144,7 @@ fn full_fs(format: &str) -> Option<Outcome> {
     fill_file(&filler, FILLER);
     let img = mnt.join(format!("disk.{format}"));
     if format == "qcow2" {
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            img.to_str().unwrap(),
-            &DISK.to_string(),
-        ]);
+        create_qcow2(img.to_str().unwrap(), "", &DISK.to_string());
     } else {
         std::fs::File::create(&img).unwrap().set_len(DISK).unwrap();
     }
@@ -357,16 +350,11 @@ fn enospc_qcow2_metadata_writeback() {
     }
     let img = mnt.join("disk.qcow2");
     let vsize = 1u64 << 30;
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
+    create_qcow2(
         img.to_str().unwrap(),
+        "cluster_size=4096",
         &vsize.to_string(),
-    ]);
+    );
     let seed = 0x3E7A;
     let mut d = Daemon::start_format(
         dir.path(),

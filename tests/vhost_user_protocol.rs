@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use common::raw::*;
 use common::{
-    assert_bytes_eq, backend, create_image, pattern, qemu_img, qemu_img_check, read_file, Backend,
-    Daemon, DaemonConfig, SECTOR, WAIT_TIMEOUT,
+    assert_bytes_eq, backend, create_image, create_qcow2, pattern, qemu_img_check, read_file,
+    Backend, Daemon, DaemonConfig, SECTOR, WAIT_TIMEOUT,
 };
 
 const KIB: usize = 1024;
@@ -151,7 +151,7 @@ fn make_image(dir: &Path, format: &str) -> PathBuf {
         "raw" => create_image(dir, "disk.img", MIB, None),
         _ => {
             let img = dir.join("disk.qcow2");
-            qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "1M"]);
+            create_qcow2(img.to_str().unwrap(), "", "1M");
             img
         }
     }
