@@ -42,6 +42,9 @@ pub enum Error {
     /// Options that contradict each other or are out of range.
     #[error("invalid option: {0}")]
     InvalidOption(String),
+    /// Device options out of range (block size, queues, an image too small for them).
+    #[error("invalid option: {0}")]
+    Device(#[from] crate::virtio_blk::config::ParamsError),
     /// The listening socket could not be set up.
     #[error("cannot listen on {path}: {reason}")]
     Socket {

@@ -23,7 +23,7 @@ use vhost_user_blk::server::{
     systemd_listen_fd, ListenOn, Server, Shutdown, SocketPerms,
 };
 use vhost_user_blk::vhost_user::MAX_QUEUES;
-use vhost_user_blk::virtio_blk::DeviceParams;
+use vhost_user_blk::virtio_blk::{DeviceOptions, DeviceParams};
 use vhost_user_blk::{notify, Error, Result};
 
 /// Capabilities printed by `--print-capabilities` (vhost-user.rst, type "block").
@@ -371,19 +371,17 @@ fn run(cli: Cli) -> Result<()> {
             "--null-size and --blk-file are mutually exclusive".into(),
         ));
     }
-    DeviceParams::check_geometry(cli.logical_block_size, cli.num_queues, cli.queue_size)
-        .map_err(Error::InvalidOption)?;
+    DeviceParams::check_geometry(cli.logical_block_size, cli.num_queues, cli.queue_size)?;
     let (path, image) = open(&cli)?;
-    let params = DeviceParams::new(
-        image.virtual_size(),
-        cli.logical_block_size,
-        image.discard_granularity(),
-        cli.num_queues,
-        cli.queue_size,
-        cli.read_only,
-        &cli.serial,
-    )
-    .map_err(Error::InvalidOption)?;
+    let params = DeviceParams::new(&DeviceOptions {
+        size: image.virtual_size(),
+        logical_block_size: cli.logical_block_size,
+        discard_granularity: image.discard_granularity(),
+        num_queues: cli.num_queues,
+        queue_size: cli.queue_size,
+        read_only: cli.read_only,
+        serial: &cli.serial,
+    })?;
 
     let perms = SocketPerms {
         mode: cli.socket_mode,

@@ -46,7 +46,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use vhost_user_blk::device::Device;
 use vhost_user_blk::stats::ReqKind;
 use vhost_user_blk::vhost_user::{interposer, BlkBackend, Connection};
-use vhost_user_blk::virtio_blk::DeviceParams;
+use vhost_user_blk::virtio_blk::{DeviceOptions, DeviceParams};
 
 use crate::{Bytes, MemDisk, MemImage};
 
@@ -136,8 +136,16 @@ pub fn run(data: &[u8]) {
     let writeback = cfg & 4 != 0;
     let num_queues = u16::from((cfg >> 3) & 3) + 1;
     let disk_size = 64 * 1024;
-    let params = DeviceParams::new(disk_size, lbs, 4096, num_queues, 256, read_only, "fuzz-serial")
-        .expect("params");
+    let params = DeviceParams::new(&DeviceOptions {
+        size: disk_size,
+        logical_block_size: lbs,
+        discard_granularity: 4096,
+        num_queues,
+        queue_size: 256,
+        read_only,
+        serial: "fuzz-serial",
+    })
+    .expect("params");
     let image = Arc::new(MemImage {
         disk: MemDisk::new(disk_size as usize),
         capacity: params.capacity_sectors() * 512,

@@ -11,7 +11,7 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::config::{features, req_type, serial_bytes, status, DeviceParams};
+use super::config::{features, req_type, serial_bytes, status, DeviceOptions, DeviceParams};
 use super::{DeviceState, GuestMem, RequestHandler};
 use crate::image::{BatchOp, GuestSlice, ImageQueue};
 use crate::stats::{QueueCounters, ReqKind};
@@ -108,7 +108,24 @@ impl ImageQueue for MemDisk {
 }
 
 fn params() -> DeviceParams {
-    DeviceParams::new(DISK as u64, 512, 4096, 1, 16, false, "serial-1234").unwrap()
+    DeviceParams::new(&DeviceOptions {
+        serial: "serial-1234",
+        ..options()
+    })
+    .unwrap()
+}
+
+/// The options of the test disk: 512-byte blocks, one queue of 16.
+fn options() -> DeviceOptions<'static> {
+    DeviceOptions {
+        size: DISK as u64,
+        logical_block_size: 512,
+        discard_granularity: 4096,
+        num_queues: 1,
+        queue_size: 16,
+        read_only: false,
+        serial: "",
+    }
 }
 
 struct Rig {
@@ -460,7 +477,11 @@ fn data_not_a_multiple_of_512_is_ioerr() {
 
 #[test]
 fn unaligned_to_4k_logical_blocks_is_ioerr() {
-    let p = DeviceParams::new(DISK as u64, 4096, 4096, 1, 16, false, "").unwrap();
+    let p = DeviceParams::new(&DeviceOptions {
+        logical_block_size: 4096,
+        ..options()
+    })
+    .unwrap();
     let mut r = Rig::new(p);
     r.header(0x1000, req_type::OUT, 1);
     let (_, st) = r.submit(
@@ -485,7 +506,11 @@ fn unaligned_to_4k_logical_blocks_is_ioerr() {
 #[test]
 fn more_segments_than_seg_max_is_ioerr() {
     // queue size 4 => seg_max 2.
-    let p = DeviceParams::new(DISK as u64, 512, 4096, 1, 4, false, "").unwrap();
+    let p = DeviceParams::new(&DeviceOptions {
+        queue_size: 4,
+        ..options()
+    })
+    .unwrap();
     assert_eq!(p.seg_max, 2);
     let mut r = Rig::new(p);
     r.header(0x1000, req_type::OUT, 0);
@@ -548,7 +573,11 @@ fn get_id_returns_serial() {
 
 #[test]
 fn read_only_refuses_every_write_like_request() {
-    let p = DeviceParams::new(DISK as u64, 512, 4096, 1, 16, true, "").unwrap();
+    let p = DeviceParams::new(&DeviceOptions {
+        read_only: true,
+        ..options()
+    })
+    .unwrap();
     let mut r = Rig::new(p);
     let before = r.disk.bytes(0, DISK);
     r.header(0x1000, req_type::OUT, 0);
