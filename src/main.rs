@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::str::FromStr;
 use std::sync::Arc;
 
 use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand};
@@ -85,7 +86,7 @@ struct Cli {
 
     /// Image format. `auto` serves raw unless the file starts with the qcow2 magic, which it
     /// refuses (never guesses qcow2).
-    #[arg(long, value_name = "FORMAT", default_value = "auto", value_parser = parse_format)]
+    #[arg(long, value_name = "FORMAT", default_value = "auto", value_parser = ImageFormat::from_str)]
     format: ImageFormat,
 
     /// Create the image with this size (e.g. 1G, 512M, 10737418240) if it does not exist.
@@ -245,12 +246,25 @@ fn run_ctl(args: CtlArgs) -> Result<()> {
     Ok(())
 }
 
-fn parse_format(s: &str) -> std::result::Result<ImageFormat, String> {
-    s.parse()
+/// Why a size or a mode on the command line is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+enum ArgError {
+    /// A letter after the number other than K, M, G, T.
+    #[error("unknown size suffix in '{0}'")]
+    SizeSuffix(String),
+    /// No number.
+    #[error("'{0}' is not a size")]
+    NotASize(String),
+    /// Zero, or more than 64 bits.
+    #[error("size '{0}' is zero or too large")]
+    SizeRange(String),
+    /// Not an octal mode of at most 0777.
+    #[error("'{0}' is not an octal permission mode")]
+    Mode(String),
 }
 
 /// Parses a size with an optional K/M/G/T suffix (powers of 1024, optional "iB"/"B").
-fn parse_size(s: &str) -> std::result::Result<u64, String> {
+fn parse_size(s: &str) -> std::result::Result<u64, ArgError> {
     let t = s.trim();
     let t = t
         .strip_suffix("iB")
@@ -263,7 +277,7 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
                 'M' => 20,
                 'G' => 30,
                 'T' => 40,
-                _ => return Err(format!("unknown size suffix in '{s}'")),
+                _ => return Err(ArgError::SizeSuffix(s.to_owned())),
             };
             (&t[..i], shift)
         }
@@ -272,17 +286,17 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let n: u64 = num
         .trim()
         .parse()
-        .map_err(|_| format!("'{s}' is not a size"))?;
+        .map_err(|_| ArgError::NotASize(s.to_owned()))?;
     n.checked_mul(1u64 << shift)
         .filter(|&v| v > 0)
-        .ok_or_else(|| format!("size '{s}' is zero or too large"))
+        .ok_or_else(|| ArgError::SizeRange(s.to_owned()))
 }
 
-fn parse_mode(s: &str) -> std::result::Result<u32, String> {
+fn parse_mode(s: &str) -> std::result::Result<u32, ArgError> {
     u32::from_str_radix(s.trim_start_matches("0o"), 8)
         .ok()
         .filter(|&m| m <= 0o777)
-        .ok_or_else(|| format!("'{s}' is not an octal permission mode"))
+        .ok_or_else(|| ArgError::Mode(s.to_owned()))
 }
 
 fn init_logging(verbose: u8) {

@@ -6,6 +6,7 @@
 //! is flushed, and the next connection is accepted. A VM reboot or a QEMU restart with
 //! `reconnect-ms` therefore just works.
 
+use std::ffi::CString;
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStringExt;
@@ -48,47 +49,70 @@ pub struct SocketPerms {
     pub gid: Option<u32>,
 }
 
+/// Why a `--socket-owner` or `--socket-group` is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LookupError {
+    /// The name has a NUL byte.
+    #[error("bad {kind} name '{name}'")]
+    BadName {
+        /// "user" or "group".
+        kind: &'static str,
+        /// The name given.
+        name: String,
+    },
+    /// No such user or group.
+    #[error("no {kind} '{name}'")]
+    NotFound {
+        /// "user" or "group".
+        kind: &'static str,
+        /// The name given.
+        name: String,
+    },
+}
+
 /// Resolves a user name or number to a uid.
-pub fn lookup_user(name: &str) -> std::result::Result<u32, String> {
+pub fn lookup_user(name: &str) -> std::result::Result<u32, LookupError> {
     if let Ok(n) = name.parse() {
         return Ok(n);
     }
-    let c = std::ffi::CString::new(name).map_err(|_| format!("bad user name '{name}'"))?;
+    let c = c_name("user", name)?;
     // SAFETY: getpwnam reads a NUL-terminated string; the returned record is only read
     // before any other call that could overwrite it (start-up, single-threaded).
     let pw = unsafe { libc::getpwnam(c.as_ptr()) };
     if pw.is_null() {
-        return Err(format!("no user '{name}'"));
+        return Err(not_found("user", name));
     }
     // SAFETY: pw is non-null and points to libc's static passwd record.
     Ok(unsafe { (*pw).pw_uid })
 }
 
 /// Resolves a group name or number to a gid.
-pub fn lookup_group(name: &str) -> std::result::Result<u32, String> {
+pub fn lookup_group(name: &str) -> std::result::Result<u32, LookupError> {
     if let Ok(n) = name.parse() {
         return Ok(n);
     }
-    let c = std::ffi::CString::new(name).map_err(|_| format!("bad group name '{name}'"))?;
+    let c = c_name("group", name)?;
     // SAFETY: as for getpwnam above.
     let gr = unsafe { libc::getgrnam(c.as_ptr()) };
     if gr.is_null() {
-        return Err(format!("no group '{name}'"));
+        return Err(not_found("group", name));
     }
     // SAFETY: gr is non-null and points to libc's static group record.
     Ok(unsafe { (*gr).gr_gid })
 }
 
-/// Binds a unix socket at `path` with the given permissions (see [`bind_socket_with`]).
-pub fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener> {
-    bind_socket_with(
-        path,
-        SocketPerms {
-            mode,
-            uid: None,
-            gid: None,
-        },
-    )
+fn c_name(kind: &'static str, name: &str) -> std::result::Result<CString, LookupError> {
+    CString::new(name).map_err(|_| LookupError::BadName {
+        kind,
+        name: name.to_owned(),
+    })
+}
+
+fn not_found(kind: &'static str, name: &str) -> LookupError {
+    LookupError::NotFound {
+        kind,
+        name: name.to_owned(),
+    }
 }
 
 /// Binds a unix socket at `path` with permissions, owner and group from `perms`.
