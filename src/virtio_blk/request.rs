@@ -653,17 +653,21 @@ impl RequestHandler {
             return Done::err(status::IOERR);
         }
         // Validate all segments first; reported status follows the spec's order: an unknown
-        // flag (or unmap on discard) is UNSUPP, a bad range IOERR.
+        // flag (or unmap on discard) is UNSUPP, a bad range IOERR. The segments are read from
+        // guest memory once: what was validated is what runs, whatever the guest writes there
+        // meanwhile.
+        let mut segments = Vec::with_capacity(nseg as usize);
         let mut bad_range = false;
         for i in 0..nseg {
-            let Some(DwzSegment {
+            let Some(segment) = self.dwz_segment(mem, i) else {
+                return Done::err(status::IOERR);
+            };
+            segments.push(segment);
+            let DwzSegment {
                 sector,
                 num_sectors: num,
                 flags,
-            }) = self.dwz_segment(mem, i)
-            else {
-                return Done::err(status::IOERR);
-            };
+            } = segment;
             if flags & !SEG_FLAG_UNMAP != 0 || (!zero && flags & SEG_FLAG_UNMAP != 0) {
                 debug!("discard/write-zeroes with unsupported flags {flags:#x}");
                 return Done::err(status::UNSUPP);
@@ -676,15 +680,12 @@ impl RequestHandler {
             debug!("discard/write-zeroes out of range, unaligned or too large");
             return Done::err(status::IOERR);
         }
-        for i in 0..nseg {
-            let Some(DwzSegment {
-                sector,
-                num_sectors: num,
-                flags,
-            }) = self.dwz_segment(mem, i)
-            else {
-                return Done::err(status::IOERR);
-            };
+        for DwzSegment {
+            sector,
+            num_sectors: num,
+            flags,
+        } in segments
+        {
             let (off, len) = (sector << SECTOR_SHIFT, u64::from(num) << SECTOR_SHIFT);
             let r = if zero {
                 self.image
