@@ -725,8 +725,7 @@ fn sigint_and_sighup_exit_cleanly_and_remove_the_sockets() {
 /// corrupt).
 /// A SIGTERM the moment the socket appears (while the daemon may still be setting up) is a
 /// clean shutdown too: the daemon takes the signals over before it creates any file, so the
-/// default action (death by the signal, socket left behind) never applies. Before that fix,
-/// 37 of 300 such starts ended killed by the signal with the socket left.
+/// default action (death by the signal, socket left behind) never applies.
 #[test]
 fn sigterm_during_startup_still_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();

@@ -1389,10 +1389,10 @@ fn entry_pointing_into_metadata_is_refused_without_damage() {
     drop(open(&img));
 }
 
-/// Fuzzer regression: a truncated image whose L2 table (mostly past EOF) holds an entry
-/// pointing past EOF and a compressed entry whose data lies in the header cluster. A write
-/// to the table then a discard of the compressed cluster used to drop the header cluster's
-/// refcount to zero, so the image could not be reopened.
+/// A fuzzer-built image: truncated, its L2 table (mostly past EOF) holds an entry pointing
+/// past EOF and a compressed entry whose data lies in the header cluster. A write to the
+/// table then a discard of the compressed cluster must not drop the header cluster's
+/// refcount to zero: the image must reopen.
 #[test]
 fn discard_of_entry_pointing_into_metadata_does_not_corrupt() {
     tools_present();
@@ -1862,8 +1862,8 @@ fn assert_open_refused(img: &Path, read_only: &[bool], want: &str, what: &str) {
 }
 
 /// Images from qemu before 1.1 have no end marker between the header extensions and the
-/// backing file name: QEMU reads extensions only up to the name, and so must we (we used to
-/// read the name as an extension and refuse the image).
+/// backing file name: QEMU reads extensions only up to the name, and so must we (reading the
+/// name as an extension would refuse the image).
 #[test]
 fn v2_backing_name_right_after_the_extensions_opens_as_in_qemu() {
     tools_present();

@@ -38,9 +38,7 @@ pub const MAX_QUEUES: usize = 64;
 /// Requests of a batch after which the driver is told about their completions when the
 /// image runs a batch one request at a time ([`crate::image::ImageQueue::sequential`]). The
 /// driver, often asleep waiting, then refills the queue while the rest of the batch runs
-/// instead of after it. On the contended 2-vCPU machine 4k random reads QD32 from a qcow2
-/// went from 117k-189k to 233k-283k IOPS with 4 (8 measured alike, 16 less); see
-/// docs/PERFORMANCE.md.
+/// instead of after it. Why 4: docs/PERFORMANCE.md, "Early completions".
 const NOTIFY_EVERY: usize = 4;
 
 /// Guest memory as vhost-user-backend shares it with us.
@@ -169,8 +167,8 @@ impl BlkBackend {
     /// Ends a connection's queue processing: stops the workers, drops `daemon` (the
     /// connection's `VhostUserDaemon`, which joins its worker threads) and then closes the fds
     /// vhost-user-backend leaked. The daemon's connection loop and the vhost_user fuzz target
-    /// both tear down through this, so they cannot drift apart (the fuzz target once skipped
-    /// the fd cleanup and ran out of fds after about 10,000 inputs).
+    /// both tear down through this, so they cannot drift apart (a teardown without the fd
+    /// cleanup runs out of fds after enough connections).
     pub fn finish_connection<D>(&self, daemon: D) {
         self.stop_workers();
         drop(daemon);
@@ -259,8 +257,8 @@ impl BlkBackend {
         loop {
             // Tell the driver about completions every few requests only when it has a CPU to
             // refill the queue on meanwhile: each busy queue's worker and driver need one.
-            // When they outnumber the CPUs, early wake-ups only preempt the workers (on 2
-            // vCPUs, 4k 70/30 random I/O on 2 queues fell to 0.67x with them).
+            // When they outnumber the CPUs, early wake-ups only preempt the workers (measured:
+            // docs/PERFORMANCE.md, "Early completions").
             let spare_cpu = busy.count() * 2 <= self.cpus;
             handler.set_notify_every(if sequential && spare_cpu {
                 NOTIFY_EVERY

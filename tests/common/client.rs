@@ -17,10 +17,14 @@ pub const CLIENT_QUEUE_SIZE: i32 = 128;
 /// Per-queue I/O buffer size (bytes).
 pub const QUEUE_BUF_SIZE: usize = 1 << 20;
 
+/// How [`Client::new`] sets up the blkio instance.
 #[derive(Clone, Debug)]
 pub struct ClientOpts {
+    /// Queues to start.
     pub num_queues: i32,
+    /// Entries per queue.
     pub queue_size: i32,
+    /// blkio's `read-only` (it then refuses writes itself).
     pub read_only: bool,
 }
 
@@ -40,8 +44,11 @@ impl Default for ClientOpts {
 /// -EBADF, missing feature -> -ENOTSUP, unaligned -> -EINVAL) carry an error message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Done {
+    /// The request's user_data (its index in a batch).
     pub user_data: usize,
+    /// 0 or a negative errno.
     pub ret: i32,
+    /// blkio's message for a client-side refusal.
     pub msg: Option<String>,
 }
 
@@ -65,6 +72,8 @@ impl Done {
         }
     }
 
+    /// The result in words: "success", or the errno with its name (and blkio's message for a
+    /// client-side refusal).
     pub fn errno_name(&self) -> String {
         if self.ret == 0 {
             "success".into()
@@ -85,7 +94,9 @@ impl Done {
 /// One virtqueue plus a private slice of the mapped buffer region. `Send`, so it can be moved to
 /// (or borrowed mutably by) another thread.
 pub struct Queue {
+    /// The blkio queue.
     pub q: Blkioq,
+    /// Its index.
     pub index: usize,
     buf: *mut u8,
     buf_len: usize,
@@ -120,6 +131,7 @@ pub enum Req {
 }
 
 impl Queue {
+    /// This queue's I/O buffer.
     pub fn buf(&mut self) -> &mut [u8] {
         // SAFETY: `buf..buf + buf_len` is this queue's own slice of the Client's mapped region
         // (see `Send` above), borrowed mutably through `self`; no request is in flight
@@ -254,6 +266,7 @@ impl Queue {
         }
     }
 
+    /// Writes `data` at `offset` and returns the completion.
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Done {
         self.one(Req::Write {
             offset,
@@ -263,6 +276,7 @@ impl Queue {
         .0
     }
 
+    /// Writes `data` at `offset` with request `flags` (e.g. FUA) and returns the completion.
     pub fn write_flags(&mut self, offset: u64, data: &[u8], flags: ReqFlags) -> Done {
         self.one(Req::Write {
             offset,
@@ -272,14 +286,17 @@ impl Queue {
         .0
     }
 
+    /// Write-zeroes of `len` bytes at `offset` (`flags`: NO_UNMAP, ...).
     pub fn write_zeroes(&mut self, offset: u64, len: u64, flags: ReqFlags) -> Done {
         self.one(Req::WriteZeroes { offset, len, flags }).0
     }
 
+    /// Discards `len` bytes at `offset`.
     pub fn discard(&mut self, offset: u64, len: u64) -> Done {
         self.one(Req::Discard { offset, len }).0
     }
 
+    /// Flushes the device.
     pub fn flush(&mut self) -> Done {
         self.one(Req::Flush).0
     }
@@ -309,6 +326,7 @@ impl Queue {
         out
     }
 
+    /// Writes and panics on failure.
     #[track_caller]
     pub fn write_ok(&mut self, offset: u64, data: &[u8]) {
         let d = self.write(offset, data);
@@ -325,8 +343,11 @@ impl Queue {
 /// A started blkio `virtio-blk-vhost-user` instance.
 pub struct Client {
     // Field order matters for drop: queues first, then the Blkio.
+    /// The started queues, each with its slice of `region`.
     pub queues: Vec<Queue>,
+    /// The mapped buffer region.
     pub region: MemoryRegion,
+    /// The blkio instance.
     pub blkio: Blkio,
 }
 
@@ -369,11 +390,13 @@ pub fn start(mut b: Blkio, num_queues: i32, queue_size: i32) -> Result<Client, b
 }
 
 impl Client {
+    /// Connects to `socket` and starts with `opts`.
     pub fn try_new(socket: &Path, opts: &ClientOpts) -> Result<Client, blkio::Error> {
         let b = connect(socket, opts.read_only)?;
         start(b, opts.num_queues, opts.queue_size)
     }
 
+    /// Like [`Client::try_new`], panicking (with the errno) on failure.
     #[track_caller]
     pub fn new(socket: &Path, opts: &ClientOpts) -> Client {
         Self::try_new(socket, opts).unwrap_or_else(|e| {
@@ -391,22 +414,26 @@ impl Client {
         Self::new(socket, &ClientOpts::default())
     }
 
+    /// Queue `i`.
     pub fn q(&mut self, i: usize) -> &mut Queue {
         &mut self.queues[i]
     }
 
+    /// blkio property `name` (e.g. "capacity"); panics if it cannot be read.
     pub fn get_u64(&self, name: &str) -> u64 {
         self.blkio
             .get_u64(name)
             .unwrap_or_else(|e| panic!("get_u64({name}): {e}"))
     }
 
+    /// blkio property `name` (e.g. "num-queues"); panics if it cannot be read.
     pub fn get_i32(&self, name: &str) -> i32 {
         self.blkio
             .get_i32(name)
             .unwrap_or_else(|e| panic!("get_i32({name}): {e}"))
     }
 
+    /// blkio property `name` (e.g. "read-only"); panics if it cannot be read.
     pub fn get_bool(&self, name: &str) -> bool {
         self.blkio
             .get_bool(name)

@@ -19,6 +19,7 @@ pub enum Backend {
     Qsd,
 }
 
+/// The backend `VUB_TEST_BACKEND` selects (unset or "ours": our binary, "qsd").
 pub fn backend() -> Backend {
     match std::env::var("VUB_TEST_BACKEND") {
         Err(std::env::VarError::NotPresent) => Backend::Ours,
@@ -32,39 +33,50 @@ pub fn backend() -> Backend {
 /// Daemon options, mirroring the `vhost-user-blk` CLI.
 #[derive(Clone, Debug, Default)]
 pub struct DaemonConfig {
+    /// `--read-only`.
     pub read_only: bool,
+    /// `--num-queues`.
     pub num_queues: Option<u32>,
     /// Not supported by the QSD vhost-user-blk export; ignored there.
     pub queue_size: Option<u32>,
     /// Not supported by the QSD vhost-user-blk export; ignored there.
     pub serial: Option<String>,
+    /// `--logical-block-size`.
     pub logical_block_size: Option<u32>,
+    /// `--direct`.
     pub direct: bool,
+    /// `--writethrough`.
     pub writethrough: bool,
     /// Extra arguments for our binary (ignored for QSD).
     pub extra_args: Vec<String>,
 }
 
 impl DaemonConfig {
+    /// The defaults: writable, the daemon's own queue count and sizes.
     pub fn new() -> Self {
         Self::default()
     }
+    /// `--read-only`.
     pub fn read_only(mut self) -> Self {
         self.read_only = true;
         self
     }
+    /// `--num-queues N`.
     pub fn num_queues(mut self, n: u32) -> Self {
         self.num_queues = Some(n);
         self
     }
+    /// `--logical-block-size N`.
     pub fn logical_block_size(mut self, n: u32) -> Self {
         self.logical_block_size = Some(n);
         self
     }
+    /// `--serial S`.
     pub fn serial(mut self, s: &str) -> Self {
         self.serial = Some(s.to_string());
         self
     }
+    /// One more argument for our binary.
     pub fn arg(mut self, a: &str) -> Self {
         self.extra_args.push(a.to_string());
         self
@@ -74,8 +86,11 @@ impl DaemonConfig {
 /// A running backend process. Killed (SIGKILL) and reaped on drop if still running.
 pub struct Daemon {
     child: ChildGuard,
+    /// Its vhost-user socket.
     pub socket: PathBuf,
+    /// Its log file (stdout and stderr).
     pub log_path: PathBuf,
+    /// Which backend it is.
     pub backend: Backend,
 }
 
@@ -262,14 +277,17 @@ impl Daemon {
         }
     }
 
+    /// Its pid (while not reaped).
     pub fn pid(&self) -> libc::pid_t {
         self.child.pid()
     }
 
+    /// Its log so far (stdout and stderr).
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log_path).unwrap_or_else(|e| format!("<cannot read log: {e}>"))
     }
 
+    /// Sends it `sig`; panics if that fails.
     pub fn signal(&self, sig: libc::c_int) {
         self.child.signal(sig);
     }

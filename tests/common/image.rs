@@ -57,6 +57,7 @@ pub fn create_image(dir: &Path, name: &str, size: u64, seed: Option<u64>) -> Pat
     path
 }
 
+/// The whole file; panics (naming it) if it cannot be read.
 pub fn read_file(path: &Path) -> Vec<u8> {
     let mut v = Vec::new();
     File::open(path)

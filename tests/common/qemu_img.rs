@@ -34,11 +34,14 @@ pub fn qemu_img<S: AsRef<OsStr>>(args: &[S]) -> String {
 /// and the combined output.
 #[derive(Debug)]
 pub struct QemuImgCheck {
+    /// Exit status.
     pub code: i32,
+    /// stdout and stderr.
     pub output: String,
 }
 
 impl QemuImgCheck {
+    /// Exit status 0 and "No errors were found": no corruption, no leaks.
     pub fn clean(&self) -> bool {
         self.code == 0 && self.output.contains("No errors were found")
     }
