@@ -9,7 +9,6 @@ use serde_json::{json, Value};
 
 use super::protocol::{Reply, Request};
 use crate::error::{Error, Result};
-use crate::image::BitmapInfo;
 
 /// How long the client waits for the daemon's reply.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -129,21 +128,22 @@ pub fn stats_table(v: &Value, prev: Option<(&Value, f64)>) -> String {
     out
 }
 
-/// Renders a `bitmaps` result as a table: one row per bitmap, or one line saying there are
-/// none.
+/// Renders a `bitmaps` result as a table: one row per bitmap (the fields of
+/// [`crate::image::BitmapInfo`]), or one line saying there are none.
 pub fn bitmaps_table(v: &Value) -> Result<String> {
-    let bitmaps: Vec<BitmapInfo> =
+    let bitmaps: Vec<Value> =
         serde_json::from_value(v["bitmaps"].clone()).map_err(Error::ControlReply)?;
     if bitmaps.is_empty() {
         return Ok("no persistent dirty bitmaps\n".into());
     }
+    let name = |b: &Value| b["name"].as_str().unwrap_or("?").to_owned();
     let width = bitmaps
         .iter()
-        .map(|b| b.name.chars().count())
+        .map(|b| name(b).chars().count())
         .max()
         .unwrap_or(0)
         .max("name".len());
-    let yes_no = |b: bool| if b { "yes" } else { "no" };
+    let yes_no = |v: &Value| if v == &json!(true) { "yes" } else { "no" };
     let mut out = format!(
         "{:<width$} {:>11} {:>7} {:>12} {:>14}\n",
         "name", "granularity", "enabled", "inconsistent", "dirty bytes"
@@ -151,11 +151,12 @@ pub fn bitmaps_table(v: &Value) -> Result<String> {
     for b in &bitmaps {
         out.push_str(&format!(
             "{:<width$} {:>11} {:>7} {:>12} {:>14}\n",
-            b.name,
-            b.granularity,
-            yes_no(b.enabled),
-            yes_no(b.inconsistent),
-            b.dirty_bytes
+            name(b),
+            num(&b["granularity"]),
+            yes_no(&b["enabled"]),
+            yes_no(&b["inconsistent"]),
+            b["dirty_bytes"]
+                .as_u64()
                 .map_or_else(|| "-".to_owned(), |d| d.to_string()),
         ));
     }

@@ -40,7 +40,7 @@ pub struct ImageStats {
 }
 
 /// A persistent dirty bitmap of an image.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct BitmapInfo {
     /// Bitmap name.
     pub name: String,
