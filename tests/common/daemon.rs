@@ -108,102 +108,100 @@ enum Start {
     Series,
 }
 
-/// The command line of our binary serving `image` in `format` with `cfg`.
-fn ours_command(
+/// The command line that starts `backend` serving `image` in `format` on `socket` with `cfg`
+/// (qemu-storage-daemon has no equivalent of the queue size, serial and extra arguments and
+/// ignores them).
+fn backend_command(
+    backend: Backend,
     socket: &Path,
     image: &Path,
     format: &str,
     cfg: &DaemonConfig,
     start: Start,
 ) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"));
-    cmd.arg("--socket-path")
-        .arg(socket)
-        .arg("--blk-file")
-        .arg(image)
-        .arg("--format")
-        .arg(format);
-    if cfg.read_only {
-        cmd.arg("--read-only");
-    }
-    if let Some(n) = cfg.num_queues {
-        cmd.arg("--num-queues").arg(n.to_string());
-    }
-    if let Some(n) = cfg.queue_size {
-        cmd.arg("--queue-size").arg(n.to_string());
-    }
-    if let Some(s) = &cfg.serial {
-        cmd.arg("--serial").arg(s);
-    }
-    if let Some(n) = cfg.logical_block_size {
-        cmd.arg("--logical-block-size").arg(n.to_string());
-    }
-    if cfg.direct {
-        cmd.arg("--direct");
-    }
-    if cfg.writethrough {
-        cmd.arg("--writethrough");
-    }
-    cmd.args(&cfg.extra_args);
-    if start == Start::Single {
-        cmd.arg("-v");
-    }
-    cmd
-}
-
-/// The qemu-storage-daemon command line serving `image` in `format` with `cfg` (queue size,
-/// serial and extra arguments have no equivalent there and are ignored).
-fn qsd_command(
-    socket: &Path,
-    image: &Path,
-    format: &str,
-    cfg: &DaemonConfig,
-    start: Start,
-) -> Command {
-    let bin = std::env::var("VUB_QSD_BIN").unwrap_or_else(|_| "qemu-storage-daemon".into());
-    let mut cmd = Command::new(bin);
-    // QEMU option syntax uses ',' as separator; our temp paths never contain one.
-    let img = image.to_str().expect("utf-8 image path");
-    let sock = socket.to_str().expect("utf-8 socket path");
-    assert!(!img.contains(',') && !sock.contains(','));
-    let ro = if cfg.read_only { ",read-only=on" } else { "" };
-    let mut file = format!("driver=file,node-name=f0,filename={img}");
-    let node = match start {
-        Start::Single => {
-            file.push_str(",discard=unmap");
-            file.push_str(ro);
-            if cfg.direct {
-                file.push_str(",cache.direct=on");
+    match backend {
+        Backend::Ours => {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"));
+            cmd.arg("--socket-path")
+                .arg(socket)
+                .arg("--blk-file")
+                .arg(image)
+                .arg("--format")
+                .arg(format);
+            if cfg.read_only {
+                cmd.arg("--read-only");
             }
-            cmd.arg("--blockdev").arg(file);
-            "f0"
+            if let Some(n) = cfg.num_queues {
+                cmd.arg("--num-queues").arg(n.to_string());
+            }
+            if let Some(n) = cfg.queue_size {
+                cmd.arg("--queue-size").arg(n.to_string());
+            }
+            if let Some(s) = &cfg.serial {
+                cmd.arg("--serial").arg(s);
+            }
+            if let Some(n) = cfg.logical_block_size {
+                cmd.arg("--logical-block-size").arg(n.to_string());
+            }
+            if cfg.direct {
+                cmd.arg("--direct");
+            }
+            if cfg.writethrough {
+                cmd.arg("--writethrough");
+            }
+            cmd.args(&cfg.extra_args);
+            if start == Start::Single {
+                cmd.arg("-v");
+            }
+            cmd
         }
-        Start::Series => {
-            file.push_str(ro);
-            cmd.arg("--blockdev")
-                .arg(file)
-                .arg("--blockdev")
-                .arg(format!("driver={format},node-name=n0,file=f0{ro}"));
-            "n0"
+        Backend::Qsd => {
+            let bin = std::env::var("VUB_QSD_BIN").unwrap_or_else(|_| "qemu-storage-daemon".into());
+            let mut cmd = Command::new(bin);
+            // QEMU option syntax uses ',' as separator; our temp paths never contain one.
+            let img = image.to_str().expect("utf-8 image path");
+            let sock = socket.to_str().expect("utf-8 socket path");
+            assert!(!img.contains(',') && !sock.contains(','));
+            let ro = if cfg.read_only { ",read-only=on" } else { "" };
+            let mut file = format!("driver=file,node-name=f0,filename={img}");
+            let node = match start {
+                Start::Single => {
+                    file.push_str(",discard=unmap");
+                    file.push_str(ro);
+                    if cfg.direct {
+                        file.push_str(",cache.direct=on");
+                    }
+                    cmd.arg("--blockdev").arg(file);
+                    "f0"
+                }
+                Start::Series => {
+                    file.push_str(ro);
+                    cmd.arg("--blockdev")
+                        .arg(file)
+                        .arg("--blockdev")
+                        .arg(format!("driver={format},node-name=n0,file=f0{ro}"));
+                    "n0"
+                }
+            };
+            let mut export = format!(
+                "type=vhost-user-blk,id=e0,node-name={node},addr.type=unix,addr.path={sock},writable={}",
+                if cfg.read_only { "off" } else { "on" }
+            );
+            if let Some(n) = cfg.num_queues {
+                export.push_str(&format!(",num-queues={n}"));
+            }
+            if start == Start::Single {
+                if let Some(n) = cfg.logical_block_size {
+                    export.push_str(&format!(",logical-block-size={n}"));
+                }
+                if cfg.writethrough {
+                    export.push_str(",writethrough=on");
+                }
+            }
+            cmd.arg("--export").arg(export);
+            cmd
         }
-    };
-    let mut export = format!(
-        "type=vhost-user-blk,id=e0,node-name={node},addr.type=unix,addr.path={sock},writable={}",
-        if cfg.read_only { "off" } else { "on" }
-    );
-    if let Some(n) = cfg.num_queues {
-        export.push_str(&format!(",num-queues={n}"));
     }
-    if start == Start::Single {
-        if let Some(n) = cfg.logical_block_size {
-            export.push_str(&format!(",logical-block-size={n}"));
-        }
-        if cfg.writethrough {
-            export.push_str(",writethrough=on");
-        }
-    }
-    cmd.arg("--export").arg(export);
-    cmd
 }
 
 impl Daemon {
@@ -239,10 +237,7 @@ impl Daemon {
                 log
             }
         };
-        let mut cmd = match backend {
-            Backend::Ours => ours_command(&socket, image, format, cfg, start),
-            Backend::Qsd => qsd_command(&socket, image, format, cfg, start),
-        };
+        let mut cmd = backend_command(backend, &socket, image, format, cfg, start);
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log fd"))
             .stderr(log);
