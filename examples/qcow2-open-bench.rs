@@ -20,6 +20,9 @@
 //! `--dir` defaults to /dev/shm when it has room, else the temporary directory. Uses the
 //! engine's internal `bench_support` module, which is not a stable API.
 
+// A benchmark tool: a failed setup step ends the run with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};

@@ -6,8 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::image::BlockImage;
-use crate::interposer::Channel;
 use crate::stats::{now_ns, QueueCounters};
+use crate::sync::lock;
+use crate::vhost_user::Connection;
 use crate::virtio_blk::DeviceParams;
 
 /// Default busy-poll time after a batch (QEMU's iothread `poll-max-ns` default is 32 µs).
@@ -28,8 +29,8 @@ pub struct Device {
     pub poll_ns: u64,
     /// One set of counters per queue, accumulated over all connections.
     pub queues: Vec<Arc<QueueCounters>>,
-    /// The current frontend connection's relay channel (control path only).
-    channel: Mutex<Option<Arc<Channel>>>,
+    /// The current frontend connection (control path only).
+    connection: Mutex<Option<Arc<Connection>>>,
     /// Flushes requested outside the guest (control socket, disconnects).
     pub host_flushes: AtomicU64,
     /// [`now_ns`] of the last host-requested flush (0: never).
@@ -58,7 +59,7 @@ impl Device {
             writeback,
             poll_ns: DEFAULT_POLL_NS,
             queues,
-            channel: Mutex::new(None),
+            connection: Mutex::new(None),
             host_flushes: AtomicU64::new(0),
             last_host_flush_ns: AtomicU64::new(0),
             started: Instant::now(),
@@ -76,21 +77,19 @@ impl Device {
 
     /// Whether a frontend is connected.
     pub fn connected(&self) -> bool {
-        self.channel.lock().map(|c| c.is_some()).unwrap_or(false)
+        lock(&self.connection).is_some()
     }
 
-    /// Records the current connection's channel (None when no frontend is connected).
-    pub fn set_channel(&self, channel: Option<Arc<Channel>>) {
-        if let Ok(mut c) = self.channel.lock() {
-            *c = channel;
-        }
+    /// Records the current connection (None when no frontend is connected).
+    pub fn set_connection(&self, connection: Option<Arc<Connection>>) {
+        *lock(&self.connection) = connection;
     }
 
     /// Tells the connected frontend that the configuration space changed. Returns whether a
     /// frontend was told (false: none connected, or it has no backend channel).
     pub fn notify_config_change(&self) -> io::Result<bool> {
-        let chan = self.channel.lock().ok().and_then(|c| c.clone());
-        match chan {
+        let conn = lock(&self.connection).clone();
+        match conn {
             Some(c) => c.notify_config_change(),
             None => Ok(false),
         }

@@ -42,6 +42,9 @@ pub enum Error {
     /// Options that contradict each other or are out of range.
     #[error("invalid option: {0}")]
     InvalidOption(String),
+    /// Device options out of range (block size, queues, an image too small for them).
+    #[error("invalid option: {0}")]
+    Device(#[from] crate::virtio_blk::config::ParamsError),
     /// The listening socket could not be set up.
     #[error("cannot listen on {path}: {reason}")]
     Socket {
@@ -50,12 +53,18 @@ pub enum Error {
         /// What failed.
         reason: String,
     },
-    /// The daemon refused a control request, or its reply made no sense.
-    #[error("{0}")]
-    Control(String),
+    /// The daemon refused a control request (its message).
+    #[error("daemon refused: {0}")]
+    ControlRefused(String),
+    /// The daemon's reply to a control request made no sense.
+    #[error("bad reply from the daemon: {0}")]
+    ControlReply(serde_json::Error),
+    /// A control request could not be encoded.
+    #[error("cannot encode the control request: {0}")]
+    ControlEncode(serde_json::Error),
     /// The vhost-user daemon framework failed.
     #[error("vhost-user: {0}")]
-    VhostUser(String),
+    VhostUser(vhost_user_backend::Error),
     /// An I/O error with context.
     #[error("{context}: {source}")]
     Io {

@@ -6,13 +6,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::str::FromStr;
 use std::sync::Arc;
 
 use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand};
 use log::info;
-use serde_json::json;
 
-use vhost_user_blk::backend::MAX_QUEUES;
+use vhost_user_blk::control::{self, client as ctl, Request};
 use vhost_user_blk::device::Device;
 use vhost_user_blk::image::fault::{FaultImage, FaultSpec};
 use vhost_user_blk::image::null::NullImage;
@@ -24,8 +24,9 @@ use vhost_user_blk::server::{
     bind_socket_with, handle_signals, listener_from_fd, lookup_group, lookup_user,
     systemd_listen_fd, ListenOn, Server, Shutdown, SocketPerms,
 };
-use vhost_user_blk::virtio_blk::DeviceParams;
-use vhost_user_blk::{control, ctl, notify, Error, Result};
+use vhost_user_blk::vhost_user::MAX_QUEUES;
+use vhost_user_blk::virtio_blk::{DeviceOptions, DeviceParams};
+use vhost_user_blk::{notify, Error, Result};
 
 /// Capabilities printed by `--print-capabilities` (vhost-user.rst, type "block").
 const CAPABILITIES: &str = r#"{"type":"block","features":["read-only","blk-file"]}"#;
@@ -86,7 +87,7 @@ struct Cli {
 
     /// Image format. `auto` serves raw unless the file starts with the qcow2 magic, which it
     /// refuses (never guesses qcow2).
-    #[arg(long, value_name = "FORMAT", default_value = "auto", value_parser = parse_format)]
+    #[arg(long, value_name = "FORMAT", default_value = "auto", value_parser = ImageFormat::from_str)]
     format: ImageFormat,
 
     /// Create the image with this size (e.g. 1G, 512M, 10737418240) if it does not exist.
@@ -185,8 +186,8 @@ struct CtlArgs {
     /// The daemon's --control-socket.
     #[arg(long, value_name = "PATH")]
     control_socket: PathBuf,
-    /// Print the raw JSON result instead of a table.
-    #[arg(long)]
+    /// Print the raw JSON result instead of a table (before or after the action).
+    #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
     action: CtlAction,
@@ -226,23 +227,30 @@ fn run_ctl(args: CtlArgs) -> Result<()> {
         CtlAction::Watch => return ctl::watch(sock),
         CtlAction::Stats { format } => match format.as_deref() {
             Some("prometheus") => {
-                let r = ctl::call(sock, &json!({"command": "stats", "format": "prometheus"}))?;
+                let r = ctl::call(
+                    sock,
+                    &Request::Stats {
+                        format: Some("prometheus".into()),
+                    },
+                )?;
                 print!("{}", r.as_str().unwrap_or_default());
                 return Ok(());
             }
-            None | Some("table") => json!({"command": "stats"}),
+            None | Some("table") => Request::Stats { format: None },
             Some(f) => return Err(Error::InvalidOption(format!("unknown --format {f}"))),
         },
-        CtlAction::Flush => json!({"command": "flush"}),
-        CtlAction::Resize { size } => json!({"command": "resize", "size": size}),
-        CtlAction::Bitmaps => json!({"command": "bitmaps"}),
-        CtlAction::BitmapClear { name } => json!({"command": "bitmap-clear", "name": name}),
+        CtlAction::Flush => Request::Flush {},
+        CtlAction::Resize { size } => Request::Resize { size: *size },
+        CtlAction::Bitmaps => Request::Bitmaps {},
+        CtlAction::BitmapClear { name } => Request::BitmapClear { name: name.clone() },
     };
     let result = ctl::call(sock, &request)?;
     if args.json {
         println!("{result}");
     } else if matches!(args.action, CtlAction::Stats { .. }) {
         print!("{}", ctl::stats_table(&result, None));
+    } else if matches!(args.action, CtlAction::Bitmaps) {
+        print!("{}", ctl::bitmaps_table(&result)?);
     } else {
         println!(
             "{}",
@@ -252,12 +260,25 @@ fn run_ctl(args: CtlArgs) -> Result<()> {
     Ok(())
 }
 
-fn parse_format(s: &str) -> std::result::Result<ImageFormat, String> {
-    s.parse()
+/// Why a size or a mode on the command line is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+enum ArgError {
+    /// A letter after the number other than K, M, G, T.
+    #[error("unknown size suffix in '{0}'")]
+    SizeSuffix(String),
+    /// No number.
+    #[error("'{0}' is not a size")]
+    NotASize(String),
+    /// Zero, or more than 64 bits.
+    #[error("size '{0}' is zero or too large")]
+    SizeRange(String),
+    /// Not an octal mode of at most 0777.
+    #[error("'{0}' is not an octal permission mode")]
+    Mode(String),
 }
 
 /// Parses a size with an optional K/M/G/T suffix (powers of 1024, optional "iB"/"B").
-fn parse_size(s: &str) -> std::result::Result<u64, String> {
+fn parse_size(s: &str) -> std::result::Result<u64, ArgError> {
     let t = s.trim();
     let t = t
         .strip_suffix("iB")
@@ -270,7 +291,7 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
                 'M' => 20,
                 'G' => 30,
                 'T' => 40,
-                _ => return Err(format!("unknown size suffix in '{s}'")),
+                _ => return Err(ArgError::SizeSuffix(s.to_owned())),
             };
             (&t[..i], shift)
         }
@@ -279,17 +300,17 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let n: u64 = num
         .trim()
         .parse()
-        .map_err(|_| format!("'{s}' is not a size"))?;
+        .map_err(|_| ArgError::NotASize(s.to_owned()))?;
     n.checked_mul(1u64 << shift)
         .filter(|&v| v > 0)
-        .ok_or_else(|| format!("size '{s}' is zero or too large"))
+        .ok_or_else(|| ArgError::SizeRange(s.to_owned()))
 }
 
-fn parse_mode(s: &str) -> std::result::Result<u32, String> {
+fn parse_mode(s: &str) -> std::result::Result<u32, ArgError> {
     u32::from_str_radix(s.trim_start_matches("0o"), 8)
         .ok()
         .filter(|&m| m <= 0o777)
-        .ok_or_else(|| format!("'{s}' is not an octal permission mode"))
+        .ok_or_else(|| ArgError::Mode(s.to_owned()))
 }
 
 fn init_logging(verbose: u8) {
@@ -383,19 +404,17 @@ fn run(cli: Cli) -> Result<()> {
             "--null-size and --blk-file are mutually exclusive".into(),
         ));
     }
-    DeviceParams::check_geometry(cli.logical_block_size, cli.num_queues, cli.queue_size)
-        .map_err(Error::InvalidOption)?;
+    DeviceParams::check_geometry(cli.logical_block_size, cli.num_queues, cli.queue_size)?;
     let (path, image) = open(&cli)?;
-    let params = DeviceParams::new(
-        image.virtual_size(),
-        cli.logical_block_size,
-        image.discard_granularity(),
-        cli.num_queues,
-        cli.queue_size,
-        cli.read_only,
-        &cli.serial,
-    )
-    .map_err(Error::InvalidOption)?;
+    let params = DeviceParams::new(&DeviceOptions {
+        size: image.virtual_size(),
+        logical_block_size: cli.logical_block_size,
+        discard_granularity: image.discard_granularity(),
+        num_queues: cli.num_queues,
+        queue_size: cli.queue_size,
+        read_only: cli.read_only,
+        serial: &cli.serial,
+    })?;
 
     let perms = SocketPerms {
         mode: cli.socket_mode,

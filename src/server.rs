@@ -6,6 +6,7 @@
 //! is flushed, and the next connection is accepted. A VM reboot or a QEMU restart with
 //! `reconnect-ms` therefore just works.
 
+use std::ffi::CString;
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStringExt;
@@ -22,11 +23,11 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::backend::BlkBackend;
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::interposer;
 use crate::notify;
+use crate::sync::lock;
+use crate::vhost_user::{interposer, BlkBackend, Connection};
 
 /// Where the listening socket comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,47 +49,70 @@ pub struct SocketPerms {
     pub gid: Option<u32>,
 }
 
+/// Why a `--socket-owner` or `--socket-group` is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LookupError {
+    /// The name has a NUL byte.
+    #[error("bad {kind} name '{name}'")]
+    BadName {
+        /// "user" or "group".
+        kind: &'static str,
+        /// The name given.
+        name: String,
+    },
+    /// No such user or group.
+    #[error("no {kind} '{name}'")]
+    NotFound {
+        /// "user" or "group".
+        kind: &'static str,
+        /// The name given.
+        name: String,
+    },
+}
+
 /// Resolves a user name or number to a uid.
-pub fn lookup_user(name: &str) -> std::result::Result<u32, String> {
+pub fn lookup_user(name: &str) -> std::result::Result<u32, LookupError> {
     if let Ok(n) = name.parse() {
         return Ok(n);
     }
-    let c = std::ffi::CString::new(name).map_err(|_| format!("bad user name '{name}'"))?;
+    let c = c_name("user", name)?;
     // SAFETY: getpwnam reads a NUL-terminated string; the returned record is only read
     // before any other call that could overwrite it (start-up, single-threaded).
     let pw = unsafe { libc::getpwnam(c.as_ptr()) };
     if pw.is_null() {
-        return Err(format!("no user '{name}'"));
+        return Err(not_found("user", name));
     }
     // SAFETY: pw is non-null and points to libc's static passwd record.
     Ok(unsafe { (*pw).pw_uid })
 }
 
 /// Resolves a group name or number to a gid.
-pub fn lookup_group(name: &str) -> std::result::Result<u32, String> {
+pub fn lookup_group(name: &str) -> std::result::Result<u32, LookupError> {
     if let Ok(n) = name.parse() {
         return Ok(n);
     }
-    let c = std::ffi::CString::new(name).map_err(|_| format!("bad group name '{name}'"))?;
+    let c = c_name("group", name)?;
     // SAFETY: as for getpwnam above.
     let gr = unsafe { libc::getgrnam(c.as_ptr()) };
     if gr.is_null() {
-        return Err(format!("no group '{name}'"));
+        return Err(not_found("group", name));
     }
     // SAFETY: gr is non-null and points to libc's static group record.
     Ok(unsafe { (*gr).gr_gid })
 }
 
-/// Binds a unix socket at `path` with the given permissions (see [`bind_socket_with`]).
-pub fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener> {
-    bind_socket_with(
-        path,
-        SocketPerms {
-            mode,
-            uid: None,
-            gid: None,
-        },
-    )
+fn c_name(kind: &'static str, name: &str) -> std::result::Result<CString, LookupError> {
+    CString::new(name).map_err(|_| LookupError::BadName {
+        kind,
+        name: name.to_owned(),
+    })
+}
+
+fn not_found(kind: &'static str, name: &str) -> LookupError {
+    LookupError::NotFound {
+        kind,
+        name: name.to_owned(),
+    }
 }
 
 /// Binds a unix socket at `path` with permissions, owner and group from `perms`.
@@ -245,10 +269,8 @@ impl Shutdown {
     /// stop) and wakes a pending `accept`.
     pub fn request(&self) {
         self.requested.store(true, Ordering::Release);
-        if let Ok(conn) = self.conn.lock() {
-            if let Some(h) = conn.as_ref() {
-                h.shutdown();
-            }
+        if let Some(h) = lock(&self.conn).as_ref() {
+            h.shutdown();
         }
         if let Err(e) = self.wake.write(1) {
             error!("waking the connection loop for shutdown failed: {e}");
@@ -294,9 +316,7 @@ impl Shutdown {
     }
 
     fn set_conn(&self, handle: Option<ShutdownHandle>) {
-        if let Ok(mut conn) = self.conn.lock() {
-            *conn = handle;
-        }
+        *lock(&self.conn) = handle;
         // A request that came in before the handle was stored must still close it.
         if self.requested() {
             self.request();
@@ -347,28 +367,28 @@ impl Server {
         info!("frontend connected");
         let _ = notify::notify("STATUS=serving a frontend");
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let channel = Arc::new(interposer::Channel::default());
+        let conn = Arc::new(Connection::default());
         let backend = Arc::new(
-            BlkBackend::new(self.device.clone(), channel.clone(), mem.clone())
+            BlkBackend::new(self.device.clone(), conn.clone(), mem.clone())
                 .map_err(|e| Error::io("create backend", e))?,
         );
         let mut daemon = VhostUserDaemon::new("vhost-user-blk".into(), backend.clone(), mem)
-            .map_err(|e| Error::VhostUser(e.to_string()))?;
+            .map_err(Error::VhostUser)?;
         // vhost-user-backend talks to our relay, which talks to the frontend.
         daemon
             .start_client(&relay.path_str)
-            .map_err(|e| Error::VhostUser(e.to_string()))?;
+            .map_err(Error::VhostUser)?;
         let handler_side = relay.accept()?;
-        let relay_threads = interposer::start(frontend, handler_side, channel.clone())
+        let relay_threads = interposer::start(frontend, handler_side, conn.clone())
             .map_err(|e| Error::io("start relay", e))?;
-        self.device.set_channel(Some(channel));
+        self.device.set_connection(Some(conn));
         self.shutdown.set_conn(daemon.shutdown_handle());
         match daemon.wait() {
             Ok(()) => info!("frontend disconnected"),
             Err(e) => info!("frontend connection ended: {e}"),
         }
         self.shutdown.set_conn(None);
-        self.device.set_channel(None);
+        self.device.set_connection(None);
         let _ = notify::notify("STATUS=waiting for a frontend");
         backend.finish_connection(daemon);
         for t in relay_threads {

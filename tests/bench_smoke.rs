@@ -2,6 +2,9 @@
 //! drives the daemon for a moment and prints a well-formed JSON result. No figure is asserted:
 //! benchmarks are not tests; this only checks the harness works.
 
+// A test reports a failure by panicking: unwrap and expect are how it does so.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -1,7 +1,10 @@
-// End-to-end tests driving the daemon through libblkio's `virtio-blk-vhost-user` driver.
-//
-// Each test makes its own temp dir, raw image and daemon process (see tests/common/mod.rs).
-// Run against qemu-storage-daemon instead of our binary with `VUB_TEST_BACKEND=qsd`.
+//! End-to-end tests driving the daemon through libblkio's `virtio-blk-vhost-user` driver.
+//!
+//! Each test makes its own temp dir, raw image and daemon process (see tests/common/daemon.rs).
+//! Run against qemu-storage-daemon instead of our binary with `VUB_TEST_BACKEND=qsd`.
+
+// A test reports a failure by panicking: unwrap and expect are how it does so.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -940,14 +943,7 @@ fn stream_and_verify(format: &str, num_queues: usize, depth: usize, rounds: u64)
     let size = (num_queues * depth) as u64 * BLOCKS_PER_SLOT * BLOCK as u64;
     let img = if format == "qcow2" {
         let p = dir.path().join("disk.qcow2");
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            &p.to_string_lossy(),
-            &size.to_string(),
-        ]);
+        create_qcow2(&p, "", &size.to_string());
         p
     } else {
         create_image(dir.path(), "disk.img", size, Some(7))
@@ -979,10 +975,12 @@ fn stream_and_verify(format: &str, num_queues: usize, depth: usize, rounds: u64)
                     // BLOCK <= QUEUE_BUF_SIZE), and no other request uses them meanwhile.
                     let p = unsafe { buf.add(j * BLOCK) };
                     if read {
+                        // SAFETY: see `p`.
                         unsafe { std::ptr::write_bytes(p, 0xEE, BLOCK) };
                         q.q.read(offset(j, r), p, BLOCK, j, ReqFlags::empty());
                     } else {
                         let d = data(j, r);
+                        // SAFETY: see `p`; `d` is a separate Vec of BLOCK bytes.
                         unsafe { std::ptr::copy_nonoverlapping(d.as_ptr(), p, BLOCK) };
                         q.q.write(offset(j, r), p, BLOCK, j, ReqFlags::empty());
                     }

@@ -7,165 +7,28 @@
 //! (libblkio, see tests/common). Every wait is bounded and every child process is killed by a
 //! guard when a test fails.
 
+// A test reports a failure by panicking: unwrap and expect are how it does so.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
 use std::os::linux::net::SocketAddrExt;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram, UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{pattern, Client, ClientOpts};
+use common::{create_qcow2, is_socket, pattern, qemu_img, run_bin, Client, ClientOpts, Proc};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-blk");
 const WAIT: Duration = Duration::from_secs(10);
 const MIB: u64 = 1 << 20;
-
-// ---------------------------------------------------------------------------------------------
-// Process guard
-// ---------------------------------------------------------------------------------------------
-
-/// A spawned process whose stdout and stderr go to files. Killed (SIGKILL) and reaped on drop;
-/// on a panic its output is printed.
-struct Proc {
-    child: Option<Child>,
-    out: PathBuf,
-    err: PathBuf,
-}
-
-impl Proc {
-    fn spawn(mut cmd: Command, dir: &Path, name: &str) -> Proc {
-        let out = dir.join(format!("{name}.stdout"));
-        let err = dir.join(format!("{name}.stderr"));
-        cmd.stdin(Stdio::null())
-            .stdout(File::create(&out).expect("create stdout file"))
-            .stderr(File::create(&err).expect("create stderr file"));
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
-        Proc {
-            child: Some(child),
-            out,
-            err,
-        }
-    }
-
-    fn pid(&self) -> libc::pid_t {
-        self.child.as_ref().expect("already reaped").id() as libc::pid_t
-    }
-
-    fn stdout(&self) -> String {
-        String::from_utf8_lossy(&fs::read(&self.out).unwrap_or_default()).into_owned()
-    }
-
-    fn stderr(&self) -> String {
-        String::from_utf8_lossy(&fs::read(&self.err).unwrap_or_default()).into_owned()
-    }
-
-    fn try_wait(&mut self) -> Option<ExitStatus> {
-        let status = self.child.as_mut()?.try_wait().expect("try_wait")?;
-        self.child = None;
-        Some(status)
-    }
-
-    /// Waits (bounded) for the process to exit.
-    #[track_caller]
-    fn wait_exit(&mut self, why: &str) -> ExitStatus {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(s) = self.try_wait() {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "process did not exit within {WAIT:?} ({why})\n--- stderr ---\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn signal(&self, sig: libc::c_int) {
-        // SAFETY: kill(2) on our own, not yet reaped, child.
-        let rc = unsafe { libc::kill(self.pid(), sig) };
-        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
-    }
-
-    /// SIGTERM and require a clean exit (status 0).
-    #[track_caller]
-    fn terminate_ok(&mut self) {
-        self.signal(libc::SIGTERM);
-        let s = self.wait_exit("SIGTERM");
-        assert!(
-            s.success(),
-            "daemon exited with {s} after SIGTERM\n--- stderr ---\n{}",
-            self.stderr()
-        );
-    }
-
-    /// Waits (bounded) for `path` to be a socket; panics with the log if the process exits.
-    #[track_caller]
-    fn wait_for_socket(&mut self, path: &Path) {
-        let deadline = Instant::now() + WAIT;
-        while !is_socket(path) {
-            if let Some(s) = self.try_wait() {
-                panic!(
-                    "daemon exited ({s}) before creating {}\n--- stderr ---\n{}",
-                    path.display(),
-                    self.stderr()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not appear within {WAIT:?}\n--- stderr ---\n{}",
-                path.display(),
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    #[track_caller]
-    fn assert_running(&mut self) {
-        if let Some(s) = self.try_wait() {
-            panic!(
-                "daemon exited unexpectedly ({s})\n--- stderr ---\n{}",
-                self.stderr()
-            );
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            if let Ok(None) = child.try_wait() {
-                // SAFETY: SIGKILL to our own child, by pid.
-                unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
-            }
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "--- child stdout ---\n{}\n--- child stderr ---\n{}",
-                self.stdout(),
-                self.stderr()
-            );
-        }
-    }
-}
-
-fn is_socket(path: &Path) -> bool {
-    fs::symlink_metadata(path)
-        .map(|m| m.file_type().is_socket())
-        .unwrap_or(false)
-}
 
 fn mode_of(path: &Path) -> u32 {
     fs::symlink_metadata(path)
@@ -173,15 +36,6 @@ fn mode_of(path: &Path) -> u32 {
         .permissions()
         .mode()
         & 0o7777
-}
-
-/// Runs the binary to completion (bounded) and returns (status, stdout, stderr).
-fn run_bin(dir: &Path, args: &[&str]) -> (ExitStatus, String, String) {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args);
-    let mut p = Proc::spawn(cmd, dir, "run");
-    let s = p.wait_exit(&format!("{args:?}"));
-    (s, p.stdout(), p.stderr())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -615,24 +469,10 @@ fn resize_respects_block_size_and_read_only() {
     s.daemon.terminate_ok();
 }
 
-/// Runs `qemu-img` with `args`, which must succeed; returns its standard output.
-fn qemu_img<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Vec<u8> {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img is required (run ci/setup.sh)");
-    assert!(
-        out.status.success(),
-        "qemu-img {:?}: {out:?}",
-        args.iter().map(|a| a.as_ref()).collect::<Vec<_>>()
-    );
-    out.stdout
-}
-
 /// `qemu-img info --output=json` of an image.
 fn qemu_img_info(image: &Path) -> Value {
     let out = qemu_img(&["info".as_ref(), "--output=json".as_ref(), image.as_os_str()]);
-    serde_json::from_slice(&out).expect("qemu-img info json")
+    serde_json::from_str(&out).expect("qemu-img info json")
 }
 
 #[test]
@@ -640,7 +480,7 @@ fn resize_grows_a_qcow2_image_online() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.qcow2");
     let img = image.to_str().unwrap();
-    qemu_img(&["create", "-q", "-f", "qcow2", img, "16M"]);
+    create_qcow2(img, "", "16M");
     let mut s = serve(dir, image, &["--format", "qcow2"]);
     let mut ctl = Ctl::connect(&s.ctl);
     assert_eq!(ctl.stats()["image"]["format"], json!("qcow2"));
@@ -681,7 +521,7 @@ fn qcow2_bitmaps_track_client_writes_and_clear() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.qcow2");
     let img = image.to_str().unwrap();
-    qemu_img(&["create", "-q", "-f", "qcow2", img, "16M"]);
+    create_qcow2(img, "", "16M");
     qemu_img(&["bitmap", "--add", img, "backup-0"]);
     let mut s = serve(dir, image, &["--format", "qcow2"]);
     let mut ctl = Ctl::connect(&s.ctl);
@@ -703,6 +543,44 @@ fn qcow2_bitmaps_track_client_writes_and_clear() {
     assert_eq!(list(&mut ctl)[0]["dirty_bytes"], json!(0));
     c.q(0).write_ok(0, &pattern(3, 0, 512));
     assert_eq!(list(&mut ctl)[0]["dirty_bytes"], json!(65536));
+    // `ctl bitmaps` prints a table; `--json` (before or after the action) the result.
+    let p = s.ctl.to_str().unwrap().to_owned();
+    let ctl_bin = |args: &[&str]| {
+        let mut all = vec!["ctl", "--control-socket", &p];
+        all.extend_from_slice(args);
+        let (st, out, err) = run_bin(s.dir.path(), &all);
+        assert!(st.success(), "ctl {args:?}: {st}: {err}");
+        out
+    };
+    let table = ctl_bin(&["bitmaps"]);
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            vec![
+                "name",
+                "granularity",
+                "enabled",
+                "inconsistent",
+                "dirty",
+                "bytes"
+            ],
+            vec!["backup-0", "65536", "yes", "no", "65536"],
+        ],
+        "{table}"
+    );
+    for args in [&["--json", "bitmaps"][..], &["bitmaps", "--json"]] {
+        let out = ctl_bin(args);
+        let v: Value = serde_json::from_str(out.trim()).expect("ctl bitmaps --json prints JSON");
+        assert_eq!(
+            v["bitmaps"][0]["dirty_bytes"],
+            json!(65536),
+            "{args:?}: {out}"
+        );
+    }
     drop(c);
     s.daemon.terminate_ok();
     let info = qemu_img_info(&s.image);
@@ -791,7 +669,7 @@ fn unknown_fields_on_parameterless_commands_are_refused() {
 }
 
 /// Bytes that are not UTF-8 are a malformed request like any other: an error reply, and the
-/// connection stays open (src/control.rs: "A malformed line gets an error reply and the
+/// connection stays open (src/control/server.rs: "A malformed line gets an error reply and the
 /// connection stays open").
 #[test]
 fn invalid_utf8_gets_an_error_reply_and_the_connection_stays_open() {
@@ -1132,6 +1010,12 @@ fn ctl_subcommand_talks_to_the_daemon() {
     let v: Value = serde_json::from_str(out.trim()).expect("ctl --json stats prints JSON");
     assert_eq!(n(&v["queues"][0]["requests"]["write"]), 4);
     assert_eq!(out.trim().lines().count(), 1, "one line of JSON");
+    // --json after the action, as the README writes it, does the same.
+    let (st, out, err) = ctl(&["stats", "--json"]);
+    assert!(st.success(), "ctl stats --json: {err}");
+    let v: Value = serde_json::from_str(out.trim()).expect("ctl stats --json prints JSON");
+    assert_eq!(n(&v["queues"][0]["requests"]["write"]), 4);
+    assert_eq!(out.trim().lines().count(), 1, "one line of JSON");
 
     // flush.
     let (st, out, err) = ctl(&["flush"]);
@@ -1164,6 +1048,9 @@ fn ctl_subcommand_talks_to_the_daemon() {
     let (st, out, _) = ctl(&["--json", "bitmaps"]);
     assert!(st.success());
     assert_eq!(out.trim(), r#"{"bitmaps":[]}"#);
+    let (st, out, _) = ctl(&["bitmaps"]);
+    assert!(st.success());
+    assert_eq!(out, "no persistent dirty bitmaps\n");
 
     // A bad size is a command-line error (exit 2) and never reaches the daemon.
     let (st, _, err) = ctl(&["resize", "12Q"]);
@@ -1290,6 +1177,7 @@ fn sockets_are_0600_by_default_and_honour_socket_mode() {
 fn clear_cloexec(fd: libc::c_int) -> std::io::Result<()> {
     // SAFETY: fcntl on an fd this process owns.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    // SAFETY: as above.
     if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) } < 0 {
         return Err(std::io::Error::last_os_error());
     }

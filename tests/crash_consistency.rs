@@ -1,46 +1,49 @@
-// Crash consistency: "never lose a write".
-//
-// For each image kind (raw; qcow2 with 64 KiB clusters; qcow2 with 4 KiB clusters; qcow2 over a
-// raw backing file; qcow2 whose clusters all start compressed, so first writes copy-on-write and
-// free the old host clusters; qcow2 with extended L2 over a raw backing file, so writes allocate
-// single subclusters; qcow2 with an external data file) a loop:
-//
-//   1. start the daemon on the image (after a SIGKILL the qcow2 dirty bit makes it rebuild the
-//      refcounts on open),
-//   2. read back the whole work region and check it against the model (below),
-//   3. run a verified write workload on several virtqueues at once (random 512-byte-aligned
-//      offsets, random sizes 4 KiB..256 KiB, FLUSH at random points; every 512-byte sector of
-//      every write carries a header with the write id and the sector number, the rest derived
-//      from a seed, so any sector read back names the write it came from and is checked in
-//      full),
-//   4. SIGKILL the daemon at a random moment while I/O is in flight (after a random delay,
-//      just after the N-th FLUSH was submitted, or after the N-th write completed),
-//   5. for qcow2, `qemu-img check` the killed image: leaks are fine, anything else is not.
-//
-// The model: writes in flight at the same time never overlap, so the writes to each sector are
-// totally ordered. The process-crash rule: a SIGKILL of the daemon alone (the host and its page
-// cache survive) must not lose any write that had completed, flushed or not (docs/RELIABILITY.md;
-// for qcow2 the mapping journal carries the unflushed mapping changes across the restart). So a
-// write must survive once it has completed. (With VUB_TEST_BACKEND=qsd the weaker FLUSH rule is
-// checked instead: QSD keeps unflushed qcow2 metadata in memory only, so a kill loses completed
-// writes there.) After a crash each sector must hold the last write to it that must survive, or
-// any write to it that came later (completed or still in flight); never an older value, never a
-// mix, never garbage. What was read back becomes the sector's new baseline.
-//
-// After the loop: restart, verify, SIGTERM (exit 0), `qemu-img check` (errors fail, leaks are
-// reported), restart, verify the whole disk, SIGTERM, and `qemu-img check` must say "No errors
-// were found".
-//
-// A SIGKILL leaves the host page cache intact, so this exercises the daemon's own state
-// (in-memory qcow2 metadata, write-back ordering, repair on open), not power loss.
-//
-// Quick mode (default): 20 kills per image kind. Long mode:
-//
-//   VUB_CRASH_KILLS=200 CARGO_TARGET_DIR=/work/target-crash \
-//       cargo test --test crash_consistency -- --nocapture --test-threads=1
-//
-// VUB_CRASH_SEED=N replays a run (the seed of each image kind is printed); with
-// VUB_TEST_BACKEND=qsd the same checks run against qemu-storage-daemon (validates the test).
+//! Crash consistency: "never lose a write".
+//!
+//! For each image kind (raw; qcow2 with 64 KiB clusters; qcow2 with 4 KiB clusters; qcow2 over a
+//! raw backing file; qcow2 whose clusters all start compressed, so first writes copy-on-write and
+//! free the old host clusters; qcow2 with extended L2 over a raw backing file, so writes allocate
+//! single subclusters; qcow2 with an external data file) a loop:
+//!
+//!   1. start the daemon on the image (after a SIGKILL the qcow2 dirty bit makes it rebuild the
+//!      refcounts on open),
+//!   2. read back the whole work region and check it against the model (below),
+//!   3. run a verified write workload on several virtqueues at once (random 512-byte-aligned
+//!      offsets, random sizes 4 KiB..256 KiB, FLUSH at random points; every 512-byte sector of
+//!      every write carries a header with the write id and the sector number, the rest derived
+//!      from a seed, so any sector read back names the write it came from and is checked in
+//!      full),
+//!   4. SIGKILL the daemon at a random moment while I/O is in flight (after a random delay,
+//!      just after the N-th FLUSH was submitted, or after the N-th write completed),
+//!   5. for qcow2, `qemu-img check` the killed image: leaks are fine, anything else is not.
+//!
+//! The model: writes in flight at the same time never overlap, so the writes to each sector are
+//! totally ordered. The process-crash rule: a SIGKILL of the daemon alone (the host and its page
+//! cache survive) must not lose any write that had completed, flushed or not (docs/RELIABILITY.md;
+//! for qcow2 the mapping journal carries the unflushed mapping changes across the restart). So a
+//! write must survive once it has completed. (With VUB_TEST_BACKEND=qsd the weaker FLUSH rule is
+//! checked instead: QSD keeps unflushed qcow2 metadata in memory only, so a kill loses completed
+//! writes there.) After a crash each sector must hold the last write to it that must survive, or
+//! any write to it that came later (completed or still in flight); never an older value, never a
+//! mix, never garbage. What was read back becomes the sector's new baseline.
+//!
+//! After the loop: restart, verify, SIGTERM (exit 0), `qemu-img check` (errors fail, leaks are
+//! reported), restart, verify the whole disk, SIGTERM, and `qemu-img check` must say "No errors
+//! were found".
+//!
+//! A SIGKILL leaves the host page cache intact, so this exercises the daemon's own state
+//! (in-memory qcow2 metadata, write-back ordering, repair on open), not power loss.
+//!
+//! Quick mode (default): 20 kills per image kind. Long mode:
+//!
+//!   VUB_CRASH_KILLS=200 CARGO_TARGET_DIR=/work/target-crash \
+//!       cargo test --test crash_consistency -- --nocapture --test-threads=1
+//!
+//! VUB_CRASH_SEED=N replays a run (the seed of each image kind is printed); with
+//! VUB_TEST_BACKEND=qsd the same checks run against qemu-storage-daemon (validates the test).
+
+// A test reports a failure by panicking: unwrap and expect are how it does so.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -74,19 +77,12 @@ const FLUSH_EVERY: u64 = 12;
 // Deterministic randomness and sector contents
 // ---------------------------------------------------------------------------------------------
 
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
 struct Rng(u64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(1);
-        mix(self.0.wrapping_mul(0xD134_2543_DE82_EF95))
+        splitmix64(self.0.wrapping_mul(0xD134_2543_DE82_EF95))
     }
     /// Uniform in `[lo, hi)`.
     fn range(&mut self, lo: u64, hi: u64) -> u64 {
@@ -98,16 +94,16 @@ impl Rng {
 const MAGIC: u64 = 0x5655_4243;
 
 /// The 512 bytes write `id` puts in `sector`: word 0 = MAGIC << 32 | id, word 1 = sector, the
-/// rest derived from (seed, id, sector, word index).
+/// rest the data pattern of that place on the disk for a seed derived from (seed, id).
 fn fill_sector(out: &mut [u8], seed: u64, id: u32, sector: u64) {
     debug_assert_eq!(out.len(), SECTOR as usize);
     out[0..8].copy_from_slice(&((MAGIC << 32) | u64::from(id)).to_le_bytes());
     out[8..16].copy_from_slice(&sector.to_le_bytes());
-    let base = mix(seed ^ (u64::from(id) << 40) ^ sector.rotate_left(20));
-    for i in 2..64u64 {
-        let w = mix(base ^ i);
-        out[i as usize * 8..i as usize * 8 + 8].copy_from_slice(&w.to_le_bytes());
-    }
+    fill_pattern(
+        &mut out[16..],
+        splitmix64(seed ^ (u64::from(id) << 40)),
+        sector * SECTOR + 16,
+    );
 }
 
 /// What a never-written sector reads as.
@@ -457,6 +453,7 @@ fn io_thread(
             last_progress = Instant::now();
         }
         for c in &comps[..n] {
+            // SAFETY: do_io initialised the first `n` entries.
             let c = unsafe { c.assume_init_ref() };
             let i = c.user_data;
             let slot = std::mem::replace(&mut slots[i], Slot::Free);
@@ -576,7 +573,7 @@ fn base_seed(kind: Kind) -> u64 {
             t.as_nanos() as u64 ^ u64::from(std::process::id())
         }
     };
-    mix(s ^ kind as u64)
+    splitmix64(s ^ kind as u64)
 }
 
 fn make_image(dir: &Path, kind: Kind, seed: u64) -> (PathBuf, Initial) {
@@ -593,20 +590,11 @@ fn make_image(dir: &Path, kind: Kind, seed: u64) -> (PathBuf, Initial) {
             (img, Initial::Zeros)
         }
         Kind::Qcow2 => {
-            qemu_img(&["create", "-q", "-f", "qcow2", p, &size]);
+            create_qcow2(p, "", &size);
             (img, Initial::Zeros)
         }
         Kind::Qcow2Cluster4k => {
-            qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "cluster_size=4096",
-                p,
-                &size,
-            ]);
+            create_qcow2(p, "cluster_size=4096", &size);
             (img, Initial::Zeros)
         }
         Kind::Qcow2Backing | Kind::Qcow2ExtendedL2Backing => {
@@ -639,16 +627,7 @@ fn make_image(dir: &Path, kind: Kind, seed: u64) -> (PathBuf, Initial) {
         }
         Kind::Qcow2DataFile => {
             let data = dir.join("disk.data");
-            qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                &format!("data_file={}", data.to_str().unwrap()),
-                p,
-                &size,
-            ]);
+            create_qcow2(p, &format!("data_file={}", data.to_str().unwrap()), &size);
             (img, Initial::Zeros)
         }
         Kind::Qcow2Compressed => {

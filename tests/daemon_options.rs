@@ -1,18 +1,21 @@
-// Daemon options through the real binary (started as a child process) and a libblkio client, one
-// section per option: `--direct`, `--writethrough`, `--queue-size`, the shutdown signals, a raw
-// block device (a loop device) and `--logical-block-size 4096`.
-//
-// Requests libblkio cannot send go through other frontends: a chain with more data segments than
-// `seg_max` (which only fits in a ring through an indirect descriptor table) through the small
-// `indirect` frontend at the end of this file; writes to a read-only disk and unaligned requests
-// through `common::raw`.
+//! Daemon options through the real binary (started as a child process) and a libblkio client, one
+//! section per option: `--direct`, `--writethrough`, `--queue-size`, the shutdown signals, a raw
+//! block device (a loop device) and `--logical-block-size 4096`.
+//!
+//! Requests libblkio cannot send go through other frontends: a chain with more data segments than
+//! `seg_max` (which only fits in a ring through an indirect descriptor table) through the small
+//! `indirect` frontend at the end of this file; writes to a read-only disk and unaligned requests
+//! through `common::raw`.
+
+// A test reports a failure by panicking: unwrap and expect are how it does so.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use blkio::{Errno, ReqFlags};
@@ -365,23 +368,12 @@ fn direct_serves_unaligned_buffers_on_two_queues() {
     assert_bytes_eq(&file, &expected, 0, "image file after O_DIRECT I/O");
 }
 
-/// Runs the binary with `args` and returns (status, stdout, stderr).
-fn run_daemon(args: &[&str]) -> (ExitStatus, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run vhost-user-blk");
-    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
-    (out.status, text(out.stdout), text(out.stderr))
-}
-
 #[test]
 fn direct_is_refused_for_qcow2_with_one_line() {
     let dir = disk_tempdir();
     let img = dir.path().join("disk.qcow2");
     let img_s = img.to_str().expect("utf-8 path");
-    qemu_img(&["create", "-q", "-f", "qcow2", img_s, "4M"]);
+    create_qcow2(img_s, "", "4M");
     let before = read_file(&img);
     let sock = dir.path().join("vub.sock");
     let sock_s = sock.to_str().expect("utf-8 path");
@@ -394,7 +386,7 @@ fn direct_is_refused_for_qcow2_with_one_line() {
         "qcow2",
         "--direct",
     ];
-    let (st, out, err) = run_daemon(&args);
+    let (st, out, err) = run_bin(dir.path(), &args);
     assert_eq!(st.code(), Some(1), "{args:?}: {st}, stderr {err:?}");
     assert_eq!(out, "", "nothing on stdout");
     assert_eq!(err.lines().count(), 1, "one-line error, got {err:?}");
@@ -733,8 +725,7 @@ fn sigint_and_sighup_exit_cleanly_and_remove_the_sockets() {
 /// corrupt).
 /// A SIGTERM the moment the socket appears (while the daemon may still be setting up) is a
 /// clean shutdown too: the daemon takes the signals over before it creates any file, so the
-/// default action (death by the signal, socket left behind) never applies. Before that fix,
-/// 37 of 300 such starts ended killed by the signal with the socket left.
+/// default action (death by the signal, socket left behind) never applies.
 #[test]
 fn sigterm_during_startup_still_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
@@ -785,7 +776,7 @@ fn sigterm_with_a_connected_client_leaves_a_clean_qcow2() {
     let img = dir.path().join("disk.qcow2");
     let img_s = img.to_str().expect("utf-8 path");
     let size = 64 * MIB;
-    qemu_img(&["create", "-q", "-f", "qcow2", img_s, &size.to_string()]);
+    create_qcow2(img_s, "", &size.to_string());
     let mut daemon = Daemon::start_format(
         dir.path(),
         &img,

@@ -2,6 +2,9 @@
 //! (`vhost-user-blk manpage`, `vhost-user-blk completions SHELL`). Regenerate them with
 //! `ci/gen-docs` after changing the command line.
 
+// A test reports a failure by panicking: unwrap and expect are how it does so.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

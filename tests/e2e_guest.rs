@@ -17,6 +17,9 @@
 //! prints `E2E-WAIT-RESIZE <sectors>`, the test sends `resize` to the daemon's
 //! control socket and the guest polls its disk size until it grows.
 
+// A test reports a failure by panicking: unwrap and expect are how it does so.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;

@@ -1,17 +1,20 @@
-// A really full file system: the image lives on a 24 MiB tmpfs, its virtual size (64 MiB)
-// exceeds the space, and a filler file takes another 8 MiB. The guest writes until requests
-// fail, then:
-//
-// * every failed request completes with VIRTIO_BLK_S_IOERR (blkio: -EIO), none hangs,
-// * the daemon keeps running and serves reads: everything acknowledged earlier reads back intact,
-// * further writes keep failing cleanly while the space is exhausted,
-// * after the filler is deleted, the failed write and new ones succeed and read back,
-// * (qcow2) after a SIGTERM (exit 0) `qemu-img check` reports no errors (leaks are reported, not
-//   failed), and a restarted daemon reads back every acknowledged write.
-//
-// Needs root (CAP_SYS_ADMIN) for the tmpfs mount. Without it the tests print SKIPPED and pass,
-// unless the environment variable CI is set, in which case they fail. The mount is detached in
-// a Drop guard, after the daemon (declared later) is gone.
+//! A really full file system: the image lives on a 24 MiB tmpfs, its virtual size (64 MiB)
+//! exceeds the space, and a filler file takes another 8 MiB. The guest writes until requests
+//! fail, then:
+//!
+//! * every failed request completes with VIRTIO_BLK_S_IOERR (blkio: -EIO), none hangs,
+//! * the daemon keeps running and serves reads: everything acknowledged earlier reads back intact,
+//! * further writes keep failing cleanly while the space is exhausted,
+//! * after the filler is deleted, the failed write and new ones succeed and read back,
+//! * (qcow2) after a SIGTERM (exit 0) `qemu-img check` reports no errors (leaks are reported, not
+//!   failed), and a restarted daemon reads back every acknowledged write.
+//!
+//! Needs root (CAP_SYS_ADMIN) for the tmpfs mount. Without it the tests print SKIPPED and pass,
+//! unless the environment variable CI is set, in which case they fail. The mount is detached in
+//! a Drop guard, after the daemon (declared later) is gone.
+
+// A test reports a failure by panicking: unwrap and expect are how it does so.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -39,6 +42,7 @@ impl TmpfsMount {
         std::fs::create_dir_all(path).unwrap();
         let target = CString::new(path.as_os_str().as_bytes()).unwrap();
         let opts = CString::new(format!("size={size}")).unwrap();
+        // SAFETY: every pointer is a NUL-terminated string alive for the call.
         let rc = unsafe {
             libc::mount(
                 c"tmpfs".as_ptr(),
@@ -72,6 +76,7 @@ impl TmpfsMount {
     fn remount(&self, size: &str) -> std::io::Result<()> {
         let target = CString::new(self.path.as_os_str().as_bytes()).unwrap();
         let opts = CString::new(format!("size={size}")).unwrap();
+        // SAFETY: every pointer is a NUL-terminated string alive for the call.
         let rc = unsafe {
             libc::mount(
                 c"tmpfs".as_ptr(),
@@ -92,6 +97,7 @@ impl TmpfsMount {
 impl Drop for TmpfsMount {
     fn drop(&mut self) {
         let target = CString::new(self.path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: `target` is a NUL-terminated string alive for the call.
         let rc = unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
         if rc != 0 {
             eprintln!(
@@ -138,14 +144,7 @@ fn full_fs(format: &str) -> Option<Outcome> {
     fill_file(&filler, FILLER);
     let img = mnt.join(format!("disk.{format}"));
     if format == "qcow2" {
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            img.to_str().unwrap(),
-            &DISK.to_string(),
-        ]);
+        create_qcow2(img.to_str().unwrap(), "", &DISK.to_string());
     } else {
         std::fs::File::create(&img).unwrap().set_len(DISK).unwrap();
     }
@@ -351,16 +350,11 @@ fn enospc_qcow2_metadata_writeback() {
     }
     let img = mnt.join("disk.qcow2");
     let vsize = 1u64 << 30;
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
+    create_qcow2(
         img.to_str().unwrap(),
+        "cluster_size=4096",
         &vsize.to_string(),
-    ]);
+    );
     let seed = 0x3E7A;
     let mut d = Daemon::start_format(
         dir.path(),

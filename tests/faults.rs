@@ -3,28 +3,27 @@
 //! when the faults stop, and qcow2 images stay consistent. (Real ENOSPC from a full file
 //! system is in tests/enospc.rs.)
 
+// A test reports a failure by panicking: unwrap and expect are how it does so.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
-use common::{pattern, qemu_img_check, Client, Daemon, DaemonConfig};
+use common::{pattern, qemu_img, qemu_img_check, Client, Daemon, DaemonConfig};
 
 const KIB: u64 = 1024;
 
 fn make_image(dir: &Path, format: &str) -> std::path::PathBuf {
     let img = dir.join(format!("disk.{format}"));
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", format])
-        .arg(&img)
-        .arg("16M")
-        .output()
-        .expect("qemu-img must be installed (ci/setup.sh)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    qemu_img(&[
+        "create".as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        format.as_ref(),
+        img.as_os_str(),
+        "16M".as_ref(),
+    ]);
     img
 }
 

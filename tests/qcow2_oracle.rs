@@ -3,47 +3,22 @@
 //! Every test needs `qemu-img` and `qemu-io`; when one is missing the test fails with a
 //! message saying so (it never silently skips).
 
+// A test reports a failure by panicking: unwrap and expect are how it does so.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
+
+use common::{assert_bytes_eq, create_qcow2, pattern, qemu_img, qemu_img_check, qemu_img_output};
 
 use vhost_user_blk::image::qcow2::Qcow2Image;
 use vhost_user_blk::image::{
     create_image, open_image, BlockImage, ImageFormat, ImageOptions, ImageQueue,
 };
 use vm_memory::VolatileSlice;
-
-fn run(tool: &str, args: &[&str]) -> std::process::Output {
-    let out = Command::new(tool).args(args).output().unwrap_or_else(|e| {
-        panic!("cannot run {tool} (install qemu-utils; these tests need it): {e}")
-    });
-    out
-}
-
-fn run_ok(tool: &str, args: &[&str]) -> String {
-    let out = run(tool, args);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{tool} {args:?} failed: {text}");
-    text
-}
-
-fn qemu_img(args: &[&str]) -> String {
-    run_ok("qemu-img", args)
-}
-
-/// `qemu-img create -f qcow2 [-o OPTS] PATH SIZE`.
-fn create_qcow2(path: &str, opts: &str, size: &str) {
-    let mut args = vec!["create", "-q", "-f", "qcow2"];
-    if !opts.is_empty() {
-        args.extend(["-o", opts]);
-    }
-    args.extend([path, size]);
-    qemu_img(&args);
-}
 
 fn qemu_io(img: &Path, cmds: &[&str]) {
     qemu_io_opts(img, &[], cmds);
@@ -59,8 +34,19 @@ fn qemu_io_opts(img: &Path, opts: &[&str], cmds: &[&str]) {
     }
     let p = img.to_str().unwrap();
     args.push(p);
-    let text = run_ok("qemu-io", &args);
-    assert!(!text.contains("failed"), "qemu-io {cmds:?}: {text}");
+    let out = Command::new("qemu-io")
+        .args(&args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run qemu-io (install qemu-utils): {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "qemu-io {args:?}: {text}"
+    );
 }
 
 fn s(p: &Path) -> &str {
@@ -128,30 +114,16 @@ fn to_raw(dir: &Path, img: &Path, extra: &[&str]) -> Vec<u8> {
     std::fs::read(&out).unwrap()
 }
 
-fn assert_same(a: &[u8], b: &[u8], what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths differ");
-    if let Some(i) = a.iter().zip(b).position(|(x, y)| x != y) {
-        panic!(
-            "{what}: first difference at byte {i:#x} (cluster of 64k: {}): {:#x} vs {:#x}",
-            i / 65536,
-            a[i],
-            b[i]
-        );
-    }
-}
-
 /// `qemu-img check` must report neither errors nor leaks (exit status 0).
+#[track_caller]
 fn check_clean(img: &Path) {
-    let out = run("qemu-img", &["check", s(img)]);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "qemu-img check {}: {text}",
-        img.display()
+    let check = qemu_img_check(img);
+    assert_eq!(
+        check.code,
+        0,
+        "qemu-img check {}: {}",
+        img.display(),
+        check.output
     );
 }
 
@@ -159,28 +131,13 @@ fn check_clean(img: &Path) {
 fn compare_with_model(dir: &Path, img: &Path, model: &[u8]) {
     let m = dir.join("model.raw");
     std::fs::write(&m, model).unwrap();
-    let out = run(
-        "qemu-img",
-        &["compare", "-f", "qcow2", "-F", "raw", s(img), s(&m)],
-    );
+    let out = qemu_img_output(&["compare", "-f", "qcow2", "-F", "raw", s(img), s(&m)]);
     assert!(
         out.status.success(),
         "qemu-img compare: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn tools_present() {
@@ -241,10 +198,10 @@ fn reads_match_qemu_for_many_layouts() {
         fill_with_qemu(&img, cs);
         let expect = to_raw(dir.path(), &img, &[]);
         let ours = read_all(open_ro(&img).as_ref());
-        assert_same(&ours, &expect, cfg);
+        assert_bytes_eq(&ours, &expect, 0, cfg);
         // Writable open of a clean image must not change it as long as nothing is written.
         let im = open(&img);
-        assert_same(&read_all(im.as_ref()), &expect, cfg);
+        assert_bytes_eq(&read_all(im.as_ref()), &expect, 0, cfg);
         drop(im);
         check_clean(&img);
     }
@@ -259,7 +216,7 @@ fn compressed_images_read_correctly() {
         let mut data = vec![0u8; 3 << 20];
         for (k, chunk) in data.chunks_mut(65536).enumerate() {
             if k % 3 != 2 {
-                let p = pattern(k as u64, 512);
+                let p = pattern(k as u64, 0, 512);
                 for (i, b) in chunk.iter_mut().enumerate() {
                     *b = p[i % 512] & 0x0f; // compressible
                 }
@@ -282,15 +239,15 @@ fn compressed_images_read_correctly() {
             s(&img),
         ]);
         let im = open(&img);
-        assert_same(&read_all(im.as_ref()), &data, ct);
+        assert_bytes_eq(&read_all(im.as_ref()), &data, 0, ct);
         // Overwrite parts of compressed clusters: they are copied to new clusters.
         let mut q = im.queue_handle().unwrap();
-        let p = pattern(99, 5000);
+        let p = pattern(99, 0, 5000);
         write(q.as_mut(), 65536 - 100, &p);
         data[65536 - 100..65536 - 100 + 5000].copy_from_slice(&p);
         q.write_zeroes(4 * 65536, 65536, false).unwrap();
         data[4 * 65536..5 * 65536].fill(0);
-        assert_same(&read_all(im.as_ref()), &data, ct);
+        assert_bytes_eq(&read_all(im.as_ref()), &data, 0, ct);
         drop(q);
         drop(im);
         check_clean(&img);
@@ -322,14 +279,14 @@ fn writes_flush_close_leave_a_clean_image() {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(k);
             let off = (seed >> 20) % (8 << 20);
             let len = (((seed >> 40) % 200_000) as usize + 1).min((8 << 20) - off as usize);
-            let p = pattern(seed, len);
+            let p = pattern(seed, 0, len);
             write(q.as_mut(), off, &p);
             model[off as usize..off as usize + len].copy_from_slice(&p);
             if k % 17 == 0 {
                 q.flush().unwrap();
             }
         }
-        assert_same(&read_all(im.as_ref()), &model, cfg);
+        assert_bytes_eq(&read_all(im.as_ref()), &model, 0, cfg);
         drop(q);
         drop(im);
         verify_closed(dir.path(), &img, &model, cfg);
@@ -342,7 +299,7 @@ fn verify_closed(dir: &Path, img: &Path, model: &[u8], what: &str) {
     check_clean(img);
     compare_with_model(dir, img, model);
     let im = open(img);
-    assert_same(&read_all(im.as_ref()), model, what);
+    assert_bytes_eq(&read_all(im.as_ref()), model, 0, what);
 }
 
 #[test]
@@ -357,13 +314,13 @@ fn created_image_is_valid_and_usable() {
     assert!(create_image(&img, ImageFormat::Qcow2, 1 << 20).is_err());
     let im = open(&img);
     let mut q = im.queue_handle().unwrap();
-    let p = pattern(5, 300_000);
+    let p = pattern(5, 0, 300_000);
     write(q.as_mut(), 50 << 20, &p);
     drop(q);
     drop(im);
     check_clean(&img);
     let raw = to_raw(dir.path(), &img, &[]);
-    assert_same(&raw[50 << 20..(50 << 20) + p.len()], &p, "created");
+    assert_bytes_eq(&raw[50 << 20..(50 << 20) + p.len()], &p, 0, "created");
 }
 
 #[test]
@@ -372,7 +329,7 @@ fn backing_chain_reads_and_writes() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let base = d.join("base.raw");
-    std::fs::write(&base, pattern(1, 3 << 20)).unwrap(); // smaller than the overlay
+    std::fs::write(&base, pattern(1, 0, 3 << 20)).unwrap(); // smaller than the overlay
     let mid = d.join("mid.qcow2");
     let top = d.join("top.qcow2");
     qemu_img(&[
@@ -404,24 +361,24 @@ fn backing_chain_reads_and_writes() {
     qemu_io(&top, &["write -P 0x88 100k 10k"]);
     let mut model = to_raw(d, &top, &[]);
     let im = open(&top);
-    assert_same(&read_all(im.as_ref()), &model, "chain read");
+    assert_bytes_eq(&read_all(im.as_ref()), &model, 0, "chain read");
     let mut q = im.queue_handle().unwrap();
     // Partial writes over backing data: copy-on-write from the backing file.
     for (off, len) in [(70_000u64, 300usize), (1_050_000, 5000), (3_200_000, 9000)] {
-        let p = pattern(off, len);
+        let p = pattern(off, 0, len);
         write(q.as_mut(), off, &p);
         model[off as usize..off as usize + len].copy_from_slice(&p);
     }
     // Discard over backing data must read back zeros (zero flag), not the backing data.
     q.discard(8192, 8192).unwrap();
     model[8192..16384].fill(0);
-    assert_same(&read_all(im.as_ref()), &model, "chain write");
+    assert_bytes_eq(&read_all(im.as_ref()), &model, 0, "chain write");
     drop(q);
     drop(im);
     check_clean(&top);
-    assert_same(&to_raw(d, &top, &[]), &model, "chain after close");
+    assert_bytes_eq(&to_raw(d, &top, &[]), &model, 0, "chain after close");
     // Base images are untouched.
-    assert_eq!(std::fs::read(&base).unwrap(), pattern(1, 3 << 20));
+    assert_eq!(std::fs::read(&base).unwrap(), pattern(1, 0, 3 << 20));
 }
 
 #[test]
@@ -469,22 +426,22 @@ fn internal_snapshot_survives_our_writes() {
     let mut q = im.queue_handle().unwrap();
     let mut model = snap.clone();
     for (off, len) in [(1000u64, 70_000usize), (2 << 20, 65536), (3 << 20, 100)] {
-        let p = pattern(off, len);
+        let p = pattern(off, 0, len);
         write(q.as_mut(), off, &p);
         model[off as usize..off as usize + len].copy_from_slice(&p);
     }
     q.discard(512 << 10, 128 << 10).unwrap();
     model[512 << 10..640 << 10].fill(0);
-    assert_same(&read_all(im.as_ref()), &model, "active");
+    assert_bytes_eq(&read_all(im.as_ref()), &model, 0, "active");
     drop(q);
     drop(im);
     check_clean(&img);
     compare_with_model(d, &img, &model);
     let s1 = to_raw(d, &img, &["-l", "snapshot.name=s1"]);
-    assert_same(&s1, &snap, "snapshot s1");
+    assert_bytes_eq(&s1, &snap, 0, "snapshot s1");
     qemu_img(&["snapshot", "-a", "s1", s(&img)]);
     check_clean(&img);
-    assert_same(&to_raw(d, &img, &[]), &snap, "after apply");
+    assert_bytes_eq(&to_raw(d, &img, &[]), &snap, 0, "after apply");
 }
 
 #[test]
@@ -495,10 +452,10 @@ fn crash_without_close_is_repaired_on_open() {
     create_qcow2(s(&img), "", "16M");
     let im = open(&img);
     let mut q = im.queue_handle().unwrap();
-    let a = pattern(1, 200_000);
+    let a = pattern(1, 0, 200_000);
     write(q.as_mut(), 0, &a);
     q.flush().unwrap();
-    write(q.as_mut(), 5 << 20, &pattern(2, 300_000));
+    write(q.as_mut(), 5 << 20, &pattern(2, 0, 300_000));
     q.discard(0, 65536).unwrap();
     // Simulated crash: no flush, no close.
     std::mem::forget(q);
@@ -509,7 +466,7 @@ fn crash_without_close_is_repaired_on_open() {
     assert_eq!(bytes[79] & 1, 1, "dirty bit must be set on disk");
     let im = open(&img);
     let got = read(im.queue_handle().unwrap().as_mut(), 65536, 200_000 - 65536);
-    assert_same(&got, &a[65536..], "flushed data");
+    assert_bytes_eq(&got, &a[65536..], 0, "flushed data");
     drop(im);
     let bytes = std::fs::read(&img).unwrap();
     assert_eq!(bytes[79] & 1, 0, "dirty bit must be cleared");
@@ -552,7 +509,7 @@ fn concurrent_writers_on_shared_clusters() {
             }
         }
     }
-    assert_same(&read_all(im.as_ref()), &model, "concurrent");
+    assert_bytes_eq(&read_all(im.as_ref()), &model, 0, "concurrent");
     drop(im);
     check_clean(&img);
     compare_with_model(dir.path(), &img, &model);
@@ -567,7 +524,7 @@ fn discard_and_write_zeroes() {
         create_qcow2(s(&img), cfg, "4M");
         let im = open(&img);
         let mut q = im.queue_handle().unwrap();
-        let mut model = pattern(3, 4 << 20);
+        let mut model = pattern(3, 0, 4 << 20);
         write(q.as_mut(), 0, &model.clone());
         q.flush().unwrap();
         q.discard(65536, 3 * 65536).unwrap();
@@ -579,10 +536,10 @@ fn discard_and_write_zeroes() {
         model[30 * 65536 + 100..30 * 65536 + 70_100].fill(0);
         q.flush().unwrap();
         // Freed clusters are reused after the flush.
-        let p = pattern(4, 2 * 65536);
+        let p = pattern(4, 0, 2 * 65536);
         write(q.as_mut(), 1 << 20, &p);
         model[1 << 20..(1 << 20) + p.len()].copy_from_slice(&p);
-        assert_same(&read_all(im.as_ref()), &model, cfg);
+        assert_bytes_eq(&read_all(im.as_ref()), &model, 0, cfg);
         drop(q);
         drop(im);
         check_clean(&img);
@@ -704,7 +661,7 @@ fn exercise(img: &Path, model: &mut [u8], seed: u64) {
     let mut q = im.queue_handle().unwrap();
     let size = model.len();
     let put = |q: &mut dyn ImageQueue, model: &mut [u8], off: usize, len: usize, k: u64| {
-        let d = pattern(seed * 100 + k, len);
+        let d = pattern(seed * 100 + k, 0, len);
         write(q, off as u64, &d);
         model[off..off + len].copy_from_slice(&d);
     };
@@ -717,7 +674,7 @@ fn exercise(img: &Path, model: &mut [u8], seed: u64) {
     model[3000..203_000].fill(0);
     put(q.as_mut(), model, 100_000, 10_000, 4);
     q.flush().unwrap();
-    assert_same(&read_all(im.as_ref()), model, "before close");
+    assert_bytes_eq(&read_all(im.as_ref()), model, 0, "before close");
 }
 
 #[test]
@@ -737,9 +694,10 @@ fn external_data_file_is_served() {
             ],
         );
         let mut model = to_raw(dir.path(), &img, &[]);
-        assert_same(
+        assert_bytes_eq(
             &read_all(open_ro(&img).as_ref()),
             &model,
+            0,
             "qemu's data, read by us",
         );
         exercise(&img, &mut model, 1);
@@ -770,9 +728,10 @@ fn external_data_file_is_served() {
         // A relative name in the header is resolved against the image's directory (QEMU
         // resolves it against its working directory: see docs/ARCHITECTURE.md).
         qemu_img(&["amend", "-f", "qcow2", "-o", "data_file=d.raw", s(&img)]);
-        assert_same(
+        assert_bytes_eq(
             &read_all(open_ro(&img).as_ref()),
             &model,
+            0,
             "relative data file name",
         );
     }
@@ -791,16 +750,17 @@ fn raw_external_data_file_stays_a_raw_image() {
     );
     let mut model = vec![0u8; 4 << 20];
     std::fs::write(&data, {
-        let p = pattern(7, 4 << 20);
+        let p = pattern(7, 0, 4 << 20);
         model.copy_from_slice(&p);
         p
     })
     .unwrap();
     exercise(&img, &mut model, 2);
     // The data file alone is the disk, byte for byte: discard and write-zeroes reached it.
-    assert_same(
+    assert_bytes_eq(
         &std::fs::read(&data).unwrap(),
         &model,
+        0,
         "data file as a raw image",
     );
     check_clean(&img);
@@ -860,9 +820,7 @@ fn bad_external_data_files_are_refused() {
         s(&top),
         "1M",
     ]);
-    let _ = std::process::Command::new("qemu-img")
-        .args(["amend", "-f", "qcow2", "-o", "data_file_raw=on", s(&top)])
-        .output();
+    let _ = qemu_img_output(&["amend", "-f", "qcow2", "-o", "data_file_raw=on", s(&top)]);
     let raw_bit = std::fs::read(&top).unwrap()[95] & 2 != 0;
     if raw_bit {
         let err = open_image(&opts(&top, false))
@@ -893,7 +851,7 @@ fn qemu_dirty_ranges(img: &Path, name: &str) -> Vec<(u64, u64)> {
         "driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:dirty-bitmap:{name}",
         s(&sock)
     );
-    let out = run("qemu-img", &["map", "--output=json", "--image-opts", &opts]);
+    let out = qemu_img_output(&["map", "--output=json", "--image-opts", &opts]);
     let _ = nbd.kill();
     let _ = nbd.wait();
     assert!(out.status.success(), "qemu-img map: {out:?}");
@@ -1127,7 +1085,7 @@ fn resize_grows_the_l1_table_in_place_and_by_moving_it() {
         let im = open(&img);
         let mut q = im.queue_handle().unwrap();
         let put = |q: &mut dyn ImageQueue, model: &mut Vec<u8>, off: u64, seed: u64| {
-            let d = pattern(seed, 5000);
+            let d = pattern(seed, 0, 5000);
             write(q, off, &d);
             model[off as usize..off as usize + d.len()].copy_from_slice(&d);
         };
@@ -1149,7 +1107,7 @@ fn resize_grows_the_l1_table_in_place_and_by_moving_it() {
         model.resize(big as usize, 0);
         put(q.as_mut(), &mut model, big - 5000, 3);
         put(q.as_mut(), &mut model, 5 << 20, 4);
-        assert_same(&read_all(im.as_ref()), &model, cfg);
+        assert_bytes_eq(&read_all(im.as_ref()), &model, 0, cfg);
         // Shrinking is refused and changes nothing.
         assert!(im.resize(1 << 20).is_err());
         assert_eq!(im.virtual_size(), big);
@@ -1214,11 +1172,12 @@ fn resize_over_a_larger_backing_file_reads_zeros_in_the_new_area() {
         drop(im);
         let mut want = vec![0x5au8; 1000 << 10];
         want.resize(3 << 20, 0);
-        assert_same(&got, &want, "grown overlay (ours)");
+        assert_bytes_eq(&got, &want, 0, "grown overlay (ours)");
         check_clean(&top);
-        assert_same(
+        assert_bytes_eq(
             &to_raw(dir.path(), &top, &[]),
             &want,
+            0,
             "grown overlay (qemu-img)",
         );
     }
@@ -1278,7 +1237,7 @@ fn run_ops(cfg: &str, cs: u64, ops: &[Op]) {
         for op in ops {
             match *op {
                 Op::Write { off, len, seed } => {
-                    let p = pattern(seed, len as usize);
+                    let p = pattern(seed, 0, len as usize);
                     write(q.as_mut(), off, &p);
                     model[off as usize..(off + len) as usize].copy_from_slice(&p);
                 }
@@ -1298,14 +1257,15 @@ fn run_ops(cfg: &str, cs: u64, ops: &[Op]) {
                 Op::Flush => q.flush().unwrap(),
             }
         }
-        assert_same(&read_all(im.as_ref()), &model, cfg);
+        assert_bytes_eq(&read_all(im.as_ref()), &model, 0, cfg);
     }
     check_clean(&img);
     compare_with_model(dir.path(), &img, &model);
     if cfg.contains("data_file_raw=on") {
-        assert_same(
+        assert_bytes_eq(
             &std::fs::read(dir.path().join("d.raw")).unwrap(),
             &model,
+            0,
             "raw data file",
         );
     }
@@ -1370,19 +1330,19 @@ fn dirty_repair_with_snapshots_and_compressed_clusters() {
     qemu_img(&["snapshot", "-c", "before", s(&img)]);
     let im = open(&img);
     let mut q = im.queue_handle().unwrap();
-    write(q.as_mut(), 100_000, &pattern(7, 150_000));
-    data[100_000..250_000].copy_from_slice(&pattern(7, 150_000));
+    write(q.as_mut(), 100_000, &pattern(7, 0, 150_000));
+    data[100_000..250_000].copy_from_slice(&pattern(7, 0, 150_000));
     q.discard(1 << 20, 256 << 10).unwrap();
     data[1 << 20..(1 << 20) + (256 << 10)].fill(0);
     q.flush().unwrap();
-    write(q.as_mut(), 1_500_000, &pattern(8, 10_000));
+    write(q.as_mut(), 1_500_000, &pattern(8, 0, 10_000));
     std::mem::forget(q);
     std::mem::forget(im);
     assert_eq!(std::fs::read(&img).unwrap()[79] & 1, 1);
     // Reopen repairs refcounts and COPIED flags; the flushed state is intact.
     let im = open(&img);
     let got = read_all(im.as_ref());
-    assert_same(&got[..1_400_000], &data[..1_400_000], "flushed part");
+    assert_bytes_eq(&got[..1_400_000], &data[..1_400_000], 0, "flushed part");
     drop(im);
     check_clean(&img);
     let before = to_raw(d, &img, &["-l", "snapshot.name=before"]);
@@ -1390,7 +1350,7 @@ fn dirty_repair_with_snapshots_and_compressed_clusters() {
     for (k, chunk) in orig.chunks_mut(65536).enumerate() {
         chunk.fill(k as u8 + 1);
     }
-    assert_same(&before, &orig, "snapshot after repair");
+    assert_bytes_eq(&before, &orig, 0, "snapshot after repair");
 }
 
 #[test]
@@ -1430,10 +1390,10 @@ fn entry_pointing_into_metadata_is_refused_without_damage() {
     drop(open(&img));
 }
 
-/// Fuzzer regression: a truncated image whose L2 table (mostly past EOF) holds an entry
-/// pointing past EOF and a compressed entry whose data lies in the header cluster. A write
-/// to the table then a discard of the compressed cluster used to drop the header cluster's
-/// refcount to zero, so the image could not be reopened.
+/// A fuzzer-built image: truncated, its L2 table (mostly past EOF) holds an entry pointing
+/// past EOF and a compressed entry whose data lies in the header cluster. A write to the
+/// table then a discard of the compressed cluster must not drop the header cluster's
+/// refcount to zero: the image must reopen.
 #[test]
 fn discard_of_entry_pointing_into_metadata_does_not_corrupt() {
     tools_present();
@@ -1458,10 +1418,8 @@ fn discard_of_entry_pointing_into_metadata_does_not_corrupt() {
     drop(im);
     let im = open_image(&opts(&img, false)).unwrap_or_else(|e| panic!("reopen: {e}"));
     drop(im);
-    let out = run("qemu-img", &["check", s(&img)]);
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(!text.contains("refcount=0"), "{text}");
+    let check = qemu_img_check(&img);
+    assert!(!check.output.contains("refcount=0"), "{}", check.output);
 }
 
 /// An L2 table that shares its cluster with a refcount block is refused at open: writing
@@ -1502,7 +1460,7 @@ struct Extent {
 }
 
 fn map(img: &Path) -> Vec<Extent> {
-    let text = run_ok("qemu-img", &["map", "--output=json", s(img)]);
+    let text = qemu_img(&["map", "--output=json", s(img)]);
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v.as_array()
         .unwrap()
@@ -1564,11 +1522,11 @@ fn extended_l2_write_allocates_only_touched_subclusters() {
             (CL + 2 * SUB + 300, 1024, 2),
             (2 * CL + 30 * SUB + 1000, 3000, 3),
         ] {
-            let p = pattern(seed, len as usize);
+            let p = pattern(seed, 0, len as usize);
             write(q.as_mut(), off, &p);
             model[off as usize..(off + len) as usize].copy_from_slice(&p);
         }
-        assert_same(&read_all(im.as_ref()), &model, "before close");
+        assert_bytes_eq(&read_all(im.as_ref()), &model, 0, "before close");
     }
     check_clean(&img);
     compare_with_model(dir.path(), &img, &model);
@@ -1591,10 +1549,10 @@ fn extended_l2_write_allocates_only_touched_subclusters() {
     {
         let im = open(&img);
         let mut q = im.queue_handle().unwrap();
-        let p = pattern(4, 100);
+        let p = pattern(4, 0, 100);
         write(q.as_mut(), 20 * SUB + 7, &p);
         model[(20 * SUB + 7) as usize..(20 * SUB + 107) as usize].copy_from_slice(&p);
-        assert_same(&read_all(im.as_ref()), &model, "reopened");
+        assert_bytes_eq(&read_all(im.as_ref()), &model, 0, "reopened");
     }
     check_clean(&img);
     compare_with_model(dir.path(), &img, &model);
@@ -1607,10 +1565,10 @@ fn extended_l2_write_allocates_only_touched_subclusters() {
     );
 }
 
-/// An extended-L2 overlay over a raw base with `pattern(1, 1 MiB)`.
+/// An extended-L2 overlay over a raw base with `pattern(1, 0, 1 MiB)`.
 fn overlay_on_pattern(dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
     let base = dir.join("base.raw");
-    let data = pattern(1, 1 << 20);
+    let data = pattern(1, 0, 1 << 20);
     std::fs::write(&base, &data).unwrap();
     let top = dir.join("top.qcow2");
     qemu_img(&[
@@ -1644,16 +1602,17 @@ fn extended_l2_write_over_backing_leaves_other_subclusters_to_it() {
             (3 * CL + 9 * SUB, 4096, 8),
             (4 * CL + SUB - 10, 20, 9),
         ] {
-            let p = pattern(seed, len as usize);
+            let p = pattern(seed, 0, len as usize);
             write(q.as_mut(), off, &p);
             model[off as usize..(off + len) as usize].copy_from_slice(&p);
         }
-        assert_same(&read_all(im.as_ref()), &model, "overlay");
+        assert_bytes_eq(&read_all(im.as_ref()), &model, 0, "overlay");
     }
     check_clean(&top);
-    assert_same(
+    assert_bytes_eq(
         &to_raw(dir.path(), &top, &[]),
         &model,
+        0,
         "overlay after close",
     );
     assert_eq!(
@@ -1676,9 +1635,10 @@ fn extended_l2_write_over_backing_leaves_other_subclusters_to_it() {
     let mut f = vec![0u8; CL as usize];
     std::os::unix::fs::FileExt::read_at(&std::fs::File::open(&top).unwrap(), &mut f, host).unwrap();
     let sc = (5 * SUB) as usize..(6 * SUB) as usize;
-    assert_same(
+    assert_bytes_eq(
         &f[sc.clone()],
         &model[(2 * CL) as usize + sc.start..(2 * CL) as usize + sc.end],
+        0,
         "touched subcluster on disk",
     );
     assert!(
@@ -1715,18 +1675,23 @@ fn extended_l2_fills_unallocated_subclusters_of_an_allocated_cluster_in_place() 
             (CL + 4 * SUB + 33, 2 * SUB + 5, 11u64),
             (CL + SUB - 100, 300, 12),
         ] {
-            let p = pattern(seed, len as usize);
+            let p = pattern(seed, 0, len as usize);
             write(q.as_mut(), off, &p);
             model[off as usize..(off + len) as usize].copy_from_slice(&p);
         }
         // Zero subcluster 9 partly: it stays zero around the data.
-        let p = pattern(13, 200);
+        let p = pattern(13, 0, 200);
         write(q.as_mut(), CL + 9 * SUB + 500, &p);
         model[(CL + 9 * SUB + 500) as usize..(CL + 9 * SUB + 700) as usize].copy_from_slice(&p);
-        assert_same(&read_all(im.as_ref()), &model, "filled");
+        assert_bytes_eq(&read_all(im.as_ref()), &model, 0, "filled");
     }
     check_clean(&top);
-    assert_same(&to_raw(dir.path(), &top, &[]), &model, "filled after close");
+    assert_bytes_eq(
+        &to_raw(dir.path(), &top, &[]),
+        &model,
+        0,
+        "filled after close",
+    );
     // Same host cluster, written in place.
     assert_eq!(host_of(&top, CL + 4 * SUB), host + 4 * SUB);
     assert_eq!(
@@ -1783,10 +1748,10 @@ fn extended_l2_concurrent_writes_to_subclusters_of_one_cluster() {
             }
         }
     }
-    assert_same(&read_all(im.as_ref()), &model, "concurrent subclusters");
+    assert_bytes_eq(&read_all(im.as_ref()), &model, 0, "concurrent subclusters");
     drop(im);
     check_clean(&top);
-    assert_same(&to_raw(dir.path(), &top, &[]), &model, "after close");
+    assert_bytes_eq(&to_raw(dir.path(), &top, &[]), &model, 0, "after close");
     // Subclusters 0..32 of clusters 0..16 are all written, the rest is the base's.
     assert_eq!(top_data(&top), vec![(0, 16 * CL)], "{:?}", map(&top));
 }
@@ -1800,7 +1765,7 @@ fn extended_l2_write_zeroes_sets_zero_bits_of_whole_subclusters() {
         let im = open(&top);
         let mut q = im.queue_handle().unwrap();
         // Cluster 1 fully written; then zeroes over subclusters 3..=7, partial at both ends.
-        let p = pattern(21, CL as usize);
+        let p = pattern(21, 0, CL as usize);
         write(q.as_mut(), CL, &p);
         model[CL as usize..2 * CL as usize].copy_from_slice(&p);
         let (off, len) = (CL + 3 * SUB + 10, 4 * SUB + 100);
@@ -1815,10 +1780,15 @@ fn extended_l2_write_zeroes_sets_zero_bits_of_whole_subclusters() {
         let (off, len) = ((1 << 20) - SUB, SUB);
         q.write_zeroes(off, len, false).unwrap();
         model[off as usize..(off + len) as usize].fill(0);
-        assert_same(&read_all(im.as_ref()), &model, "zeroed");
+        assert_bytes_eq(&read_all(im.as_ref()), &model, 0, "zeroed");
     }
     check_clean(&top);
-    assert_same(&to_raw(dir.path(), &top, &[]), &model, "zeroed after close");
+    assert_bytes_eq(
+        &to_raw(dir.path(), &top, &[]),
+        &model,
+        0,
+        "zeroed after close",
+    );
     let m = map(&top);
     let at = |g: u64| {
         m.iter()
@@ -1893,14 +1863,14 @@ fn assert_open_refused(img: &Path, read_only: &[bool], want: &str, what: &str) {
 }
 
 /// Images from qemu before 1.1 have no end marker between the header extensions and the
-/// backing file name: QEMU reads extensions only up to the name, and so must we (we used to
-/// read the name as an extension and refuse the image).
+/// backing file name: QEMU reads extensions only up to the name, and so must we (reading the
+/// name as an extension would refuse the image).
 #[test]
 fn v2_backing_name_right_after_the_extensions_opens_as_in_qemu() {
     tools_present();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    std::fs::write(d.join("base.raw"), pattern(3, 1 << 20)).unwrap();
+    std::fs::write(d.join("base.raw"), pattern(3, 0, 1 << 20)).unwrap();
     let img = d.join("legacy.qcow2");
     create_qcow2(
         s(&img),
@@ -1926,10 +1896,10 @@ fn v2_backing_name_right_after_the_extensions_opens_as_in_qemu() {
         "{info}"
     );
     let mut model = to_raw(d, &img, &[]);
-    assert_same(&model, &pattern(3, 1 << 20), "QEMU's view");
-    assert_same(&read_all(open_ro(&img).as_ref()), &model, "read-only");
+    assert_bytes_eq(&model, &pattern(3, 0, 1 << 20), 0, "QEMU's view");
+    assert_bytes_eq(&read_all(open_ro(&img).as_ref()), &model, 0, "read-only");
     let im = open(&img);
-    let p = pattern(4, 10_000);
+    let p = pattern(4, 0, 10_000);
     write(im.queue_handle().unwrap().as_mut(), 5000, &p);
     model[5000..15_000].copy_from_slice(&p);
     im.close().unwrap();
@@ -2006,7 +1976,7 @@ fn unknown_compatible_and_autoclear_bits() {
     );
     let im = open(&img);
     let mut q = im.queue_handle().unwrap();
-    let p = pattern(5, 70_000);
+    let p = pattern(5, 0, 70_000);
     write(q.as_mut(), 1000, &p);
     // Before any flush or close: the header already says what the write needs.
     let now = std::fs::read(&img).unwrap();
@@ -2071,7 +2041,7 @@ fn backing_chain_cycles_and_excess_depth_are_refused() {
 /// `qemu-img check --output=json` of a possibly corrupt image: (corruptions, leaks), or
 /// None when qemu cannot check it at all.
 fn qemu_check_counts(img: &Path) -> Option<(u64, u64)> {
-    let out = run("qemu-img", &["check", "--output=json", s(img)]);
+    let out = qemu_img_output(&["check", "--output=json", s(img)]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     Some((v["corruptions"].as_u64()?, v["leaks"].as_u64().unwrap_or(0)))
 }
@@ -2080,7 +2050,7 @@ fn qemu_check_counts(img: &Path) -> Option<(u64, u64)> {
 fn qemu_view(dir: &Path, img: &Path) -> Option<Vec<u8>> {
     let out = dir.join("view.raw");
     let _ = std::fs::remove_file(&out);
-    let ok = run("qemu-img", &["convert", "-O", "raw", s(img), s(&out)])
+    let ok = qemu_img_output(&["convert", "-O", "raw", s(img), s(&out)])
         .status
         .success();
     ok.then(|| std::fs::read(&out).unwrap())
@@ -2272,7 +2242,7 @@ fn corrupt_table_entries_fail_cleanly_without_new_damage() {
             .unwrap()
             .read(0, &[VolatileSlice::from(&mut buf[..])]);
         match (&view, r) {
-            (Some(v), Ok(())) => assert_same(&buf, &v[..4096], what),
+            (Some(v), Ok(())) => assert_bytes_eq(&buf, &v[..4096], 0, what),
             (None, Err(_)) => {}
             (v, r) => panic!("{what}: read-only read {r:?}, QEMU read: {}", v.is_some()),
         }
@@ -2316,7 +2286,7 @@ fn corrupt_table_entries_fail_cleanly_without_new_damage() {
             if matches!(noticed, AccessAliased) {
                 now[..4096].copy_from_slice(&view[..4096]);
             }
-            assert_same(&now, view, what);
+            assert_bytes_eq(&now, view, 0, what);
         }
     }
 }

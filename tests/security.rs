@@ -1,39 +1,28 @@
 //! Security properties: the daemon runs unprivileged, sockets get the requested owner, group
 //! and mode, and it never replaces something at the socket path that is not a stale socket.
 
+// A test reports a failure by panicking: unwrap and expect are how it does so.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{pattern, Client};
+use common::{pattern, ChildGuard, Client, WAIT_TIMEOUT};
 
 const NOBODY: u32 = 65534;
 
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_for(path: &Path, child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !path.exists() {
-        if let Some(st) = child.try_wait().unwrap() {
-            panic!("daemon exited early: {st}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} did not appear",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
+/// Waits (bounded) for `path` to be the daemon's socket.
+#[track_caller]
+fn wait_for(path: &Path, d: &mut ChildGuard) {
+    match d.wait_for_socket(path, WAIT_TIMEOUT) {
+        Ok(()) => {}
+        Err(Some(st)) => panic!("daemon exited early: {st}"),
+        Err(None) => panic!("{} did not appear", path.display()),
     }
 }
 
@@ -81,11 +70,11 @@ fn runs_unprivileged_and_serves_io() {
             Ok(())
         });
     }
-    let mut d = Guard(cmd.spawn().unwrap());
-    wait_for(&sock, &mut d.0);
+    let mut d = ChildGuard::new(cmd.spawn().unwrap());
+    wait_for(&sock, &mut d);
     assert_eq!(std::fs::metadata(&sock).unwrap().uid(), NOBODY);
     // The daemon really runs as nobody.
-    let status = std::fs::read_to_string(format!("/proc/{}/status", d.0.id())).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
     let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
     assert!(
         uid_line.split_whitespace().skip(1).all(|u| u == "65534"),
@@ -97,9 +86,8 @@ fn runs_unprivileged_and_serves_io() {
     c.q(0).write_ok(4096, &data);
     assert_eq!(c.q(0).read_ok(4096, data.len()), data);
     drop(c);
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(d.0.id() as i32, libc::SIGTERM) };
-    let st = d.0.wait().unwrap();
+    d.signal(libc::SIGTERM);
+    let st = d.wait_timeout(WAIT_TIMEOUT).expect("exit after SIGTERM");
     assert!(st.success(), "{st}");
     assert_eq!(
         &std::fs::read(&img).unwrap()[4096..4096 + data.len()],
@@ -122,7 +110,7 @@ fn sockets_get_owner_group_and_mode() {
         .unwrap();
     let sock = dir.path().join("vub.sock");
     let ctl = dir.path().join("ctl.sock");
-    let mut d = Guard(
+    let mut d = ChildGuard::new(
         bin()
             .arg("--socket-path")
             .arg(&sock)
@@ -137,8 +125,8 @@ fn sockets_get_owner_group_and_mode() {
             .spawn()
             .unwrap(),
     );
-    wait_for(&sock, &mut d.0);
-    wait_for(&ctl, &mut d.0);
+    wait_for(&sock, &mut d);
+    wait_for(&ctl, &mut d);
     for p in [&sock, &ctl] {
         let m = std::fs::metadata(p).unwrap();
         assert_eq!(m.uid(), NOBODY, "{}", p.display());
@@ -203,7 +191,7 @@ fn no_file_descriptor_leak_across_connections() {
         .set_len(1 << 20)
         .unwrap();
     let sock = dir.path().join("vub.sock");
-    let mut d = Guard(
+    let mut d = ChildGuard::new(
         bin()
             .arg("--socket-path")
             .arg(&sock)
@@ -215,9 +203,9 @@ fn no_file_descriptor_leak_across_connections() {
             .spawn()
             .unwrap(),
     );
-    wait_for(&sock, &mut d.0);
+    wait_for(&sock, &mut d);
     let fds = || {
-        std::fs::read_dir(format!("/proc/{}/fd", d.0.id()))
+        std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
             .unwrap()
             .count()
     };

@@ -13,6 +13,9 @@
 //! All of this is specific to our daemon (fault injection, log lines), so it is skipped with
 //! `VUB_TEST_BACKEND=qsd`.
 
+// A test reports a failure by panicking: unwrap and expect are how it does so.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -20,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use common::raw::*;
 use common::{
-    assert_bytes_eq, backend, create_image, pattern, qemu_img, qemu_img_check, read_file, Backend,
-    Daemon, DaemonConfig, SECTOR, WAIT_TIMEOUT,
+    assert_bytes_eq, backend, create_image, create_qcow2, pattern, qemu_img_check, read_file,
+    Backend, Daemon, DaemonConfig, SECTOR, WAIT_TIMEOUT,
 };
 
 const KIB: usize = 1024;
@@ -79,9 +82,9 @@ fn latest_log(d: &Daemon) -> String {
 /// Queue size of the inflight tests: room for 10 requests in flight (3 descriptors each).
 const QSIZE: u16 = 32;
 /// Writes submitted. The N - DONE_BEFORE outstanding ones (4) fit in one batch of a worker
-/// that hands completions back early (`NOTIFY_EVERY` in src/backend.rs), so the worker takes
-/// all of them before it runs the first, which hangs; with more, it would leave the rest on
-/// the avail ring and the region would list only the batch it took.
+/// that hands completions back early (`NOTIFY_EVERY` in src/vhost_user/backend.rs), so the
+/// worker takes all of them before it runs the first, which hangs; with more, it would leave
+/// the rest on the avail ring and the region would list only the batch it took.
 const N: usize = 7;
 /// Writes that complete before the fault layer makes the next one hang.
 const DONE_BEFORE: usize = 3;
@@ -148,7 +151,7 @@ fn make_image(dir: &Path, format: &str) -> PathBuf {
         "raw" => create_image(dir, "disk.img", MIB, None),
         _ => {
             let img = dir.join("disk.qcow2");
-            qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "1M"]);
+            create_qcow2(img.to_str().unwrap(), "", "1M");
             img
         }
     }

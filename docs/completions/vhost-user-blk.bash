@@ -225,7 +225,7 @@ _vhost__user__blk() {
             return 0
             ;;
         vhost__subcmd__user__subcmd__blk__subcmd__ctl__subcmd__bitmap__subcmd__clear)
-            opts="-h --help"
+            opts="-h --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -239,7 +239,7 @@ _vhost__user__blk() {
             return 0
             ;;
         vhost__subcmd__user__subcmd__blk__subcmd__ctl__subcmd__bitmaps)
-            opts="-h --help"
+            opts="-h --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -253,7 +253,7 @@ _vhost__user__blk() {
             return 0
             ;;
         vhost__subcmd__user__subcmd__blk__subcmd__ctl__subcmd__flush)
-            opts="-h --help"
+            opts="-h --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -379,7 +379,7 @@ _vhost__user__blk() {
             return 0
             ;;
         vhost__subcmd__user__subcmd__blk__subcmd__ctl__subcmd__resize)
-            opts="-h --help"
+            opts="-h --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -393,7 +393,7 @@ _vhost__user__blk() {
             return 0
             ;;
         vhost__subcmd__user__subcmd__blk__subcmd__ctl__subcmd__stats)
-            opts="-h --format --help"
+            opts="-h --format --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -411,7 +411,7 @@ _vhost__user__blk() {
             return 0
             ;;
         vhost__subcmd__user__subcmd__blk__subcmd__ctl__subcmd__watch)
-            opts="-h --help"
+            opts="-h --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

@@ -43,11 +43,10 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use vhost_user_blk::backend::BlkBackend;
 use vhost_user_blk::device::Device;
-use vhost_user_blk::interposer;
 use vhost_user_blk::stats::ReqKind;
-use vhost_user_blk::virtio_blk::DeviceParams;
+use vhost_user_blk::vhost_user::{interposer, BlkBackend, Connection};
+use vhost_user_blk::virtio_blk::{DeviceOptions, DeviceParams};
 
 use crate::{Bytes, MemDisk, MemImage};
 
@@ -137,8 +136,16 @@ pub fn run(data: &[u8]) {
     let writeback = cfg & 4 != 0;
     let num_queues = u16::from((cfg >> 3) & 3) + 1;
     let disk_size = 64 * 1024;
-    let params = DeviceParams::new(disk_size, lbs, 4096, num_queues, 256, read_only, "fuzz-serial")
-        .expect("params");
+    let params = DeviceParams::new(&DeviceOptions {
+        size: disk_size,
+        logical_block_size: lbs,
+        discard_granularity: 4096,
+        num_queues,
+        queue_size: 256,
+        read_only,
+        serial: "fuzz-serial",
+    })
+    .expect("params");
     let image = Arc::new(MemImage {
         disk: MemDisk::new(disk_size as usize),
         capacity: params.capacity_sectors() * 512,
@@ -151,9 +158,9 @@ pub fn run(data: &[u8]) {
     // What `Server::serve_one` does, with a socket pair standing in for the accepted frontend.
     let (client, frontend) = UnixStream::pair().expect("socketpair");
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let channel = Arc::new(interposer::Channel::default());
+    let conn = Arc::new(Connection::default());
     let backend = Arc::new(
-        BlkBackend::new(device.clone(), channel.clone(), mem.clone()).expect("backend"),
+        BlkBackend::new(device.clone(), conn.clone(), mem.clone()).expect("backend"),
     );
     let mut daemon =
         VhostUserDaemon::new("vub-fuzz".into(), backend.clone(), mem).expect("daemon");
@@ -162,8 +169,8 @@ pub fn run(data: &[u8]) {
     let (handler_side, _) = relay.listener.accept().expect("accept on relay socket");
     drop(relay);
     let relay_threads =
-        interposer::start(frontend, handler_side, channel.clone()).expect("start relay");
-    device.set_channel(Some(channel));
+        interposer::start(frontend, handler_side, conn.clone()).expect("start relay");
+    device.set_connection(Some(conn));
 
     let guest = memfd();
     let mut kicks: Vec<EventFd> = Vec::new();
@@ -282,7 +289,7 @@ pub fn run(data: &[u8]) {
     let _ = client.shutdown(std::net::Shutdown::Both);
     drop(client);
     let _ = daemon.wait();
-    device.set_channel(None);
+    device.set_connection(None);
     backend.finish_connection(daemon);
     for t in relay_threads {
         t.join().expect("relay thread panicked");

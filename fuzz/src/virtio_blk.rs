@@ -26,7 +26,9 @@ use vhost_user_blk::image::ImageQueue;
 use vhost_user_blk::stats::{QueueCounters, ReqKind};
 use vhost_user_blk::virtio_blk::config::features;
 use vhost_user_blk::virtio_blk::request::ChainTracker;
-use vhost_user_blk::virtio_blk::{DeviceParams, DeviceState, GuestMem, RequestHandler};
+use vhost_user_blk::virtio_blk::{
+    DeviceOptions, DeviceParams, DeviceState, GuestMem, RequestHandler,
+};
 
 /// Records the heads `process_queue` takes from the avail ring and returns to the used ring.
 #[derive(Default)]
@@ -130,15 +132,15 @@ pub fn guest_memory() -> GuestMem {
 pub fn run(data: &[u8], make_image: impl FnOnce(&Setup, &DeviceParams) -> Box<dyn ImageQueue>) {
     let mut b = Bytes::new(data);
     let setup = Setup::decode(&mut b);
-    let params = DeviceParams::new(
-        setup.disk_size,
-        setup.lbs,
-        4096,
-        1,
-        setup.queue_size.max(4),
-        setup.read_only,
-        "fuzz-serial",
-    )
+    let params = DeviceParams::new(&DeviceOptions {
+        size: setup.disk_size,
+        logical_block_size: setup.lbs,
+        discard_granularity: 4096,
+        num_queues: 1,
+        queue_size: setup.queue_size.max(4),
+        read_only: setup.read_only,
+        serial: "fuzz-serial",
+    })
     .expect("valid device params");
     let mem = guest_memory();
     let image = make_image(&setup, &params);

@@ -5,6 +5,7 @@
 
 pub mod chain;
 pub mod config;
+pub mod header;
 pub mod request;
 pub mod split;
 
@@ -12,5 +13,5 @@ pub mod split;
 mod tests;
 
 pub use chain::GuestMem;
-pub use config::DeviceParams;
+pub use config::{DeviceOptions, DeviceParams};
 pub use request::{chains_waiting, ChainTracker, DeviceState, QueueRun, RequestHandler};

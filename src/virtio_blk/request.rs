@@ -17,15 +17,16 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::chain::{byte_addr, gather, scatter, slices, ChainError, ChainLayout, GuestMem};
 use super::config::{
-    features, req_type, status, DeviceParams, ID_BYTES, SECTOR_SHIFT, SECTOR_SIZE, SEG_FLAG_UNMAP,
+    features, status, DeviceParams, ID_BYTES, SECTOR_SHIFT, SECTOR_SIZE, SEG_FLAG_UNMAP,
 };
+use super::header::{DwzSegment, RequestHeader, RequestType};
 use crate::image::{slices_len, BatchOp, GuestSlice, ImageQueue};
 use crate::stats::{now_ns, QueueCounters, ReqKind};
 
-/// Size of the request header (type, ioprio, sector).
-const HEADER_LEN: u64 = 16;
+/// Size of the request header in the device-readable stream.
+const HEADER_LEN: u64 = RequestHeader::LEN as u64;
 /// Size of one discard / write-zeroes segment.
-const DWZ_SEG_LEN: u64 = 16;
+const DWZ_SEG_LEN: u64 = DwzSegment::LEN as u64;
 
 /// Per-connection device state shared by the queue workers (read on every request, written
 /// only by the vhost-user control thread).
@@ -56,13 +57,6 @@ impl DeviceState {
     fn acked(&self, feature: u64) -> bool {
         self.acked_features.load(Ordering::Relaxed) & feature != 0
     }
-}
-
-/// A parsed request header.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Header {
-    kind: u32,
-    sector: u64,
 }
 
 /// Outcome of one request: status byte, data bytes written into the guest's buffers, and
@@ -120,17 +114,6 @@ pub const MAX_REQUEST_BYTES: u64 = 128 << 20;
 
 /// Most reads/writes gathered into one batch.
 const MAX_BATCH: usize = 256;
-
-fn kind_of(req: u32) -> ReqKind {
-    match req {
-        req_type::IN => ReqKind::Read,
-        req_type::OUT => ReqKind::Write,
-        req_type::FLUSH | req_type::FLUSH_OUT => ReqKind::Flush,
-        req_type::DISCARD => ReqKind::Discard,
-        req_type::WRITE_ZEROES => ReqKind::WriteZeroes,
-        _ => ReqKind::Other,
-    }
-}
 
 /// Whether the driver has made chains available that `queue` has not taken yet (an
 /// unreadable avail index counts as none).
@@ -294,6 +277,7 @@ impl RequestHandler {
             self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
             let start = Instant::now();
             self.layout.load(chain);
+            let header = self.header(mem);
             let status_addr = if self.layout.writable_len == 0 {
                 None
             } else {
@@ -301,14 +285,14 @@ impl RequestHandler {
             };
             // Anything but a read or write orders after the batch before it: run the batch
             // before executing it.
-            if !pending.is_empty() && !self.is_read_or_write(mem) {
+            if !pending.is_empty() && !header.is_ok_and(|h| h.kind.is_read_or_write()) {
                 self.complete_batch(queue, mem, tracker, &mut pending, &mut ops, &mut results);
             }
             self.bad_address = false;
             let (kind, step) = match status_addr {
                 // Without a status byte there is nothing to report: don't execute.
                 None => (ReqKind::Other, Step::Done(Done::err(status::IOERR))),
-                Some(_) => self.prepare(mem, self.layout.writable_len - 1),
+                Some(_) => self.prepare(mem, header, self.layout.writable_len - 1),
             };
             let io_op = match step {
                 Step::Io(op, done) => Some((op, done)),
@@ -369,12 +353,15 @@ impl RequestHandler {
         }
     }
 
-    /// Whether the loaded chain's header says IN or OUT (a malformed chain is not).
-    fn is_read_or_write(&self, mem: &GuestMem) -> bool {
-        let mut t = [0u8; 4];
-        self.layout.error.is_none()
-            && gather(mem, &self.layout.readable, 0, &mut t).is_ok()
-            && matches!(u32::from_le_bytes(t), req_type::IN | req_type::OUT)
+    /// The loaded chain's request header, read once per chain: the layout's error for a
+    /// malformed chain, or why the header cannot be read.
+    fn header(&self, mem: &GuestMem) -> Result<RequestHeader, ChainError> {
+        if let Some(e) = self.layout.error {
+            return Err(e);
+        }
+        let mut hdr = [0u8; RequestHeader::LEN];
+        gather(mem, &self.layout.readable, 0, &mut hdr)?;
+        Ok(RequestHeader::parse(&hdr))
     }
 
     /// Runs the batched reads/writes and returns their chains in order.
@@ -471,40 +458,41 @@ impl RequestHandler {
 
     /// Validates the loaded chain and either finishes it (errors, flush, discard, ...) or
     /// returns the read/write to run, with the outcome to report if it succeeds.
-    fn prepare<'m>(&mut self, mem: &'m GuestMem, status_pos: u64) -> (ReqKind, Step<'m>) {
-        if let Some(e) = self.layout.error {
-            debug!("malformed descriptor chain: {e:?}");
-            return (ReqKind::Other, Step::Done(Done::err(status::IOERR)));
-        }
-        let mut hdr = [0u8; HEADER_LEN as usize];
-        if let Err(e) = gather(mem, &self.layout.readable, 0, &mut hdr) {
-            self.bad_address = e == ChainError::BadGuestAddress;
-            debug!("request header missing or unreadable");
-            return (ReqKind::Other, Step::Done(Done::err(status::IOERR)));
-        }
-        let header = Header {
-            kind: u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]),
-            sector: u64::from_le_bytes([
-                hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
-            ]),
+    fn prepare<'m>(
+        &mut self,
+        mem: &'m GuestMem,
+        header: Result<RequestHeader, ChainError>,
+        status_pos: u64,
+    ) -> (ReqKind, Step<'m>) {
+        let header = match header {
+            Ok(h) => h,
+            Err(e @ ChainError::ReadableAfterWritable) => {
+                debug!("malformed descriptor chain: {e:?}");
+                return (ReqKind::Other, Step::Done(Done::err(status::IOERR)));
+            }
+            Err(e) => {
+                self.bad_address = e == ChainError::BadGuestAddress;
+                debug!("request header missing or unreadable");
+                return (ReqKind::Other, Step::Done(Done::err(status::IOERR)));
+            }
         };
         let done = match header.kind {
-            req_type::IN => return (ReqKind::Read, self.read(mem, header, status_pos)),
-            req_type::OUT => return (ReqKind::Write, self.write(mem, header)),
-            req_type::FLUSH | req_type::FLUSH_OUT => self.flush(header),
-            req_type::GET_ID => self.get_id(mem, status_pos),
-            req_type::DISCARD if self.state.acked(features::DISCARD) => {
+            RequestType::In => return (ReqKind::Read, self.read(mem, header, status_pos)),
+            RequestType::Out => return (ReqKind::Write, self.write(mem, header)),
+            RequestType::Flush => self.flush(header),
+            RequestType::GetId => self.get_id(mem, status_pos),
+            RequestType::Discard if self.state.acked(features::DISCARD) => {
                 self.discard_or_zero(mem, false)
             }
-            req_type::WRITE_ZEROES if self.state.acked(features::WRITE_ZEROES) => {
+            RequestType::WriteZeroes if self.state.acked(features::WRITE_ZEROES) => {
                 self.discard_or_zero(mem, true)
             }
             other => {
-                debug!("unsupported request type {other:#x}");
+                debug!("unsupported request type {:#x}", other.raw());
                 Done::err(status::UNSUPP)
             }
         };
-        (kind_of(header.kind), Step::Done(done))
+        (header.kind.stats_kind(), Step::Done(done))
     }
 
     /// Checks that `len` bytes at `sector` are block-aligned and inside the disk.
@@ -521,7 +509,7 @@ impl RequestHandler {
             && end <= self.params.capacity_sectors() << SECTOR_SHIFT
     }
 
-    fn read<'m>(&mut self, mem: &'m GuestMem, h: Header, status_pos: u64) -> Step<'m> {
+    fn read<'m>(&mut self, mem: &'m GuestMem, h: RequestHeader, status_pos: u64) -> Step<'m> {
         let fail = Step::Done(Done::err(status::IOERR));
         // A read carries nothing device-readable but its header.
         if self.layout.readable_len != HEADER_LEN {
@@ -547,7 +535,7 @@ impl RequestHandler {
     fn data_buffers<'m>(
         &mut self,
         mem: &'m GuestMem,
-        h: Header,
+        h: RequestHeader,
         write: bool,
         len: u64,
     ) -> Option<Vec<GuestSlice<'m>>> {
@@ -585,7 +573,7 @@ impl RequestHandler {
         }
     }
 
-    fn write<'m>(&mut self, mem: &'m GuestMem, h: Header) -> Step<'m> {
+    fn write<'m>(&mut self, mem: &'m GuestMem, h: RequestHeader) -> Step<'m> {
         let fail = Step::Done(Done::err(status::IOERR));
         if self.params.read_only {
             debug!("write to a read-only disk refused");
@@ -609,7 +597,7 @@ impl RequestHandler {
         Step::Io(op, Done::wrote(len))
     }
 
-    fn flush(&mut self, h: Header) -> Done {
+    fn flush(&mut self, h: RequestHeader) -> Done {
         if h.sector != 0 {
             debug!("FLUSH with non-zero sector {}", h.sector);
             return Done::err(status::IOERR);
@@ -665,12 +653,21 @@ impl RequestHandler {
             return Done::err(status::IOERR);
         }
         // Validate all segments first; reported status follows the spec's order: an unknown
-        // flag (or unmap on discard) is UNSUPP, a bad range IOERR.
+        // flag (or unmap on discard) is UNSUPP, a bad range IOERR. The segments are read from
+        // guest memory once: what was validated is what runs, whatever the guest writes there
+        // meanwhile.
+        let mut segments = Vec::with_capacity(nseg as usize);
         let mut bad_range = false;
         for i in 0..nseg {
-            let Some((sector, num, flags)) = self.dwz_segment(mem, i) else {
+            let Some(segment) = self.dwz_segment(mem, i) else {
                 return Done::err(status::IOERR);
             };
+            segments.push(segment);
+            let DwzSegment {
+                sector,
+                num_sectors: num,
+                flags,
+            } = segment;
             if flags & !SEG_FLAG_UNMAP != 0 || (!zero && flags & SEG_FLAG_UNMAP != 0) {
                 debug!("discard/write-zeroes with unsupported flags {flags:#x}");
                 return Done::err(status::UNSUPP);
@@ -683,10 +680,12 @@ impl RequestHandler {
             debug!("discard/write-zeroes out of range, unaligned or too large");
             return Done::err(status::IOERR);
         }
-        for i in 0..nseg {
-            let Some((sector, num, flags)) = self.dwz_segment(mem, i) else {
-                return Done::err(status::IOERR);
-            };
+        for DwzSegment {
+            sector,
+            num_sectors: num,
+            flags,
+        } in segments
+        {
             let (off, len) = (sector << SECTOR_SHIFT, u64::from(num) << SECTOR_SHIFT);
             let r = if zero {
                 self.image
@@ -708,20 +707,16 @@ impl RequestHandler {
         Done::ok(0)
     }
 
-    /// Reads segment `i` of a discard / write-zeroes request: (sector, num_sectors, flags).
-    fn dwz_segment(&self, mem: &GuestMem, i: u64) -> Option<(u64, u32, u32)> {
-        let mut s = [0u8; DWZ_SEG_LEN as usize];
-        let r: Result<(), ChainError> = gather(
+    /// Reads segment `i` of a discard / write-zeroes request.
+    fn dwz_segment(&self, mem: &GuestMem, i: u64) -> Option<DwzSegment> {
+        let mut s = [0u8; DwzSegment::LEN];
+        gather(
             mem,
             &self.layout.readable,
             HEADER_LEN + i * DWZ_SEG_LEN,
             &mut s,
-        );
-        r.ok()?;
-        Some((
-            u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]),
-            u32::from_le_bytes([s[8], s[9], s[10], s[11]]),
-            u32::from_le_bytes([s[12], s[13], s[14], s[15]]),
-        ))
+        )
+        .ok()?;
+        Some(DwzSegment::parse(&s))
     }
 }

@@ -11,7 +11,7 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::config::{features, req_type, serial_bytes, status, DeviceParams};
+use super::config::{features, req_type, serial_bytes, status, DeviceOptions, DeviceParams};
 use super::{DeviceState, GuestMem, RequestHandler};
 use crate::image::{BatchOp, GuestSlice, ImageQueue};
 use crate::stats::{QueueCounters, ReqKind};
@@ -108,7 +108,24 @@ impl ImageQueue for MemDisk {
 }
 
 fn params() -> DeviceParams {
-    DeviceParams::new(DISK as u64, 512, 4096, 1, 16, false, "serial-1234").unwrap()
+    DeviceParams::new(&DeviceOptions {
+        serial: "serial-1234",
+        ..options()
+    })
+    .unwrap()
+}
+
+/// The options of the test disk: 512-byte blocks, one queue of 16.
+fn options() -> DeviceOptions<'static> {
+    DeviceOptions {
+        size: DISK as u64,
+        logical_block_size: 512,
+        discard_granularity: 4096,
+        num_queues: 1,
+        queue_size: 16,
+        read_only: false,
+        serial: "",
+    }
 }
 
 struct Rig {
@@ -120,6 +137,14 @@ struct Rig {
 
 impl Rig {
     fn new(p: DeviceParams) -> Self {
+        Self::with_image(p, |disk, _| Box::new(disk))
+    }
+
+    /// A rig whose handler runs on `image(disk, guest memory)` instead of the disk itself.
+    fn with_image(
+        p: DeviceParams,
+        image: impl FnOnce(MemDisk, GuestMem) -> Box<dyn ImageQueue>,
+    ) -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[
             (GuestAddress(0), 0x10_0000),
             (GuestAddress(0x10_0000), 0x10_0000),
@@ -132,7 +157,7 @@ impl Rig {
             Ordering::Relaxed,
         );
         let handler = RequestHandler::new(
-            Box::new(disk.clone()),
+            image(disk.clone(), mem.clone()),
             Arc::new(p),
             state.clone(),
             Arc::new(QueueCounters::default()),
@@ -460,7 +485,11 @@ fn data_not_a_multiple_of_512_is_ioerr() {
 
 #[test]
 fn unaligned_to_4k_logical_blocks_is_ioerr() {
-    let p = DeviceParams::new(DISK as u64, 4096, 4096, 1, 16, false, "").unwrap();
+    let p = DeviceParams::new(&DeviceOptions {
+        logical_block_size: 4096,
+        ..options()
+    })
+    .unwrap();
     let mut r = Rig::new(p);
     r.header(0x1000, req_type::OUT, 1);
     let (_, st) = r.submit(
@@ -485,7 +514,11 @@ fn unaligned_to_4k_logical_blocks_is_ioerr() {
 #[test]
 fn more_segments_than_seg_max_is_ioerr() {
     // queue size 4 => seg_max 2.
-    let p = DeviceParams::new(DISK as u64, 512, 4096, 1, 4, false, "").unwrap();
+    let p = DeviceParams::new(&DeviceOptions {
+        queue_size: 4,
+        ..options()
+    })
+    .unwrap();
     assert_eq!(p.seg_max, 2);
     let mut r = Rig::new(p);
     r.header(0x1000, req_type::OUT, 0);
@@ -548,7 +581,11 @@ fn get_id_returns_serial() {
 
 #[test]
 fn read_only_refuses_every_write_like_request() {
-    let p = DeviceParams::new(DISK as u64, 512, 4096, 1, 16, true, "").unwrap();
+    let p = DeviceParams::new(&DeviceOptions {
+        read_only: true,
+        ..options()
+    })
+    .unwrap();
     let mut r = Rig::new(p);
     let before = r.disk.bytes(0, DISK);
     r.header(0x1000, req_type::OUT, 0);
@@ -672,6 +709,59 @@ fn bad_discard_segment_applies_nothing() {
     );
     assert_eq!(st, status::IOERR);
     assert!(r.disk.calls().is_empty());
+}
+
+/// A disk whose first discard also rewrites a discard segment in guest memory, as a guest
+/// racing the device could.
+struct RewritesSegment {
+    disk: MemDisk,
+    mem: GuestMem,
+    /// Where the segment is, and the sector to put there.
+    rewrite: Option<(u64, u64)>,
+}
+
+impl ImageQueue for RewritesSegment {
+    fn read(&mut self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()> {
+        self.disk.read(offset, bufs)
+    }
+    fn write(&mut self, offset: u64, bufs: &[GuestSlice<'_>], durable: bool) -> io::Result<()> {
+        self.disk.write(offset, bufs, durable)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.disk.flush()
+    }
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        if let Some((addr, sector)) = self.rewrite.take() {
+            self.mem.write_obj(sector, GuestAddress(addr)).unwrap();
+        }
+        self.disk.discard(offset, len)
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        self.disk.write_zeroes(offset, len, unmap)
+    }
+}
+
+#[test]
+fn discard_runs_the_segments_it_validated() {
+    // While the first segment is discarded, the second one is rewritten to lie past the end
+    // of the disk: the request must still run the second segment as validated.
+    let past_end = (DISK / 512) as u64 + 1024;
+    let mut r = Rig::with_image(params(), |disk, mem| {
+        Box::new(RewritesSegment {
+            disk,
+            mem,
+            rewrite: Some((0x2010, past_end)),
+        })
+    });
+    r.header(0x1000, req_type::DISCARD, 0);
+    dwz_segment(&r, 0x2000, 0, 8, 0);
+    dwz_segment(&r, 0x2010, 16, 8, 0);
+    let (_, st) = r.submit(
+        &[(0x1000, 16, 0), (0x2000, 32, 0), (0x3000, 1, F_WRITE)],
+        0x3000,
+    );
+    assert_eq!(st, status::OK);
+    assert_eq!(r.disk.calls(), vec!["discard 0 4096", "discard 8192 4096"]);
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! The `vhost-user-blk ctl` client: sends one control request and prints the reply.
+//! The `vhost-user-blk ctl` client: sends one control request and renders the reply.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -7,28 +7,29 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use super::protocol::{Reply, Request};
 use crate::error::{Error, Result};
 
+/// How long the client waits for the daemon's reply.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Sends `request` and returns the `result` of a successful reply.
-pub fn call(socket: &Path, request: &Value) -> Result<Value> {
+pub fn call(socket: &Path, request: &Request) -> Result<Value> {
     let ctx = |e: io::Error| Error::io(format!("control socket {}", socket.display()), e);
     let mut conn = UnixStream::connect(socket).map_err(ctx)?;
-    conn.set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(ctx)?;
-    let mut line = request.to_string();
+    conn.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(ctx)?;
+    let mut line = serde_json::to_string(request).map_err(Error::ControlEncode)?;
     line.push('\n');
     conn.write_all(line.as_bytes()).map_err(ctx)?;
     let mut reply = String::new();
     BufReader::new(&conn).read_line(&mut reply).map_err(ctx)?;
-    let v: Value = serde_json::from_str(&reply)
-        .map_err(|e| Error::Control(format!("bad reply from the daemon: {e}")))?;
-    if v["ok"] == json!(true) {
-        Ok(v["result"].clone())
+    let reply: Reply = serde_json::from_str(&reply).map_err(Error::ControlReply)?;
+    if reply.ok {
+        Ok(reply.result)
     } else {
-        Err(Error::Control(format!(
-            "daemon refused: {}",
-            v["error"].as_str().unwrap_or("unknown error")
-        )))
+        Err(Error::ControlRefused(
+            reply.error.unwrap_or_else(|| "unknown error".into()),
+        ))
     }
 }
 
@@ -127,16 +128,78 @@ pub fn stats_table(v: &Value, prev: Option<(&Value, f64)>) -> String {
     out
 }
 
+/// Renders a `bitmaps` result as a table: one row per bitmap (the fields of
+/// [`crate::image::BitmapInfo`]), or one line saying there are none.
+pub fn bitmaps_table(v: &Value) -> Result<String> {
+    let bitmaps: Vec<Value> =
+        serde_json::from_value(v["bitmaps"].clone()).map_err(Error::ControlReply)?;
+    if bitmaps.is_empty() {
+        return Ok("no persistent dirty bitmaps\n".into());
+    }
+    let name = |b: &Value| b["name"].as_str().unwrap_or("?").to_owned();
+    let width = bitmaps
+        .iter()
+        .map(|b| name(b).chars().count())
+        .max()
+        .unwrap_or(0)
+        .max("name".len());
+    let yes_no = |v: &Value| if v == &json!(true) { "yes" } else { "no" };
+    let mut out = format!(
+        "{:<width$} {:>11} {:>7} {:>12} {:>14}\n",
+        "name", "granularity", "enabled", "inconsistent", "dirty bytes"
+    );
+    for b in &bitmaps {
+        out.push_str(&format!(
+            "{:<width$} {:>11} {:>7} {:>12} {:>14}\n",
+            name(b),
+            num(&b["granularity"]),
+            yes_no(&b["enabled"]),
+            yes_no(&b["inconsistent"]),
+            b["dirty_bytes"]
+                .as_u64()
+                .map_or_else(|| "-".to_owned(), |d| d.to_string()),
+        ));
+    }
+    Ok(out)
+}
+
 /// `ctl watch`: refreshes the stats table once a second until interrupted.
 pub fn watch(socket: &Path) -> Result<()> {
-    let mut prev = call(socket, &json!({"command": "stats"}))?;
+    let stats = Request::Stats { format: None };
+    let mut prev = call(socket, &stats)?;
     loop {
         std::thread::sleep(Duration::from_secs(1));
-        let cur = call(socket, &json!({"command": "stats"}))?;
+        let cur = call(socket, &stats)?;
         let secs =
             cur["uptime_s"].as_f64().unwrap_or(1.0) - prev["uptime_s"].as_f64().unwrap_or(0.0);
         print!("\x1b[2J\x1b[H{}", stats_table(&cur, Some((&prev, secs))));
         io::stdout().flush().map_err(|e| Error::io("stdout", e))?;
         prev = cur;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmaps_table_lists_each_bitmap() {
+        let v = json!({"bitmaps": [
+            {"name": "backup-0", "granularity": 65536, "enabled": true,
+             "inconsistent": false, "dirty_bytes": 196608},
+            {"name": "b", "granularity": 4096, "enabled": false,
+             "inconsistent": true, "dirty_bytes": null},
+        ]});
+        assert_eq!(
+            bitmaps_table(&v).unwrap(),
+            "name     granularity enabled inconsistent    dirty bytes\n\
+             backup-0       65536     yes           no         196608\n\
+             b               4096      no          yes              -\n"
+        );
+        assert_eq!(
+            bitmaps_table(&json!({"bitmaps": []})).unwrap(),
+            "no persistent dirty bitmaps\n"
+        );
+        assert!(bitmaps_table(&json!({})).is_err());
     }
 }

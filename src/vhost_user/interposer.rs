@@ -6,7 +6,8 @@
 //! vhost-user-backend to a private socket of its own and relays every message, unchanged,
 //! between the two, with the file descriptors they carry. While relaying it keeps a duplicate
 //! of the backend channel passed in `SET_BACKEND_REQ_FD` and notes whether REPLY_ACK was
-//! negotiated, so [`Channel::notify_config_change`] can send the message itself.
+//! negotiated (in the connection's [`Connection`]), so
+//! [`Connection::notify_config_change`] can send the message itself.
 //!
 //! Only the control plane goes through here (a few dozen messages per connection, plus memory
 //! table updates); virtqueue kicks and calls are eventfds that never touch the relay.
@@ -17,26 +18,22 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use arc_swap::ArcSwapOption;
 use log::{debug, info, warn};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
-
-use crate::inflight::InflightRegion;
-use crate::stats::now_ns;
-use crate::virtio_blk::GuestMem;
+use super::connection::Connection;
+use super::inflight::InflightRegion;
+use crate::sync::lock;
 
 /// Largest payload relayed (vhost-user messages are far smaller).
 pub const MAX_PAYLOAD: usize = 64 * 1024;
 /// Most file descriptors one message may carry.
 const MAX_FDS: usize = 32;
 /// Header size: request, flags, size (three little-endian u32).
-const HDR: usize = 12;
+pub(super) const HDR: usize = 12;
 
 /// `VHOST_USER_SET_MEM_TABLE`.
 const SET_MEM_TABLE: u32 = 5;
@@ -49,15 +46,15 @@ const SET_PROTOCOL_FEATURES: u32 = 16;
 /// `VHOST_USER_SET_BACKEND_REQ_FD`.
 const SET_BACKEND_REQ_FD: u32 = 21;
 /// `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`.
-const BACKEND_CONFIG_CHANGE_MSG: u32 = 2;
+pub(super) const BACKEND_CONFIG_CHANGE_MSG: u32 = 2;
 /// Protocol feature bit REPLY_ACK.
 const PROTOCOL_F_REPLY_ACK: u64 = 1 << 3;
 /// Header flag: protocol version 1.
-const FLAG_VERSION: u32 = 0x1;
+pub(super) const FLAG_VERSION: u32 = 0x1;
 /// Header flag: this is a reply.
-const FLAG_REPLY: u32 = 0x4;
+pub(super) const FLAG_REPLY: u32 = 0x4;
 /// Header flag: the sender wants a reply.
-const FLAG_NEED_REPLY: u32 = 0x8;
+pub(super) const FLAG_NEED_REPLY: u32 = 0x8;
 
 /// `VHOST_USER_GET_INFLIGHT_FD`.
 const GET_INFLIGHT_FD: u32 = 31;
@@ -65,130 +62,6 @@ const GET_INFLIGHT_FD: u32 = 31;
 const SET_INFLIGHT_FD: u32 = 32;
 /// Size of `VhostUserInflight` (mmap_size, mmap_offset, num_queues, queue_size, padding).
 const INFLIGHT_MSG: usize = 24;
-
-/// What the relay learned about one connection, and the way back to the frontend.
-pub struct Channel {
-    /// Our duplicate of the backend-to-frontend channel, once the frontend sent it.
-    backend_req: Mutex<Option<UnixStream>>,
-    reply_ack: AtomicBool,
-    /// The inflight region the frontend gave us (SET_INFLIGHT_FD), if any.
-    inflight: ArcSwapOption<InflightRegion>,
-    /// Bumped each time a region is set, so workers notice and recover.
-    inflight_gen: AtomicU64,
-    /// Regions handed out by GET_INFLIGHT_FD, kept until the frontend sets one.
-    offered: Mutex<Option<Arc<InflightRegion>>>,
-    /// A duplicate of the frontend connection (owned, so its number cannot be reused while we
-    /// hold it), to see unread messages.
-    frontend: Mutex<Option<OwnedFd>>,
-    /// [`now_ns`] when the last memory table message was relayed (0: never).
-    last_mem_msg_ns: AtomicU64,
-}
-
-impl Default for Channel {
-    fn default() -> Self {
-        Channel {
-            backend_req: Mutex::new(None),
-            reply_ack: AtomicBool::new(false),
-            inflight: ArcSwapOption::empty(),
-            inflight_gen: AtomicU64::new(0),
-            offered: Mutex::new(None),
-            frontend: Mutex::new(None),
-            last_mem_msg_ns: AtomicU64::new(0),
-        }
-    }
-}
-
-impl Channel {
-    /// Called when a request referenced memory the worker's map `current` lacks. If a memory
-    /// table update may be on its way (messages not yet read from the frontend, or one relayed
-    /// in the last second), waits up to 200 ms for the shared map to change and returns whether
-    /// it did. The frontend may legitimately kick a queue right after sending an update without
-    /// waiting for its reply; the kick (an eventfd) can then overtake the update.
-    pub fn memory_settles(&self, mem: &GuestMemoryAtomic<GuestMem>, current: &GuestMem) -> bool {
-        let recent = {
-            let t = self.last_mem_msg_ns.load(Ordering::Acquire);
-            t != 0 && now_ns().saturating_sub(t) < 1_000_000_000
-        };
-        if !recent && !self.frontend_has_unread() {
-            return false;
-        }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(200);
-        loop {
-            if !std::ptr::eq(
-                &*mem.memory() as *const GuestMem,
-                current as *const GuestMem,
-            ) {
-                return true;
-            }
-            if std::time::Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-    }
-
-    fn frontend_has_unread(&self) -> bool {
-        let Ok(guard) = self.frontend.lock() else {
-            return false;
-        };
-        let Some(fd) = guard.as_ref() else {
-            return false;
-        };
-        let mut n: libc::c_int = 0;
-        // SAFETY: FIONREAD writes one c_int through the pointer, a live local; the fd is our
-        // own duplicate of the frontend socket, open while the guard is held.
-        let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
-        r == 0 && n > 0
-    }
-
-    /// The current inflight region and its generation.
-    pub fn inflight(&self) -> (u64, Option<Arc<InflightRegion>>) {
-        let gen = self.inflight_gen.load(Ordering::Acquire);
-        (gen, self.inflight.load_full())
-    }
-
-    /// Tells the frontend the configuration space changed (e.g. the capacity grew), so it
-    /// re-reads it and notifies the guest. Returns `Ok(false)` when the frontend gave us no
-    /// backend channel (it did not negotiate BACKEND_REQ).
-    pub fn notify_config_change(&self) -> io::Result<bool> {
-        let mut guard = self
-            .backend_req
-            .lock()
-            .map_err(|_| io::Error::other("backend channel lock poisoned"))?;
-        let Some(sock) = guard.as_mut() else {
-            return Ok(false);
-        };
-        let result = Self::send_config_change(sock, self.reply_ack.load(Ordering::Acquire));
-        if result.is_err() {
-            // The channel may now be out of step (a late reply): stop using it.
-            *guard = None;
-        }
-        result.map(|()| true)
-    }
-
-    fn send_config_change(sock: &mut UnixStream, need_reply: bool) -> io::Result<()> {
-        let flags = FLAG_VERSION | if need_reply { FLAG_NEED_REPLY } else { 0 };
-        let mut msg = [0u8; HDR];
-        msg[0..4].copy_from_slice(&BACKEND_CONFIG_CHANGE_MSG.to_le_bytes());
-        msg[4..8].copy_from_slice(&flags.to_le_bytes());
-        sock.write_all(&msg)?;
-        if need_reply {
-            let mut reply = [0u8; HDR + 8];
-            sock.read_exact(&mut reply)?;
-            let req = u32::from_le_bytes([reply[0], reply[1], reply[2], reply[3]]);
-            let rflags = u32::from_le_bytes([reply[4], reply[5], reply[6], reply[7]]);
-            let mut v = [0u8; 8];
-            v.copy_from_slice(&reply[HDR..]);
-            if req != BACKEND_CONFIG_CHANGE_MSG || rflags & FLAG_REPLY == 0 {
-                return Err(io::Error::other("unexpected reply to CONFIG_CHANGE_MSG"));
-            }
-            if u64::from_le_bytes(v) != 0 {
-                return Err(io::Error::other("frontend failed CONFIG_CHANGE_MSG"));
-            }
-        }
-        Ok(())
-    }
-}
 
 /// One framed message with its descriptors.
 struct Message {
@@ -276,7 +149,7 @@ fn relay(
     mut inspect: impl FnMut(&Message) -> Action,
 ) {
     let write_locked = |sock: &UnixStream, msg: &Message| {
-        let _g = frontend_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = lock(&frontend_lock);
         write_message(sock, msg)
     };
     loop {
@@ -308,23 +181,22 @@ fn relay(
 }
 
 /// Starts relaying between the `frontend` connection and the `handler`'s socket. Returns the
-/// channel and the two relay threads (they end when either side disconnects).
+/// two relay threads (they end when either side disconnects); what the relay learns goes
+/// into `conn`.
 pub fn start(
     frontend: UnixStream,
     handler: UnixStream,
-    chan: Arc<Channel>,
+    conn: Arc<Connection>,
 ) -> io::Result<[JoinHandle<()>; 2]> {
     let (f2, h2) = (frontend.try_clone()?, handler.try_clone()?);
-    if let Ok(mut f) = chan.frontend.lock() {
-        *f = frontend.try_clone().ok().map(OwnedFd::from);
-    }
+    conn.set_frontend(frontend.try_clone().ok().map(OwnedFd::from));
     let lock = Arc::new(Mutex::new(()));
     let lock2 = lock.clone();
     let to_handler = std::thread::Builder::new()
         .name("vhost-relay-rx".into())
         .spawn(move || {
             relay(frontend, handler, "frontend->handler", lock, false, |msg| {
-                inspect_frontend(&chan, msg)
+                inspect_frontend(&conn, msg)
             })
         })?;
     let to_frontend = std::thread::Builder::new()
@@ -372,7 +244,7 @@ fn inflight_payload(mmap_size: u64, num_queues: u16, queue_size: u16) -> [u8; IN
 }
 
 /// GET_INFLIGHT_FD: a fresh region for the geometry the frontend asks for.
-fn get_inflight(chan: &Channel, msg: &Message) -> Message {
+fn get_inflight(conn: &Connection, msg: &Message) -> Message {
     let region = parse_inflight(msg.payload())
         .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))
         .and_then(|(_, _, nq, qs)| InflightRegion::create(nq, qs));
@@ -380,9 +252,7 @@ fn get_inflight(chan: &Channel, msg: &Message) -> Message {
         Ok((file, region)) => {
             let payload =
                 inflight_payload(region.mmap_size(), region.num_queues(), region.queue_size());
-            if let Ok(mut o) = chan.offered.lock() {
-                *o = Some(Arc::new(region));
-            }
+            conn.offer_inflight(region);
             reply(msg, &payload, vec![OwnedFd::from(file)])
         }
         Err(e) => {
@@ -394,7 +264,7 @@ fn get_inflight(chan: &Channel, msg: &Message) -> Message {
 }
 
 /// SET_INFLIGHT_FD: map the region the frontend hands (back) to us.
-fn set_inflight(chan: &Channel, msg: &Message) -> Option<Message> {
+fn set_inflight(conn: &Connection, msg: &Message) -> Option<Message> {
     let result = match (parse_inflight(msg.payload()), msg.fds.first()) {
         (Some((size, offset, nq, qs)), Some(fd)) => fd
             .try_clone()
@@ -411,11 +281,7 @@ fn set_inflight(chan: &Channel, msg: &Message) -> Option<Message> {
                 region.num_queues(),
                 region.queue_size()
             );
-            chan.inflight.store(Some(Arc::new(region)));
-            chan.inflight_gen.fetch_add(1, Ordering::AcqRel);
-            if let Ok(mut o) = chan.offered.lock() {
-                *o = None;
-            }
+            conn.set_inflight(region);
             0
         }
         Err(e) => {
@@ -426,10 +292,29 @@ fn set_inflight(chan: &Channel, msg: &Message) -> Option<Message> {
     (msg.flags() & FLAG_NEED_REPLY != 0).then(|| reply(msg, &status.to_le_bytes(), Vec::new()))
 }
 
+/// Why a memory table message is refused.
+#[derive(Debug, thiserror::Error)]
+enum MemRegionError {
+    /// The region's fd cannot be examined.
+    #[error("cannot stat memory region {region}'s fd: {source}")]
+    Stat { region: usize, source: io::Error },
+    /// Mapping the region would reach past the end of its file.
+    #[error(
+        "memory region {region} ({size} bytes at offset {offset}) runs past the end of its \
+         {file_size}-byte file"
+    )]
+    PastEnd {
+        region: usize,
+        size: u64,
+        offset: u64,
+        file_size: i64,
+    },
+}
+
 /// Checks that every memory region of a SET_MEM_TABLE / ADD_MEM_REG message lies inside the
 /// file passed for it. A region mapped past the end of its file faults (SIGBUS) on the first
 /// access, which would kill the daemon; such a message ends the connection instead.
-fn check_mem_regions(msg: &Message) -> Result<(), String> {
+fn check_mem_regions(msg: &Message) -> Result<(), MemRegionError> {
     let p = msg.payload();
     let u64_at = |i: usize| -> Option<u64> {
         let b = p.get(i..i + 8)?;
@@ -467,32 +352,36 @@ fn check_mem_regions(msg: &Message) -> Result<(), String> {
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: fstat writes one `struct stat` into `st`, a live local, for an fd we own.
         if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-            return Err(format!("cannot stat memory region {i}'s fd"));
+            return Err(MemRegionError::Stat {
+                region: i,
+                source: io::Error::last_os_error(),
+            });
         }
         let is_file = st.st_mode & libc::S_IFMT == libc::S_IFREG;
         let end = offset.checked_add(size);
         if is_file && end.is_none_or(|e| e > st.st_size as u64) {
-            return Err(format!(
-                "memory region {i} ({size} bytes at offset {offset}) runs past the end of its \
-                 {}-byte file",
-                st.st_size
-            ));
+            return Err(MemRegionError::PastEnd {
+                region: i,
+                size,
+                offset,
+                file_size: st.st_size,
+            });
         }
     }
     Ok(())
 }
 
-fn inspect_frontend(chan: &Channel, msg: &Message) -> Action {
+fn inspect_frontend(conn: &Connection, msg: &Message) -> Action {
     if matches!(msg.request(), SET_MEM_TABLE | ADD_MEM_REG | REM_MEM_REG) {
-        chan.last_mem_msg_ns.store(now_ns(), Ordering::Release);
+        conn.memory_message();
         if let Err(e) = check_mem_regions(msg) {
             warn!("refusing the frontend's memory table: {e}; closing the connection");
             return Action::Close;
         }
     }
     match msg.request() {
-        GET_INFLIGHT_FD => return Action::Answered(Some(get_inflight(chan, msg))),
-        SET_INFLIGHT_FD => return Action::Answered(set_inflight(chan, msg)),
+        GET_INFLIGHT_FD => return Action::Answered(Some(get_inflight(conn, msg))),
+        SET_INFLIGHT_FD => return Action::Answered(set_inflight(conn, msg)),
         _ => {}
     }
     match msg.request() {
@@ -501,8 +390,7 @@ fn inspect_frontend(chan: &Channel, msg: &Message) -> Action {
                 let mut v = [0u8; 8];
                 v.copy_from_slice(b);
                 let features = u64::from_le_bytes(v);
-                chan.reply_ack
-                    .store(features & PROTOCOL_F_REPLY_ACK != 0, Ordering::Release);
+                conn.set_reply_ack(features & PROTOCOL_F_REPLY_ACK != 0);
             }
         }
         SET_BACKEND_REQ_FD => {
@@ -511,16 +399,7 @@ fn inspect_frontend(chan: &Channel, msg: &Message) -> Action {
                 .first()
                 .and_then(|fd| fd.try_clone().ok())
                 .map(UnixStream::from);
-            if let Ok(mut g) = chan.backend_req.lock() {
-                debug!("frontend set the backend channel: {}", dup.is_some());
-                // A frontend that never answers CONFIG_CHANGE_MSG must not hang the control
-                // socket: bound the wait for its reply.
-                if let Some(sock) = &dup {
-                    let _ = sock.set_read_timeout(Some(std::time::Duration::from_secs(5)));
-                    let _ = sock.set_write_timeout(Some(std::time::Duration::from_secs(5)));
-                }
-                *g = dup;
-            }
+            conn.set_backend_req(dup);
         }
         _ => {}
     }
@@ -544,7 +423,7 @@ mod tests {
     fn relays_messages_and_fds_both_ways() {
         let (vmm, frontend) = UnixStream::pair().unwrap();
         let (handler, daemon) = UnixStream::pair().unwrap();
-        let threads = start(frontend, handler, Arc::new(Channel::default())).unwrap();
+        let threads = start(frontend, handler, Arc::new(Connection::default())).unwrap();
         // A message with a payload and an fd, sent in two pieces.
         let (a, _b) = UnixStream::pair().unwrap();
         let m = msg(5, 1, &[1, 2, 3, 4, 5, 6, 7, 8]);
@@ -570,7 +449,7 @@ mod tests {
     fn oversized_payload_closes_the_connection() {
         let (vmm, frontend) = UnixStream::pair().unwrap();
         let (handler, daemon) = UnixStream::pair().unwrap();
-        let threads = start(frontend, handler, Arc::new(Channel::default())).unwrap();
+        let threads = start(frontend, handler, Arc::new(Connection::default())).unwrap();
         let mut m = msg(1, 1, &[]);
         m[8..12].copy_from_slice(&(MAX_PAYLOAD as u32 + 1).to_le_bytes());
         (&vmm).write_all(&m).unwrap();
@@ -584,9 +463,9 @@ mod tests {
     fn config_change_goes_over_the_backend_channel() {
         let (vmm, frontend) = UnixStream::pair().unwrap();
         let (handler, daemon) = UnixStream::pair().unwrap();
-        let chan = Arc::new(Channel::default());
-        let _threads = start(frontend, handler, chan.clone()).unwrap();
-        assert!(!chan.notify_config_change().unwrap(), "no channel yet");
+        let conn = Arc::new(Connection::default());
+        let _threads = start(frontend, handler, conn.clone()).unwrap();
+        assert!(!conn.notify_config_change().unwrap(), "no channel yet");
         // Negotiate REPLY_ACK, then hand over the backend channel.
         (&vmm)
             .write_all(&msg(
@@ -613,7 +492,7 @@ mod tests {
                 ))
                 .unwrap();
         });
-        assert!(chan.notify_config_change().unwrap());
+        assert!(conn.notify_config_change().unwrap());
         frontend_thread.join().unwrap();
         drop(vmm);
     }
@@ -622,7 +501,7 @@ mod tests {
     fn memory_region_past_its_file_closes_the_connection() {
         let (vmm, frontend) = UnixStream::pair().unwrap();
         let (handler, daemon) = UnixStream::pair().unwrap();
-        let threads = start(frontend, handler, Arc::new(Channel::default())).unwrap();
+        let threads = start(frontend, handler, Arc::new(Connection::default())).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let f = std::fs::File::create(dir.path().join("mem")).unwrap();
         f.set_len(4096).unwrap();
@@ -644,7 +523,7 @@ mod tests {
         // A region that fits is forwarded.
         let (vmm, frontend) = UnixStream::pair().unwrap();
         let (handler, daemon) = UnixStream::pair().unwrap();
-        let _threads = start(frontend, handler, Arc::new(Channel::default())).unwrap();
+        let _threads = start(frontend, handler, Arc::new(Connection::default())).unwrap();
         let mut p = vec![0u8; 8];
         for v in [0u64, 4096, 0x7000_0000, 0] {
             p.extend_from_slice(&v.to_le_bytes());

@@ -1,9 +1,8 @@
-//! The control socket: JSON lines over a unix socket (docs/CONTROL.md).
+//! The control socket's server: serves [`Request`]s from each client on its own thread.
 //!
-//! Each line a client sends is one request object (`{"command": "stats"}`); each gets exactly
-//! one reply line: `{"ok": true, "result": ...}` or `{"ok": false, "error": "..."}`. A malformed
-//! line gets an error reply and the connection stays open. The control socket never touches
-//! the I/O path: it reads the per-queue atomics and calls the image's own thread-safe
+//! Each line a client sends is one request; each gets exactly one [`Reply`] line. A
+//! malformed line gets an error reply and the connection stays open. The control socket never
+//! touches the I/O path: it reads the per-queue atomics and calls the image's own thread-safe
 //! operations (flush, resize).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -12,42 +11,61 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use log::{info, warn};
-use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::protocol::{Reply, Request, MAX_LINE};
 use crate::device::Device;
 use crate::stats::{now_ns, Histogram, ReqKind};
+use crate::sync::lock;
 use crate::virtio_blk::config::SECTOR_SHIFT;
 
-/// Longest request line accepted.
-pub const MAX_LINE: u64 = 64 * 1024;
 /// Most control connections served at once.
 pub const MAX_CLIENTS: usize = 16;
 
-/// One request.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum Request {
-    /// Counters and image figures.
-    Stats {
-        /// "json" (default) or "prometheus".
-        #[serde(default)]
-        format: Option<String>,
-    },
-    /// Full write-back now. (Struct variants, so unknown fields are refused.)
-    Flush {},
-    /// Grow the disk.
-    Resize {
-        /// New size in bytes.
+/// Why a control request failed; its text is the reply's `error` (docs/CONTROL.md lists
+/// them).
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The line is not a valid request.
+    #[error("bad request: {0}")]
+    BadRequest(serde_json::Error),
+    /// The line is longer than [`MAX_LINE`].
+    #[error("request longer than {MAX_LINE} bytes")]
+    LineTooLong,
+    /// [`MAX_CLIENTS`] clients are connected already.
+    #[error("too many control clients")]
+    TooManyClients,
+    /// `stats` with a format other than json or prometheus.
+    #[error("unknown stats format '{0}'")]
+    UnknownStatsFormat(String),
+    /// The image could not be flushed.
+    #[error("flush failed: {0}")]
+    Flush(io::Error),
+    /// The bitmap could not be cleared.
+    #[error("bitmap-clear: {0}")]
+    BitmapClear(io::Error),
+    /// A resize of a read-only disk.
+    #[error("the disk is read-only")]
+    ReadOnly,
+    /// A resize to a smaller size.
+    #[error("shrinking is refused ({size} < current {current} bytes)")]
+    Shrink {
+        /// The size asked for.
         size: u64,
+        /// The current size.
+        current: u64,
     },
-    /// List persistent dirty bitmaps.
-    Bitmaps {},
-    /// Clear a bitmap.
-    BitmapClear {
-        /// Bitmap name.
-        name: String,
+    /// A resize to a size that is not a whole number of logical blocks.
+    #[error("size {size} is not a multiple of the {block}-byte logical block size")]
+    Unaligned {
+        /// The size asked for.
+        size: u64,
+        /// The logical block size.
+        block: u64,
     },
+    /// The image could not be grown.
+    #[error("resize failed: {0}")]
+    Resize(io::Error),
 }
 
 /// Serves the control socket on a background thread.
@@ -71,10 +89,7 @@ fn accept_loop(listener: UnixListener, device: Arc<Device>) {
         };
         if clients.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
             clients.fetch_sub(1, Ordering::AcqRel);
-            let _ = reply_line(
-                &conn,
-                &json!({"ok": false, "error": "too many control clients"}),
-            );
+            let _ = reply_line(&conn, &Reply::failure(ControlError::TooManyClients));
             continue;
         }
         let (d, c) = (device.clone(), clients.clone());
@@ -93,10 +108,8 @@ fn accept_loop(listener: UnixListener, device: Arc<Device>) {
     }
 }
 
-fn reply_line(mut conn: &UnixStream, v: &Value) -> io::Result<()> {
-    let mut line = v.to_string();
-    line.push('\n');
-    conn.write_all(line.as_bytes())
+fn reply_line(mut conn: &UnixStream, reply: &Reply) -> io::Result<()> {
+    conn.write_all(reply.to_line().as_bytes())
 }
 
 fn serve_client(conn: UnixStream, device: &Device) -> io::Result<()> {
@@ -112,10 +125,7 @@ fn serve_client(conn: UnixStream, device: &Device) -> io::Result<()> {
         // with an error reply.
         let line = String::from_utf8_lossy(&raw);
         if !line.ends_with('\n') && n as u64 >= MAX_LINE {
-            reply_line(
-                &conn,
-                &json!({"ok": false, "error": format!("request longer than {MAX_LINE} bytes")}),
-            )?;
+            reply_line(&conn, &Reply::failure(ControlError::LineTooLong))?;
             return Ok(());
         }
         if line.trim().is_empty() {
@@ -125,26 +135,26 @@ fn serve_client(conn: UnixStream, device: &Device) -> io::Result<()> {
     }
 }
 
-/// Parses and executes one request line, returning the reply object.
-pub fn handle_line(device: &Device, line: &str) -> Value {
-    match serde_json::from_str::<Request>(line) {
-        Ok(req) => match execute(device, req) {
-            Ok(result) => json!({"ok": true, "result": result}),
-            Err(e) => json!({"ok": false, "error": e}),
-        },
-        Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+/// Parses and executes one request line, returning the reply.
+pub fn handle_line(device: &Device, line: &str) -> Reply {
+    let result = serde_json::from_str::<Request>(line)
+        .map_err(ControlError::BadRequest)
+        .and_then(|req| execute(device, req));
+    match result {
+        Ok(result) => Reply::success(result),
+        Err(e) => Reply::failure(e),
     }
 }
 
-fn execute(device: &Device, req: Request) -> Result<Value, String> {
+fn execute(device: &Device, req: Request) -> Result<Value, ControlError> {
     match req {
         Request::Stats { format } => match format.as_deref() {
             None | Some("json") => Ok(stats_json(device)),
             Some("prometheus") => Ok(Value::String(prometheus(device))),
-            Some(other) => Err(format!("unknown stats format '{other}'")),
+            Some(other) => Err(ControlError::UnknownStatsFormat(other.to_owned())),
         },
         Request::Flush {} => {
-            device.flush().map_err(|e| format!("flush failed: {e}"))?;
+            device.flush().map_err(ControlError::Flush)?;
             Ok(json!({}))
         }
         Request::Resize { size } => resize(device, size),
@@ -153,36 +163,29 @@ fn execute(device: &Device, req: Request) -> Result<Value, String> {
             device
                 .image
                 .clear_bitmap(&name)
-                .map_err(|e| format!("bitmap-clear: {e}"))?;
+                .map_err(ControlError::BitmapClear)?;
             Ok(json!({}))
         }
     }
 }
 
-fn resize(device: &Device, size: u64) -> Result<Value, String> {
+fn resize(device: &Device, size: u64) -> Result<Value, ControlError> {
     // Check and grow under one lock: two clients resizing at once must not shrink the file
     // behind a capacity the guest was already told about.
-    let _guard = device.resize_lock.lock().unwrap_or_else(|e| e.into_inner());
+    let _guard = lock(&device.resize_lock);
     let current = device.params.capacity_sectors() << SECTOR_SHIFT;
     let lbs = u64::from(device.params.logical_block_size);
     if device.params.read_only {
-        return Err("the disk is read-only".into());
+        return Err(ControlError::ReadOnly);
     }
     if size < current {
-        return Err(format!(
-            "shrinking is refused ({size} < current {current} bytes)"
-        ));
+        return Err(ControlError::Shrink { size, current });
     }
     if !size.is_multiple_of(lbs) {
-        return Err(format!(
-            "size {size} is not a multiple of the {lbs}-byte logical block size"
-        ));
+        return Err(ControlError::Unaligned { size, block: lbs });
     }
     if size > current {
-        device
-            .image
-            .resize(size)
-            .map_err(|e| format!("resize failed: {e}"))?;
+        device.image.resize(size).map_err(ControlError::Resize)?;
         device.params.set_capacity_sectors(size >> SECTOR_SHIFT);
         info!("disk resized from {current} to {size} bytes");
     }

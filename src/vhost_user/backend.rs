@@ -24,9 +24,10 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use super::connection::Connection;
+use super::inflight::QueueTracker;
 use crate::device::Device;
-use crate::inflight::QueueTracker;
-use crate::interposer::Channel;
+use crate::sync::lock;
 use crate::virtio_blk::config::{features, WRITEBACK_OFFSET};
 use crate::virtio_blk::{chains_waiting, ChainTracker, GuestMem};
 use crate::virtio_blk::{DeviceParams, DeviceState, RequestHandler};
@@ -37,9 +38,7 @@ pub const MAX_QUEUES: usize = 64;
 /// Requests of a batch after which the driver is told about their completions when the
 /// image runs a batch one request at a time ([`crate::image::ImageQueue::sequential`]). The
 /// driver, often asleep waiting, then refills the queue while the rest of the batch runs
-/// instead of after it. On the contended 2-vCPU machine 4k random reads QD32 from a qcow2
-/// went from 117k-189k to 233k-283k IOPS with 4 (8 measured alike, 16 less); see
-/// docs/PERFORMANCE.md.
+/// instead of after it. Why 4: docs/PERFORMANCE.md, "Early completions".
 const NOTIFY_EVERY: usize = 4;
 
 /// Guest memory as vhost-user-backend shares it with us.
@@ -85,7 +84,7 @@ impl ChainTracker for Tracker<'_> {
 /// The vhost-user-blk backend for one frontend connection.
 pub struct BlkBackend {
     device: Arc<Device>,
-    channel: Arc<Channel>,
+    conn: Arc<Connection>,
     params: Arc<DeviceParams>,
     state: Arc<DeviceState>,
     mem: GuestMemAtomic,
@@ -129,7 +128,7 @@ impl BlkBackend {
     /// `VhostUserDaemon`, so memory table updates are seen here.
     pub fn new(
         device: Arc<Device>,
-        channel: Arc<Channel>,
+        conn: Arc<Connection>,
         mem: GuestMemAtomic,
     ) -> io::Result<Self> {
         let params = device.params.clone();
@@ -147,7 +146,7 @@ impl BlkBackend {
         Ok(BlkBackend {
             state: Arc::new(DeviceState::new(device.writeback)),
             device,
-            channel,
+            conn,
             params,
             mem,
             event_idx: AtomicBool::new(false),
@@ -168,8 +167,8 @@ impl BlkBackend {
     /// Ends a connection's queue processing: stops the workers, drops `daemon` (the
     /// connection's `VhostUserDaemon`, which joins its worker threads) and then closes the fds
     /// vhost-user-backend leaked. The daemon's connection loop and the vhost_user fuzz target
-    /// both tear down through this, so they cannot drift apart (the fuzz target once skipped
-    /// the fd cleanup and ran out of fds after about 10,000 inputs).
+    /// both tear down through this, so they cannot drift apart (a teardown without the fd
+    /// cleanup runs out of fds after enough connections).
     pub fn finish_connection<D>(&self, daemon: D) {
         self.stop_workers();
         drop(daemon);
@@ -179,10 +178,7 @@ impl BlkBackend {
     /// Closes the exit-event fds vhost-user-backend leaked (see `exit_event`). Call only after
     /// the `VhostUserDaemon` has been dropped, i.e. every worker thread and its epoll are gone.
     fn close_leaked_fds(&self) {
-        let fds = match self.handed_out.lock() {
-            Ok(mut f) => std::mem::take(&mut *f),
-            Err(_) => return,
-        };
+        let fds = std::mem::take(&mut *lock(&self.handed_out));
         for fd in fds {
             // SAFETY: each fd is an exit-event consumer clone we created in `exit_event` and
             // that vhost-user-backend converted with `into_raw_fd` into its worker's epoll and
@@ -204,11 +200,8 @@ impl BlkBackend {
         let Some(worker) = self.workers.get(thread_id) else {
             return Err(io::Error::other(format!("no worker {thread_id}")));
         };
-        // Each worker mutex is only ever locked by its own thread; poisoning would mean a
-        // previous panic in this very thread, which we report instead of propagating.
-        let mut worker = worker
-            .lock()
-            .map_err(|_| io::Error::other("worker state poisoned"))?;
+        // Each worker mutex is only ever locked by its own thread.
+        let mut worker = lock(worker);
         if worker.handler.is_none() {
             // A failure (e.g. out of fds) is retried on the next kick rather than ending
             // this queue's worker thread.
@@ -242,7 +235,7 @@ impl BlkBackend {
         let mut mem = self.mem.memory();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let mut vring = vring.get_mut();
-        let (gen, region) = self.channel.inflight();
+        let (gen, region) = self.conn.inflight();
         let qidx = u16::try_from(thread_id).unwrap_or(u16::MAX);
         let qtracker = region.as_ref().and_then(|r| r.queue(qidx));
         let worker = &mut *worker;
@@ -264,8 +257,8 @@ impl BlkBackend {
         loop {
             // Tell the driver about completions every few requests only when it has a CPU to
             // refill the queue on meanwhile: each busy queue's worker and driver need one.
-            // When they outnumber the CPUs, early wake-ups only preempt the workers (on 2
-            // vCPUs, 4k 70/30 random I/O on 2 queues fell to 0.67x with them).
+            // When they outnumber the CPUs, early wake-ups only preempt the workers (measured:
+            // docs/PERFORMANCE.md, "Early completions").
             let spare_cpu = busy.count() * 2 <= self.cpus;
             handler.set_notify_every(if sequential && spare_cpu {
                 NOTIFY_EVERY
@@ -279,7 +272,7 @@ impl BlkBackend {
             }
             let run = {
                 let current: &GuestMem = &mem;
-                let mut changed = || self.channel.memory_settles(&self.mem, current);
+                let mut changed = || self.conn.memory_settles(&self.mem, current);
                 handler.process_queue(vring.get_queue_mut(), &mem, &mut tracker, &mut changed)
             };
             if run.memory_changed {
@@ -482,9 +475,7 @@ impl VhostUserBackend for BlkBackend {
             (Ok(c), Ok(n)) => {
                 // vhost-user-backend turns the consumer into a raw fd for its epoll and never
                 // closes it: remember it, and close it once the worker is gone.
-                if let Ok(mut fds) = self.handed_out.lock() {
-                    fds.push(c.as_raw_fd());
-                }
+                lock(&self.handed_out).push(c.as_raw_fd());
                 Some((c, n))
             }
             _ => {

@@ -1,0 +1,94 @@
+//! qemu-img, the reference implementation the tests check images against.
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// Runs `qemu-img ARGS` (bounded by the time qemu-img needs; it does not block on anything
+/// external) and returns what it did, success or not.
+#[track_caller]
+pub fn qemu_img_output<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    Command::new("qemu-img")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run qemu-img (install qemu-utils: ci/setup.sh): {e}"))
+}
+
+/// Runs `qemu-img ARGS`, which must succeed (else panics with its output); returns its
+/// standard output.
+#[track_caller]
+pub fn qemu_img<S: AsRef<OsStr>>(args: &[S]) -> String {
+    let out = qemu_img_output(args);
+    assert!(
+        out.status.success(),
+        "qemu-img {:?} failed ({}): {}{}",
+        args.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Result of `qemu-img check`: exit code (0 clean, 1 check failed, 2 corruption, 3 leaks only)
+/// and the combined output.
+#[derive(Debug)]
+pub struct QemuImgCheck {
+    /// Exit status.
+    pub code: i32,
+    /// stdout and stderr.
+    pub output: String,
+}
+
+impl QemuImgCheck {
+    /// Exit status 0 and "No errors were found": no corruption, no leaks.
+    pub fn clean(&self) -> bool {
+        self.code == 0 && self.output.contains("No errors were found")
+    }
+    /// Number of leaked clusters reported ("N leaked clusters were found"), 0 if none.
+    pub fn leaked(&self) -> u64 {
+        self.output
+            .lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_suffix(" leaked clusters were found on the image.")
+                    .and_then(|n| n.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// Runs `qemu-img check -f qcow2 IMAGE` and returns its exit code and output.
+pub fn qemu_img_check(image: &Path) -> QemuImgCheck {
+    let out = qemu_img_output(&[
+        "check".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        image.as_os_str(),
+    ]);
+    QemuImgCheck {
+        code: out.status.code().unwrap_or(-1),
+        output: format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// `qemu-img create -q -f qcow2 [-o OPTS] IMAGE SIZE` (no `-o` when `opts` is empty), which
+/// must succeed.
+#[track_caller]
+pub fn create_qcow2(image: impl AsRef<Path>, opts: &str, size: &str) {
+    let mut args = vec![
+        "create".as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+    ];
+    if !opts.is_empty() {
+        args.extend(["-o".as_ref(), OsStr::new(opts)]);
+    }
+    args.extend([image.as_ref().as_os_str(), size.as_ref()]);
+    qemu_img(&args);
+}
