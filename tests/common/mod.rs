@@ -190,7 +190,20 @@ impl Daemon {
         let socket = dir.join("vhost-user-blk.sock");
         let log_path = dir.join("daemon.log");
         let log = File::create(&log_path).expect("create daemon log file");
-        let mut cmd = backend_command(backend, &socket, image, cfg);
+        let cmd = backend_command(backend, &socket, image, cfg);
+        Daemon::spawn(cmd, backend, socket, log_path, log)
+    }
+
+    /// Spawns `cmd` (a `backend` process that will listen on `socket`) with its stdout and
+    /// stderr to `log` (open on `log_path`), and waits (≤ 10 s) for the socket. Panics (with
+    /// the log) if it exits or never creates the socket.
+    pub fn spawn(
+        mut cmd: Command,
+        backend: Backend,
+        socket: PathBuf,
+        log_path: PathBuf,
+        log: File,
+    ) -> Daemon {
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log fd"))
             .stderr(log);
@@ -336,6 +349,40 @@ impl Drop for Daemon {
 // ---------------------------------------------------------------------------------------------
 // Image helpers
 // ---------------------------------------------------------------------------------------------
+
+/// A loop device over a file, detached on drop.
+pub struct LoopDev {
+    pub dev: PathBuf,
+}
+
+impl LoopDev {
+    /// Err(why) when this cannot be done here (not root, no losetup, no loop devices).
+    pub fn attach(file: &Path) -> Result<LoopDev, String> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("loop devices need root".into());
+        }
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .map_err(|e| format!("cannot run losetup: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "losetup -f --show failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        Ok(LoopDev { dev: dev.into() })
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
 
 fn splitmix64(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -1690,7 +1737,7 @@ impl Daemon {
             .open(&log_path)
             .expect("open daemon log file");
         let _ = writeln!(log, "===== start {format} {} =====", image.display());
-        let mut cmd = match backend {
+        let cmd = match backend {
             Backend::Ours => {
                 let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"));
                 cmd.arg("--socket-path")
@@ -1744,20 +1791,7 @@ impl Daemon {
                 cmd
             }
         };
-        cmd.stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup log fd"))
-            .stderr(log);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("failed to spawn {backend:?} backend ({cmd:?}): {e}"));
-        let mut d = Daemon {
-            child: Some(child),
-            socket,
-            log_path,
-            backend,
-        };
-        d.wait_for_socket();
-        d
+        Daemon::spawn(cmd, backend, socket, log_path, log)
     }
 
     /// Non-blocking: has the process exited? (Reaps it if so.)
