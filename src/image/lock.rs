@@ -13,8 +13,8 @@
 //! | 2 | `0x04` | write unchanged |
 //! | 3 | `0x08` | resize |
 //!
-//! (`0x10`, "graph mod", was removed in QEMU 6.2; older QEMUs may still lock bytes 104/204,
-//! which nothing checks any more.)
+//! (QEMU 6.1 and older also lock bytes 104/204 for a fifth bit, "graph mod", since removed;
+//! nothing checks them any more.)
 //!
 //! The file driver (file-posix.c, `raw_apply_lock_bytes`, `raw_check_lock_bytes`) mirrors them
 //! onto the image file as one-byte *shared* (`F_RDLCK`) open-file-description locks
@@ -62,11 +62,13 @@
 //! of a `block_resize`, and so does nothing here: byte 101 already keeps every other writer
 //! out). Consequences, the same as with a QEMU guest:
 //!
-//! - Serving writable, byte 101 makes every opener that does not share write fail: `qemu-img
-//!   info/check/snapshot/commit/resize` without `-U` ("Failed to get shared \"write\" lock"),
-//!   and byte 201 makes every opener that wants to write fail: QEMU, qemu-storage-daemon, a
-//!   second daemon ("Failed to get \"write\" lock"). `qemu-img info -U` shares everything and
-//!   tests nothing, so it works.
+//! - Serving writable, byte 201 makes every opener that wants to write fail: QEMU,
+//!   qemu-storage-daemon, a second daemon, `qemu-img snapshot/commit/resize` ("Failed to get
+//!   \"write\" lock"); byte 101 makes every opener that does not share write fail: a reader
+//!   such as `qemu-img info/check` of a qcow2 image ("Failed to get shared \"write\" lock").
+//!   `qemu-img info -U` shares everything and tests nothing, so it works. (`qemu-img info` and
+//!   `check` open a *raw* image with no permissions at all, so they test no byte and work on
+//!   a raw image a QEMU guest is writing too; nothing we could lock would stop them.)
 //! - Serving read-only, only byte 201 (and 203 for qcow2) refuses others: other readers
 //!   (qemu-img info, a read-only QEMU or daemon) are allowed, writers are refused.
 //! - Backing files refuse writers (`qemu-img commit` into them, a writable open) while anyone
