@@ -195,6 +195,16 @@ impl Role {
         }
     }
 
+    /// A raw image, writable or not.
+    pub fn raw(writable: bool) -> Role {
+        Role::RawImage { writable }
+    }
+
+    /// A qcow2 image's data file, writable with its image or not.
+    pub fn data_file(writable: bool) -> Role {
+        Role::DataFile { writable }
+    }
+
     /// What the file is called in messages.
     fn noun(self) -> &'static str {
         match self {

@@ -84,13 +84,7 @@ impl RawImage {
                 reason: "not a regular file or block device".into(),
             });
         }
-        lock::claim(
-            &file,
-            path,
-            Role::RawImage {
-                writable: !opts.read_only,
-            },
-        )?;
+        lock::claim(&file, path, Role::raw(!opts.read_only))?;
         let size = file_size(&file).map_err(open_err)?;
         let (mem_align, offset_align) = if opts.direct {
             direct_alignment(&file, block_device)

@@ -2258,13 +2258,7 @@ fn open_data_file(image: &Path, image_file: &File, name: &str, read_only: bool) 
     if (img.dev(), img.ino()) == (meta.dev(), meta.ino()) {
         return Err(bad("it is the image file itself"));
     }
-    lock::claim(
-        &file,
-        &path,
-        Role::DataFile {
-            writable: !read_only,
-        },
-    )?;
+    lock::claim(&file, &path, Role::data_file(!read_only))?;
     Ok(file)
 }
 
