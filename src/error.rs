@@ -31,6 +31,25 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// Another process holds locks on the file that conflict with ours (QEMU-compatible
+    /// image locks, `image::lock`).
+    #[error("{what} {path} is in use by another process: {reason}")]
+    ImageInUse {
+        /// "image", "backing file" or "data file".
+        what: &'static str,
+        /// Path of the file.
+        path: PathBuf,
+        /// Which lock could not be had, in QEMU's words.
+        reason: String,
+    },
+    /// The file could not be locked for a reason other than another user.
+    #[error("cannot lock {path}: {reason}")]
+    Lock {
+        /// Path of the file.
+        path: PathBuf,
+        /// What failed.
+        reason: String,
+    },
     /// An image format this build does not serve.
     #[error("image {path}: format {format} is not supported")]
     UnsupportedFormat {

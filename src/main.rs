@@ -18,7 +18,7 @@ use vhost_user_blk::image::fault::{FaultImage, FaultSpec};
 use vhost_user_blk::image::null::NullImage;
 use vhost_user_blk::image::qcow2::JournalMode;
 use vhost_user_blk::image::{
-    create_image, open_image_cached, BlockImage, ImageFormat, ImageOptions,
+    create_image, open_image_locked, BlockImage, ImageFormat, ImageLocks, ImageOptions, Locking,
 };
 use vhost_user_blk::server::{
     bind_socket_with, handle_signals, listener_from_fd, lookup_group, lookup_user,
@@ -89,6 +89,12 @@ struct Cli {
     /// refuses (never guesses qcow2).
     #[arg(long, value_name = "FORMAT", default_value = "auto", value_parser = ImageFormat::from_str)]
     format: ImageFormat,
+
+    /// Lock the image (and its backing and data files) as QEMU does, so QEMU, qemu-img and
+    /// other daemons cannot write it while it is served: on, off (file systems without OFD
+    /// locks; warns), or auto (on when the kernel has OFD locks).
+    #[arg(long, value_name = "MODE", default_value = "auto", value_parser = parse_locking)]
+    locking: Locking,
 
     /// Create the image with this size (e.g. 1G, 512M, 10737418240) if it does not exist.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -277,6 +283,10 @@ enum ArgError {
     Mode(String),
 }
 
+fn parse_locking(s: &str) -> std::result::Result<Locking, String> {
+    s.parse()
+}
+
 /// Parses a size with an optional K/M/G/T suffix (powers of 1024, optional "iB"/"B").
 fn parse_size(s: &str) -> std::result::Result<u64, ArgError> {
     let t = s.trim();
@@ -324,10 +334,12 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
-/// Opens (and with --create, first creates) the image the options name.
-fn open(cli: &Cli) -> Result<(PathBuf, Arc<dyn BlockImage>)> {
+/// Opens (and with --create, first creates) the image the options name, locked (see
+/// `image::lock`); the locks are held as long as the image is open.
+fn open(cli: &Cli) -> Result<(PathBuf, Arc<dyn BlockImage>, ImageLocks)> {
     if let Some(size) = cli.null_size {
-        return Ok((PathBuf::from("null"), Arc::new(NullImage::new(size))));
+        let image = Arc::new(NullImage::new(size));
+        return Ok((PathBuf::from("null"), image, ImageLocks::default()));
     }
     let path = cli
         .blk_file
@@ -346,7 +358,7 @@ fn open(cli: &Cli) -> Result<(PathBuf, Arc<dyn BlockImage>)> {
             info!("created {} ({size} bytes)", path.display());
         }
     }
-    let image = open_image_cached(
+    let (image, locks) = open_image_locked(
         &ImageOptions {
             path: path.clone(),
             format: cli.format,
@@ -360,6 +372,7 @@ fn open(cli: &Cli) -> Result<(PathBuf, Arc<dyn BlockImage>)> {
             },
         },
         cli.metadata_cache,
+        cli.locking,
     )?;
     let image: Arc<dyn BlockImage> = match cli.inject_faults {
         Some(spec) => {
@@ -368,7 +381,7 @@ fn open(cli: &Cli) -> Result<(PathBuf, Arc<dyn BlockImage>)> {
         }
         None => image,
     };
-    Ok((path, image))
+    Ok((path, image, locks))
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -405,7 +418,9 @@ fn run(cli: Cli) -> Result<()> {
         ));
     }
     DeviceParams::check_geometry(cli.logical_block_size, cli.num_queues, cli.queue_size)?;
-    let (path, image) = open(&cli)?;
+    // The locks live as long as the image's descriptors anyway; keeping them here is what a
+    // later change of the lock (migration handover) will use.
+    let (path, image, _locks) = open(&cli)?;
     let params = DeviceParams::new(&DeviceOptions {
         size: image.virtual_size(),
         logical_block_size: cli.logical_block_size,

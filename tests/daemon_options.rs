@@ -845,40 +845,6 @@ fn sigterm_with_a_connected_client_leaves_a_clean_qcow2() {
 // Raw block device (loop device)
 // ---------------------------------------------------------------------------------------------
 
-/// A loop device over a file, detached on drop.
-struct LoopDev {
-    dev: PathBuf,
-}
-
-impl LoopDev {
-    /// Err(why) when this cannot be done here (not root, no losetup, no loop devices).
-    fn attach(file: &Path) -> Result<LoopDev, String> {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err("loop devices need root".into());
-        }
-        let out = Command::new("losetup")
-            .args(["-f", "--show"])
-            .arg(file)
-            .output()
-            .map_err(|e| format!("cannot run losetup: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "losetup -f --show failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        Ok(LoopDev { dev: dev.into() })
-    }
-}
-
-impl Drop for LoopDev {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
-}
-
 #[test]
 fn loop_block_device_serves_io_discard_and_write_zeroes() {
     const SEED: u64 = 0xB1;

@@ -107,7 +107,7 @@ _vhost__user__blk() {
 
     case "${cmd}" in
         vhost__user__blk)
-            opts="-v -h -V --control-socket --socket-path --fd --print-capabilities --blk-file --null-size --read-only --format --create --num-queues --queue-size --serial --logical-block-size --metadata-cache --poll-us --inject-faults --direct --journal-dir --no-journal --writethrough --socket-owner --socket-group --socket-mode --verbose --help --version ctl manpage completions help"
+            opts="-v -h -V --control-socket --socket-path --fd --print-capabilities --blk-file --null-size --read-only --format --locking --create --num-queues --queue-size --serial --logical-block-size --metadata-cache --poll-us --inject-faults --direct --journal-dir --no-journal --writethrough --socket-owner --socket-group --socket-mode --verbose --help --version ctl manpage completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -134,6 +134,10 @@ _vhost__user__blk() {
                     return 0
                     ;;
                 --format)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --locking)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_vhost_user_blk_global_optspecs
-    string join \n control-socket= socket-path= fd= print-capabilities blk-file= null-size= read-only format= create= num-queues= queue-size= serial= logical-block-size= metadata-cache= poll-us= inject-faults= direct journal-dir= no-journal writethrough socket-owner= socket-group= socket-mode= v/verbose h/help V/version
+    string join \n control-socket= socket-path= fd= print-capabilities blk-file= null-size= read-only format= locking= create= num-queues= queue-size= serial= logical-block-size= metadata-cache= poll-us= inject-faults= direct journal-dir= no-journal writethrough socket-owner= socket-group= socket-mode= v/verbose h/help V/version
 end
 
 function __fish_vhost_user_blk_needs_command
@@ -30,6 +30,7 @@ complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l fd -d 'Us
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l blk-file -d 'The disk image (regular file or block device) to serve' -r -F
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l null-size -d 'Serve a null device of this size instead of an image (reads return without touching guest memory, writes are dropped): the transport ceiling for benchmarks' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l format -d 'Image format. `auto` serves raw unless the file starts with the qcow2 magic, which it refuses (never guesses qcow2)' -r
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l locking -d 'Lock the image (and its backing and data files) as QEMU does, so QEMU, qemu-img and other daemons cannot write it while it is served: on, off (file systems without OFD locks; warns), or auto (on when the kernel has OFD locks)' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l create -d 'Create the image with this size (e.g. 1G, 512M, 10737418240) if it does not exist' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l num-queues -d 'Number of virtqueues offered (1..=64), each served by its own thread' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l queue-size -d 'Maximum virtqueue size (a power of two, 4..=32768); seg_max is this minus 2' -r

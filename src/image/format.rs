@@ -18,6 +18,9 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use log::warn;
+
+use super::lock::{self, ImageLocks, Locking};
 use super::qcow2::{JournalMode, Qcow2Image};
 use super::raw::RawImage;
 use super::BlockImage;
@@ -119,13 +122,33 @@ fn has_qcow2_magic(path: &Path) -> Result<bool> {
     Ok(magic == QCOW2_MAGIC)
 }
 
-/// Opens the image described by `opts`.
+/// Opens the image described by `opts` for serving, locked as QEMU locks its images (see
+/// [`super::lock`]): the image, its backing files and its data file are locked right after
+/// each is opened, before anything is written, and stay locked as long as they are open.
+/// Returns the locks too, to give write access up and take it back later (migration).
+pub fn open_image_locked(
+    opts: &ImageOptions,
+    metadata_cache: Option<u64>,
+    locking: Locking,
+) -> Result<(Arc<dyn BlockImage>, ImageLocks)> {
+    if locking == Locking::Off {
+        warn!(
+            "image locking is off (--locking off): nothing stops another process from writing \
+             {} while it is served",
+            opts.path.display()
+        );
+    }
+    lock::with_locks(locking, true, || open_image_cached(opts, metadata_cache))
+}
+
+/// Opens the image described by `opts`, without locks (tests and tools that manage their
+/// files themselves; the daemon uses [`open_image_locked`]).
 pub fn open_image(opts: &ImageOptions) -> Result<Arc<dyn BlockImage>> {
     open_image_cached(opts, None)
 }
 
-/// Opens the image described by `opts`; for qcow2, `metadata_cache` bytes of L2 tables are kept
-/// in memory (default [`super::qcow2::DEFAULT_CACHE_BYTES`]).
+/// Opens the image described by `opts`, without locks; for qcow2, `metadata_cache` bytes of L2
+/// tables are kept in memory (default [`super::qcow2::DEFAULT_CACHE_BYTES`]).
 pub fn open_image_cached(
     opts: &ImageOptions,
     metadata_cache: Option<u64>,

@@ -7,6 +7,7 @@
 
 pub mod fault;
 pub mod format;
+pub mod lock;
 pub mod null;
 pub mod qcow2;
 pub mod raw;
@@ -15,7 +16,10 @@ use std::io;
 
 use vm_memory::VolatileSlice;
 
-pub use format::{create_image, open_image, open_image_cached, ImageFormat, ImageOptions};
+pub use format::{
+    create_image, open_image, open_image_cached, open_image_locked, ImageFormat, ImageOptions,
+};
+pub use lock::{ImageLocks, Locking};
 
 /// One contiguous piece of guest memory taking part in a data transfer.
 ///

@@ -21,6 +21,7 @@ use io_uring::{opcode, types, IoUring};
 use log::{debug, warn};
 
 use super::format::{ImageOptions, QCOW2_MAGIC};
+use super::lock::{self, Role};
 use super::{slices_len, BatchOp, BlockImage, GuestSlice, ImageQueue, ImageStats};
 use crate::error::{Error, Result};
 
@@ -83,6 +84,7 @@ impl RawImage {
                 reason: "not a regular file or block device".into(),
             });
         }
+        lock::claim(&file, path, Role::raw(!opts.read_only))?;
         let size = file_size(&file).map_err(open_err)?;
         let (mem_align, offset_align) = if opts.direct {
             direct_alignment(&file, block_device)

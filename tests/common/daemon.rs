@@ -237,7 +237,21 @@ impl Daemon {
                 log
             }
         };
-        let mut cmd = backend_command(backend, &socket, image, format, cfg, start);
+        let cmd = backend_command(backend, &socket, image, format, cfg, start);
+        Daemon::spawn_command(cmd, backend, socket, log_path, log)
+    }
+
+    /// Spawns `cmd` (a `backend` process that will listen on `socket`) with its stdout and
+    /// stderr to `log` (open on `log_path`), and waits (≤ 10 s) for the socket. Panics (with
+    /// the log) if it exits or never creates the socket. For tests that need a command line
+    /// of their own (e.g. qemu-storage-daemon with particular nodes).
+    pub fn spawn_command(
+        mut cmd: Command,
+        backend: Backend,
+        socket: PathBuf,
+        log_path: PathBuf,
+        log: File,
+    ) -> Daemon {
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log fd"))
             .stderr(log);

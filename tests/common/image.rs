@@ -130,3 +130,41 @@ pub fn fs_supports_punch_hole(dir: &Path) -> bool {
     let _ = fs::remove_file(&p);
     rc == 0 && after < before
 }
+
+/// A loop device over a file, detached on drop.
+pub struct LoopDev {
+    /// The device node (`/dev/loopN`).
+    pub dev: PathBuf,
+}
+
+impl LoopDev {
+    /// Err(why) when this cannot be done here (not root, no losetup, no loop devices).
+    pub fn attach(file: &Path) -> Result<LoopDev, String> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("loop devices need root".into());
+        }
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .map_err(|e| format!("cannot run losetup: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "losetup -f --show failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        Ok(LoopDev { dev: dev.into() })
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.dev)
+            .status();
+    }
+}

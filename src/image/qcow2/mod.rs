@@ -121,6 +121,7 @@ use self::l2::{
     L2Table, Mapping, ALL_ALLOC, ALL_ZERO, COMPRESSED, COPIED, OFFSET_MASK, RESERVED, ZERO,
 };
 use super::format::ImageOptions;
+use super::lock::{self, Role};
 use super::{BlockImage, GuestSlice, ImageQueue, ImageStats};
 use crate::error::{Error, Result};
 
@@ -376,6 +377,7 @@ impl Qcow2Shared {
         if !meta.is_file() {
             return Err(inval("qcow2 images must be regular files".into()));
         }
+        lock::claim(&file, path, Role::qcow2(depth == 0, !read_only))?;
         let file_len = meta.len();
         let mut head = vec![0u8; file_len.min(2 << 20) as usize];
         io::read_bytes(&file, 0, &mut head).map_err(open_err)?;
@@ -2462,6 +2464,7 @@ fn open_data_file(image: &Path, image_file: &File, name: &str, read_only: bool) 
     if (img.dev(), img.ino()) == (meta.dev(), meta.ino()) {
         return Err(bad("it is the image file itself"));
     }
+    lock::claim(&file, &path, Role::data_file(!read_only))?;
     Ok(file)
 }
 
@@ -2498,6 +2501,7 @@ fn open_backing(overlay: &Path, name: &str, format: Option<&str>, depth: u32) ->
                 path: path.clone(),
                 source,
             })?;
+            lock::claim(&file, &path, Role::Backing)?;
             let size = file
                 .metadata()
                 .map_err(|source| Error::OpenImage {
