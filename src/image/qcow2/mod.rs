@@ -99,6 +99,7 @@ mod l2;
 mod rebuild;
 mod refcount;
 mod replay;
+mod resize;
 #[cfg(test)]
 mod testing;
 
@@ -315,6 +316,9 @@ pub struct Qcow2Shared {
     /// published before it started).
     published: AtomicU64,
     written_back: AtomicU64,
+    /// Held for the whole of an online resize (resize.rs), which takes the flush lock only
+    /// for its steps.
+    resizing: Mutex<()>,
 }
 
 /// Where a writable image keeps its mapping journal (see journal.rs).
@@ -506,6 +510,7 @@ impl Qcow2Shared {
             journal: None,
             published: AtomicU64::new(0),
             written_back: AtomicU64::new(0),
+            resizing: Mutex::new(()),
             hdr,
         };
         if !read_only {
@@ -2221,134 +2226,6 @@ impl Qcow2Shared {
             )?;
             self.file.sync_data()?;
             self.dirty_on_disk.store(false, Ordering::Release);
-        }
-        Ok(())
-    }
-}
-
-impl Qcow2Shared {
-    /// Grows the virtual disk to `new_size` bytes (online resize).
-    ///
-    /// The L1 table grows in place when its clusters have room, otherwise it moves to newly
-    /// allocated clusters; either way the new entries are zero on disk before one header
-    /// write switches size, `l1_size` and `l1_table_offset` together, so a crash leaves the
-    /// old or the new disk, never a size the L1 table does not cover. The guest cannot reach
-    /// the new area before this returns (the caller publishes the new capacity afterwards).
-    /// If a backing file reaches past the old size, the grown area is zeroed first, as QEMU
-    /// does, so the guest never sees stale backing data appear in its new space.
-    fn resize(&self, new_size: u64) -> stdio::Result<()> {
-        let invalid = |m: String| stdio::Error::new(stdio::ErrorKind::InvalidInput, m);
-        self.check_writable()?;
-        let old_size = self.size.load(Ordering::Acquire);
-        if new_size < old_size {
-            return Err(invalid(format!(
-                "shrinking a qcow2 image is not supported ({new_size} < {old_size})"
-            )));
-        }
-        if new_size == old_size {
-            return Ok(());
-        }
-        if self.data_raw {
-            return Err(invalid(
-                "resizing a qcow2 image with a raw external data file (data_file_raw) is not \
-                 supported"
-                    .into(),
-            ));
-        }
-        if self.hdr.bitmaps.is_some() {
-            // Bitmap tables are sized for the disk: QEMU rejects bitmaps whose table does not
-            // match the image size, so growing would silently invalidate them.
-            return Err(invalid(
-                "resizing a qcow2 image with persistent dirty bitmaps is not supported".into(),
-            ));
-        }
-        let cs = self.cluster_size();
-        let need = new_size.div_ceil(cs * self.l2_entries());
-        if need * 8 > header::MAX_L1_BYTES {
-            return Err(invalid(format!(
-                "{new_size} bytes is too large for {cs}-byte clusters (L1 table limit)"
-            )));
-        }
-        let need = need as usize;
-        if need > self.l1.len() {
-            return Err(invalid(format!(
-                "growing past {} bytes needs a daemon restart (L1 capacity reserved at open)",
-                self.l1.len() as u64 * cs * self.l2_entries()
-            )));
-        }
-        let mut st = lock(&self.state);
-        self.ensure_dirty_locked(&mut st)?;
-        let old_len = self.l1_len.load(Ordering::Acquire);
-        let size_bytes = new_size.to_be_bytes();
-        if need > old_len {
-            let need_clusters = (need as u64 * 8).div_ceil(cs);
-            if need_clusters > st.l1_clusters {
-                // Move the table: write all of it to new clusters, then switch the header.
-                let clusters = self.clusters()?;
-                let start = clusters.alloc_contiguous(need_clusters)?;
-                let new_off = start.0 << self.cluster_bits;
-                let mut b = vec![0u8; (need_clusters * cs) as usize];
-                for (k, e) in self.l1.iter().take(old_len).enumerate() {
-                    b[k * 8..k * 8 + 8].copy_from_slice(&e.load(Ordering::Acquire).to_be_bytes());
-                }
-                let release = |first: u64, n: u64| {
-                    for c in (first..first + n).map(HostCluster) {
-                        // Nothing reads an L1 table from disk once open (it lives in memory),
-                        // and the header does not point at this one.
-                        if let Err(e) = clusters.release_meta(c) {
-                            error!("{}: {e}", self.path.display());
-                        }
-                    }
-                };
-                if let Err(e) =
-                    io::write_bytes(&self.file, new_off, &b).and_then(|()| self.file.sync_data())
-                {
-                    release(start.0, need_clusters);
-                    return Err(e);
-                }
-                let mut h = [0u8; 24];
-                h[..8].copy_from_slice(&size_bytes);
-                h[12..16].copy_from_slice(&(need as u32).to_be_bytes());
-                h[16..].copy_from_slice(&new_off.to_be_bytes());
-                let r =
-                    io::write_bytes(&self.file, OFF_SIZE, &h).and_then(|()| self.file.sync_data());
-                if let Err(e) = r {
-                    // The header may or may not point at the new table now: refuse further
-                    // writes (both tables stay referenced, a leak at worst) rather than
-                    // maintain the wrong one.
-                    error!(
-                        "{}: switching to the grown L1 table failed: {e}; refusing writes",
-                        self.path.display()
-                    );
-                    self.corrupt.store(true, Ordering::Release);
-                    return Err(e);
-                }
-                release(st.l1_offset >> self.cluster_bits, st.l1_clusters);
-                st.l1_offset = new_off;
-                st.l1_clusters = need_clusters;
-                self.meta_dirty.store(true, Ordering::Release);
-            } else {
-                // Room in the current clusters: zero the new entries, then switch the header.
-                let zeros = vec![0u8; (need - old_len) * 8];
-                io::write_bytes(&self.file, st.l1_offset + old_len as u64 * 8, &zeros)?;
-                self.file.sync_data()?;
-                let mut h = [0u8; 16];
-                h[..8].copy_from_slice(&size_bytes);
-                h[12..].copy_from_slice(&(need as u32).to_be_bytes());
-                io::write_bytes(&self.file, OFF_SIZE, &h)?;
-                self.file.sync_data()?;
-            }
-            self.l1_len.store(need, Ordering::Release);
-        } else {
-            io::write_bytes(&self.file, OFF_SIZE, &size_bytes)?;
-            self.file.sync_data()?;
-        }
-        self.size.store(new_size, Ordering::Release);
-        drop(st);
-        let backing_end = self.backing.as_ref().map_or(0, |b| b.size()).min(new_size);
-        if backing_end > old_size {
-            let mut scratch = Scratch::default();
-            self.write_zeroes_range(&self.file, &mut scratch, old_size, backing_end - old_size)?;
         }
         Ok(())
     }
