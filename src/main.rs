@@ -370,6 +370,7 @@ fn open(cli: &Cli) -> Result<(PathBuf, Arc<dyn BlockImage>, ImageLocks)> {
                 (Some(d), false) => JournalMode::Dir(d.clone()),
                 (None, false) => JournalMode::Default,
             },
+            recorder: None,
         },
         cli.metadata_cache,
         cli.locking,

@@ -23,6 +23,7 @@ use log::warn;
 use super::lock::{self, ImageLocks, Locking};
 use super::qcow2::{JournalMode, Qcow2Image};
 use super::raw::RawImage;
+use super::storage::Recorder;
 use super::BlockImage;
 use crate::error::{Error, Result};
 
@@ -55,7 +56,7 @@ impl std::str::FromStr for ImageFormat {
     }
 }
 
-/// How to open an image.
+/// How to open an image. `ImageOptions::new(path, format)` gives the defaults for the rest.
 #[derive(Clone, Debug)]
 pub struct ImageOptions {
     /// Path of the image file or block device.
@@ -71,6 +72,24 @@ pub struct ImageOptions {
     pub logical_block_size: u32,
     /// qcow2: where completed mapping changes are journaled until a flush writes them back.
     pub journal: JournalMode,
+    /// Testing: record every write and sync of the image's files (the power-loss harness).
+    pub recorder: Option<Arc<Recorder>>,
+}
+
+impl ImageOptions {
+    /// Options for `path` in `format`: writable, buffered, 512-byte blocks, the default
+    /// mapping journal, not recorded.
+    pub fn new(path: impl Into<PathBuf>, format: ImageFormat) -> ImageOptions {
+        ImageOptions {
+            path: path.into(),
+            format,
+            read_only: false,
+            direct: false,
+            logical_block_size: 512,
+            journal: JournalMode::Default,
+            recorder: None,
+        }
+    }
 }
 
 /// Creates a new image of `size` bytes at `path`: a sparse file for raw, an empty version 3
@@ -188,6 +207,7 @@ mod tests {
             direct: false,
             logical_block_size: 512,
             journal: JournalMode::Default,
+            recorder: None,
         }
     }
 

@@ -11,6 +11,7 @@ pub mod lock;
 pub mod null;
 pub mod qcow2;
 pub mod raw;
+pub mod storage;
 
 use std::io;
 

@@ -10,10 +10,9 @@
 //! - With O_DIRECT, guest buffers that are not aligned to the file's memory alignment go through
 //!   a per-queue aligned bounce buffer.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -22,17 +21,12 @@ use log::{debug, warn};
 
 use super::format::{ImageOptions, QCOW2_MAGIC};
 use super::lock::{self, Role};
+use super::storage::{advance, transfer_all, AlignedBuf, Dir, HostFile, IoVecs, IOV_MAX};
 use super::{slices_len, BatchOp, BlockImage, GuestSlice, ImageQueue, ImageStats};
 use crate::error::{Error, Result};
 
-/// `BLKDISCARD`: `_IO(0x12, 119)`.
-const BLKDISCARD: libc::c_ulong = 0x1277;
-/// `BLKZEROOUT`: `_IO(0x12, 127)`.
-const BLKZEROOUT: libc::c_ulong = 0x127f;
 /// `BLKSSZGET`: `_IO(0x12, 104)`.
 const BLKSSZGET: libc::c_ulong = 0x1268;
-/// Largest number of iovecs one `preadv`/`pwritev` call accepts.
-const IOV_MAX: usize = 1024;
 /// Submission queue size of each queue's io_uring.
 const RING_ENTRIES: u32 = 128;
 /// Chunk size of the zero-writing fallback of write-zeroes.
@@ -41,7 +35,7 @@ const ZERO_CHUNK: usize = 1 << 20;
 /// A raw image shared by all queues.
 pub struct RawImage {
     path: PathBuf,
-    file: File,
+    file: HostFile,
     size: AtomicU64,
     read_only: bool,
     direct: bool,
@@ -85,9 +79,10 @@ impl RawImage {
             });
         }
         lock::claim(&file, path, Role::raw(!opts.read_only))?;
-        let size = file_size(&file).map_err(open_err)?;
+        let file = HostFile::new(file, opts.recorder.as_ref(), "image");
+        let size = file.size().map_err(open_err)?;
         let (mem_align, offset_align) = if opts.direct {
-            direct_alignment(&file, block_device)
+            direct_alignment(file.as_file(), block_device)
         } else {
             (1, 1)
         };
@@ -125,19 +120,9 @@ impl RawImage {
     }
 }
 
-/// Size of a regular file or block device in bytes.
-fn file_size(file: &File) -> io::Result<u64> {
-    // SAFETY: lseek on a valid, owned fd; it only moves the file offset, which we never use
-    // (all I/O is positional).
-    let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
-    if end < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(end as u64)
-}
-
 /// (memory alignment, offset alignment) that O_DIRECT I/O on this file needs.
-fn direct_alignment(file: &File, block_device: bool) -> (usize, usize) {
+fn direct_alignment(file: &std::fs::File, block_device: bool) -> (usize, usize) {
+    use std::os::unix::io::AsRawFd;
     if block_device {
         let mut ssz: libc::c_int = 0;
         // SAFETY: BLKSSZGET writes one c_int through the pointer, which points to a live local.
@@ -194,7 +179,7 @@ impl BlockImage for RawImage {
         if self.block_device {
             // A block device cannot be grown from here, but the operator may have grown it
             // (e.g. lvextend): accept sizes up to what the device now has.
-            let actual = file_size(&self.file)?;
+            let actual = self.file.size()?;
             if new_size > actual {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
@@ -257,82 +242,9 @@ impl BlockImage for RawImage {
     }
 }
 
-/// A reusable list of `iovec`s, emptied after every system call.
-#[derive(Default)]
-struct IoVecs(Vec<libc::iovec>);
-
-// SAFETY: the raw pointers inside are only set and used within one call of a `RawQueue` method,
-// on the calling thread, and cleared before it returns; between calls the vector is empty.
-unsafe impl Send for IoVecs {}
-
-/// A heap buffer aligned for O_DIRECT, grown on demand and reused.
-struct AlignedBuf {
-    ptr: *mut u8,
-    len: usize,
-    align: usize,
-}
-
-impl Default for AlignedBuf {
-    fn default() -> Self {
-        AlignedBuf {
-            ptr: std::ptr::null_mut(),
-            len: 0,
-            align: 1,
-        }
-    }
-}
-
-// SAFETY: the buffer is exclusively owned heap memory; nothing else holds its pointer.
-unsafe impl Send for AlignedBuf {}
-
-impl AlignedBuf {
-    /// Makes the buffer at least `len` bytes, aligned to `align`, and returns it.
-    fn get(&mut self, len: usize, align: usize) -> io::Result<&mut [u8]> {
-        let align = align.max(4096);
-        if self.len < len || self.align < align {
-            self.free();
-            let size = len.next_multiple_of(align);
-            let layout = std::alloc::Layout::from_size_align(size, align)
-                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-            // SAFETY: layout has non-zero size (len > 0 is checked by callers, and size is
-            // rounded up to a non-zero alignment).
-            let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-            if ptr.is_null() {
-                return Err(io::Error::from(io::ErrorKind::OutOfMemory));
-            }
-            self.ptr = ptr;
-            self.len = size;
-            self.align = align;
-        }
-        // SAFETY: ptr points to `self.len >= len` initialised (zeroed at allocation, then only
-        // written through slices) bytes we own exclusively; the borrow of self ties the lifetime.
-        Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr, len) })
-    }
-
-    fn free(&mut self) {
-        if !self.ptr.is_null() {
-            // SAFETY: ptr was allocated by `get` with exactly this size and alignment.
-            unsafe {
-                std::alloc::dealloc(
-                    self.ptr,
-                    std::alloc::Layout::from_size_align_unchecked(self.len, self.align),
-                )
-            };
-            self.ptr = std::ptr::null_mut();
-            self.len = 0;
-        }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        self.free();
-    }
-}
-
 /// One queue's handle on a raw image.
 struct RawQueue {
-    file: File,
+    file: HostFile,
     direct: bool,
     block_device: bool,
     mem_align: usize,
@@ -343,83 +255,7 @@ struct RawQueue {
     ring: Option<IoUring>,
 }
 
-/// Direction of a positional transfer.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Dir {
-    Read,
-    Write { durable: bool },
-}
-
-/// Advances `iovs` past `n` bytes, dropping fully consumed entries. Returns the new start index.
-fn advance(iovs: &mut [libc::iovec], mut start: usize, mut n: usize) -> usize {
-    while n > 0 && start < iovs.len() {
-        let iov = &mut iovs[start];
-        if n >= iov.iov_len {
-            n -= iov.iov_len;
-            start += 1;
-        } else {
-            // SAFETY: n < iov_len, so the new base stays inside the same buffer.
-            iov.iov_base = unsafe { (iov.iov_base as *mut u8).add(n) } as *mut libc::c_void;
-            iov.iov_len -= n;
-            n = 0;
-        }
-    }
-    start
-}
-
-/// Transfers all of `iovs` at `offset`, looping over short transfers and EINTR. A read that
-/// hits end-of-file fills the rest with zeros.
-pub(crate) fn transfer_all(
-    fd: i32,
-    iovs: &mut [libc::iovec],
-    mut offset: u64,
-    dir: Dir,
-) -> io::Result<()> {
-    let mut start = 0;
-    while start < iovs.len() {
-        let cnt = (iovs.len() - start).min(IOV_MAX) as libc::c_int;
-        let ptr = iovs[start..].as_ptr();
-        let off = offset as libc::off_t;
-        // SAFETY: every iovec points into live guest memory or our bounce buffer of the stated
-        // length (guaranteed by the caller for the duration of this call); cnt <= IOV_MAX.
-        let r = unsafe {
-            match dir {
-                Dir::Read => libc::preadv(fd, ptr, cnt, off),
-                Dir::Write { durable: false } => libc::pwritev(fd, ptr, cnt, off),
-                Dir::Write { durable: true } => libc::pwritev2(fd, ptr, cnt, off, libc::RWF_DSYNC),
-            }
-        };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if r == 0 {
-            if dir == Dir::Read {
-                for iov in &iovs[start..] {
-                    // SAFETY: as above, each iovec is a live writable buffer of iov_len bytes.
-                    unsafe { std::ptr::write_bytes(iov.iov_base as *mut u8, 0, iov.iov_len) };
-                }
-                return Ok(());
-            }
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "write made no progress",
-            ));
-        }
-        offset += r as u64;
-        start = advance(iovs, start, r as usize);
-    }
-    Ok(())
-}
-
 impl RawQueue {
-    fn fd(&self) -> i32 {
-        self.file.as_raw_fd()
-    }
-
     fn aligned(&self, bufs: &[GuestSlice<'_>]) -> bool {
         let a = self.mem_align;
         bufs.iter().all(|b| {
@@ -441,8 +277,7 @@ impl RawQueue {
                 iov_len: b.len(),
             });
         }
-        let fd = self.file.as_raw_fd();
-        let r = transfer_all(fd, iovecs, offset, dir);
+        let r = self.file.transfer(iovecs, offset, dir);
         iovecs.clear();
         r
     }
@@ -453,7 +288,6 @@ impl RawQueue {
         if total == 0 {
             return Ok(());
         }
-        let fd = self.fd();
         let buf = self.bounce.get(total, self.mem_align)?;
         if let Dir::Write { .. } = dir {
             let mut pos = 0;
@@ -466,7 +300,7 @@ impl RawQueue {
             iov_base: buf.as_mut_ptr() as *mut libc::c_void,
             iov_len: total,
         }];
-        transfer_all(fd, &mut iov, offset, dir)?;
+        self.file.transfer(&mut iov, offset, dir)?;
         if dir == Dir::Read {
             let mut pos = 0;
             for b in bufs {
@@ -492,38 +326,9 @@ impl RawQueue {
         self.bounce_io(offset, bufs, dir)
     }
 
-    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-        loop {
-            // SAFETY: fallocate on a valid fd with plain integer arguments.
-            let r = unsafe {
-                libc::fallocate(self.fd(), mode, offset as libc::off_t, len as libc::off_t)
-            };
-            if r == 0 {
-                return Ok(());
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
-    }
-
-    fn blk_ioctl(&self, req: libc::c_ulong, offset: u64, len: u64) -> io::Result<()> {
-        let range: [u64; 2] = [offset, len];
-        // SAFETY: BLKDISCARD/BLKZEROOUT read two u64s from the pointer, which points to a
-        // live local array.
-        let r = unsafe { libc::ioctl(self.fd(), req, range.as_ptr()) };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    }
-
     /// Writes zeros over the range with ordinary writes (the fallback).
     fn write_zero_bytes(&mut self, offset: u64, len: u64) -> io::Result<()> {
         let chunk = (len as usize).min(ZERO_CHUNK);
-        let fd = self.fd();
         let buf = self.bounce.get(chunk, self.mem_align)?;
         buf.fill(0);
         let mut done = 0u64;
@@ -533,7 +338,8 @@ impl RawQueue {
                 iov_base: buf.as_mut_ptr() as *mut libc::c_void,
                 iov_len: n,
             }];
-            transfer_all(fd, &mut iov, offset + done, Dir::Write { durable: false })?;
+            self.file
+                .transfer(&mut iov, offset + done, Dir::Write { durable: false })?;
             done += n as u64;
         }
         Ok(())
@@ -586,11 +392,10 @@ impl RawQueue {
             }
             ranges.push(Some((start, iovs.len() - start, slices_len(&op.bufs))));
         }
-        let fd = self.fd();
         if let Some(ring) = self.ring.as_mut() {
             let broken = ring_run(
                 ring,
-                fd,
+                &self.file,
                 ops,
                 &ranges,
                 &mut iovs,
@@ -615,13 +420,14 @@ impl RawQueue {
 /// (the caller stops using it). Ops whose entries the kernel never took keep their EIO.
 fn ring_run(
     ring: &mut IoUring,
-    fd: i32,
+    file: &HostFile,
     ops: &[BatchOp<'_>],
     ranges: &[Option<(usize, usize, u64)>],
     iovs: &mut [libc::iovec],
     results: &mut [io::Result<()>],
     run_sync: &mut [bool],
 ) -> bool {
+    let fd = file.fd();
     let cap = ring.submission().capacity();
     let mut next = 0;
     let mut inflight = 0usize;
@@ -671,7 +477,7 @@ fn ring_run(
                     for c in ring.completion() {
                         reaped += 1;
                         let i = c.user_data() as usize;
-                        complete(fd, ops, ranges, iovs, results, run_sync, i, c.result());
+                        complete(file, ops, ranges, iovs, results, run_sync, i, c.result());
                     }
                     std::thread::sleep(std::time::Duration::from_millis(1));
                 }
@@ -687,7 +493,7 @@ fn ring_run(
             .collect();
         for (i, res) in done {
             inflight -= 1;
-            complete(fd, ops, ranges, iovs, results, run_sync, i, res);
+            complete(file, ops, ranges, iovs, results, run_sync, i, res);
         }
     }
 }
@@ -695,7 +501,7 @@ fn ring_run(
 /// Records the completion `res` of op `i`.
 #[allow(clippy::too_many_arguments)]
 fn complete(
-    fd: i32,
+    file: &HostFile,
     ops: &[BatchOp<'_>],
     ranges: &[Option<(usize, usize, u64)>],
     iovs: &mut [libc::iovec],
@@ -727,10 +533,19 @@ fn complete(
         // Short transfer: finish the rest synchronously.
         let slice = &mut iovs[start..start + n];
         let first = advance(slice, 0, res as usize);
-        transfer_all(fd, &mut slice[first..], op.offset + res as u64, dir)
+        transfer_all(file.fd(), &mut slice[first..], op.offset + res as u64, dir)
     } else {
         Ok(())
     };
+    if op.write && file.recorded() && results[i].is_ok() && !run_sync[i] {
+        let mut data = vec![0u8; len as usize];
+        let mut pos = 0;
+        for b in &op.bufs {
+            b.copy_to(&mut data[pos..pos + b.len()]);
+            pos += b.len();
+        }
+        file.record_write(op.offset, &data, op.durable);
+    }
 }
 
 impl ImageQueue for RawQueue {
@@ -787,9 +602,9 @@ impl ImageQueue for RawQueue {
             return Ok(());
         }
         let r = if self.block_device {
-            self.blk_ioctl(BLKDISCARD, offset, len)
+            self.file.blk_discard(offset, len)
         } else {
-            self.fallocate(
+            self.file.fallocate(
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 offset,
                 len,
@@ -809,14 +624,14 @@ impl ImageQueue for RawQueue {
             return Ok(());
         }
         let r = if self.block_device {
-            self.blk_ioctl(BLKZEROOUT, offset, len)
+            self.file.blk_zeroout(offset, len)
         } else {
             let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
             let zero = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
             let first = if unmap { punch } else { zero };
-            match self.fallocate(first, offset, len) {
-                Err(e) if unsupported(&e) && !unmap => self.fallocate(punch, offset, len),
-                Err(e) if unsupported(&e) => self.fallocate(zero, offset, len),
+            match self.file.fallocate(first, offset, len) {
+                Err(e) if unsupported(&e) && !unmap => self.file.fallocate(punch, offset, len),
+                Err(e) if unsupported(&e) => self.file.fallocate(zero, offset, len),
                 r => r,
             }
         };
@@ -838,7 +653,7 @@ mod tests {
     fn image(dir: &Path, size: u64, direct: bool, probed: bool) -> RawImage {
         let path = dir.join("disk.img");
         if !path.exists() {
-            let f = File::create(&path).unwrap();
+            let f = std::fs::File::create(&path).unwrap();
             f.set_len(size).unwrap();
         }
         let opts = ImageOptions {
@@ -848,6 +663,7 @@ mod tests {
             direct,
             logical_block_size: 512,
             journal: crate::image::qcow2::JournalMode::Default,
+            recorder: None,
         };
         RawImage::open(&opts, probed).unwrap()
     }

@@ -15,7 +15,7 @@
 //! write that finds the on-disk directory not marked `in_use` (after a close that left the
 //! image usable) marks it again, synced, before it proceeds.
 
-use std::fs::File;
+use crate::image::storage::HostFile;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -125,7 +125,7 @@ impl Bitmaps {
     /// The directory's placement was validated by `rebuild::bitmaps`; entries are checked
     /// again here, so a malformed one is reported, never trusted.
     pub fn open(
-        file: &File,
+        file: &HostFile,
         ext: BitmapsExt,
         cluster_bits: u32,
         size: u64,
@@ -204,7 +204,7 @@ impl Bitmaps {
     }
 
     /// Flags in use, on disk and synced, every bitmap we maintain or that is enabled.
-    fn set_in_use(&self, file: &File) -> io::Result<()> {
+    fn set_in_use(&self, file: &HostFile) -> io::Result<()> {
         let mut dir = lock(&self.dir);
         if self.in_use_on_disk.load(Ordering::SeqCst) {
             return Ok(());
@@ -218,7 +218,7 @@ impl Bitmaps {
         }
         if any {
             qio::write_bytes(file, self.directory_offset, &dir)?;
-            file.sync_data()?;
+            file.sync_point("qcow2.bitmap.in-use")?;
         }
         self.in_use_on_disk.store(true, Ordering::SeqCst);
         Ok(())
@@ -226,7 +226,7 @@ impl Bitmaps {
 
     /// Records a change of guest bytes `[off, off + len)` in every enabled bitmap. Call
     /// before the change is made.
-    pub fn mark(&self, file: &File, off: u64, len: u64) -> io::Result<()> {
+    pub fn mark(&self, file: &HostFile, off: u64, len: u64) -> io::Result<()> {
         if len == 0 {
             return Ok(());
         }
@@ -281,7 +281,7 @@ impl Bitmaps {
 
 /// Reads a bitmap's table and data into memory.
 fn load_bits(
-    file: &File,
+    file: &HostFile,
     bm: &Bitmap,
     table_size: u32,
     cs: u64,
@@ -405,7 +405,7 @@ impl Qcow2Shared {
                 }
                 qio::write_bytes(&self.file, bm.table_offset, &tb)?;
             }
-            self.file.sync_data()?;
+            self.file.sync_point("qcow2.bitmap.store-tables")?;
             // The tables no longer point at the released clusters, durably.
             for &c in &released {
                 clusters.release_meta(c)?;
@@ -417,7 +417,7 @@ impl Qcow2Shared {
                 dir[bm.entry_off + 15] &= !(FLAG_IN_USE as u8);
             }
             qio::write_bytes(&self.file, bms.directory_offset, &dir)?;
-            self.file.sync_data()
+            self.file.sync_point("qcow2.bitmap.store-directory")
         })();
         if r.is_err() {
             // Whether the directory on disk still flags them in use is unknown: leave

@@ -1,68 +1,31 @@
-//! Positional I/O helpers between host files, byte buffers and guest memory slices.
+//! Moving bytes between request buffers (guest memory slices) and the image: the pieces of a
+//! request that fall into one cluster, and the file I/O on them through [`HostFile`].
 
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 
-use crate::image::raw::{transfer_all, Dir};
+use crate::image::storage::HostFile;
 use crate::image::GuestSlice;
 
 /// Reads `buf.len()` bytes at `off`; bytes past the end of the file read as zeros.
-pub fn read_bytes(file: &File, off: u64, buf: &mut [u8]) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], off + done as u64) {
-            Ok(0) => {
-                buf[done..].fill(0);
-                return Ok(());
-            }
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+pub fn read_bytes(file: &HostFile, off: u64, buf: &mut [u8]) -> io::Result<()> {
+    file.read_at(off, buf)
 }
 
 /// Writes all of `buf` at `off`.
-pub fn write_bytes(file: &File, off: u64, buf: &[u8]) -> io::Result<()> {
-    file.write_all_at(buf, off)
-}
-
-/// Reads into a guest slice from `off`; bytes past the end of the file read as zeros.
-pub fn read_slice(file: &File, off: u64, s: &GuestSlice<'_>) -> io::Result<()> {
-    let mut iov = [libc::iovec {
-        iov_base: s.ptr_guard_mut().as_ptr() as *mut libc::c_void,
-        iov_len: s.len(),
-    }];
-    transfer_all(file.as_raw_fd(), &mut iov, off, Dir::Read)
-}
-
-/// Writes a guest slice at `off`.
-pub fn write_slice(file: &File, off: u64, s: &GuestSlice<'_>) -> io::Result<()> {
-    let mut iov = [libc::iovec {
-        iov_base: s.ptr_guard().as_ptr() as *mut libc::c_void,
-        iov_len: s.len(),
-    }];
-    transfer_all(
-        file.as_raw_fd(),
-        &mut iov,
-        off,
-        Dir::Write { durable: false },
-    )
+pub fn write_bytes(file: &HostFile, off: u64, buf: &[u8]) -> io::Result<()> {
+    file.write_at(off, buf)
 }
 
 /// Writes request bytes `[pos, pos + n)` of `bufs` to `file` at offset `at`, straight from
 /// guest memory.
 pub fn write_pieces(
-    file: &File,
+    file: &HostFile,
     at: u64,
     bufs: &[GuestSlice<'_>],
     pos: u64,
     n: u64,
 ) -> io::Result<()> {
-    for_each_piece(bufs, pos, n, |p, pp| write_slice(file, at + pp, &p))
+    for_each_piece(bufs, pos, n, |p, pp| file.write_slice(at + pp, &p))
 }
 
 /// Calls `f(piece, pos)` for each piece of the guest buffers covering bytes

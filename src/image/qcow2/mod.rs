@@ -123,6 +123,7 @@ use self::l2::{
 };
 use super::format::ImageOptions;
 use super::lock::{self, Role};
+use super::storage::{HostFile, Recorder};
 use super::{BlockImage, GuestSlice, ImageQueue, ImageStats};
 use crate::error::{Error, Result};
 
@@ -181,7 +182,7 @@ struct Scratch {
 
 /// The image below a qcow2 image.
 enum Backing {
-    Raw { file: File, size: u64 },
+    Raw { file: HostFile, size: u64 },
     Qcow2(Arc<Qcow2Shared>),
 }
 
@@ -207,7 +208,7 @@ impl Backing {
         if have > 0 {
             match self {
                 Backing::Raw { file, .. } => {
-                    io::for_each_piece(bufs, pos, have, |p, pp| io::read_slice(file, off + pp, &p))?
+                    io::for_each_piece(bufs, pos, have, |p, pp| file.read_slice(off + pp, &p))?
                 }
                 Backing::Qcow2(s) => s.read_range(s.data_io(), scratch, off, have, bufs, pos)?,
             }
@@ -246,7 +247,7 @@ pub struct Qcow2Shared {
     /// The open-time free clusters being checked in the background (holes.rs).
     holes: Arc<holes::HoleCheck>,
     path: PathBuf,
-    file: File,
+    file: HostFile,
     hdr: Header,
     cluster_bits: u32,
     /// Virtual disk size; grows (under `state`) on online resize.
@@ -282,7 +283,7 @@ pub struct Qcow2Shared {
     /// External data file (`data_file` incompatible feature): guest data lives there at
     /// the host offsets the L2 entries give (QEMU maps them 1:1 to guest offsets) and is
     /// not refcounted; the image file holds metadata only.
-    data_file: Option<File>,
+    data_file: Option<HostFile>,
     /// `data_file_raw` (autoclear bit 1): the data file must stay a valid raw image of the
     /// disk at all times (every entry mapped 1:1, zeroes and discards done in the file).
     data_raw: bool,
@@ -363,6 +364,7 @@ impl Qcow2Shared {
         read_only: bool,
         depth: u32,
         journal: &JournalMode,
+        recorder: Option<&Arc<Recorder>>,
     ) -> Result<Qcow2Shared> {
         let inval = |reason: String| Error::InvalidImage {
             path: path.to_owned(),
@@ -382,6 +384,7 @@ impl Qcow2Shared {
             return Err(inval("qcow2 images must be regular files".into()));
         }
         lock::claim(&file, path, Role::qcow2(depth == 0, !read_only))?;
+        let file = HostFile::new(file, recorder, "image");
         let file_len = meta.len();
         let mut head = vec![0u8; file_len.min(2 << 20) as usize];
         io::read_bytes(&file, 0, &mut head).map_err(open_err)?;
@@ -411,7 +414,8 @@ impl Qcow2Shared {
                         .into(),
                 ));
             }
-            Some(open_data_file(path, &file, name, read_only)?)
+            let f = open_data_file(path, file.as_file(), name, read_only)?;
+            Some(HostFile::new(f, recorder, "data"))
         } else {
             None
         };
@@ -514,7 +518,7 @@ impl Qcow2Shared {
             hdr,
         };
         if !read_only {
-            let opened = open_journal(path, &s.file, s.cluster_bits, journal)?;
+            let opened = open_journal(path, s.file.as_file(), s.cluster_bits, journal)?;
             let recovered = opened.as_ref().map_or(&[][..], |o| &o.recovered[..]);
             s.setup_writable(file_len, recovered).map_err(|e| match e {
                 rebuild::OpenError::Invalid(r) => inval(r),
@@ -594,7 +598,11 @@ impl Qcow2Shared {
             if holes.iter().any(|&w| w != 0) {
                 let active = self.l1.iter().map(|e| e.load(Ordering::Relaxed)).collect();
                 let l1s = rebuild::all_l1s(self, file_len, active)?;
-                let file = self.file.try_clone().map_err(rebuild::OpenError::Io)?;
+                let file = self
+                    .file
+                    .as_file()
+                    .try_clone()
+                    .map_err(rebuild::OpenError::Io)?;
                 holes::spawn(
                     file,
                     holes::Geometry {
@@ -939,7 +947,7 @@ impl Qcow2Shared {
     /// Reads guest bytes `[off, off + len)` into request bytes starting at `pos`.
     fn read_range(
         &self,
-        file: &File,
+        file: &HostFile,
         scratch: &mut Scratch,
         off: u64,
         len: u64,
@@ -964,7 +972,7 @@ impl Qcow2Shared {
     #[allow(clippy::too_many_arguments)]
     fn read_in_cluster(
         &self,
-        file: &File,
+        file: &HostFile,
         scratch: &mut Scratch,
         cluster_guest: u64,
         e: u64,
@@ -1006,7 +1014,7 @@ impl Qcow2Shared {
     #[allow(clippy::too_many_arguments)]
     fn read_mapped(
         &self,
-        file: &File,
+        file: &HostFile,
         scratch: &mut Scratch,
         cluster_guest: u64,
         m: Mapping,
@@ -1021,9 +1029,9 @@ impl Qcow2Shared {
                 None => io::zero_pieces(bufs, pos, n),
             },
             Mapping::Zero => io::zero_pieces(bufs, pos, n),
-            Mapping::Data(h) => io::for_each_piece(bufs, pos, n, |p, pp| {
-                io::read_slice(file, h + in_off + pp, &p)
-            }),
+            Mapping::Data(h) => {
+                io::for_each_piece(bufs, pos, n, |p, pp| file.read_slice(h + in_off + pp, &p))
+            }
             Mapping::Compressed { .. } if self.data_file.is_some() => Err(corrupt(
                 "compressed cluster in an image with an external data file",
             )),
@@ -1097,7 +1105,7 @@ impl Qcow2Shared {
                 &st.autoclear.to_be_bytes(),
             )?;
         }
-        self.file.sync_data()?;
+        self.file.sync_point("qcow2.dirty-bit.set")?;
         self.dirty_on_disk.store(true, Ordering::Release);
         Ok(())
     }
@@ -1148,7 +1156,7 @@ impl Qcow2Shared {
                 header::OFF_INCOMPATIBLE,
                 &st.incompatible.to_be_bytes(),
             )
-            .and_then(|()| self.file.sync_data());
+            .and_then(|()| self.file.sync_point("qcow2.corrupt-bit"));
             if let Err(e) = r {
                 error!(
                     "{}: writing the corrupt bit failed: {e}",
@@ -1201,7 +1209,7 @@ impl Qcow2Shared {
     /// Shared and compressed clusters are copied whole.
     fn write_in_cluster(
         &self,
-        file: &File,
+        file: &HostFile,
         scratch: &mut Scratch,
         g: u64,
         n: u64,
@@ -1247,7 +1255,7 @@ impl Qcow2Shared {
     #[allow(clippy::too_many_arguments)]
     fn write_reserved(
         &self,
-        file: &File,
+        file: &HostFile,
         scratch: &mut Scratch,
         t: &L2Table,
         j: usize,
@@ -1397,7 +1405,7 @@ impl Qcow2Shared {
     #[allow(clippy::too_many_arguments)]
     fn write_subclusters(
         &self,
-        file: &File,
+        file: &HostFile,
         scratch: &mut Scratch,
         cluster_guest: u64,
         e: u64,
@@ -1420,7 +1428,7 @@ impl Qcow2Shared {
     #[allow(clippy::too_many_arguments)]
     fn fill_subclusters(
         &self,
-        file: &File,
+        file: &HostFile,
         scratch: &mut Scratch,
         cluster_guest: u64,
         e: u64,
@@ -1488,7 +1496,7 @@ impl Qcow2Shared {
     #[allow(clippy::too_many_arguments)]
     fn cow_cluster(
         &self,
-        file: &File,
+        file: &HostFile,
         scratch: &mut Scratch,
         cluster_guest: u64,
         e: u64,
@@ -1571,41 +1579,30 @@ impl Qcow2Shared {
     }
 
     /// The file guest data lives in: the external data file, or the image file.
-    fn data_io(&self) -> &File {
+    fn data_io(&self) -> &HostFile {
         self.data_file.as_ref().unwrap_or(&self.file)
     }
 
     /// Syncs guest data (the data file, if separate) before metadata that points at it.
     fn sync_guest_data(&self) -> stdio::Result<()> {
         match &self.data_file {
-            Some(f) => f.sync_data(),
-            None => self.file.sync_data(),
+            Some(f) => f.sync_point("qcow2.flush.data"),
+            None => self.file.sync_point("qcow2.flush.data"),
         }
     }
 
     /// Deallocates host bytes `[host, host + len)` of the external data file (best effort:
     /// file systems without hole punching keep the bytes; the entries no longer map them).
     fn punch_data(&self, host: u64, len: u64) {
-        use std::os::unix::io::AsRawFd;
         let Some(f) = &self.data_file else { return };
-        let (Ok(off), Ok(len)) = (libc::off_t::try_from(host), libc::off_t::try_from(len)) else {
-            return;
-        };
-        // SAFETY: fallocate on a file descriptor we own, with plain integer arguments; it
-        // touches no memory of ours.
-        let r = unsafe {
-            libc::fallocate(
-                f.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                len,
-            )
-        };
-        if r != 0 {
+        if let Err(e) = f.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            host,
+            len,
+        ) {
             log::debug!(
-                "{}: punching the data file at {host:#x}: {}",
-                self.path.display(),
-                stdio::Error::last_os_error()
+                "{}: punching the data file at {host:#x}: {e}",
+                self.path.display()
             );
         }
     }
@@ -1683,7 +1680,7 @@ impl Qcow2Shared {
 
     fn write_range(
         &self,
-        file: &File,
+        file: &HostFile,
         scratch: &mut Scratch,
         off: u64,
         bufs: &[GuestSlice<'_>],
@@ -1743,7 +1740,7 @@ impl Qcow2Shared {
 
     fn write_zeroes_range(
         &self,
-        file: &File,
+        file: &HostFile,
         scratch: &mut Scratch,
         off: u64,
         len: u64,
@@ -1787,7 +1784,7 @@ impl Qcow2Shared {
     /// Writes `n` zero bytes at guest offset `g` (within one cluster).
     fn write_zero_bytes(
         &self,
-        file: &File,
+        file: &HostFile,
         scratch: &mut Scratch,
         g: u64,
         n: u64,
@@ -1806,7 +1803,7 @@ impl Qcow2Shared {
     /// compressed.
     fn zero_in_cluster(
         &self,
-        file: &File,
+        file: &HostFile,
         scratch: &mut Scratch,
         g: u64,
         n: u64,
@@ -2000,7 +1997,7 @@ impl Qcow2Shared {
                     io::write_bytes(&self.file, off + start as u64, &buf[k * cs..][start..end])?;
                 }
             }
-            self.file.sync_data()?;
+            self.file.sync_point("qcow2.flush.tables")?;
             // 5. L1 table.
             if self.l1_dirty.swap(false, Ordering::AcqRel) {
                 let mut l1b = Vec::with_capacity(l1_len * 8);
@@ -2011,7 +2008,7 @@ impl Qcow2Shared {
                     self.l1_dirty.store(true, Ordering::Release);
                     return Err(e);
                 }
-                self.file.sync_data()?;
+                self.file.sync_point("qcow2.flush.l1")?;
             }
             Ok(())
         })();
@@ -2167,7 +2164,7 @@ impl Qcow2Shared {
                 st.rt_dirty = false;
             }
             if st.rt_moved {
-                self.file.sync_data()?;
+                self.file.sync_point("qcow2.refcount-table.moved")?;
                 let mut f = [0u8; 12];
                 f[..8].copy_from_slice(&st.rt_offset.to_be_bytes());
                 f[8..].copy_from_slice(&st.rt_clusters.to_be_bytes());
@@ -2224,7 +2221,7 @@ impl Qcow2Shared {
                 header::OFF_INCOMPATIBLE,
                 &st.incompatible.to_be_bytes(),
             )?;
-            self.file.sync_data()?;
+            self.file.sync_point("qcow2.close.dirty-bit")?;
             self.dirty_on_disk.store(false, Ordering::Release);
         }
         Ok(())
@@ -2372,6 +2369,7 @@ fn open_backing(overlay: &Path, name: &str, format: Option<&str>, depth: u32) ->
             true,
             depth + 1,
             &JournalMode::Off,
+            None,
         )?))),
         Some("raw") => {
             let file = File::open(&path).map_err(|source| Error::OpenImage {
@@ -2386,7 +2384,10 @@ fn open_backing(overlay: &Path, name: &str, format: Option<&str>, depth: u32) ->
                     source,
                 })?
                 .len();
-            Ok(Backing::Raw { file, size })
+            Ok(Backing::Raw {
+                file: HostFile::new(file, None, "backing"),
+                size,
+            })
         }
         Some(f) => Err(inval(format!(
             "backing file '{name}' has format '{f}'; only qcow2 and raw backing files are supported"
@@ -2412,7 +2413,13 @@ impl Qcow2Image {
                 reason: "O_DIRECT (--direct) is not supported for qcow2 images".into(),
             });
         }
-        let shared = Qcow2Shared::open(&opts.path, opts.read_only, 0, &opts.journal)?;
+        let shared = Qcow2Shared::open(
+            &opts.path,
+            opts.read_only,
+            0,
+            &opts.journal,
+            opts.recorder.as_ref(),
+        )?;
         Ok(Qcow2Image {
             shared: Arc::new(shared),
         })
@@ -2561,7 +2568,7 @@ struct Qcow2Queue {
     shared: Arc<Qcow2Shared>,
     /// This handle's own descriptor of the file guest data lives in (the external data
     /// file, or the image file).
-    file: File,
+    file: HostFile,
     scratch: Scratch,
     /// This handle's request slot (epoch its current request started at, 0 when idle).
     slot: Arc<AtomicU64>,
@@ -2569,7 +2576,7 @@ struct Qcow2Queue {
 
 impl Qcow2Queue {
     /// Runs one request with the handle's slot published (see the reuse rule).
-    fn request<T>(&mut self, f: impl FnOnce(&Qcow2Shared, &File, &mut Scratch) -> T) -> T {
+    fn request<T>(&mut self, f: impl FnOnce(&Qcow2Shared, &HostFile, &mut Scratch) -> T) -> T {
         self.shared.begin_request(&self.slot);
         let r = f(&self.shared, &self.file, &mut self.scratch);
         self.shared.end_request(&self.slot);
@@ -2583,7 +2590,7 @@ impl Qcow2Queue {
     fn mapping_request(
         &mut self,
         durable: bool,
-        f: impl FnOnce(&Qcow2Shared, &File, &mut Scratch) -> stdio::Result<()>,
+        f: impl FnOnce(&Qcow2Shared, &HostFile, &mut Scratch) -> stdio::Result<()>,
     ) -> stdio::Result<()> {
         self.request(f)?;
         let s = &self.shared;
@@ -2697,7 +2704,7 @@ pub mod bench_support {
             read_only: bool,
             journal: &super::JournalMode,
         ) -> Result<Image> {
-            let shared = Arc::new(Qcow2Shared::open(path, read_only, 0, journal)?);
+            let shared = Arc::new(Qcow2Shared::open(path, read_only, 0, journal, None)?);
             Ok(Image {
                 slot: shared.register_slot(),
                 shared,

@@ -82,7 +82,7 @@ impl Qcow2Shared {
         }
         let st = lock(&self.state);
         io::write_bytes(&self.file, OFF_SIZE, &new_size.to_be_bytes())?;
-        self.file.sync_data()?;
+        self.file.sync_point("qcow2.resize.size")?;
         self.size.store(new_size, Ordering::Release);
         drop(st);
         Ok(())
@@ -117,8 +117,8 @@ impl Qcow2Shared {
                     }
                 }
             };
-            if let Err(e) =
-                io::write_bytes(&self.file, new_off, &b).and_then(|()| self.file.sync_data())
+            if let Err(e) = io::write_bytes(&self.file, new_off, &b)
+                .and_then(|()| self.file.sync_point("qcow2.resize.moved-l1-table"))
             {
                 release(start.0, need_clusters);
                 return Err(e);
@@ -126,8 +126,8 @@ impl Qcow2Shared {
             let mut h = [0u8; 12];
             h[..4].copy_from_slice(&(need as u32).to_be_bytes());
             h[4..].copy_from_slice(&new_off.to_be_bytes());
-            let r =
-                io::write_bytes(&self.file, OFF_L1_SIZE, &h).and_then(|()| self.file.sync_data());
+            let r = io::write_bytes(&self.file, OFF_L1_SIZE, &h)
+                .and_then(|()| self.file.sync_point("qcow2.resize.l1-header"));
             if let Err(e) = r {
                 // The header may or may not point at the new table now: refuse further
                 // writes (both tables stay referenced, a leak at worst) rather than maintain
@@ -147,9 +147,9 @@ impl Qcow2Shared {
             // Room in the current clusters: zero the new entries, then switch the header.
             let zeros = vec![0u8; (need - old_len) * 8];
             io::write_bytes(&self.file, st.l1_offset + old_len as u64 * 8, &zeros)?;
-            self.file.sync_data()?;
+            self.file.sync_point("qcow2.resize.zeroed-l1-entries")?;
             io::write_bytes(&self.file, OFF_L1_SIZE, &(need as u32).to_be_bytes())?;
-            self.file.sync_data()?;
+            self.file.sync_point("qcow2.resize.l1-header")?;
         }
         self.l1_len.store(need, Ordering::Release);
         Ok(())
