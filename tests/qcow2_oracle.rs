@@ -61,6 +61,7 @@ fn opts(path: &Path, read_only: bool) -> ImageOptions {
         direct: false,
         logical_block_size: 512,
         journal: vhost_user_blk::image::qcow2::JournalMode::Default,
+        recorder: None,
     }
 }
 

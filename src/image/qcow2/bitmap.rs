@@ -373,6 +373,7 @@ impl Qcow2Shared {
                 bytes.truncate(nbytes);
                 let mut table = lock(&bm.table);
                 let mut buf = vec![0u8; cs];
+                let mut moved = false;
                 for (i, entry) in table.iter_mut().enumerate() {
                     let chunk = bytes.get(i * cs..((i + 1) * cs).min(nbytes)).unwrap_or(&[]);
                     let old = *entry & TABLE_OFFSET_MASK;
@@ -392,12 +393,19 @@ impl Qcow2Shared {
                             released.push(HostCluster(old >> self.cluster_bits));
                         }
                         self.meta_dirty.store(true, Ordering::Release);
+                        moved = true;
                         clusters.alloc(true)?.0 << self.cluster_bits
                     };
                     buf[..chunk.len()].copy_from_slice(chunk);
                     buf[chunk.len()..].fill(0);
                     qio::write_bytes(&self.file, at, &buf)?;
                     *entry = at;
+                }
+                if moved {
+                    // The table must not point at a data cluster before its contents are on
+                    // disk (found by the power-loss harness: QEMU's check then counts a
+                    // reference past the end of the file).
+                    self.file.sync_point("qcow2.bitmap.store-data")?;
                 }
                 let mut tb = Vec::with_capacity(table.len() * 8);
                 for e in table.iter() {
@@ -416,8 +424,11 @@ impl Qcow2Shared {
             for bm in bms.list.iter().filter(|b| b.bits.is_some()) {
                 dir[bm.entry_off + 15] &= !(FLAG_IN_USE as u8);
             }
-            qio::write_bytes(&self.file, bms.directory_offset, &dir)?;
-            self.file.sync_point("qcow2.bitmap.store-directory")
+            // No sync of its own: the caller (close) clears the dirty bit next and syncs both.
+            // Clearing `in_use` only ever claims what the synced tables already hold, and a
+            // write after this flags them in use again (synced) before it changes anything,
+            // so no crash can pair a clear flag with a change the tables miss.
+            qio::write_bytes(&self.file, bms.directory_offset, &dir)
         })();
         if r.is_err() {
             // Whether the directory on disk still flags them in use is unknown: leave

@@ -2155,6 +2155,11 @@ impl Qcow2Shared {
             st.rc_values = vals;
             st.rc_bytes = out;
             r?;
+            // No sync orders a new refcount block before the table entry that points at it:
+            // refcounts are only ever written while the image is dirty (durable since before
+            // the first metadata change), and a dirty image gets its refcounts rebuilt at
+            // open, dropping table entries that point outside the file (rebuild.rs). The
+            // power-loss harness checks this.
             if st.rt_dirty {
                 let mut tb = Vec::with_capacity(st.rt.len() * 8);
                 for e in &st.rt {

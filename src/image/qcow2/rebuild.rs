@@ -228,15 +228,40 @@ fn rt_entries(s: &Qcow2Shared, file_len: u64) -> R<Vec<u64>> {
     let st = super::lock(&s.state);
     let cs = s.cluster_size();
     for (i, &e) in st.rt.iter().enumerate() {
-        if e & (cs - 1) != 0
-            || (e != 0
-                && e.checked_add(cs)
-                    .is_none_or(|end| end > file_len.next_multiple_of(cs)))
-        {
+        if !rt_entry_valid(e, cs, file_len) {
             return invalid(format!("refcount table entry {i} ({e:#x}) is invalid"));
         }
     }
     Ok(st.rt.clone())
+}
+
+fn rt_entry_valid(e: u64, cs: u64, file_len: u64) -> bool {
+    e & (cs - 1) == 0
+        && (e == 0
+            || e.checked_add(cs)
+                .is_some_and(|end| end <= file_len.next_multiple_of(cs)))
+}
+
+/// The refcount table of a dirty image, whose refcounts are about to be rebuilt: an entry
+/// that points outside the file is dropped (the table is rewritten by the repair) instead of
+/// refusing the image. A crash can leave one where a new refcount block never reached the
+/// disk (older versions did not sync the block before the table entry; QEMU repairs the same).
+fn rt_entries_dirty(s: &Qcow2Shared, file_len: u64) -> Vec<u64> {
+    let mut st = super::lock(&s.state);
+    let cs = s.cluster_size();
+    for i in 0..st.rt.len() {
+        let e = st.rt[i];
+        if !rt_entry_valid(e, cs, file_len) {
+            log::warn!(
+                "{}: refcount table entry {i} ({e:#x}) points outside the file; dropped by \
+                 the repair",
+                s.path.display()
+            );
+            st.rt[i] = 0;
+            st.rt_dirty = true;
+        }
+    }
+    st.rt.clone()
 }
 
 /// Loads refcounts from the image. Returns the refcounts of the clusters of the file and
@@ -296,7 +321,7 @@ pub fn rebuild(s: &Qcow2Shared, file_len: u64) -> R<(Vec<u64>, Vec<HostCluster>)
         }
         Ok(())
     };
-    let rt = rt_entries(s, file_len)?;
+    let rt = rt_entries_dirty(s, file_len);
     check_meta_layout(s, file_len, &all_meta(s, file_len, &rt)?)?;
     for (o, l, _) in fixed_meta(s, file_len)? {
         for c in span(s, o, l) {
@@ -442,4 +467,55 @@ pub fn fix_copied_flags(s: &Qcow2Shared) -> R<()> {
         t.unpin();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use super::super::bench_support::Image;
+    use super::super::header;
+    use super::super::testing::{assert_qemu_img_check, pattern, qemu_img_create};
+
+    /// Power-loss regression (found by tests/power_loss.rs): a crash left a refcount table
+    /// entry pointing at a new refcount block that never reached the disk (past the end of
+    /// the file). The image is dirty, so its refcounts are rebuilt anyway: the open repairs it
+    /// instead of refusing it, and the data is intact.
+    #[test]
+    fn dirty_image_with_a_refcount_table_entry_past_eof_is_repaired() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.qcow2");
+        qemu_img_create(&path, "cluster_size=65536", "16M");
+        let mut img = Image::open(&path, false).unwrap();
+        img.write(0, &mut pattern(0, 128 << 10)).unwrap();
+        img.close().unwrap();
+        drop(img);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let mut h = [0u8; 8];
+        f.read_exact_at(&mut h, header::OFF_REFCOUNT_TABLE).unwrap();
+        let rt = u64::from_be_bytes(h);
+        let len = f.metadata().unwrap().len();
+        // Entry 1 (clusters 32768..) -> a cluster well past the end; and the dirty bit.
+        f.write_all_at(
+            &(len + (1 << 20)).next_multiple_of(1 << 16).to_be_bytes(),
+            rt + 8,
+        )
+        .unwrap();
+        f.read_exact_at(&mut h, header::OFF_INCOMPATIBLE).unwrap();
+        let inc = u64::from_be_bytes(h) | super::super::header::INCOMPAT_DIRTY;
+        f.write_all_at(&inc.to_be_bytes(), header::OFF_INCOMPATIBLE)
+            .unwrap();
+        drop(f);
+        let mut img = Image::open(&path, false).expect("a dirty image is repaired, not refused");
+        let mut back = vec![0u8; 128 << 10];
+        img.read(0, &mut back).unwrap();
+        assert!(back == pattern(0, 128 << 10), "data lost by the repair");
+        img.close().unwrap();
+        drop(img);
+        assert_qemu_img_check(&path, false);
+    }
 }
