@@ -56,6 +56,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use blkio::{Completion, ReqFlags};
+use common::tagged::*;
 use common::*;
 
 const MIB: u64 = 1 << 20;
@@ -76,90 +77,6 @@ const FLUSH_EVERY: u64 = 12;
 // ---------------------------------------------------------------------------------------------
 // Deterministic randomness and sector contents
 // ---------------------------------------------------------------------------------------------
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(1);
-        splitmix64(self.0.wrapping_mul(0xD134_2543_DE82_EF95))
-    }
-    /// Uniform in `[lo, hi)`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo)
-    }
-}
-
-/// High half of the first word of every sector we write: "VUBC".
-const MAGIC: u64 = 0x5655_4243;
-
-/// The 512 bytes write `id` puts in `sector`: word 0 = MAGIC << 32 | id, word 1 = sector, the
-/// rest the data pattern of that place on the disk for a seed derived from (seed, id).
-fn fill_sector(out: &mut [u8], seed: u64, id: u32, sector: u64) {
-    debug_assert_eq!(out.len(), SECTOR as usize);
-    out[0..8].copy_from_slice(&((MAGIC << 32) | u64::from(id)).to_le_bytes());
-    out[8..16].copy_from_slice(&sector.to_le_bytes());
-    fill_pattern(
-        &mut out[16..],
-        splitmix64(seed ^ (u64::from(id) << 40)),
-        sector * SECTOR + 16,
-    );
-}
-
-/// What a never-written sector reads as.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Initial {
-    Zeros,
-    /// The backing file holds `fill_sector(.., id 0, ..)` everywhere.
-    Backing,
-    /// Every sector holds `compressible_sector` (header of write 0, then zeros), stored as
-    /// compressed clusters.
-    Compressed,
-}
-
-/// Initial contents of the compressed image: the header of write 0 and zeros.
-fn compressible_sector(out: &mut [u8], sector: u64) {
-    out.fill(0);
-    out[0..8].copy_from_slice(&(MAGIC << 32).to_le_bytes());
-    out[8..16].copy_from_slice(&sector.to_le_bytes());
-}
-
-/// Which write a sector read back holds (0 = the initial contents), or why it is garbage.
-fn decode(sec: &[u8], seed: u64, sector: u64, initial: Initial) -> Result<u32, String> {
-    if initial == Initial::Zeros && sec.iter().all(|&b| b == 0) {
-        return Ok(0);
-    }
-    let w0 = u64::from_le_bytes(sec[0..8].try_into().unwrap());
-    if w0 >> 32 != MAGIC {
-        return Err(format!(
-            "garbage (no write header): first bytes {:02x?}",
-            &sec[..16]
-        ));
-    }
-    let id = w0 as u32;
-    if id == 0 && initial == Initial::Zeros {
-        return Err("header of write 0 on an image without backing file".into());
-    }
-    let mut want = [0u8; SECTOR as usize];
-    if id == 0 && initial == Initial::Compressed {
-        compressible_sector(&mut want, sector);
-    } else {
-        fill_sector(&mut want, seed, id, sector);
-    }
-    if sec != want {
-        let hdr_sector = u64::from_le_bytes(sec[8..16].try_into().unwrap());
-        let first = sec
-            .iter()
-            .zip(want.iter())
-            .position(|(a, b)| a != b)
-            .unwrap();
-        return Err(format!(
-            "header says write {id} for sector {hdr_sector}, but the sector differs from that \
-             write's contents from byte {first} (torn or misplaced data)"
-        ));
-    }
-    Ok(id)
-}
 
 // ---------------------------------------------------------------------------------------------
 // The model
@@ -599,10 +516,7 @@ fn make_image(dir: &Path, kind: Kind, seed: u64) -> (PathBuf, Initial) {
         }
         Kind::Qcow2Backing | Kind::Qcow2ExtendedL2Backing => {
             let base = dir.join("base.raw");
-            let mut data = vec![0u8; DISK as usize];
-            for (s, sec) in data.chunks_mut(SECTOR as usize).enumerate() {
-                fill_sector(sec, seed, 0, s as u64);
-            }
+            let data = initial_contents(Initial::Backing, seed, 0, DISK as usize);
             std::fs::write(&base, &data).unwrap();
             let ext = if kind == Kind::Qcow2ExtendedL2Backing {
                 "extended_l2=on"
@@ -632,10 +546,7 @@ fn make_image(dir: &Path, kind: Kind, seed: u64) -> (PathBuf, Initial) {
         }
         Kind::Qcow2Compressed => {
             let base = dir.join("base.raw");
-            let mut data = vec![0u8; DISK as usize];
-            for (s, sec) in data.chunks_mut(SECTOR as usize).enumerate() {
-                compressible_sector(sec, s as u64);
-            }
+            let data = initial_contents(Initial::Compressed, seed, 0, DISK as usize);
             std::fs::write(&base, &data).unwrap();
             qemu_img(&[
                 "convert",
@@ -1050,18 +961,7 @@ fn expected_block(b: Block, blk: u64, seed: u64, initial: Initial) -> Vec<u8> {
     match b {
         Block::Zeros => vec![0; BLK as usize],
         Block::Data(tag) => pattern(tag, off, BLK as usize),
-        Block::Initial => {
-            let mut v = vec![0u8; BLK as usize];
-            for (k, sec) in v.chunks_mut(SECTOR as usize).enumerate() {
-                let s = off / SECTOR + k as u64;
-                match initial {
-                    Initial::Zeros => {}
-                    Initial::Backing => fill_sector(sec, seed, 0, s),
-                    Initial::Compressed => compressible_sector(sec, s),
-                }
-            }
-            v
-        }
+        Block::Initial => initial_contents(initial, seed, off / SECTOR, BLK as usize),
     }
 }
 

@@ -7,6 +7,7 @@
 //! * [`image`]: the one deterministic data [`pattern`], image files, byte comparison.
 //! * [`process`]: child processes that cannot outlive their test ([`ChildGuard`], [`Proc`],
 //!   [`run_bin`]).
+//! * [`tagged`]: sectors that name the write they came from (the crash tests' data).
 //! * [`qemu_img`]: the one way to run `qemu-img` ([`qemu_img`], [`qemu_img_output`]),
 //!   `qemu-img check` and `create_qcow2`.
 //!
@@ -21,6 +22,7 @@ pub mod image;
 pub mod process;
 pub mod qemu_img;
 pub mod raw;
+pub mod tagged;
 
 use std::time::Duration;
 

@@ -105,6 +105,16 @@ impl Recorder {
         crate::sync::lock(&self.files).clone()
     }
 
+    /// Number of events so far.
+    pub fn len(&self) -> usize {
+        crate::sync::lock(&self.events).len()
+    }
+
+    /// True before the first event.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// A copy of the timeline so far.
     pub fn events(&self) -> Vec<Event> {
         crate::sync::lock(&self.events).clone()
