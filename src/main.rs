@@ -21,8 +21,8 @@ use vhost_user_blk::image::{
     create_image, open_image_locked, BlockImage, ImageFormat, ImageLocks, ImageOptions, Locking,
 };
 use vhost_user_blk::server::{
-    bind_socket_with, handle_signals, listener_from_fd, lookup_group, lookup_user,
-    systemd_listen_fd, ListenOn, Server, Shutdown, SocketPerms,
+    bind_socket_with, handle_signals, listener_from_fd, listener_path, log_access, lookup_group,
+    lookup_user, systemd_listen_fd, ListenOn, Server, Shutdown, SocketPerms,
 };
 use vhost_user_blk::vhost_user::MAX_QUEUES;
 use vhost_user_blk::virtio_blk::{DeviceOptions, DeviceParams};
@@ -499,6 +499,25 @@ fn run(cli: Cli) -> Result<()> {
             "write-back"
         },
     );
+    // Who can connect, so that a VMM that hangs on "Permission denied" is one log line away
+    // from the reason. An inherited socket is described too (when it has a path): its
+    // creator, e.g. a systemd socket unit, chose its permissions.
+    let private_hint = match &listen {
+        ListenOn::Path(_) => {
+            "a VMM running as another user, e.g. libvirt's QEMU as libvirt-qemu, gets \
+             \"Permission denied\": see --socket-owner, --socket-group, --socket-mode"
+        }
+        ListenOn::Fd(_) => {
+            "a VMM running as another user gets \"Permission denied\": see the socket \
+             unit's SocketUser=, SocketGroup=, SocketMode="
+        }
+    };
+    if let Some(p) = socket_path.clone().or_else(|| listener_path(&listener)) {
+        log_access("vhost-user socket", &p, Some(private_hint));
+    }
+    if let Some(p) = &cli.control_socket {
+        log_access("control socket", p, None);
+    }
     let mut device = Device::new(
         image,
         params,

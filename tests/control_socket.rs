@@ -1226,6 +1226,7 @@ fn systemd_socket_activation() {
     let image = common::create_image(dir.path(), "disk.img", 4 * MIB, Some(10));
     let sock = dir.path().join("activated.sock");
     let listener = UnixListener::bind(&sock).unwrap();
+    fs::set_permissions(&sock, fs::Permissions::from_mode(0o600)).unwrap();
     let fd = listener.as_raw_fd();
 
     // LISTEN_PID must be the daemon's own pid: a shell sets it to $$ and execs the daemon.
@@ -1269,6 +1270,15 @@ fn systemd_socket_activation() {
         );
         drop(c);
         assert!(d.stderr().contains("on fd 3"), "{}", d.stderr());
+        // Who can connect to the inherited socket, and where that is decided.
+        let access = format!("vhost-user socket {}: owner ", sock.display());
+        let log = d.stderr();
+        assert!(
+            log.lines().any(|l| l.contains(&access)
+                && l.contains("mode 0600: only user ")
+                && l.ends_with("see the socket unit's SocketUser=, SocketGroup=, SocketMode=)")),
+            "{log}"
+        );
         d.terminate_ok();
         assert!(
             is_socket(&sock),

@@ -222,7 +222,7 @@ fn runs_unprivileged_and_serves_io() {
 }
 
 /// The default: both sockets belong to the daemon's user with mode 0600, another user is
-/// refused on both.
+/// refused on both, and the log says who can connect and how to let a VMM user in.
 #[test]
 fn by_default_only_the_daemons_user_can_connect() {
     if !root_or_skip("needs root to act as another user") {
@@ -235,6 +235,21 @@ fn by_default_only_the_daemons_user_can_connect() {
     assert_refused(NOBODY, NOBODY, &s.ctl, "control socket");
     assert_allowed(0, 0, &s.ctl, "control socket");
     s.daemon.terminate_ok();
+    let log = s.daemon.stderr();
+    for line in [
+        format!(
+            "vhost-user socket {}: owner root, group root, mode 0600: only user root can \
+             connect (a VMM running as another user, e.g. libvirt's QEMU as libvirt-qemu, gets \
+             \"Permission denied\": see --socket-owner, --socket-group, --socket-mode)",
+            s.sock.display()
+        ),
+        format!(
+            "control socket {}: owner root, group root, mode 0600: only user root can connect\n",
+            s.ctl.display()
+        ),
+    ] {
+        assert!(log.contains(&line), "log lacks {line:?}:\n{log}");
+    }
 }
 
 /// Handing the vhost-user socket to the VMM's user (as libvirt needs) leaves the control socket
@@ -284,6 +299,13 @@ fn the_vmm_user_gets_the_disk_socket_but_not_the_control_socket() {
     );
 
     s.daemon.terminate_ok();
+    let log = s.daemon.stderr();
+    let line = format!(
+        "vhost-user socket {}: owner nobody, group nogroup, mode 0600: only user nobody can \
+         connect\n",
+        s.sock.display()
+    );
+    assert!(log.contains(&line), "log lacks {line:?}:\n{log}");
 }
 
 /// --socket-* and --control-socket-* each set only their own socket, and a group with mode
