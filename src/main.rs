@@ -21,8 +21,8 @@ use vhost_user_blk::image::{
     create_image, open_image_locked, BlockImage, ImageFormat, ImageLocks, ImageOptions, Locking,
 };
 use vhost_user_blk::server::{
-    bind_socket_with, handle_signals, listener_from_fd, lookup_group, lookup_user,
-    systemd_listen_fd, ListenOn, Server, Shutdown, SocketPerms,
+    bind_socket_with, handle_signals, listener_from_fd, listener_path, log_access, lookup_group,
+    lookup_user, systemd_listen_fd, ListenOn, Server, Shutdown, SocketPerms,
 };
 use vhost_user_blk::vhost_user::MAX_QUEUES;
 use vhost_user_blk::virtio_blk::{DeviceOptions, DeviceParams};
@@ -51,11 +51,28 @@ struct Cli {
     command: Option<Command>,
 
     /// Also serve a control socket (JSON lines: stats, flush, resize, bitmaps) at this path,
-    /// created with --socket-mode. See docs/CONTROL.md.
+    /// owned by the daemon's user with mode 0600 unless --control-socket-owner/-group/-mode
+    /// say otherwise. See docs/CONTROL.md.
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
 
-    /// Listen for the VMM on this unix socket path (created with --socket-mode).
+    /// Owner (user name or uid) of the control socket (needs privilege). Default: the
+    /// daemon's user, whatever --socket-owner says: whoever can connect can resize the disk.
+    #[arg(long, value_name = "USER", value_parser = lookup_user, requires = "control_socket")]
+    control_socket_owner: Option<u32>,
+
+    /// Group (name or gid) of the control socket, e.g. a monitoring group together with
+    /// --control-socket-mode 0660. Default: the daemon's group.
+    #[arg(long, value_name = "GROUP", value_parser = lookup_group, requires = "control_socket")]
+    control_socket_group: Option<u32>,
+
+    /// Permissions of the control socket, in octal.
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode,
+          requires = "control_socket")]
+    control_socket_mode: u32,
+
+    /// Listen for the VMM on this unix socket path (created with --socket-owner,
+    /// --socket-group and --socket-mode).
     #[arg(long, value_name = "PATH")]
     socket_path: Option<PathBuf>,
 
@@ -154,12 +171,13 @@ struct Cli {
     #[arg(long)]
     writethrough: bool,
 
-    /// Owner (user name or uid) of the sockets the daemon creates (needs privilege).
+    /// Owner (user name or uid) of the --socket-path socket, e.g. the user the VMM runs as
+    /// (libvirt-qemu for libvirt on Debian; needs privilege). Default: the daemon's user.
     #[arg(long, value_name = "USER", value_parser = lookup_user)]
     socket_owner: Option<u32>,
 
-    /// Group (name or gid) of the sockets the daemon creates, e.g. the VMM's group together
-    /// with --socket-mode 0660.
+    /// Group (name or gid) of the --socket-path socket, e.g. the VMM's group together with
+    /// --socket-mode 0660. Default: the daemon's group.
     #[arg(long, value_name = "GROUP", value_parser = lookup_group)]
     socket_group: Option<u32>,
 
@@ -437,10 +455,18 @@ fn run(cli: Cli) -> Result<()> {
         uid: cli.socket_owner,
         gid: cli.socket_group,
     };
+    // The control socket has its own owner, group and mode, by default the daemon's user
+    // only: giving the vhost-user socket to the VMM's user must not let the VMM resize the
+    // disk or drive other control operations.
+    let control_perms = SocketPerms {
+        mode: cli.control_socket_mode,
+        uid: cli.control_socket_owner,
+        gid: cli.control_socket_group,
+    };
     // The control socket first: if the vhost-user socket then fails, remove the control
     // socket again, so a failed start leaves nothing behind.
     let control_listener = match &cli.control_socket {
-        Some(p) => Some(bind_socket_with(p, perms)?),
+        Some(p) => Some(bind_socket_with(p, control_perms)?),
         None => None,
     };
     let bound = match &listen {
@@ -474,6 +500,25 @@ fn run(cli: Cli) -> Result<()> {
             "write-back"
         },
     );
+    // Who can connect, so that a VMM that hangs on "Permission denied" is one log line away
+    // from the reason. An inherited socket is described too (when it has a path): its
+    // creator, e.g. a systemd socket unit, chose its permissions.
+    let private_hint = match &listen {
+        ListenOn::Path(_) => {
+            "a VMM running as another user, e.g. libvirt's QEMU as libvirt-qemu, gets \
+             \"Permission denied\": see --socket-owner, --socket-group, --socket-mode"
+        }
+        ListenOn::Fd(_) => {
+            "a VMM running as another user gets \"Permission denied\": see the socket \
+             unit's SocketUser=, SocketGroup=, SocketMode="
+        }
+    };
+    if let Some(p) = socket_path.clone().or_else(|| listener_path(&listener)) {
+        log_access("vhost-user socket", &p, Some(private_hint));
+    }
+    if let Some(p) = &cli.control_socket {
+        log_access("control socket", p, None);
+    }
     let mut device = Device::new(
         image,
         params,

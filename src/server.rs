@@ -166,6 +166,122 @@ pub fn bind_socket_with(path: &Path, perms: SocketPerms) -> Result<UnixListener>
     placed.map(|()| listener)
 }
 
+/// Who may connect to a unix socket: its owner, group and permission bits.
+///
+/// Connecting to a unix socket needs write permission on the socket file, checked like any
+/// file access: the owner's bits for the owner, the group's bits for members of the group, the
+/// others' bits for everybody else (root needs none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// Owner of the socket file.
+    pub uid: u32,
+    /// Group of the socket file.
+    pub gid: u32,
+    /// Permission bits.
+    pub mode: u32,
+}
+
+impl SocketAccess {
+    /// The owner, group and mode of the socket file at `path`.
+    pub fn of_path(path: &Path) -> io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = fs::metadata(path)?;
+        Ok(SocketAccess {
+            uid: meta.uid(),
+            gid: meta.gid(),
+            mode: meta.mode() & 0o7777,
+        })
+    }
+
+    /// True if no user but the owner (and root) can connect.
+    pub fn owner_only(&self) -> bool {
+        self.mode & 0o022 == 0
+    }
+
+    /// Who can connect, for the start-up log: "owner U, group G, mode M: WHO can connect".
+    pub fn describe(&self) -> String {
+        let (user, group) = (user_name(self.uid), group_name(self.gid));
+        let (u, g, o) = (
+            self.mode & 0o200 != 0,
+            self.mode & 0o020 != 0,
+            self.mode & 0o002 != 0,
+        );
+        let who = match (u, g, o) {
+            (true, true, true) => "every user can".to_owned(),
+            (_, _, true) => {
+                let mut but = Vec::new();
+                if !u {
+                    but.push(format!("user {user}"));
+                }
+                if !g {
+                    but.push(format!("group {group}"));
+                }
+                format!("every user but {} can", but.join(" and "))
+            }
+            (true, false, false) => format!("only user {user} can"),
+            (true, true, false) => format!("user {user} and group {group} can"),
+            (false, true, false) => format!("group {group} (not user {user}) can"),
+            (false, false, false) => "only root can".to_owned(),
+        };
+        format!(
+            "owner {user}, group {group}, mode {:04o}: {who} connect",
+            self.mode
+        )
+    }
+}
+
+/// The name of user `uid`, or the number if it has none.
+fn user_name(uid: u32) -> String {
+    // SAFETY: getpwuid returns null or libc's static passwd record; only the main thread
+    // looks up users and groups, and the name is copied before the next lookup.
+    let pw = unsafe { libc::getpwuid(uid) };
+    if pw.is_null() {
+        return uid.to_string();
+    }
+    // SAFETY: pw is non-null, so pw_name is a NUL-terminated string in that record.
+    let name = unsafe { std::ffi::CStr::from_ptr((*pw).pw_name) };
+    name.to_string_lossy().into_owned()
+}
+
+/// The name of group `gid`, or the number if it has none.
+fn group_name(gid: u32) -> String {
+    // SAFETY: as for getpwuid in `user_name`.
+    let gr = unsafe { libc::getgrgid(gid) };
+    if gr.is_null() {
+        return gid.to_string();
+    }
+    // SAFETY: gr is non-null, so gr_name is a NUL-terminated string in that record.
+    let name = unsafe { std::ffi::CStr::from_ptr((*gr).gr_name) };
+    name.to_string_lossy().into_owned()
+}
+
+/// Logs at info level who can connect to the socket `what` at `path`. `private_hint` is
+/// added when only the daemon's own user can: it says how to let a VMM running as another
+/// user in, since that VMM otherwise just sees "Permission denied" (and, retrying, hangs).
+pub fn log_access(what: &str, path: &Path, private_hint: Option<&str>) {
+    match SocketAccess::of_path(path) {
+        Ok(access) => {
+            // SAFETY: geteuid has no preconditions.
+            let me = unsafe { libc::geteuid() };
+            let hint = match private_hint {
+                Some(h) if access.owner_only() && access.uid == me => format!(" ({h})"),
+                _ => String::new(),
+            };
+            info!("{what} {}: {}{hint}", path.display(), access.describe());
+        }
+        Err(e) => warn!("cannot stat {what} {}: {e}", path.display()),
+    }
+}
+
+/// The path a listening unix socket is bound to, if it has one (not abstract or unnamed).
+pub fn listener_path(listener: &UnixListener) -> Option<PathBuf> {
+    listener
+        .local_addr()
+        .ok()?
+        .as_pathname()
+        .map(Path::to_path_buf)
+}
+
 /// Takes over an inherited listening unix socket.
 pub fn listener_from_fd(fd: RawFd) -> Result<UnixListener> {
     let sock_err = |reason: String| Error::Socket {
@@ -528,4 +644,47 @@ pub fn handle_signals(shutdown: Arc<Shutdown>) -> Result<()> {
         })
         .map_err(|e| Error::io("start signal thread", e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_says_who_can_connect() {
+        // uid 0 and gid 0 are named root on every Linux system; 4000000000 has no name.
+        for (uid, mode, who) in [
+            (0, 0o600, "only user root can"),
+            (4_000_000_000, 0o660, "user 4000000000 and group root can"),
+            (0, 0o060, "group root (not user root) can"),
+            (0, 0o666, "every user can"),
+            (0, 0o646, "every user but group root can"),
+            (0, 0o000, "only root can"),
+            // Read and execute bits do not matter for connecting.
+            (0, 0o755, "only user root can"),
+        ] {
+            let owner = if uid == 0 {
+                "root".into()
+            } else {
+                uid.to_string()
+            };
+            assert_eq!(
+                SocketAccess { uid, gid: 0, mode }.describe(),
+                format!("owner {owner}, group root, mode {mode:04o}: {who} connect")
+            );
+        }
+    }
+
+    #[test]
+    fn owner_only_means_no_group_or_other_write() {
+        let a = |mode| SocketAccess {
+            uid: 0,
+            gid: 0,
+            mode,
+        };
+        assert!(a(0o600).owner_only());
+        assert!(a(0o644).owner_only());
+        assert!(!a(0o620).owner_only());
+        assert!(!a(0o602).owner_only());
+    }
 }

@@ -1142,7 +1142,7 @@ fn ctl_watch_refreshes_with_rates() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-fn sockets_are_0600_by_default_and_honour_socket_mode() {
+fn sockets_are_0600_by_default_and_each_has_its_own_mode() {
     let mut s = setup(MIB, &[]);
     assert_eq!(mode_of(&s.sock), 0o600, "vhost-user socket");
     assert_eq!(mode_of(&s.ctl), 0o600, "control socket");
@@ -1152,25 +1152,27 @@ fn sockets_are_0600_by_default_and_honour_socket_mode() {
         "sockets removed on exit"
     );
 
-    let mut s = setup(MIB, &["--socket-mode", "0660"]);
-    assert_eq!(
-        mode_of(&s.sock),
-        0o660,
-        "vhost-user socket with --socket-mode 0660"
-    );
-    assert_eq!(
-        mode_of(&s.ctl),
-        0o660,
-        "control socket with --socket-mode 0660"
-    );
-    // No temporary names are left next to them.
-    let names: Vec<String> = fs::read_dir(s.dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".tmp"))
-        .collect();
-    assert!(names.is_empty(), "leftover temporary sockets: {names:?}");
-    s.daemon.terminate_ok();
+    // Each socket has its own mode: --socket-mode (which the VMM's user may need) does not
+    // reach the control socket, nor --control-socket-mode the vhost-user socket.
+    for (args, sock_mode, ctl_mode) in [
+        (["--socket-mode", "0660"], 0o660, 0o600),
+        (["--control-socket-mode", "0640"], 0o600, 0o640),
+    ] {
+        let mut s = setup(MIB, &args);
+        assert_eq!(
+            (mode_of(&s.sock), mode_of(&s.ctl)),
+            (sock_mode, ctl_mode),
+            "(vhost-user, control) socket modes with {args:?}"
+        );
+        // No temporary names are left next to them.
+        let names: Vec<String> = fs::read_dir(s.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(names.is_empty(), "leftover temporary sockets: {names:?}");
+        s.daemon.terminate_ok();
+    }
 }
 
 /// Clears FD_CLOEXEC on `fd` (in a pre_exec hook: async-signal-safe calls only).
@@ -1224,6 +1226,7 @@ fn systemd_socket_activation() {
     let image = common::create_image(dir.path(), "disk.img", 4 * MIB, Some(10));
     let sock = dir.path().join("activated.sock");
     let listener = UnixListener::bind(&sock).unwrap();
+    fs::set_permissions(&sock, fs::Permissions::from_mode(0o600)).unwrap();
     let fd = listener.as_raw_fd();
 
     // LISTEN_PID must be the daemon's own pid: a shell sets it to $$ and execs the daemon.
@@ -1267,6 +1270,15 @@ fn systemd_socket_activation() {
         );
         drop(c);
         assert!(d.stderr().contains("on fd 3"), "{}", d.stderr());
+        // Who can connect to the inherited socket, and where that is decided.
+        let access = format!("vhost-user socket {}: owner ", sock.display());
+        let log = d.stderr();
+        assert!(
+            log.lines().any(|l| l.contains(&access)
+                && l.contains("mode 0600: only user ")
+                && l.ends_with("see the socket unit's SocketUser=, SocketGroup=, SocketMode=)")),
+            "{log}"
+        );
         d.terminate_ok();
         assert!(
             is_socket(&sock),

@@ -72,3 +72,28 @@ fn man_page_and_completions_are_up_to_date() {
         stale.join("\n  ")
     );
 }
+
+/// README's libvirt domain is docs/examples/libvirt-domain.xml (from `<domain` on, indented
+/// as a list item), the file `ci/libvirt-check` boots a guest with: what users copy is what
+/// was tested.
+#[test]
+fn readme_libvirt_domain_is_the_tested_example() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let read = |f: &str| std::fs::read_to_string(root.join(f)).expect(f);
+    let example = read("docs/examples/libvirt-domain.xml");
+    let domain = &example[example.find("<domain").expect("<domain in the example")..];
+    let readme = read("README.md");
+    let section = &readme[readme.find("### libvirt\n").expect("a libvirt section")..];
+    let start = section.find("```xml\n").expect("an xml block") + "```xml\n".len();
+    let block = &section[start..];
+    let block = &block[..block.find("```").expect("the block's end")];
+    let unindented: String = block
+        .lines()
+        .map(|l| format!("{}\n", l.strip_prefix("   ").unwrap_or(l)))
+        .collect();
+    assert_eq!(
+        unindented.trim_end(),
+        domain.trim_end(),
+        "README's libvirt domain differs from docs/examples/libvirt-domain.xml"
+    );
+}

@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_vhost_user_blk_global_optspecs
-    string join \n control-socket= socket-path= fd= print-capabilities blk-file= null-size= read-only format= locking= create= num-queues= queue-size= serial= logical-block-size= metadata-cache= poll-us= inject-faults= direct journal-dir= no-journal writethrough socket-owner= socket-group= socket-mode= v/verbose h/help V/version
+    string join \n control-socket= control-socket-owner= control-socket-group= control-socket-mode= socket-path= fd= print-capabilities blk-file= null-size= read-only format= locking= create= num-queues= queue-size= serial= logical-block-size= metadata-cache= poll-us= inject-faults= direct journal-dir= no-journal writethrough socket-owner= socket-group= socket-mode= v/verbose h/help V/version
 end
 
 function __fish_vhost_user_blk_needs_command
@@ -24,8 +24,11 @@ function __fish_vhost_user_blk_using_subcommand
     contains -- $cmd[1] $argv
 end
 
-complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l control-socket -d 'Also serve a control socket (JSON lines: stats, flush, resize, bitmaps) at this path, created with --socket-mode. See docs/CONTROL.md' -r -F
-complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l socket-path -d 'Listen for the VMM on this unix socket path (created with --socket-mode)' -r -F
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l control-socket -d 'Also serve a control socket (JSON lines: stats, flush, resize, bitmaps) at this path, owned by the daemon\'s user with mode 0600 unless --control-socket-owner/-group/-mode say otherwise. See docs/CONTROL.md' -r -F
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l control-socket-owner -d 'Owner (user name or uid) of the control socket (needs privilege). Default: the daemon\'s user, whatever --socket-owner says: whoever can connect can resize the disk' -r
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l control-socket-group -d 'Group (name or gid) of the control socket, e.g. a monitoring group together with --control-socket-mode 0660. Default: the daemon\'s group' -r
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l control-socket-mode -d 'Permissions of the control socket, in octal' -r
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l socket-path -d 'Listen for the VMM on this unix socket path (created with --socket-owner, --socket-group and --socket-mode)' -r -F
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l fd -d 'Use this already-listening unix socket fd instead of --socket-path. Without either, a systemd socket-activation fd (LISTEN_FDS) is used' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l blk-file -d 'The disk image (regular file or block device) to serve' -r -F
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l null-size -d 'Serve a null device of this size instead of an image (reads return without touching guest memory, writes are dropped): the transport ceiling for benchmarks' -r
@@ -40,8 +43,8 @@ complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l metadata-
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l poll-us -d 'After each batch, busy-poll the queue this many microseconds for more requests before sleeping (0 disables polling: lowest CPU use, higher latency)' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l inject-faults -d 'Testing only: make operations fail, e.g. write:eio:after=100:count=10 (see src/image/fault.rs)' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l journal-dir -d 'qcow2: directory (tmpfs or ramfs) of the mapping journal, which keeps the mapping changes of completed writes until a flush writes them to the image, so that they survive a crash of the daemon. Default /dev/shm (if unusable: --no-journal, with a warning)' -r -F
-complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l socket-owner -d 'Owner (user name or uid) of the sockets the daemon creates (needs privilege)' -r
-complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l socket-group -d 'Group (name or gid) of the sockets the daemon creates, e.g. the VMM\'s group together with --socket-mode 0660' -r
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l socket-owner -d 'Owner (user name or uid) of the --socket-path socket, e.g. the user the VMM runs as (libvirt-qemu for libvirt on Debian; needs privilege). Default: the daemon\'s user' -r
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l socket-group -d 'Group (name or gid) of the --socket-path socket, e.g. the VMM\'s group together with --socket-mode 0660. Default: the daemon\'s group' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l socket-mode -d 'Permissions of the socket created by --socket-path, in octal' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l print-capabilities -d 'Print the vhost-user backend capabilities as JSON and exit'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l read-only -d 'Serve the disk read-only: every write-like request fails with IOERR'
