@@ -14,6 +14,7 @@ use log::info;
 
 use vhost_user_blk::control::{self, client as ctl, Request};
 use vhost_user_blk::device::Device;
+use vhost_user_blk::image::engine::Aio;
 use vhost_user_blk::image::fault::{FaultImage, FaultSpec};
 use vhost_user_blk::image::null::NullImage;
 use vhost_user_blk::image::qcow2::JournalMode;
@@ -152,6 +153,12 @@ struct Cli {
     /// Open the image with O_DIRECT (bypass the host page cache).
     #[arg(long)]
     direct: bool,
+
+    /// I/O engine of each queue: io_uring (every request in flight at once; falls back to
+    /// sync, with a warning, where io_uring is unavailable) or sync (one request at a time on
+    /// the queue's worker).
+    #[arg(long, value_name = "ENGINE", default_value = "io_uring", value_parser = parse_aio)]
+    aio: Aio,
 
     /// qcow2: directory (tmpfs or ramfs) of the mapping journal, which keeps the mapping
     /// changes of completed writes until a flush writes them to the image, so that they
@@ -301,6 +308,10 @@ enum ArgError {
     Mode(String),
 }
 
+fn parse_aio(s: &str) -> std::result::Result<Aio, String> {
+    s.parse()
+}
+
 fn parse_locking(s: &str) -> std::result::Result<Locking, String> {
     s.parse()
 }
@@ -389,6 +400,7 @@ fn open(cli: &Cli) -> Result<(PathBuf, Arc<dyn BlockImage>, ImageLocks)> {
                 (None, false) => JournalMode::Default,
             },
             recorder: None,
+            aio: cli.aio,
         },
         cli.metadata_cache,
         cli.locking,

@@ -490,6 +490,7 @@ impl Server {
         );
         let mut daemon = VhostUserDaemon::new("vhost-user-blk".into(), backend.clone(), mem)
             .map_err(Error::VhostUser)?;
+        backend.set_epoll_handlers(daemon.get_epoll_handlers());
         // vhost-user-backend talks to our relay, which talks to the frontend.
         daemon
             .start_client(&relay.path_str)

@@ -55,13 +55,8 @@ fn s(p: &Path) -> &str {
 
 fn opts(path: &Path, read_only: bool) -> ImageOptions {
     ImageOptions {
-        path: path.to_owned(),
-        format: ImageFormat::Qcow2,
         read_only,
-        direct: false,
-        logical_block_size: 512,
-        journal: vhost_user_blk::image::qcow2::JournalMode::Default,
-        recorder: None,
+        ..ImageOptions::new(path, ImageFormat::Qcow2)
     }
 }
 

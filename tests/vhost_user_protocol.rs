@@ -81,12 +81,9 @@ fn latest_log(d: &Daemon) -> String {
 
 /// Queue size of the inflight tests: room for 10 requests in flight (3 descriptors each).
 const QSIZE: u16 = 32;
-/// Writes submitted. The N - DONE_BEFORE outstanding ones (4) fit in one batch of a worker
-/// that hands completions back early (`NOTIFY_EVERY` in src/vhost_user/backend.rs), so the
-/// worker takes all of them before it runs the first, which hangs; with more, it would leave
-/// the rest on the avail ring and the region would list only the batch it took.
+/// Writes submitted.
 const N: usize = 7;
-/// Writes that complete before the fault layer makes the next one hang.
+/// Writes that complete before the fault layer makes the next one hang or stall.
 const DONE_BEFORE: usize = 3;
 const BLOCK: usize = 4 * KIB;
 
@@ -157,23 +154,38 @@ fn make_image(dir: &Path, format: &str) -> PathBuf {
     }
 }
 
+/// How the dead daemon left its requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outstanding {
+    /// Write DONE_BEFORE hangs holding the worker: it is in flight, the avail entry right
+    /// after the used index, and the writes after it are still on the avail ring.
+    Tail,
+    /// Write DONE_BEFORE never completes but the worker goes on: the writes after it complete
+    /// first, so the one in-flight request sits *before* completed ones in the avail ring.
+    Hole,
+}
+
 /// N writes. The first DONE_BEFORE complete, followed by a FLUSH (a qcow2 write that was not
-/// flushed may legitimately be lost in a crash); the others are in flight (taken by the
-/// worker, the first of them hanging in the fault layer) when the daemon is SIGKILLed. A new
-/// daemon without faults gets the same memory, rings and inflight region. Checks that the dead
-/// daemon's inflight region shows exactly the outstanding requests, that every request is on
-/// the used ring exactly once and in submission order with status OK, that the resubmission
-/// was logged, and that the data reads back.
-fn inflight_recovery(format: &str, base: Base) {
+/// flushed may legitimately be lost in a crash); then the rest are submitted and the daemon
+/// is SIGKILLed with some of them in flight (see [`Outstanding`]). A new daemon without faults
+/// gets the same memory, rings and inflight region. Checks that the dead daemon's inflight
+/// region shows exactly the outstanding requests, that every request is on the used ring
+/// exactly once with status OK (the ones before the kill in order), that the resubmission was
+/// logged, and that the data reads back.
+fn inflight_recovery(format: &str, base: Base, outstanding: Outstanding) {
     if skip_other_backend() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let img = make_image(dir.path(), format);
+    let fault = match outstanding {
+        Outstanding::Tail => format!("write:hang:after={DONE_BEFORE}"),
+        Outstanding::Hole => format!("write:stall:after={DONE_BEFORE}:count=1"),
+    };
     let faulty = DaemonConfig::new()
         .num_queues(1)
         .arg("--inject-faults")
-        .arg(&format!("write:hang:after={DONE_BEFORE}"));
+        .arg(&fault);
     let d1 = Daemon::start_format(dir.path(), &img, format, &faulty);
     let opts = RawOpts {
         queue_size: QSIZE,
@@ -193,13 +205,23 @@ fn inflight_recovery(format: &str, base: Base) {
     let mut heads: Vec<u16> = writes[..DONE_BEFORE].iter().map(|r| c.submit(r)).collect();
     heads.push(c.submit(&flush));
     c.kick();
-    let completed = heads.len() as u16;
-    c.wait_used(completed);
-    // One avail index update for the rest, so the worker takes all of them before it runs
-    // the first, which hangs.
+    let flushed = heads.len() as u16;
+    c.wait_used(flushed);
+    // One avail index update for the rest.
     heads.extend(writes[DONE_BEFORE..].iter().map(|r| c.submit(r)));
     c.kick();
-    wait_for_log(&d1, "hangs until the process is killed");
+    let (completed, in_flight) = match outstanding {
+        Outstanding::Tail => {
+            wait_for_log(&d1, "hangs until the process is killed");
+            (flushed, vec![heads[usize::from(flushed)]])
+        }
+        Outstanding::Hole => {
+            wait_for_log(&d1, "never completes");
+            let completed = flushed + (N - DONE_BEFORE - 1) as u16;
+            c.wait_used(completed);
+            (completed, vec![heads[usize::from(flushed)]])
+        }
+    };
     d1.kill();
 
     let (used_idx, avail_idx) = (c.used_idx(), c.avail_idx());
@@ -208,8 +230,7 @@ fn inflight_recovery(format: &str, base: Base) {
     assert_eq!((region.version, region.desc_num), (1, QSIZE), "{region:?}");
     assert_eq!(region.used_idx, completed, "{region:?}");
     assert_eq!(
-        region.inflight,
-        heads[usize::from(completed)..],
+        region.inflight, in_flight,
         "the dead daemon's inflight region must show exactly the outstanding requests, in \
          the order they were taken"
     );
@@ -222,18 +243,32 @@ fn inflight_recovery(format: &str, base: Base) {
     c.reconnect(&d2.socket, vring_base);
     c.kick();
     c.wait_used(avail_idx);
-    // A read after them: completions are in order on a queue, so a duplicate completion of
-    // a resubmitted request would land before this one.
+    // A read after them: a duplicate completion of a resubmitted request, or a chain taken
+    // again from the avail ring, would show up as an extra used entry (the read's would
+    // then not be the last).
     let read = c.req(T_IN, offset(0) / SECTOR, N * BLOCK, BLOCK);
     heads.push(c.submit(&read));
     c.kick();
     c.wait_used(avail_idx + 1);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(c.used_idx(), avail_idx + 1, "no extra completions");
     let used = c.completions(0, c.used_idx());
+    let used_heads: Vec<u16> = used.iter().map(|u| u.head).collect();
+    let before = usize::from(flushed);
     assert_eq!(
-        used.iter().map(|u| u.head).collect::<Vec<_>>(),
-        heads,
-        "every request on the used ring exactly once, in submission order ({base:?})"
+        used_heads[..before],
+        heads[..before],
+        "completions before the writes left in flight, in order"
     );
+    let mut rest = used_heads[before..used_heads.len() - 1].to_vec();
+    let mut expected = heads[before..heads.len() - 1].to_vec();
+    rest.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(
+        rest, expected,
+        "every request on the used ring exactly once ({base:?}, {outstanding:?}): {used:?}"
+    );
+    assert_eq!(used_heads.last(), heads.last(), "the read last: {used:?}");
     for (i, u) in used.iter().enumerate() {
         assert_eq!(u.status, S_OK, "request {i} ({u:?})");
     }
@@ -257,17 +292,21 @@ fn inflight_recovery(format: &str, base: Base) {
     assert_eq!(region.used_idx, avail_idx + 1, "after recovery: {region:?}");
 
     let log = latest_log(&d2);
-    let outstanding = N - DONE_BEFORE;
     assert!(
         log.contains(&format!(
-            "queue 0: resubmitting {outstanding} in-flight request(s)"
+            "queue 0: resubmitting {} in-flight request(s)",
+            in_flight.len()
         )),
         "{log}"
     );
-    let rewind = format!("rewinding the avail index from {avail_idx} to {used_idx}");
-    match base {
-        Base::UsedIdx => assert!(!log.contains("rewinding"), "{log}"),
-        Base::AvailIdx => assert!(log.contains(&rewind), "{log}"),
+    // Every chain the dead daemon took is on the used ring or in flight: the new one goes on
+    // from there, whatever base the frontend set.
+    let next = used_idx + in_flight.len() as u16;
+    if vring_base == next {
+        assert!(!log.contains("moving the avail index"), "{log}");
+    } else {
+        let moved = format!("moving the avail index from {vring_base} to {next}");
+        assert!(log.contains(&moved), "{log}");
     }
 
     for i in 0..N {
@@ -299,17 +338,29 @@ fn inflight_recovery(format: &str, base: Base) {
 
 #[test]
 fn inflight_requests_resubmitted_after_crash_frontend_rewinds() {
-    inflight_recovery("raw", Base::UsedIdx);
+    inflight_recovery("raw", Base::UsedIdx, Outstanding::Tail);
 }
 
 #[test]
 fn inflight_requests_resubmitted_after_crash_daemon_rewinds() {
-    inflight_recovery("raw", Base::AvailIdx);
+    inflight_recovery("raw", Base::AvailIdx, Outstanding::Tail);
 }
 
 #[test]
 fn inflight_requests_resubmitted_after_crash_qcow2() {
-    inflight_recovery("qcow2", Base::AvailIdx);
+    inflight_recovery("qcow2", Base::AvailIdx, Outstanding::Tail);
+}
+
+/// Requests complete out of order: the one left in flight is followed by completed ones, so
+/// it cannot be found by rewinding the avail ring; it must be run again by its head.
+#[test]
+fn inflight_request_before_completed_ones_resubmitted_by_head() {
+    inflight_recovery("raw", Base::UsedIdx, Outstanding::Hole);
+}
+
+#[test]
+fn inflight_request_before_completed_ones_resubmitted_by_head_daemon_rewinds() {
+    inflight_recovery("raw", Base::AvailIdx, Outstanding::Hole);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_vhost_user_blk_global_optspecs
-    string join \n control-socket= control-socket-owner= control-socket-group= control-socket-mode= socket-path= fd= print-capabilities blk-file= null-size= read-only format= locking= create= num-queues= queue-size= serial= logical-block-size= metadata-cache= poll-us= inject-faults= direct journal-dir= no-journal writethrough socket-owner= socket-group= socket-mode= v/verbose h/help V/version
+    string join \n control-socket= control-socket-owner= control-socket-group= control-socket-mode= socket-path= fd= print-capabilities blk-file= null-size= read-only format= locking= create= num-queues= queue-size= serial= logical-block-size= metadata-cache= poll-us= inject-faults= direct aio= journal-dir= no-journal writethrough socket-owner= socket-group= socket-mode= v/verbose h/help V/version
 end
 
 function __fish_vhost_user_blk_needs_command
@@ -42,6 +42,7 @@ complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l logical-b
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l metadata-cache -d 'qcow2: bytes of L2 tables kept in memory (e.g. 64M). Each MiB covers 8 GiB of guest space with 64 KiB clusters; the default 32M covers 256 GiB' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l poll-us -d 'After each batch, busy-poll the queue this many microseconds for more requests before sleeping (0 disables polling: lowest CPU use, higher latency)' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l inject-faults -d 'Testing only: make operations fail, e.g. write:eio:after=100:count=10 (see src/image/fault.rs)' -r
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l aio -d 'I/O engine of each queue: io_uring (every request in flight at once; falls back to sync, with a warning, where io_uring is unavailable) or sync (one request at a time on the queue\'s worker)' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l journal-dir -d 'qcow2: directory (tmpfs or ramfs) of the mapping journal, which keeps the mapping changes of completed writes until a flush writes them to the image, so that they survive a crash of the daemon. Default /dev/shm (if unusable: --no-journal, with a warning)' -r -F
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l socket-owner -d 'Owner (user name or uid) of the --socket-path socket, e.g. the user the VMM runs as (libvirt-qemu for libvirt on Debian; needs privilege). Default: the daemon\'s user' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l socket-group -d 'Group (name or gid) of the --socket-path socket, e.g. the VMM\'s group together with --socket-mode 0660. Default: the daemon\'s group' -r

@@ -119,7 +119,7 @@ fuzz_target!(|data: &[u8]| {
         direct: false,
         logical_block_size: lbs as u32,
         journal: vhost_user_blk::image::qcow2::JournalMode::Off,
-        recorder: None,
+        ..ImageOptions::new(path.clone(), ImageFormat::Qcow2)
     };
     let image = match open_image(&opts) {
         Ok(image) => image,

@@ -36,7 +36,7 @@ fuzz_target!(|data: &[u8]| {
             direct: false,
             logical_block_size: setup.lbs,
             journal: vhost_user_blk::image::qcow2::JournalMode::Off,
-            recorder: None,
+            ..ImageOptions::new(path.clone(), ImageFormat::Raw)
         };
         let img = RawImage::open(&opts, setup.probed).expect("open raw image");
         assert_eq!(img.virtual_size(), setup.disk_size);

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
+use vhost_user_blk::image::engine::SyncEngine;
 use vhost_user_blk::image::ImageQueue;
 use vhost_user_blk::stats::{QueueCounters, ReqKind};
 use vhost_user_blk::virtio_blk::config::features;
@@ -142,12 +143,17 @@ pub fn run(data: &[u8], make_image: impl FnOnce(&Setup, &DeviceParams) -> Box<dy
         serial: "fuzz-serial",
     })
     .expect("valid device params");
-    let mem = guest_memory();
+    let mem = Arc::new(guest_memory());
     let image = make_image(&setup, &params);
     let state = Arc::new(DeviceState::new(setup.writeback));
     state.acked_features.store(setup.acked, Ordering::Relaxed);
     let counters = Arc::new(QueueCounters::default());
-    let mut handler = RequestHandler::new(image, Arc::new(params), state, counters.clone());
+    let mut handler = RequestHandler::new(
+        Box::new(SyncEngine::new(image)),
+        Arc::new(params),
+        state,
+        counters.clone(),
+    );
     let handled = || {
         ReqKind::ALL
             .iter()
@@ -159,7 +165,7 @@ pub fn run(data: &[u8], make_image: impl FnOnce(&Setup, &DeviceParams) -> Box<dy
     // Fill guest memory with the rest of the input.
     let rest = b.rest();
     let n = rest.len().min(0x2_0000);
-    vm_memory::Bytes::write_slice(&mem, &rest[..n], GuestAddress(0)).expect("fill guest memory");
+    vm_memory::Bytes::write_slice(&*mem, &rest[..n], GuestAddress(0)).expect("fill guest memory");
 
     let size = u64::from(setup.queue_size);
     let desc = 0u64;
@@ -174,7 +180,7 @@ pub fn run(data: &[u8], make_image: impl FnOnce(&Setup, &DeviceParams) -> Box<dy
     queue.set_next_avail(setup.start);
     queue.set_next_used(setup.start);
     queue.set_ready(true);
-    assert!(queue.is_valid(&mem), "harness built an invalid queue");
+    assert!(queue.is_valid(&*mem), "harness built an invalid queue");
 
     // Handing completions back every few requests (as the daemon does for images that run a
     // batch sequentially) is chosen by the low bits of the start position: 0 = off.
@@ -193,7 +199,7 @@ pub fn run(data: &[u8], make_image: impl FnOnce(&Setup, &DeviceParams) -> Box<dy
         // (Unless the avail index is bogus, more than a queue's worth ahead: then the
         // worker stops, as for any pass that takes nothing.)
         let sane = queue
-            .avail_idx(&mem, Ordering::Acquire)
+            .avail_idx(&*mem, Ordering::Acquire)
             .is_ok_and(|a| (a - Wrapping(before)).0 <= setup.queue_size);
         if after_more && sane {
             assert_ne!(before, queue.next_avail(), "BUG: nothing taken after `more`");

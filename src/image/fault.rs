@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use log::warn;
 
+use super::engine::{EngineOp, IoEngine};
 use super::{BitmapInfo, BlockImage, GuestSlice, ImageQueue, ImageStats};
 
 /// Which operations a fault applies to.
@@ -48,6 +49,10 @@ pub enum FaultAction {
     Fail(i32),
     /// Never returns: sleeps until the process is killed.
     Hang,
+    /// Never completes, but holds only itself: the queue's worker goes on with later
+    /// requests, which complete before it (out-of-order completion). Where the operation runs
+    /// synchronously (host-side flushes, sync image handles) it hangs like [`FaultAction::Hang`].
+    Stall,
 }
 
 /// A parsed `--inject-faults` specification.
@@ -82,8 +87,9 @@ impl std::str::FromStr for FaultSpec {
             "enospc" => FaultAction::Fail(libc::ENOSPC),
             "edquot" => FaultAction::Fail(libc::EDQUOT),
             "hang" => FaultAction::Hang,
+            "stall" => FaultAction::Stall,
             n => FaultAction::Fail(n.parse().map_err(|_| {
-                format!("unknown errno '{n}' (eio, enospc, edquot, hang or a number)")
+                format!("unknown errno '{n}' (eio, enospc, edquot, hang, stall or a number)")
             })?),
         };
         let mut spec = FaultSpec {
@@ -113,25 +119,47 @@ struct Injector {
     seen: AtomicU64,
 }
 
+/// What happens to one operation.
+enum Verdict {
+    Run,
+    Fail(io::Error),
+    Stall,
+}
+
 impl Injector {
-    fn check(&self, op: FaultOp) -> io::Result<()> {
+    fn decide(&self, op: FaultOp) -> Verdict {
         if self.spec.op != FaultOp::Any && self.spec.op != op {
-            return Ok(());
+            return Verdict::Run;
         }
         let n = self.seen.fetch_add(1, Ordering::Relaxed);
         let failing = n >= self.spec.after
             && (self.spec.count == 0 || n < self.spec.after.saturating_add(self.spec.count));
         match self.spec.action {
-            _ if !failing => Ok(()),
-            FaultAction::Fail(errno) => Err(io::Error::from_raw_os_error(errno)),
-            FaultAction::Hang => {
-                warn!("injected fault: {op:?} operation #{n} hangs until the process is killed");
-                loop {
-                    // park() may return spuriously; nothing ever unparks this thread.
-                    std::thread::park();
-                }
+            _ if !failing => Verdict::Run,
+            FaultAction::Fail(errno) => Verdict::Fail(io::Error::from_raw_os_error(errno)),
+            FaultAction::Hang => hang(op, n),
+            FaultAction::Stall => {
+                warn!("injected fault: {op:?} operation #{n} never completes");
+                Verdict::Stall
             }
         }
+    }
+
+    /// For operations that run synchronously: a stall holds the thread like a hang.
+    fn check(&self, op: FaultOp) -> io::Result<()> {
+        match self.decide(op) {
+            Verdict::Run => Ok(()),
+            Verdict::Fail(e) => Err(e),
+            Verdict::Stall => hang(op, self.seen.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+fn hang(op: FaultOp, n: u64) -> ! {
+    warn!("injected fault: {op:?} operation #{n} hangs until the process is killed");
+    loop {
+        // park() may return spuriously; nothing ever unparks this thread.
+        std::thread::park();
     }
 }
 
@@ -167,14 +195,19 @@ impl BlockImage for FaultImage {
     fn discard_granularity(&self) -> u64 {
         self.inner.discard_granularity()
     }
-    fn parallel_reads(&self) -> bool {
-        self.inner.parallel_reads()
-    }
 
     fn queue_handle(&self) -> io::Result<Box<dyn ImageQueue>> {
         Ok(Box::new(FaultQueue {
             inner: self.inner.queue_handle()?,
             injector: self.injector.clone(),
+        }))
+    }
+    fn engine(&self) -> io::Result<Box<dyn IoEngine>> {
+        Ok(Box::new(FaultEngine {
+            inner: self.inner.engine()?,
+            injector: self.injector.clone(),
+            failed: Vec::new(),
+            stalled: Vec::new(),
         }))
     }
     fn flush(&self) -> io::Result<()> {
@@ -223,6 +256,50 @@ impl ImageQueue for FaultQueue {
     fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
         self.injector.check(FaultOp::WriteZeroes)?;
         self.inner.write_zeroes(offset, len, unmap)
+    }
+}
+
+/// The fault layer over a queue's engine: a faulted request fails (or hangs, holding the
+/// queue's worker) instead of reaching the engine.
+struct FaultEngine {
+    inner: Box<dyn IoEngine>,
+    injector: Arc<Injector>,
+    failed: Vec<(u16, io::Result<()>)>,
+    stalled: Vec<EngineOp>,
+}
+
+impl IoEngine for FaultEngine {
+    fn submit(&mut self, tag: u16, op: EngineOp) {
+        let kind = match &op {
+            EngineOp::Read { .. } => FaultOp::Read,
+            EngineOp::Write { .. } => FaultOp::Write,
+            EngineOp::Flush => FaultOp::Flush,
+            EngineOp::Discard { .. } => FaultOp::Discard,
+            EngineOp::WriteZeroes { .. } => FaultOp::WriteZeroes,
+        };
+        match self.injector.decide(kind) {
+            Verdict::Run => self.inner.submit(tag, op),
+            Verdict::Fail(e) => self.failed.push((tag, Err(e))),
+            // Held here (with its guest buffers) until the process ends.
+            Verdict::Stall => self.stalled.push(op),
+        }
+    }
+
+    fn reap(&mut self, out: &mut Vec<(u16, io::Result<()>)>) {
+        out.append(&mut self.failed);
+        self.inner.reap(out);
+    }
+
+    fn event_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        self.inner.event_fd()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.failed.len() + self.stalled.len() + self.inner.in_flight()
+    }
+
+    fn sequential(&self) -> bool {
+        self.inner.sequential()
     }
 }
 

@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use log::warn;
 
+use super::engine::Aio;
 use super::lock::{self, ImageLocks, Locking};
 use super::qcow2::{JournalMode, Qcow2Image};
 use super::raw::RawImage;
@@ -74,6 +75,8 @@ pub struct ImageOptions {
     pub journal: JournalMode,
     /// Testing: record every write and sync of the image's files (the power-loss harness).
     pub recorder: Option<Arc<Recorder>>,
+    /// Which I/O engine the queues get.
+    pub aio: Aio,
 }
 
 impl ImageOptions {
@@ -88,6 +91,7 @@ impl ImageOptions {
             logical_block_size: 512,
             journal: JournalMode::Default,
             recorder: None,
+            aio: Aio::default(),
         }
     }
 }
@@ -200,15 +204,7 @@ mod tests {
     use super::*;
 
     fn opts(path: &Path, format: ImageFormat) -> ImageOptions {
-        ImageOptions {
-            path: path.to_owned(),
-            format,
-            read_only: false,
-            direct: false,
-            logical_block_size: 512,
-            journal: JournalMode::Default,
-            recorder: None,
-        }
+        ImageOptions::new(path, format)
     }
 
     #[test]

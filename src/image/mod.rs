@@ -5,6 +5,7 @@
 //! path takes no lock shared by all queues. The request layer (`virtio_blk`) only ever talks to
 //! these two traits; formats (raw, qcow2) plug in underneath.
 
+pub mod engine;
 pub mod fault;
 pub mod format;
 pub mod lock;
@@ -12,6 +13,7 @@ pub mod null;
 pub mod qcow2;
 pub mod raw;
 pub mod storage;
+pub mod uring;
 
 use std::io;
 
@@ -75,14 +77,13 @@ pub trait BlockImage: Send + Sync {
     /// discard alignment the device advertises).
     fn discard_granularity(&self) -> u64;
 
-    /// Opens an independent I/O handle for one queue worker.
+    /// Opens an independent synchronous I/O handle for one queue worker.
     fn queue_handle(&self) -> io::Result<Box<dyn ImageQueue>>;
 
-    /// Whether large read batches gain from running half on a second thread (the image
-    /// copies data; see `virtio_blk::split`). The null device, which copies nothing, only
-    /// loses the handoff.
-    fn parallel_reads(&self) -> bool {
-        true
+    /// Opens the I/O engine of one queue worker. The default runs each request to completion
+    /// on the worker ([`engine::SyncEngine`]); images with an io_uring engine override it.
+    fn engine(&self) -> io::Result<Box<dyn engine::IoEngine>> {
+        Ok(Box::new(engine::SyncEngine::new(self.queue_handle()?)))
     }
 
     /// Makes every write that has completed so far durable.
@@ -121,18 +122,6 @@ pub trait BlockImage: Send + Sync {
     }
 }
 
-/// One read or write of a batch ([`ImageQueue::run_batch`]).
-pub struct BatchOp<'a> {
-    /// Byte offset in the virtual disk.
-    pub offset: u64,
-    /// Guest buffers, in order.
-    pub bufs: Vec<GuestSlice<'a>>,
-    /// A write (else a read).
-    pub write: bool,
-    /// For writes: durable on completion (write-through).
-    pub durable: bool,
-}
-
 /// The I/O handle one queue worker uses; never shared between threads.
 ///
 /// Offsets and lengths are in bytes of the virtual disk and have been checked by the caller to
@@ -156,31 +145,12 @@ pub trait ImageQueue: Send {
     /// Makes the range read back as zeros. With `unmap`, the image may free the space.
     fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
 
-    /// Runs several independent reads and writes, possibly concurrently, and pushes one result
-    /// per op, in order, to `results`. Virtio gives no ordering between requests in flight
-    /// together, so the image may run them in any order. The default runs them one by one.
-    fn run_batch(&mut self, ops: &[BatchOp<'_>], results: &mut Vec<io::Result<()>>) {
-        for op in ops {
-            results.push(self.run_op(op));
-        }
-    }
-
-    /// Whether [`ImageQueue::run_batch`] runs its ops one after another, each costing real
-    /// time (a copy through the page cache, metadata work). The request handler then returns
-    /// completions to the driver every few requests instead of at the end of the batch, so
-    /// the driver refills the queue while the rest runs. Images that run a batch concurrently
-    /// (io_uring) or whose ops cost nothing (null) say `false`.
+    /// Whether each op costs real time (a copy through the page cache, metadata work). The
+    /// request handler then returns completions to the driver every few requests instead of
+    /// once the queue is empty, so the driver refills the queue while the rest runs. Images
+    /// whose ops cost nothing (null) say `false`.
     fn sequential(&self) -> bool {
         true
-    }
-
-    /// Runs one batch op synchronously.
-    fn run_op(&mut self, op: &BatchOp<'_>) -> io::Result<()> {
-        if op.write {
-            self.write(op.offset, &op.bufs, op.durable)
-        } else {
-            self.read(op.offset, &op.bufs)
-        }
     }
 }
 

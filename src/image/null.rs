@@ -35,10 +35,6 @@ impl BlockImage for NullImage {
         4096
     }
 
-    fn parallel_reads(&self) -> bool {
-        false
-    }
-
     fn queue_handle(&self) -> io::Result<Box<dyn ImageQueue>> {
         Ok(Box::new(NullQueue))
     }

@@ -15,9 +15,8 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -100,6 +99,9 @@ pub struct BlkBackend {
     busy_workers: AtomicUsize,
     /// CPUs this process may run on.
     cpus: usize,
+    /// The workers' epoll handlers (set once the connection's daemon exists), where each
+    /// worker registers its engine's completion eventfd.
+    epoll: Mutex<Vec<Arc<VringEpollHandler<Arc<BlkBackend>>>>>,
 }
 
 /// Counts a worker as busy in [`BlkBackend::busy_workers`] while it lives.
@@ -156,7 +158,20 @@ impl BlkBackend {
             handed_out: Mutex::new(Vec::new()),
             busy_workers: AtomicUsize::new(0),
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            epoll: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Hands over the workers' epoll handlers, so that a worker can add its engine's
+    /// completion eventfd to its own epoll set when it creates the engine.
+    pub fn set_epoll_handlers(&self, handlers: Vec<Arc<VringEpollHandler<Arc<BlkBackend>>>>) {
+        *lock(&self.epoll) = handlers;
+    }
+
+    /// The epoll event id of queue `q`'s engine completions (above the queue and exit ids,
+    /// which vhost-user-backend reserves).
+    fn completion_event(&self, q: usize) -> u64 {
+        u64::from(self.params.num_queues) + 1 + q as u64
     }
 
     /// Per-connection device state (cache mode, acked features).
@@ -172,6 +187,13 @@ impl BlkBackend {
     pub fn finish_connection<D>(&self, daemon: D) {
         self.stop_workers();
         drop(daemon);
+        // The epoll handlers hold the backend: dropping them breaks that cycle, so the
+        // backend, and with it every queue's engine (ring, eventfd, image handles), goes
+        // when the connection does.
+        lock(&self.epoll).clear();
+        for w in &self.workers {
+            lock(w).handler = None;
+        }
         self.close_leaked_fds();
     }
 
@@ -205,7 +227,7 @@ impl BlkBackend {
         if worker.handler.is_none() {
             // A failure (e.g. out of fds) is retried on the next kick rather than ending
             // this queue's worker thread.
-            let queue = match self.device.image.queue_handle() {
+            let engine = match self.device.image.engine() {
                 Ok(q) => q,
                 Err(e) => {
                     warn!("queue {thread_id}: cannot open an image handle: {e}");
@@ -218,21 +240,27 @@ impl BlkBackend {
                 .get(thread_id)
                 .cloned()
                 .unwrap_or_default();
-            let mut handler =
-                RequestHandler::new(queue, self.params.clone(), self.state.clone(), counters);
-            // Large read batches run half on a helper thread (virtio_blk::split): worth it
-            // only with a second CPU.
-            if self.device.image.parallel_reads()
-                && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1)
-            {
-                match self.device.image.queue_handle() {
-                    Ok(h) => handler = handler.with_helper(h),
-                    Err(e) => debug!("queue {thread_id}: no helper image handle: {e}"),
+            let handler =
+                RequestHandler::new(engine, self.params.clone(), self.state.clone(), counters);
+            if let Some(fd) = handler.event_fd() {
+                let handlers = lock(&self.epoll);
+                let ev = self.completion_event(thread_id);
+                match handlers.get(thread_id) {
+                    Some(h) => {
+                        if let Err(e) = h.register_listener(fd, EventSet::IN, ev) {
+                            warn!("queue {thread_id}: cannot watch the engine's completions: {e}");
+                            return Ok(());
+                        }
+                    }
+                    None => {
+                        warn!("queue {thread_id}: no epoll handler for the engine's completions");
+                        return Ok(());
+                    }
                 }
             }
             worker.handler = Some(handler);
         }
-        let mut mem = self.mem.memory();
+        let mut mem = self.mem.memory().into_inner();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let mut vring = vring.get_mut();
         let (gen, region) = self.conn.inflight();
@@ -242,7 +270,11 @@ impl BlkBackend {
         if gen != worker.inflight_gen {
             worker.inflight_gen = gen;
             if let Some(t) = &qtracker {
-                worker.counter = recover_queue(t, vring.get_queue_mut(), &mem, qidx);
+                let (heads, counter) = recover_queue(t, vring.get_queue_mut(), &mem, qidx);
+                worker.counter = counter;
+                if let Some(h) = worker.handler.as_mut() {
+                    h.resubmit(heads);
+                }
             }
         }
         let Some(handler) = worker.handler.as_mut() else {
@@ -276,7 +308,7 @@ impl BlkBackend {
                 handler.process_queue(vring.get_queue_mut(), &mem, &mut tracker, &mut changed)
             };
             if run.memory_changed {
-                mem = self.mem.memory();
+                mem = self.mem.memory().into_inner();
                 continue;
             }
             let used = run.used;
@@ -329,50 +361,44 @@ impl BlkBackend {
     }
 }
 
-/// Brings queue `qidx` in line with the inflight region after a backend restart: the
-/// requests that were in flight are offered again, in the order they were first taken (our
-/// workers complete in order, so they are the avail entries right after the used index).
-/// Returns the next counter value.
-fn recover_queue(t: &QueueTracker<'_>, queue: &mut Queue, mem: &GuestMem, qidx: u16) -> u64 {
+/// Brings queue `qidx` in line with the inflight region after a backend restart
+/// (vhost-user.rst, "Inflight I/O tracking"): the requests that were in flight are returned,
+/// in the order they were first taken, to be run again by head; the avail index moves past
+/// them, to the used index plus their number, since every chain taken before is now either
+/// on the used ring or among them. They need not be the avail entries right after the used
+/// index: requests complete out of order. Returns the heads and the next counter value.
+fn recover_queue(
+    t: &QueueTracker<'_>,
+    queue: &mut Queue,
+    mem: &GuestMem,
+    qidx: u16,
+) -> (Vec<u16>, u64) {
     let used = match queue.used_idx(mem, std::sync::atomic::Ordering::Acquire) {
         Ok(u) => u.0,
         Err(e) => {
             warn!("queue {qidx}: cannot read the used index for inflight recovery: {e}");
-            return 0;
+            return (Vec::new(), 0);
         }
     };
     let (heads, next_counter) = t.recover(used);
     if heads.is_empty() {
-        return next_counter;
+        return (heads, next_counter);
     }
-    if queue.next_avail() != used {
+    // Fewer heads than the queue size: recover() lists each descriptor at most once.
+    let avail = used.wrapping_add(u16::try_from(heads.len()).unwrap_or(u16::MAX));
+    if queue.next_avail() != avail {
         info!(
-            "queue {qidx}: rewinding the avail index from {} to {used} to resubmit {} request(s)",
-            queue.next_avail(),
-            heads.len()
+            "queue {qidx}: moving the avail index from {} to {avail}, past the in-flight \
+             requests",
+            queue.next_avail()
         );
-        queue.set_next_avail(used);
-    }
-    let avail = GuestAddress(queue.avail_ring());
-    let size = queue.size().max(1);
-    for (i, &head) in heads.iter().enumerate() {
-        let pos = used.wrapping_add(i as u16) % size;
-        let entry = avail
-            .checked_add(4 + 2 * u64::from(pos))
-            .and_then(|a| mem.read_obj::<u16>(a).ok());
-        if entry != Some(head) {
-            warn!(
-                "queue {qidx}: in-flight request {head} is not at avail position {pos} \
-                 (found {entry:?}); resubmitting in avail order"
-            );
-            break;
-        }
+        queue.set_next_avail(avail);
     }
     info!(
         "queue {qidx}: resubmitting {} in-flight request(s)",
         heads.len()
     );
-    next_counter
+    (heads, next_counter)
 }
 
 impl VhostUserBackend for BlkBackend {
@@ -495,9 +521,19 @@ impl VhostUserBackend for BlkBackend {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
-        let Some(vring) = vrings.get(usize::from(device_event)) else {
+        // A queue's kick, or its engine's completions: either way the worker reaps what is
+        // done and takes what is available. Kicks are numbered within the thread's vrings
+        // (one per thread, see queues_per_thread); completions by queue.
+        let vring = if u64::from(device_event) == self.completion_event(thread_id) {
+            vrings.first()
+        } else if u64::from(device_event) < u64::from(self.params.num_queues) {
+            vrings.get(usize::from(device_event))
+        } else {
+            None
+        };
+        let Some(vring) = vring else {
             return Err(io::Error::other(format!(
-                "unknown device event {device_event}"
+                "unknown device event {device_event} on worker {thread_id}"
             )));
         };
         self.process_vring(vring, thread_id)

@@ -9,6 +9,7 @@
 
 use std::ops::Deref;
 
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -59,12 +60,29 @@ impl ChainLayout {
     where
         M: Deref<Target = GuestMem>,
     {
+        self.load_descriptors(chain);
+    }
+
+    /// Replaces the contents with the chain starting at descriptor `head` of the table at
+    /// `desc_table` (of `queue_size` entries), for requests that are not taken from the avail
+    /// ring: those resubmitted after a backend restart.
+    pub fn load_head(
+        &mut self,
+        mem: &GuestMem,
+        desc_table: GuestAddress,
+        queue_size: u16,
+        head: u16,
+    ) {
+        self.load_descriptors(HeadChain::new(mem, desc_table, queue_size, head));
+    }
+
+    fn load_descriptors(&mut self, descriptors: impl Iterator<Item = Descriptor>) {
         self.readable.clear();
         self.writable.clear();
         self.readable_len = 0;
         self.writable_len = 0;
         self.error = None;
-        for desc in chain {
+        for desc in descriptors {
             if desc.len() == 0 {
                 continue;
             }
@@ -82,6 +100,82 @@ impl ChainLayout {
                 self.readable_len += u64::from(seg.len);
             }
         }
+    }
+}
+
+/// The descriptors of the chain starting at a given head, walked with the same limits as a
+/// chain popped from the avail ring: at most a table's worth of descriptors (so a loop ends),
+/// one level of indirection, a table entry count that fits, and fewer than 2^32 bytes in all
+/// (virtio 1.2, 2.7.5). A descriptor that breaks a rule, or cannot be read, ends the chain
+/// there; the request then lacks its status byte or data and fails its checks.
+struct HeadChain<'m> {
+    mem: &'m GuestMem,
+    table: GuestAddress,
+    entries: u16,
+    next: u16,
+    /// Descriptors still allowed.
+    ttl: u16,
+    indirect: bool,
+    bytes: u32,
+}
+
+impl<'m> HeadChain<'m> {
+    fn new(mem: &'m GuestMem, table: GuestAddress, entries: u16, head: u16) -> Self {
+        HeadChain {
+            mem,
+            table,
+            entries,
+            next: head,
+            ttl: entries,
+            indirect: false,
+            bytes: 0,
+        }
+    }
+
+    fn read(&self, index: u16) -> Option<Descriptor> {
+        let addr = self.table.0.checked_add(u64::from(index) * DESC_SIZE)?;
+        self.mem.read_obj::<Descriptor>(GuestAddress(addr)).ok()
+    }
+}
+
+/// Size of a split-ring descriptor.
+const DESC_SIZE: u64 = 16;
+
+impl Iterator for HeadChain<'_> {
+    type Item = Descriptor;
+
+    fn next(&mut self) -> Option<Descriptor> {
+        if self.ttl == 0 || self.next >= self.entries {
+            return None;
+        }
+        let mut desc = self.read(self.next)?;
+        if desc.refers_to_indirect_table() {
+            // Only from the descriptor table, to a table of whole descriptors.
+            if self.indirect || u64::from(desc.len()) % DESC_SIZE != 0 {
+                return None;
+            }
+            let entries = u16::try_from(u64::from(desc.len()) / DESC_SIZE).ok()?;
+            self.table = desc.addr();
+            self.entries = entries;
+            self.ttl = entries;
+            self.next = 0;
+            self.indirect = true;
+            if entries == 0 {
+                return None;
+            }
+            desc = self.read(0)?;
+            if desc.refers_to_indirect_table() {
+                return None;
+            }
+        }
+        self.bytes = self.bytes.checked_add(desc.len())?;
+        if desc.has_next() {
+            self.next = desc.next();
+            self.ttl -= 1;
+        } else {
+            self.ttl = 0;
+        }
+        Some(desc)
     }
 }
 
@@ -254,5 +348,86 @@ mod tests {
         assert!(slices(&m, &wrap, 4, 8, &mut out).is_err());
         let mut b = [0u8; 8];
         assert!(gather(&m, &wrap, 4, &mut b).is_err());
+    }
+}
+
+#[cfg(test)]
+mod head_chain_tests {
+    use super::*;
+
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+    const INDIRECT: u16 = 4;
+    const TABLE: u64 = 0x1000;
+
+    fn mem() -> GuestMem {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap()
+    }
+
+    fn put(m: &GuestMem, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let d = Descriptor::new(addr, len, flags, next);
+        m.write_obj(d, GuestAddress(table + DESC_SIZE * u64::from(i)))
+            .unwrap();
+    }
+
+    fn load(m: &GuestMem, size: u16, head: u16) -> ChainLayout {
+        let mut l = ChainLayout::default();
+        l.load_head(m, GuestAddress(TABLE), size, head);
+        l
+    }
+
+    #[test]
+    fn direct_chain_from_any_head() {
+        let m = mem();
+        put(&m, TABLE, 5, 0x4000, 16, NEXT, 2);
+        put(&m, TABLE, 2, 0x5000, 512, NEXT | WRITE, 7);
+        put(&m, TABLE, 7, 0x6000, 1, WRITE, 0);
+        let l = load(&m, 8, 5);
+        assert_eq!(l.readable_len, 16);
+        assert_eq!(l.writable_len, 513);
+        assert_eq!(l.writable.len(), 2);
+        assert_eq!(l.error, None);
+    }
+
+    #[test]
+    fn loops_and_bad_heads_end_the_chain() {
+        let m = mem();
+        put(&m, TABLE, 0, 0x4000, 16, NEXT, 1);
+        put(&m, TABLE, 1, 0x5000, 16, NEXT, 0);
+        // At most a table's worth of descriptors.
+        assert_eq!(load(&m, 4, 0).readable.len(), 4);
+        assert_eq!(load(&m, 4, 4).readable_len, 0);
+        // A next index outside the table ends the chain.
+        put(&m, TABLE, 2, 0x4000, 16, NEXT, 9);
+        assert_eq!(load(&m, 4, 2).readable.len(), 1);
+    }
+
+    #[test]
+    fn one_level_of_indirection() {
+        let m = mem();
+        let ind = 0x2000;
+        put(&m, TABLE, 3, ind, 3 * 16, INDIRECT, 0);
+        put(&m, ind, 0, 0x4000, 16, NEXT, 1);
+        put(&m, ind, 1, 0x5000, 4096, NEXT | WRITE, 2);
+        put(&m, ind, 2, 0x6000, 1, WRITE, 0);
+        let l = load(&m, 8, 3);
+        assert_eq!((l.readable_len, l.writable_len), (16, 4097));
+        // Nested indirection and a table that is not whole descriptors are refused.
+        put(&m, ind, 0, 0x3000, 16, INDIRECT, 0);
+        assert_eq!(
+            load(&m, 8, 3).readable.len() + load(&m, 8, 3).writable.len(),
+            0
+        );
+        put(&m, TABLE, 4, ind, 40, INDIRECT, 0);
+        assert_eq!(load(&m, 8, 4).readable_len, 0);
+    }
+
+    #[test]
+    fn chains_of_4_gib_or_more_end() {
+        let m = mem();
+        put(&m, TABLE, 0, 0x4000, u32::MAX, NEXT, 1);
+        put(&m, TABLE, 1, 0x5000, 2, WRITE, 0);
+        let l = load(&m, 4, 0);
+        assert_eq!((l.readable.len(), l.writable.len()), (1, 0));
     }
 }

@@ -7,7 +7,6 @@ pub mod chain;
 pub mod config;
 pub mod header;
 pub mod request;
-pub mod split;
 
 #[cfg(test)]
 mod tests;

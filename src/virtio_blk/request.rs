@@ -1,10 +1,11 @@
-//! Executing virtio-blk requests from a virtqueue against an [`ImageQueue`].
+//! Executing virtio-blk requests from a virtqueue on the queue's [`IoEngine`].
 //!
-//! [`RequestHandler`] owns one queue's image handle and scratch buffers. For each descriptor
-//! chain it validates everything the virtio spec asks a device to check, runs the I/O, writes
-//! the status byte and returns the chain to the used ring. A malformed chain costs that request
-//! an error status (or, when not even a status byte can be found, an empty used entry): never a
-//! panic, never a stuck queue.
+//! [`RequestHandler`] owns one queue's engine. For each descriptor chain it validates
+//! everything the virtio spec asks a device to check and submits the request to the engine;
+//! when the engine reports it finished, it writes the status byte and returns the chain to the
+//! used ring. Requests complete in whatever order they finish. A malformed chain costs that
+//! request an error status (or, when not even a status byte can be found, an empty used
+//! entry): never a panic, never a stuck queue.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,7 +21,8 @@ use super::config::{
     features, status, DeviceParams, ID_BYTES, SECTOR_SHIFT, SECTOR_SIZE, SEG_FLAG_UNMAP,
 };
 use super::header::{DwzSegment, RequestHeader, RequestType};
-use crate::image::{slices_len, BatchOp, GuestSlice, ImageQueue};
+use crate::image::engine::{EngineOp, GuestBuffers, IoEngine};
+use crate::image::GuestSlice;
 use crate::stats::{now_ns, QueueCounters, ReqKind};
 
 /// Size of the request header in the device-readable stream.
@@ -93,27 +95,30 @@ impl Done {
 }
 
 /// What preparing a request leads to.
-enum Step<'m> {
+enum Step {
     /// Finished (an error, or a request executed on the spot).
     Done(Done),
-    /// A read or write to run in a batch, and the outcome to report if it succeeds.
-    Io(BatchOp<'m>, Done),
+    /// A request for the engine, and the outcome to report if it succeeds.
+    Io(EngineOp, Done),
 }
 
-/// A request waiting for its batch to run.
+/// A request the engine is running.
 struct Pending {
-    head: u16,
     status_addr: Option<GuestAddress>,
     kind: ReqKind,
     done: Done,
     start: Instant,
+    /// What it is, for the log line if it fails.
+    what: &'static str,
+    offset: u64,
+    len: u64,
 }
 
 /// Largest read or write accepted (larger ones fail with IOERR).
 pub const MAX_REQUEST_BYTES: u64 = 128 << 20;
 
-/// Most reads/writes gathered into one batch.
-const MAX_BATCH: usize = 256;
+/// Most requests taken in one pass before completions are looked at.
+const MAX_PASS: usize = 256;
 
 /// Whether the driver has made chains available that `queue` has not taken yet (an
 /// unreadable avail index counts as none).
@@ -143,18 +148,23 @@ impl ChainTracker for () {
 
 /// Executes one queue's requests.
 pub struct RequestHandler {
-    image: Box<dyn ImageQueue>,
-    /// The helper thread (with a second handle on the image) for large read batches
-    /// ([`super::split`]); `None` on a single-CPU host.
-    helper: Option<super::split::SplitHelper>,
+    engine: Box<dyn IoEngine>,
+    /// Requests in flight in the engine, by descriptor head.
+    pending: Vec<Option<Pending>>,
+    /// Results reaped from the engine (reused).
+    reaped: Vec<(u16, io::Result<()>)>,
     params: Arc<DeviceParams>,
     state: Arc<DeviceState>,
     layout: ChainLayout,
     counters: Arc<QueueCounters>,
     /// The request being prepared referenced an address outside guest memory.
     bad_address: bool,
-    /// Reads/writes per batch after which [`RequestHandler::process_queue`] returns so the
-    /// caller can tell the driver about them (`None`: only when the queue is empty).
+    /// Heads to run again before taking new chains: the requests that were in flight when the
+    /// previous backend stopped, in the order it took them.
+    resubmit: std::collections::VecDeque<u16>,
+    /// With a sequential engine: requests after which [`RequestHandler::process_queue`]
+    /// returns so the caller can tell the driver about their completions (`None`: only when
+    /// the queue is empty).
     notify_every: Option<usize>,
 }
 
@@ -166,7 +176,7 @@ pub struct QueueRun {
     /// A chain referenced memory the current map lacks, and the map has since changed: the
     /// chain was put back and the queue must be processed again with the new map.
     pub memory_changed: bool,
-    /// The call stopped after a batch of the size set by
+    /// The call stopped after the number of requests set by
     /// [`RequestHandler::set_notify_every`] while more chains were waiting: notify the driver,
     /// then call again (the next call takes at least one chain, unless the avail index is
     /// bogus).
@@ -176,48 +186,54 @@ pub struct QueueRun {
 impl RequestHandler {
     /// A handler for one queue.
     pub fn new(
-        image: Box<dyn ImageQueue>,
+        engine: Box<dyn IoEngine>,
         params: Arc<DeviceParams>,
         state: Arc<DeviceState>,
         counters: Arc<QueueCounters>,
     ) -> Self {
         RequestHandler {
-            image,
-            helper: None,
+            engine,
+            pending: Vec::new(),
+            reaped: Vec::new(),
             params,
             state,
             layout: ChainLayout::default(),
             counters,
             bad_address: false,
+            resubmit: std::collections::VecDeque::new(),
             notify_every: None,
         }
     }
 
-    /// Makes [`RequestHandler::process_queue`] return after each batch of `n` reads/writes
-    /// when more chains are waiting (with [`QueueRun::more`] set), so that their completions
-    /// reach the driver while later requests still run. Worth it when the image runs a batch
-    /// one request after another ([`ImageQueue::sequential`]) and the driver has a CPU to
+    /// Makes [`RequestHandler::process_queue`] return after every `n` requests when more
+    /// chains are waiting (with [`QueueRun::more`] set), so that their completions reach the
+    /// driver while later requests still run. Worth it when the engine runs requests one
+    /// after another inside `submit` ([`IoEngine::sequential`]) and the driver has a CPU to
     /// run on meanwhile: a driver that went to sleep waiting for completions then wakes and
-    /// refills the queue during the rest of the batch instead of after it. `0` turns it off.
+    /// refills the queue while the rest run instead of after them. `0` turns it off.
     pub fn set_notify_every(&mut self, n: usize) {
-        self.notify_every = (n > 0).then_some(n.min(MAX_BATCH));
+        self.notify_every = (n > 0).then_some(n.min(MAX_PASS));
     }
 
-    /// Whether the image runs a batch one request after another
-    /// ([`ImageQueue::sequential`]).
+    /// Queues `heads` (chains the previous backend took from the avail ring but never
+    /// completed) to be run before any new chain is taken.
+    pub fn resubmit(&mut self, heads: impl IntoIterator<Item = u16>) {
+        self.resubmit.extend(heads);
+    }
+
+    /// Whether the engine runs requests one after another ([`IoEngine::sequential`]).
     pub fn sequential(&self) -> bool {
-        self.image.sequential()
+        self.engine.sequential()
     }
 
-    /// Lets large read batches run half on a helper thread that owns `helper`, a second
-    /// handle on the same image ([`super::split`]). Without it (or if the thread cannot be
-    /// started) batches run on the worker alone.
-    pub fn with_helper(mut self, helper: Box<dyn ImageQueue>) -> Self {
-        match super::split::SplitHelper::new(helper) {
-            Ok(h) => self.helper = Some(h),
-            Err(e) => debug!("no read helper thread: {e}"),
-        }
-        self
+    /// The engine's completion eventfd, if it has one.
+    pub fn event_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        self.engine.event_fd()
+    }
+
+    /// Requests in flight in the engine.
+    pub fn in_flight(&self) -> usize {
+        self.engine.in_flight()
     }
 
     /// This queue's counters.
@@ -225,90 +241,113 @@ impl RequestHandler {
         &self.counters
     }
 
-    /// Processes every available chain of `queue`.
+    /// Returns the requests the engine has finished to the used ring, then takes every
+    /// available chain of `queue` (as long as fewer than a queue's worth are in flight) and
+    /// submits it to the engine. Requests complete in the order they finish.
     ///
     /// A chain whose buffers lie outside `mem` may be racing a memory table update (a frontend
     /// may kick before the update sent just before has been applied): then `memory_changed` is
     /// asked whether the map has changed meanwhile, and if so the chain is put back and the
     /// call returns so the caller can retry with the new map. Otherwise the chain fails.
-    ///
-    /// Consecutive reads and writes are gathered into a batch that the image may run
-    /// concurrently ([`ImageQueue::run_batch`]); any other request first completes the batch
-    /// before it, so it orders after everything taken before it. Requests are returned to the
-    /// used ring in the order they were taken.
     pub fn process_queue(
         &mut self,
         queue: &mut Queue,
-        mem: &GuestMem,
+        mem: &Arc<GuestMem>,
         tracker: &mut impl ChainTracker,
         memory_changed: &mut dyn FnMut() -> bool,
     ) -> QueueRun {
-        let mut used_any = false;
-        let mut pending: Vec<Pending> = Vec::new();
-        let mut ops: Vec<BatchOp<'_>> = Vec::new();
-        let mut results: Vec<io::Result<()>> = Vec::new();
-        let limit = self.notify_every.unwrap_or(MAX_BATCH);
+        let mut used_any = self.complete_reaped(queue, mem, tracker);
+        let mut taken = 0usize;
+        let cap = usize::from(queue.size()).max(1);
         loop {
-            let full = pending.len() >= limit;
-            let chain = if full {
-                None
-            } else {
-                queue.pop_descriptor_chain(mem)
-            };
-            let Some(chain) = chain else {
-                if pending.is_empty() {
-                    break;
+            // Early completions: with a sequential engine, hand back what is done every few
+            // requests while more are waiting (their requests already finished in `submit`).
+            if let Some(n) = self.notify_every {
+                if taken >= n {
+                    used_any |= self.complete_reaped(queue, mem, tracker);
+                    if !self.resubmit.is_empty() || chains_waiting(queue, mem) {
+                        return QueueRun {
+                            used: used_any,
+                            memory_changed: false,
+                            more: true,
+                        };
+                    }
+                    taken = 0;
                 }
-                self.complete_batch(queue, mem, tracker, &mut pending, &mut ops, &mut results);
-                used_any = true;
-                // Return early only if chains are waiting: after the last batch the caller
-                // busy-polls for the driver's next requests instead.
-                if full && self.notify_every.is_some() && chains_waiting(queue, mem) {
-                    return QueueRun {
-                        used: true,
-                        memory_changed: false,
-                        more: true,
+            }
+            if self.engine.in_flight() >= cap || taken >= MAX_PASS {
+                break;
+            }
+            let start = Instant::now();
+            let resubmitted = self.resubmit.pop_front();
+            let head = match resubmitted {
+                Some(head) => {
+                    self.layout.load_head(
+                        mem,
+                        GuestAddress(queue.desc_table()),
+                        queue.size(),
+                        head,
+                    );
+                    head
+                }
+                None => {
+                    let Some(chain) = queue.pop_descriptor_chain(&**mem) else {
+                        break;
                     };
+                    let head = chain.head_index();
+                    self.layout.load(chain);
+                    head
                 }
-                continue;
             };
-            let head = chain.head_index();
             tracker.taken(head);
             self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
-            let start = Instant::now();
-            self.layout.load(chain);
             let header = self.header(mem);
             let status_addr = if self.layout.writable_len == 0 {
                 None
             } else {
                 byte_addr(&self.layout.writable, self.layout.writable_len - 1)
             };
-            // Anything but a read or write orders after the batch before it: run the batch
-            // before executing it.
-            if !pending.is_empty() && !header.is_ok_and(|h| h.kind.is_read_or_write()) {
-                self.complete_batch(queue, mem, tracker, &mut pending, &mut ops, &mut results);
-            }
             self.bad_address = false;
             let (kind, step) = match status_addr {
                 // Without a status byte there is nothing to report: don't execute.
                 None => (ReqKind::Other, Step::Done(Done::err(status::IOERR))),
                 Some(_) => self.prepare(mem, header, self.layout.writable_len - 1),
             };
-            let io_op = match step {
-                Step::Io(op, done) => Some((op, done)),
-                Step::Done(_) if self.bad_address && memory_changed() => {
-                    if !pending.is_empty() {
-                        self.complete_batch(
-                            queue,
-                            mem,
-                            tracker,
-                            &mut pending,
-                            &mut ops,
-                            &mut results,
-                        );
+            match step {
+                Step::Io(op, done) => {
+                    let (what, offset, len) = match &op {
+                        EngineOp::Read { offset, bufs } => ("read", *offset, bufs.len()),
+                        EngineOp::Write { offset, bufs, .. } => ("write", *offset, bufs.len()),
+                        EngineOp::Flush => ("flush", 0, 0),
+                        EngineOp::Discard { .. } => ("discard", 0, 0),
+                        EngineOp::WriteZeroes { .. } => ("write-zeroes", 0, 0),
+                    };
+                    let slot = usize::from(head);
+                    if self.pending.len() <= slot {
+                        self.pending.resize_with(slot + 1, || None);
                     }
+                    self.pending[slot] = Some(Pending {
+                        status_addr,
+                        kind,
+                        done,
+                        start,
+                        what,
+                        offset,
+                        len,
+                    });
+                    self.engine.submit(head, op);
+                    if self.engine.event_fd().is_none() {
+                        // An engine without completion events finished it inside `submit`:
+                        // return it now, so such engines complete in the order taken.
+                        used_any |= self.complete_reaped(queue, mem, tracker);
+                    }
+                }
+                Step::Done(_) if self.bad_address && memory_changed() => {
                     // Put the chain back: it is taken again with the new map.
-                    queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                    match resubmitted {
+                        Some(head) => self.resubmit.push_front(head),
+                        None => queue.set_next_avail(queue.next_avail().wrapping_sub(1)),
+                    }
                     self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
                     return QueueRun {
                         used: used_any,
@@ -317,40 +356,68 @@ impl RequestHandler {
                     };
                 }
                 Step::Done(done) => {
-                    // Keep completions in the order chains were taken (a read/write that
-                    // failed validation, or a chain without a status byte, must not overtake
-                    // the batch before it): inflight recovery relies on it.
-                    if !pending.is_empty() {
-                        self.complete_batch(
-                            queue,
-                            mem,
-                            tracker,
-                            &mut pending,
-                            &mut ops,
-                            &mut results,
-                        );
-                    }
                     self.finish(queue, mem, tracker, head, status_addr, kind, done, start);
                     used_any = true;
-                    None
                 }
-            };
-            if let Some((op, done)) = io_op {
-                ops.push(op);
-                pending.push(Pending {
-                    head,
-                    status_addr,
-                    kind,
-                    done,
-                    start,
-                });
             }
+            taken += 1;
         }
+        used_any |= self.complete_reaped(queue, mem, tracker);
         QueueRun {
             used: used_any,
             memory_changed: false,
             more: false,
         }
+    }
+
+    /// Returns every request the engine has finished to the used ring; true if any.
+    fn complete_reaped(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMem,
+        tracker: &mut impl ChainTracker,
+    ) -> bool {
+        let mut reaped = std::mem::take(&mut self.reaped);
+        reaped.clear();
+        self.engine.reap(&mut reaped);
+        let any = !reaped.is_empty();
+        for (head, r) in reaped.drain(..) {
+            let Some(p) = self
+                .pending
+                .get_mut(usize::from(head))
+                .and_then(|p| p.take())
+            else {
+                warn!("engine finished request {head}, which is not in flight");
+                continue;
+            };
+            let done = match r {
+                Ok(()) => p.done,
+                Err(e) => {
+                    warn!(
+                        "{} of {} bytes at offset {} failed: {e}",
+                        p.what, p.len, p.offset
+                    );
+                    Done::err(status::IOERR)
+                }
+            };
+            if p.kind == ReqKind::Flush && done.status == status::OK {
+                self.counters
+                    .last_flush_ns
+                    .store(now_ns(), Ordering::Relaxed);
+            }
+            self.finish(
+                queue,
+                mem,
+                tracker,
+                head,
+                p.status_addr,
+                p.kind,
+                done,
+                p.start,
+            );
+        }
+        self.reaped = reaped;
+        any
     }
 
     /// The loaded chain's request header, read once per chain: the layout's error for a
@@ -362,52 +429,6 @@ impl RequestHandler {
         let mut hdr = [0u8; RequestHeader::LEN];
         gather(mem, &self.layout.readable, 0, &mut hdr)?;
         Ok(RequestHeader::parse(&hdr))
-    }
-
-    /// Runs the batched reads/writes and returns their chains in order.
-    fn complete_batch<'m>(
-        &mut self,
-        queue: &mut Queue,
-        mem: &'m GuestMem,
-        tracker: &mut impl ChainTracker,
-        pending: &mut Vec<Pending>,
-        ops: &mut Vec<BatchOp<'m>>,
-        results: &mut Vec<io::Result<()>>,
-    ) {
-        results.clear();
-        match &self.helper {
-            Some(h) if super::split::worth_splitting(ops) => {
-                super::split::run_split(self.image.as_mut(), h, ops, results)
-            }
-            _ => self.image.run_batch(ops, results),
-        }
-        for (i, p) in pending.drain(..).enumerate() {
-            let done = match results.get(i) {
-                Some(Ok(())) => p.done,
-                Some(Err(e)) => {
-                    let op = &ops[i];
-                    warn!(
-                        "{} of {} bytes at offset {} failed: {e}",
-                        if op.write { "write" } else { "read" },
-                        slices_len(&op.bufs),
-                        op.offset
-                    );
-                    Done::err(status::IOERR)
-                }
-                None => Done::err(status::IOERR),
-            };
-            self.finish(
-                queue,
-                mem,
-                tracker,
-                p.head,
-                p.status_addr,
-                p.kind,
-                done,
-                p.start,
-            );
-        }
-        ops.clear();
     }
 
     /// Writes the status byte, returns the chain to the used ring and counts it.
@@ -458,12 +479,12 @@ impl RequestHandler {
 
     /// Validates the loaded chain and either finishes it (errors, flush, discard, ...) or
     /// returns the read/write to run, with the outcome to report if it succeeds.
-    fn prepare<'m>(
+    fn prepare(
         &mut self,
-        mem: &'m GuestMem,
+        mem: &Arc<GuestMem>,
         header: Result<RequestHeader, ChainError>,
         status_pos: u64,
-    ) -> (ReqKind, Step<'m>) {
+    ) -> (ReqKind, Step) {
         let header = match header {
             Ok(h) => h,
             Err(e @ ChainError::ReadableAfterWritable) => {
@@ -476,11 +497,11 @@ impl RequestHandler {
                 return (ReqKind::Other, Step::Done(Done::err(status::IOERR)));
             }
         };
-        let done = match header.kind {
+        let step = match header.kind {
             RequestType::In => return (ReqKind::Read, self.read(mem, header, status_pos)),
             RequestType::Out => return (ReqKind::Write, self.write(mem, header)),
             RequestType::Flush => self.flush(header),
-            RequestType::GetId => self.get_id(mem, status_pos),
+            RequestType::GetId => Step::Done(self.get_id(mem, status_pos)),
             RequestType::Discard if self.state.acked(features::DISCARD) => {
                 self.discard_or_zero(mem, false)
             }
@@ -489,10 +510,10 @@ impl RequestHandler {
             }
             other => {
                 debug!("unsupported request type {:#x}", other.raw());
-                Done::err(status::UNSUPP)
+                Step::Done(Done::err(status::UNSUPP))
             }
         };
-        (header.kind.stats_kind(), Step::Done(done))
+        (header.kind.stats_kind(), step)
     }
 
     /// Checks that `len` bytes at `sector` are block-aligned and inside the disk.
@@ -509,7 +530,7 @@ impl RequestHandler {
             && end <= self.params.capacity_sectors() << SECTOR_SHIFT
     }
 
-    fn read<'m>(&mut self, mem: &'m GuestMem, h: RequestHeader, status_pos: u64) -> Step<'m> {
+    fn read(&mut self, mem: &Arc<GuestMem>, h: RequestHeader, status_pos: u64) -> Step {
         let fail = Step::Done(Done::err(status::IOERR));
         // A read carries nothing device-readable but its header.
         if self.layout.readable_len != HEADER_LEN {
@@ -520,11 +541,9 @@ impl RequestHandler {
         let Some(bufs) = self.data_buffers(mem, h, false, len) else {
             return fail;
         };
-        let op = BatchOp {
+        let op = EngineOp::Read {
             offset: h.sector << SECTOR_SHIFT,
-            bufs,
-            write: false,
-            durable: false,
+            bufs: GuestBuffers::new(mem.clone(), &bufs),
         };
         Step::Io(op, Done::ok(len))
     }
@@ -573,7 +592,7 @@ impl RequestHandler {
         }
     }
 
-    fn write<'m>(&mut self, mem: &'m GuestMem, h: RequestHeader) -> Step<'m> {
+    fn write(&mut self, mem: &Arc<GuestMem>, h: RequestHeader) -> Step {
         let fail = Step::Done(Done::err(status::IOERR));
         if self.params.read_only {
             debug!("write to a read-only disk refused");
@@ -588,35 +607,23 @@ impl RequestHandler {
         let Some(bufs) = self.data_buffers(mem, h, true, len) else {
             return fail;
         };
-        let op = BatchOp {
+        let op = EngineOp::Write {
             offset: h.sector << SECTOR_SHIFT,
-            bufs,
-            write: true,
+            bufs: GuestBuffers::new(mem.clone(), &bufs),
             durable: !self.state.write_back(),
         };
         Step::Io(op, Done::wrote(len))
     }
 
-    fn flush(&mut self, h: RequestHeader) -> Done {
+    fn flush(&mut self, h: RequestHeader) -> Step {
         if h.sector != 0 {
             debug!("FLUSH with non-zero sector {}", h.sector);
-            return Done::err(status::IOERR);
+            return Step::Done(Done::err(status::IOERR));
         }
         if self.params.read_only {
-            return Done::ok(0);
+            return Step::Done(Done::ok(0));
         }
-        match self.image.flush() {
-            Ok(()) => {
-                self.counters
-                    .last_flush_ns
-                    .store(now_ns(), Ordering::Relaxed);
-                Done::ok(0)
-            }
-            Err(e) => {
-                warn!("flush failed: {e}");
-                Done::err(status::IOERR)
-            }
-        }
+        Step::Io(EngineOp::Flush, Done::ok(0))
     }
 
     fn get_id(&mut self, mem: &GuestMem, status_pos: u64) -> Done {
@@ -628,11 +635,13 @@ impl RequestHandler {
     }
 
     /// DISCARD (`zero == false`) or WRITE_ZEROES. Every segment is validated before any is
-    /// executed, so a bad segment never leaves the request half-applied.
-    fn discard_or_zero(&mut self, mem: &GuestMem, zero: bool) -> Done {
+    /// executed, so a bad segment never leaves the request half-applied. In write-through
+    /// mode the engine makes them durable before it completes them.
+    fn discard_or_zero(&mut self, mem: &GuestMem, zero: bool) -> Step {
+        let err = |st| Step::Done(Done::err(st));
         if self.params.read_only {
             debug!("discard/write-zeroes on a read-only disk refused");
-            return Done::err(status::IOERR);
+            return err(status::IOERR);
         }
         let data_len = self.layout.readable_len.saturating_sub(HEADER_LEN);
         let (max_seg, max_sectors) = if zero {
@@ -645,12 +654,12 @@ impl RequestHandler {
         };
         if data_len == 0 || !data_len.is_multiple_of(DWZ_SEG_LEN) {
             debug!("discard/write-zeroes with {data_len} bytes of segments");
-            return Done::err(status::IOERR);
+            return err(status::IOERR);
         }
         let nseg = data_len / DWZ_SEG_LEN;
         if nseg > u64::from(max_seg) {
             debug!("discard/write-zeroes with {nseg} segments > {max_seg}");
-            return Done::err(status::IOERR);
+            return err(status::IOERR);
         }
         // Validate all segments first; reported status follows the spec's order: an unknown
         // flag (or unmap on discard) is UNSUPP, a bad range IOERR. The segments are read from
@@ -660,7 +669,7 @@ impl RequestHandler {
         let mut bad_range = false;
         for i in 0..nseg {
             let Some(segment) = self.dwz_segment(mem, i) else {
-                return Done::err(status::IOERR);
+                return err(status::IOERR);
             };
             segments.push(segment);
             let DwzSegment {
@@ -670,7 +679,7 @@ impl RequestHandler {
             } = segment;
             if flags & !SEG_FLAG_UNMAP != 0 || (!zero && flags & SEG_FLAG_UNMAP != 0) {
                 debug!("discard/write-zeroes with unsupported flags {flags:#x}");
-                return Done::err(status::UNSUPP);
+                return err(status::UNSUPP);
             }
             if num > max_sectors || !self.range_ok(sector, u64::from(num) << SECTOR_SHIFT) {
                 bad_range = true;
@@ -678,33 +687,39 @@ impl RequestHandler {
         }
         if bad_range {
             debug!("discard/write-zeroes out of range, unaligned or too large");
-            return Done::err(status::IOERR);
+            return err(status::IOERR);
         }
-        for DwzSegment {
-            sector,
-            num_sectors: num,
-            flags,
-        } in segments
-        {
-            let (off, len) = (sector << SECTOR_SHIFT, u64::from(num) << SECTOR_SHIFT);
-            let r = if zero {
-                self.image
-                    .write_zeroes(off, len, flags & SEG_FLAG_UNMAP != 0)
-            } else {
-                self.image.discard(off, len)
-            };
-            if let Err(e) = r {
-                warn!("discard/write-zeroes of {len} bytes at {off} failed: {e}");
-                return Done::err(status::IOERR);
+        // In write-through mode the engine makes them durable before completing them.
+        let durable = !self.state.write_back();
+        let op = if zero {
+            EngineOp::WriteZeroes {
+                segs: segments
+                    .iter()
+                    .map(|s| {
+                        (
+                            s.sector << SECTOR_SHIFT,
+                            u64::from(s.num_sectors) << SECTOR_SHIFT,
+                            s.flags & SEG_FLAG_UNMAP != 0,
+                        )
+                    })
+                    .collect(),
+                durable,
             }
-        }
-        if !self.state.write_back() {
-            if let Err(e) = self.image.flush() {
-                warn!("write-through flush after discard/write-zeroes failed: {e}");
-                return Done::err(status::IOERR);
+        } else {
+            EngineOp::Discard {
+                segs: segments
+                    .iter()
+                    .map(|s| {
+                        (
+                            s.sector << SECTOR_SHIFT,
+                            u64::from(s.num_sectors) << SECTOR_SHIFT,
+                        )
+                    })
+                    .collect(),
+                durable,
             }
-        }
-        Done::ok(0)
+        };
+        Step::Io(op, Done::ok(0))
     }
 
     /// Reads segment `i` of a discard / write-zeroes request.

@@ -13,7 +13,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::config::{features, req_type, serial_bytes, status, DeviceOptions, DeviceParams};
 use super::{DeviceState, GuestMem, RequestHandler};
-use crate::image::{BatchOp, GuestSlice, ImageQueue};
+use crate::image::engine::SyncEngine;
+use crate::image::{GuestSlice, ImageQueue};
 use crate::stats::{QueueCounters, ReqKind};
 
 const F_WRITE: u16 = 2;
@@ -53,6 +54,10 @@ impl ImageQueue for MemDisk {
         Ok(())
     }
     fn write(&mut self, offset: u64, bufs: &[GuestSlice<'_>], durable: bool) -> io::Result<()> {
+        // A write to the last sector "fails", to exercise per-request errors.
+        if offset == DISK as u64 - 512 {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
         let mut data = self.data.lock().unwrap();
         let mut pos = offset as usize;
         for b in bufs {
@@ -85,26 +90,6 @@ impl ImageQueue for MemDisk {
             .push(format!("zero {offset} {len} unmap={unmap}"));
         Ok(())
     }
-    fn run_batch(&mut self, ops: &[BatchOp<'_>], results: &mut Vec<io::Result<()>>) {
-        if ops.len() > 1 {
-            self.log
-                .lock()
-                .unwrap()
-                .push(format!("batch {}", ops.len()));
-        }
-        for op in ops {
-            // An op at offset 4 MiB - 512 "fails" to exercise per-op errors in a batch.
-            if op.offset == DISK as u64 - 512 && op.write {
-                results.push(Err(io::Error::from_raw_os_error(libc::EIO)));
-                continue;
-            }
-            results.push(if op.write {
-                self.write(op.offset, &op.bufs, op.durable)
-            } else {
-                self.read(op.offset, &op.bufs)
-            });
-        }
-    }
 }
 
 fn params() -> DeviceParams {
@@ -129,7 +114,7 @@ fn options() -> DeviceOptions<'static> {
 }
 
 struct Rig {
-    mem: GuestMem,
+    mem: Arc<GuestMem>,
     disk: MemDisk,
     handler: RequestHandler,
     state: Arc<DeviceState>,
@@ -145,11 +130,13 @@ impl Rig {
         p: DeviceParams,
         image: impl FnOnce(MemDisk, GuestMem) -> Box<dyn ImageQueue>,
     ) -> Self {
-        let mem = GuestMemoryMmap::from_ranges(&[
-            (GuestAddress(0), 0x10_0000),
-            (GuestAddress(0x10_0000), 0x10_0000),
-        ])
-        .unwrap();
+        let mem = Arc::new(
+            GuestMemoryMmap::from_ranges(&[
+                (GuestAddress(0), 0x10_0000),
+                (GuestAddress(0x10_0000), 0x10_0000),
+            ])
+            .unwrap(),
+        );
         let disk = MemDisk::new();
         let state = Arc::new(DeviceState::new(true));
         state.acked_features.store(
@@ -157,7 +144,7 @@ impl Rig {
             Ordering::Relaxed,
         );
         let handler = RequestHandler::new(
-            image(disk.clone(), mem.clone()),
+            Box::new(SyncEngine::new(image(disk.clone(), (*mem).clone()))),
             Arc::new(p),
             state.clone(),
             Arc::new(QueueCounters::default()),
@@ -186,7 +173,7 @@ impl Rig {
             .iter()
             .map(|&(a, l, f)| RawDescriptor::from(SplitDescriptor::new(a, l, f, 0)))
             .collect();
-        let vq = MockSplitQueue::new(&self.mem, 16);
+        let vq = MockSplitQueue::new(&*self.mem, 16);
         vq.build_desc_chain(&raw).unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
         assert!(
@@ -823,7 +810,7 @@ fn write_through_makes_writes_durable() {
 #[test]
 fn many_chains_in_one_kick_all_complete() {
     let mut r = Rig::new(params());
-    let vq = MockSplitQueue::new(&r.mem, 16);
+    let vq = MockSplitQueue::new(&*r.mem, 16);
     let mut raw = Vec::new();
     for i in 0..5u64 {
         let h = 0x1000 + i * 0x100;
@@ -868,9 +855,9 @@ fn many_chains_in_one_kick_all_complete() {
 }
 
 #[test]
-fn reads_and_writes_are_batched_and_flush_splits_batches() {
+fn requests_of_every_kind_complete_with_their_own_status() {
     let mut r = Rig::new(params());
-    let vq = MockSplitQueue::new(&r.mem, 32);
+    let vq = MockSplitQueue::new(&*r.mem, 32);
     // Chains: write s0, write s1, read s0, flush, write (last sector: fails), read s1.
     let kinds = [
         (req_type::OUT, 0u64),
@@ -921,10 +908,18 @@ fn reads_and_writes_are_batched_and_flush_splits_batches() {
             .used
     );
     let calls = r.disk.calls();
-    assert_eq!(calls[0], "batch 3", "{calls:?}");
-    assert_eq!(calls[4], "flush", "{calls:?}");
-    assert_eq!(calls[5], "batch 2", "{calls:?}");
-    // Completed in the order taken, with per-request status.
+    assert_eq!(
+        calls,
+        vec![
+            "write 0 durable=false",
+            "write 512 durable=false",
+            "read 0",
+            "flush",
+            "read 512"
+        ],
+        "the failing write does not reach the log"
+    );
+    // The synchronous engine completes them in the order taken, each with its status.
     let statuses: Vec<u8> = (0..6)
         .map(|i| r.mem.read_obj(GuestAddress(0x3000 + i)).unwrap())
         .collect();
@@ -937,16 +932,15 @@ fn reads_and_writes_are_batched_and_flush_splits_batches() {
         .map(|i| vq.used().ring().ref_at(i).unwrap().load().len())
         .collect();
     assert_eq!(lens, vec![1, 1, 513, 1, 1, 513]);
-    // The read in the first batch ran after the writes it was batched with (the mock runs in
-    // order), and sector 1 reads back what was written.
+    // Sector 1 reads back what was written.
     assert_eq!(r.read_mem(0x10000 + 5 * 0x1000, 512), vec![0x41; 512]);
     assert_eq!(r.handler.counters().in_flight.load(Ordering::Relaxed), 0);
 }
 
 #[test]
-fn invalid_request_does_not_overtake_the_batch_before_it() {
+fn invalid_requests_complete_beside_valid_ones() {
     let mut r = Rig::new(params());
-    let vq = MockSplitQueue::new(&r.mem, 16);
+    let vq = MockSplitQueue::new(&*r.mem, 16);
     // OUT sector 0 (valid), OUT past the end (fails validation), chain without status byte.
     let last = (DISK / 512) as u64;
     r.header(0x1000, req_type::OUT, 0);
@@ -976,7 +970,7 @@ fn invalid_request_does_not_overtake_the_batch_before_it() {
     assert_eq!(
         heads,
         vec![0, 3, 6],
-        "completions must keep the order chains were taken"
+        "the synchronous engine completes in the order taken"
     );
     let st: Vec<u8> = (0..2)
         .map(|i| r.mem.read_obj(GuestAddress(0x3000 + i)).unwrap())
@@ -987,7 +981,7 @@ fn invalid_request_does_not_overtake_the_batch_before_it() {
 #[test]
 fn chain_outside_memory_is_put_back_when_the_map_changed() {
     let mut r = Rig::new(params());
-    let vq = MockSplitQueue::new(&r.mem, 16);
+    let vq = MockSplitQueue::new(&*r.mem, 16);
     r.header(0x1000, req_type::OUT, 0);
     let d = |a: u64, l: u32, f: u16, n: u16| RawDescriptor::from(SplitDescriptor::new(a, l, f, n));
     // Data outside guest memory: as if the region were added by an update not yet applied.
@@ -1050,9 +1044,9 @@ fn add_write_chains(r: &Rig, vq: &MockSplitQueue<'_, GuestMem>, n: u64) {
 }
 
 #[test]
-fn notify_every_returns_after_each_batch_while_chains_wait() {
+fn notify_every_returns_after_every_n_requests_while_chains_wait() {
     let mut r = Rig::new(params());
-    let vq = MockSplitQueue::new(&r.mem, 32);
+    let vq = MockSplitQueue::new(&*r.mem, 32);
     add_write_chains(&r, &vq, 10);
     let mut q: Queue = vq.create_queue().unwrap();
     r.handler.set_notify_every(4);
@@ -1071,7 +1065,7 @@ fn notify_every_returns_after_each_batch_while_chains_wait() {
         runs,
         vec![(true, true, 4), (true, true, 8), (true, false, 10)]
     );
-    assert_eq!(r.disk.calls()[0], "batch 4");
+    assert_eq!(r.disk.calls().len(), 10);
     for i in 0..10 {
         let used = vq.used().ring().ref_at(i).unwrap().load();
         assert_eq!((used.id(), used.len()), ((i * 3) as u32, 1));
@@ -1081,11 +1075,11 @@ fn notify_every_returns_after_each_batch_while_chains_wait() {
 
 #[test]
 fn notify_every_does_not_return_early_when_nothing_waits() {
-    // A full batch with nothing behind it ends the call normally (the caller then polls for
-    // the driver's next requests), and with the setting off everything is one batch.
-    for (every, chains, batch) in [(4, 4, "batch 4"), (0, 10, "batch 10")] {
+    // N requests with nothing behind them end the call normally (the caller then polls for
+    // the driver's next requests), and with the setting off all are taken in one call.
+    for (every, chains) in [(4, 4), (0, 10)] {
         let mut r = Rig::new(params());
-        let vq = MockSplitQueue::new(&r.mem, 32);
+        let vq = MockSplitQueue::new(&*r.mem, 32);
         add_write_chains(&r, &vq, chains);
         let mut q: Queue = vq.create_queue().unwrap();
         r.handler.set_notify_every(every);
@@ -1094,6 +1088,6 @@ fn notify_every_does_not_return_early_when_nothing_waits() {
             .process_queue(&mut q, &r.mem, &mut (), &mut || false);
         assert!(run.used && !run.more);
         assert_eq!(q.next_used(), chains as u16);
-        assert_eq!(r.disk.calls()[0], batch);
+        assert_eq!(r.disk.calls().len(), chains as usize);
     }
 }

@@ -102,6 +102,54 @@ impl HostFile {
         self.done(id, durable);
     }
 
+    /// Records the start of a sync made outside this type (an io_uring fsync); pass the
+    /// result to [`HostFile::record_sync_done`] when it completes.
+    pub fn record_sync_start(&self) -> Option<u64> {
+        self.tap.as_ref().map(|(r, f)| r.sync_start(*f))
+    }
+
+    /// Records the completion of a sync started with [`HostFile::record_sync_start`].
+    pub fn record_sync_done(&self, id: Option<u64>) {
+        if let (Some((r, _)), Some(id)) = (&self.tap, id) {
+            r.sync_done(id);
+        }
+    }
+
+    /// One `preadv2`/`pwritev2` with `RWF_NOWAIT`: transfers what can be done without
+    /// blocking (data in the page cache, room to write) and returns how many bytes that was;
+    /// `Err` with `EAGAIN` when nothing could be. A short count is not an error.
+    pub fn transfer_nowait(&self, iovs: &[libc::iovec], off: u64, dir: Dir) -> io::Result<usize> {
+        let cnt = iovs.len().min(IOV_MAX) as libc::c_int;
+        let o =
+            libc::off_t::try_from(off).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        loop {
+            // SAFETY: the caller's iovecs point at live buffers of the stated lengths (guest
+            // memory under its guard, or ours) for the duration of the call.
+            let r = unsafe {
+                match dir {
+                    Dir::Read => libc::preadv2(self.fd(), iovs.as_ptr(), cnt, o, libc::RWF_NOWAIT),
+                    Dir::Write { .. } => {
+                        libc::pwritev2(self.fd(), iovs.as_ptr(), cnt, o, libc::RWF_NOWAIT)
+                    }
+                }
+            };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            let n = r as usize;
+            if n > 0 && matches!(dir, Dir::Write { .. }) && self.tap.is_some() {
+                let mut data = gather(iovs);
+                data.truncate(n);
+                self.record_write(off, &data, false);
+            }
+            return Ok(n);
+        }
+    }
+
     /// Reads `buf.len()` bytes at `off`; bytes past the end of the file read as zeros.
     pub fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
         let mut iov = [libc::iovec {
@@ -391,6 +439,16 @@ impl AlignedBuf {
         // SAFETY: ptr points to `self.len >= len` initialised (zeroed at allocation, then only
         // written through slices) bytes we own exclusively; the borrow of self ties the lifetime.
         Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr, len) })
+    }
+
+    /// The first `len` bytes (at most the buffer's size), as last written.
+    pub fn bytes(&self, len: usize) -> &[u8] {
+        if self.ptr.is_null() {
+            return &[];
+        }
+        // SAFETY: ptr points to `self.len` initialised bytes we own; the borrow of self ties
+        // the lifetime.
+        unsafe { std::slice::from_raw_parts(self.ptr, len.min(self.len)) }
     }
 
     fn free(&mut self) {
