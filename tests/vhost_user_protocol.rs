@@ -363,6 +363,57 @@ fn inflight_request_before_completed_ones_resubmitted_by_head_daemon_rewinds() {
     inflight_recovery("raw", Base::AvailIdx, Outstanding::Hole);
 }
 
+/// After a crash with nothing in flight, QEMU can only derive the base it sends with
+/// SET_VRING_BASE from a used index it may not have read since the device started (it cannot
+/// ask the dead backend): a stale value far behind the rings. The inflight region says every
+/// chain before the used index completed, so the new daemon must start from there: neither
+/// refuse the ring nor run completed chains again.
+#[test]
+fn stale_vring_base_after_a_crash_is_corrected_from_the_inflight_region() {
+    let Some((_dir, _img, d1)) = one_queue_daemon(None) else {
+        return;
+    };
+    let opts = RawOpts {
+        queue_size: QSIZE,
+        protocol_features: PF_REPLY_ACK,
+        inflight: true,
+        ..RawOpts::default()
+    };
+    let mut c = RawClient::connect_with(&d1.socket, opts);
+    const DONE: u16 = 5;
+    for i in 0..usize::from(DONE) {
+        c.data()[..BLOCK].copy_from_slice(&data(i));
+        assert_eq!(c.request(T_OUT, offset(i) / SECTOR, BLOCK, None), S_OK);
+    }
+    assert_eq!(c.used_idx(), DONE);
+    let dir = d1.log_path.parent().unwrap().to_path_buf();
+    let img = dir.join("disk.img");
+    d1.kill();
+    let d2 = Daemon::start_format(&dir, &img, "raw", &DaemonConfig::new().num_queues(1));
+    c.reconnect(&d2.socket, 0);
+    let read = c.req(T_IN, offset(DONE as usize - 1) / SECTOR, BLOCK, BLOCK);
+    let head = c.submit(&read);
+    c.kick();
+    c.wait_used(DONE + 1);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(c.used_idx(), DONE + 1, "completed chains ran again");
+    let used = c.completions(DONE, DONE + 1);
+    assert_eq!((used[0].head, used[0].status), (head, S_OK), "{used:?}");
+    assert_bytes_eq(
+        &c.data()[BLOCK..2 * BLOCK],
+        &data(usize::from(DONE) - 1),
+        offset(usize::from(DONE) - 1),
+        "read after the reconnection",
+    );
+    let log = latest_log(&d2);
+    assert!(
+        log.contains(&format!("moving the avail index from 0 to {DONE}")),
+        "{log}"
+    );
+    drop(c);
+    d2.terminate_ok();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Conformance: features, protocol features, queue count, configuration space
 // ---------------------------------------------------------------------------------------------

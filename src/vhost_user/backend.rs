@@ -361,12 +361,20 @@ impl BlkBackend {
     }
 }
 
-/// Brings queue `qidx` in line with the inflight region after a backend restart
+/// Brings queue `qidx` in line with the inflight region after a (re)connection
 /// (vhost-user.rst, "Inflight I/O tracking"): the requests that were in flight are returned,
-/// in the order they were first taken, to be run again by head; the avail index moves past
-/// them, to the used index plus their number, since every chain taken before is now either
-/// on the used ring or among them. They need not be the avail entries right after the used
-/// index: requests complete out of order. Returns the heads and the next counter value.
+/// in the order they were first taken, to be run again by head. They need not be the avail
+/// entries right after the used index: requests complete out of order.
+///
+/// The avail index is set to the used index plus their number, whatever SET_VRING_BASE said,
+/// since every chain taken before is now on the used ring or among them (libvhost-user does
+/// the same). A frontend whose connection broke cannot ask the dead backend for the index;
+/// QEMU then sends one derived from a used index it may not have read since the start, which
+/// points far behind the avail ring (the worker would refuse the ring as "more descriptors
+/// to process than queue size") or, worse, re-offers chains that already completed.
+///
+/// Returns the heads and the next counter value (none and 0 when the region says nothing
+/// about this queue).
 fn recover_queue(
     t: &QueueTracker<'_>,
     queue: &mut Queue,
@@ -380,24 +388,25 @@ fn recover_queue(
             return (Vec::new(), 0);
         }
     };
-    let (heads, next_counter) = t.recover(used);
-    if heads.is_empty() {
-        return (heads, next_counter);
-    }
+    let Some((heads, next_counter)) = t.recover(used) else {
+        return (Vec::new(), 0);
+    };
     // Fewer heads than the queue size: recover() lists each descriptor at most once.
     let avail = used.wrapping_add(u16::try_from(heads.len()).unwrap_or(u16::MAX));
     if queue.next_avail() != avail {
         info!(
-            "queue {qidx}: moving the avail index from {} to {avail}, past the in-flight \
-             requests",
+            "queue {qidx}: moving the avail index from {} to {avail}, past the chains \
+             completed or in flight",
             queue.next_avail()
         );
         queue.set_next_avail(avail);
     }
-    info!(
-        "queue {qidx}: resubmitting {} in-flight request(s)",
-        heads.len()
-    );
+    if !heads.is_empty() {
+        info!(
+            "queue {qidx}: resubmitting {} in-flight request(s)",
+            heads.len()
+        );
+    }
     (heads, next_counter)
 }
 

@@ -254,8 +254,10 @@ impl QueueTracker<'_> {
 
     /// After a restart: reconciles the last batch with the used ring's index `used_ring_idx`,
     /// clears every in-flight mark, and returns the heads that were in flight, in the order
-    /// they were taken, plus the next counter value to use.
-    pub fn recover(&self, used_ring_idx: u16) -> (Vec<u16>, u64) {
+    /// they were taken, plus the next counter value to use. `None` when the queue's region
+    /// held no tracking (never initialized, or for another queue size): it now starts afresh
+    /// and says nothing about the queue.
+    pub fn recover(&self, used_ring_idx: u16) -> Option<(Vec<u16>, u64)> {
         let r = self.region;
         let version: u16 = r.get(self.base + 8);
         let desc_num: u16 = r.get(self.base + 10);
@@ -275,7 +277,7 @@ impl QueueTracker<'_> {
             r.put(self.base + 8, VERSION);
             r.put(self.base + 10, r.queue_size);
             r.put(self.base + 14, used_ring_idx);
-            return (Vec::new(), 0);
+            return None;
         }
         let recorded: u16 = r.get(self.base + 14);
         if recorded != used_ring_idx {
@@ -308,7 +310,7 @@ impl QueueTracker<'_> {
                 inflight.len()
             );
         }
-        (inflight.into_iter().map(|(_, h)| h).collect(), next_counter)
+        Some((inflight.into_iter().map(|(_, h)| h).collect(), next_counter))
     }
 }
 
@@ -328,12 +330,15 @@ mod tests {
         // Reopen through the fd, as after a restart.
         let file = r.file().try_clone().unwrap();
         let r2 = InflightRegion::open(file, 0, r.mmap_size(), 2, 8).unwrap();
-        let (heads, next) = r2.queue(1).unwrap().recover(1);
+        let (heads, next) = r2.queue(1).unwrap().recover(1).unwrap();
         assert_eq!(heads, vec![5, 1]);
         assert_eq!(next, 13);
         // Queue 0 untouched; marks were cleared.
-        assert_eq!(r2.queue(0).unwrap().recover(0).0, Vec::<u16>::new());
-        assert_eq!(r2.queue(1).unwrap().recover(1).0, Vec::<u16>::new());
+        assert_eq!(r2.queue(0).unwrap().recover(0), Some((Vec::new(), 0)));
+        assert_eq!(
+            r2.queue(1).unwrap().recover(1).unwrap().0,
+            Vec::<u16>::new()
+        );
         assert!(r2.queue(2).is_none());
     }
 
@@ -363,7 +368,7 @@ mod tests {
             if steps >= 3 {
                 q.complete(2, 2);
             }
-            let (heads, next) = q.recover(used);
+            let (heads, next) = q.recover(used).unwrap();
             assert_eq!(next, 3);
             heads
         };
@@ -382,11 +387,11 @@ mod tests {
         let q1 = r.queue(1).unwrap();
         q1.begin(4, 9);
         r.put(queue_region_size(8) + 10, 16u16); // queue 1: entry count of another size
-        assert_eq!(q0.recover(5), (Vec::new(), 0));
-        assert_eq!(q1.recover(5), (Vec::new(), 0));
+        assert_eq!(q0.recover(5), None);
+        assert_eq!(q1.recover(5), None);
         // Both are usable afterwards.
         q0.begin(2, 0);
-        assert_eq!(q0.recover(5).0, vec![2]);
+        assert_eq!(q0.recover(5), Some((vec![2], 1)));
     }
 
     #[test]
