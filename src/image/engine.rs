@@ -210,26 +210,30 @@ impl SyncEngine {
     }
 }
 
+/// Runs `op` to completion through `q`.
+pub fn run_sync(q: &mut dyn ImageQueue, op: EngineOp) -> io::Result<()> {
+    match op {
+        EngineOp::Read { offset, bufs } => q.read(offset, &bufs.slices()),
+        EngineOp::Write {
+            offset,
+            bufs,
+            durable,
+        } => q.write(offset, &bufs.slices(), durable),
+        EngineOp::Flush => q.flush(),
+        EngineOp::Discard { segs, durable } => segs
+            .iter()
+            .try_for_each(|&(o, l)| q.discard(o, l))
+            .and_then(|()| if durable { q.flush() } else { Ok(()) }),
+        EngineOp::WriteZeroes { segs, durable } => segs
+            .iter()
+            .try_for_each(|&(o, l, unmap)| q.write_zeroes(o, l, unmap))
+            .and_then(|()| if durable { q.flush() } else { Ok(()) }),
+    }
+}
+
 impl IoEngine for SyncEngine {
     fn submit(&mut self, tag: u16, op: EngineOp) {
-        let q = &mut self.q;
-        let r = match op {
-            EngineOp::Read { offset, bufs } => q.read(offset, &bufs.slices()),
-            EngineOp::Write {
-                offset,
-                bufs,
-                durable,
-            } => q.write(offset, &bufs.slices(), durable),
-            EngineOp::Flush => q.flush(),
-            EngineOp::Discard { segs, durable } => segs
-                .iter()
-                .try_for_each(|&(o, l)| q.discard(o, l))
-                .and_then(|()| if durable { q.flush() } else { Ok(()) }),
-            EngineOp::WriteZeroes { segs, durable } => segs
-                .iter()
-                .try_for_each(|&(o, l, unmap)| q.write_zeroes(o, l, unmap))
-                .and_then(|()| if durable { q.flush() } else { Ok(()) }),
-        };
+        let r = run_sync(&mut *self.q, op);
         self.done.push((tag, r));
     }
 

@@ -334,7 +334,10 @@ mod tests {
         assert_eq!(heads, vec![5, 1]);
         assert_eq!(next, 13);
         // Queue 0 untouched; marks were cleared.
-        assert_eq!(r2.queue(0).unwrap().recover(0).unwrap().0, Vec::<u16>::new());
+        assert_eq!(
+            r2.queue(0).unwrap().recover(0).unwrap().0,
+            Vec::<u16>::new()
+        );
         assert_eq!(
             r2.queue(1).unwrap().recover(1).unwrap().0,
             Vec::<u16>::new()

@@ -108,6 +108,12 @@ enum Start {
     Series,
 }
 
+/// `VUB_TEST_DIRECT=1`: every daemon of ours serves with `--direct` (ci/test runs the qcow2
+/// oracle and crash suites once more this way).
+pub fn direct_mode() -> bool {
+    std::env::var("VUB_TEST_DIRECT").is_ok_and(|v| v == "1")
+}
+
 /// The command line that starts `backend` serving `image` in `format` on `socket` with `cfg`
 /// (qemu-storage-daemon has no equivalent of the queue size, serial and extra arguments and
 /// ignores them).
@@ -143,7 +149,7 @@ fn backend_command(
             if let Some(n) = cfg.logical_block_size {
                 cmd.arg("--logical-block-size").arg(n.to_string());
             }
-            if cfg.direct {
+            if cfg.direct || direct_mode() {
                 cmd.arg("--direct");
             }
             if cfg.writethrough {

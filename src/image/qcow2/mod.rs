@@ -96,16 +96,18 @@ mod holes;
 mod io;
 pub mod journal;
 mod l2;
+mod plan;
 mod rebuild;
 mod refcount;
 mod replay;
 mod resize;
+mod ring;
 #[cfg(test)]
 mod testing;
 
 use std::fs::{File, OpenOptions};
 use std::io as stdio;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -121,6 +123,7 @@ use self::header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use self::l2::{
     L2Table, Mapping, ALL_ALLOC, ALL_ZERO, COMPRESSED, COPIED, OFFSET_MASK, RESERVED, ZERO,
 };
+use super::engine::{Aio, IoEngine, SyncEngine};
 use super::format::ImageOptions;
 use super::lock::{self, Role};
 use super::storage::{HostFile, Recorder};
@@ -992,16 +995,7 @@ impl Qcow2Shared {
                     let o = in_off + done;
                     let sc = o / scs;
                     let k = (scs - o % scs).min(n - done);
-                    let sm = if b & (1 << sc) != 0 {
-                        match m {
-                            Mapping::Data(h) => Mapping::Data(h),
-                            _ => return Err(corrupt("allocated subcluster without host offset")),
-                        }
-                    } else if b & (1 << (sc + 32)) != 0 {
-                        Mapping::Zero
-                    } else {
-                        Mapping::Unallocated
-                    };
+                    let sm = plan::subcluster(m, b, sc).map_err(corrupt)?;
                     self.read_mapped(file, scratch, cluster_guest, sm, o, k, bufs, pos + done)?;
                     done += k;
                 }
@@ -2404,20 +2398,71 @@ fn open_backing(overlay: &Path, name: &str, format: Option<&str>, depth: u32) ->
     }
 }
 
+/// Opens the file guest data lives in (the image, or its external data file) again with
+/// O_DIRECT, through `/proc/self/fd` so that no path is looked up twice. Returns it with the
+/// memory alignment O_DIRECT needs; refuses file systems without O_DIRECT and files that need
+/// a larger offset alignment than guest data extents have.
+fn open_direct(shared: &Qcow2Shared, opts: &ImageOptions) -> Result<(HostFile, usize)> {
+    let invalid = |reason: String| Error::InvalidImage {
+        path: opts.path.clone(),
+        reason,
+    };
+    let data = shared.data_io();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!opts.read_only)
+        .custom_flags(libc::O_DIRECT)
+        .open(format!("/proc/self/fd/{}", data.fd()))
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EINVAL) => {
+                invalid("the file system does not support O_DIRECT (--direct)".into())
+            }
+            _ => Error::OpenImage {
+                path: opts.path.clone(),
+                source: e,
+            },
+        })?;
+    let block_device = file
+        .metadata()
+        .is_ok_and(|m| m.file_type().is_block_device());
+    let (mem_align, offset_align) = super::raw::direct_alignment(&file, block_device);
+    // Guest data extents start at a multiple of the logical block size within a (sub)cluster.
+    let granule = if shared.extended {
+        shared.cluster_size() / l2::SUBCLUSTERS
+    } else {
+        shared.cluster_size()
+    };
+    let align = u64::from(opts.logical_block_size).min(granule);
+    if offset_align as u64 > align {
+        return Err(invalid(format!(
+            "O_DIRECT on this file needs {offset_align}-byte aligned I/O, but guest data may sit \
+             at {align}-byte multiples; use --logical-block-size {offset_align} (if the \
+             clusters are at least that large) or drop --direct"
+        )));
+    }
+    let recorder = opts.recorder.as_ref();
+    let name = if shared.data_file.is_some() {
+        "data"
+    } else {
+        "image"
+    };
+    Ok((HostFile::new(file, recorder, name), mem_align))
+}
+
 /// A qcow2 image opened for serving.
 pub struct Qcow2Image {
     shared: Arc<Qcow2Shared>,
+    /// Which engine the queues get.
+    aio: Aio,
+    /// With `--direct`: a descriptor of the file guest data lives in opened with O_DIRECT
+    /// (each queue's engine transfers guest data through a clone of it), and the buffer
+    /// alignment it needs. Metadata stays buffered (see ring.rs).
+    direct: Option<(HostFile, usize)>,
 }
 
 impl Qcow2Image {
     /// Opens the qcow2 image described by `opts`.
     pub fn open(opts: &ImageOptions) -> Result<Qcow2Image> {
-        if opts.direct {
-            return Err(Error::InvalidImage {
-                path: opts.path.clone(),
-                reason: "O_DIRECT (--direct) is not supported for qcow2 images".into(),
-            });
-        }
         let shared = Qcow2Shared::open(
             &opts.path,
             opts.read_only,
@@ -2425,8 +2470,25 @@ impl Qcow2Image {
             &opts.journal,
             opts.recorder.as_ref(),
         )?;
+        let direct = if opts.direct {
+            Some(open_direct(&shared, opts)?)
+        } else {
+            None
+        };
         Ok(Qcow2Image {
             shared: Arc::new(shared),
+            aio: opts.aio,
+            direct,
+        })
+    }
+
+    /// This queue's synchronous handle.
+    fn queue(&self) -> stdio::Result<Qcow2Queue> {
+        Ok(Qcow2Queue {
+            file: self.shared.data_io().try_clone()?,
+            slot: self.shared.register_slot(),
+            shared: self.shared.clone(),
+            scratch: Scratch::default(),
         })
     }
 
@@ -2507,12 +2569,26 @@ impl BlockImage for Qcow2Image {
     }
 
     fn queue_handle(&self) -> stdio::Result<Box<dyn ImageQueue>> {
-        Ok(Box::new(Qcow2Queue {
-            file: self.shared.data_io().try_clone()?,
-            slot: self.shared.register_slot(),
-            shared: self.shared.clone(),
-            scratch: Scratch::default(),
-        }))
+        Ok(Box::new(self.queue()?))
+    }
+
+    fn engine(&self) -> stdio::Result<Box<dyn IoEngine>> {
+        let sync = self.queue()?;
+        let Some(ring) = self.aio.ring()? else {
+            if self.direct.is_some() {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    warn!("without io_uring, qcow2 guest data goes through the page cache")
+                });
+            }
+            return Ok(Box::new(SyncEngine::new(Box::new(sync))));
+        };
+        let (data, align) = match &self.direct {
+            Some((f, align)) => (f.try_clone()?, Some(*align)),
+            None => (self.shared.data_io().try_clone()?, None),
+        };
+        let engine = ring::Qcow2Ring::new(self.shared.clone(), sync, data, align, ring)?;
+        Ok(Box::new(engine))
     }
 
     fn flush(&self) -> stdio::Result<()> {

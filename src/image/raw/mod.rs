@@ -136,7 +136,7 @@ impl RawImage {
 }
 
 /// (memory alignment, offset alignment) that O_DIRECT I/O on this file needs.
-fn direct_alignment(file: &std::fs::File, block_device: bool) -> (usize, usize) {
+pub(crate) fn direct_alignment(file: &std::fs::File, block_device: bool) -> (usize, usize) {
     use std::os::unix::io::AsRawFd;
     if block_device {
         let mut ssz: libc::c_int = 0;
@@ -228,7 +228,7 @@ impl BlockImage for RawImage {
     fn engine(&self) -> io::Result<Box<dyn IoEngine>> {
         let q = self.sync_queue()?;
         match self.aio.ring()? {
-            Some(ring) => Ok(Box::new(ring::RawRing::new(q, ring))),
+            Some(ring) => Ok(Box::new(ring::RawRing::new(q, ring)?)),
             None => Ok(Box::new(SyncEngine::new(Box::new(q)))),
         }
     }

@@ -1,6 +1,8 @@
 //! One queue's io_uring, with its completions signalled on an eventfd that the queue worker's
 //! epoll watches, and a wake-up that other threads can post on the same eventfd.
 
+pub mod transfer;
+
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::Arc;
