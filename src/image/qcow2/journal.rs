@@ -410,6 +410,27 @@ impl Credit<'_> {
         self.journal.append(r);
         std::mem::forget(self);
     }
+
+    /// Keeps the slot across an asynchronous step, without borrowing the journal: the
+    /// returned token must go back through [`Journal::redeem`] (to commit, or to give the
+    /// slot back by dropping the credit).
+    pub fn hold(self) -> HeldCredit {
+        std::mem::forget(self);
+        HeldCredit(())
+    }
+}
+
+/// A record slot taken with [`Journal::try_credit`] and kept by [`Credit::hold`].
+#[must_use = "a held credit must be redeemed, or its slot is lost until the next flush"]
+#[derive(Debug)]
+pub struct HeldCredit(());
+
+impl Journal {
+    /// The credit `held` stands for, again.
+    pub fn redeem(&self, held: HeldCredit) -> Credit<'_> {
+        let HeldCredit(()) = held;
+        Credit { journal: self }
+    }
 }
 
 impl Drop for Credit<'_> {

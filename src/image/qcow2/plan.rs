@@ -7,9 +7,40 @@
 //! memory is read first, the one blocking step).
 
 use std::io as stdio;
+use std::sync::atomic::Ordering;
 
-use super::l2::{self, Mapping};
+use super::l2::{self, L2Table, Mapping, RESERVED};
 use super::{Backing, GuestOffset, Qcow2Shared};
+
+/// What planning found.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Plan<T> {
+    /// The plan.
+    Ready(T),
+    /// An entry the request needs is reserved (a write in progress, maybe this queue's own):
+    /// plan again once it is done.
+    Busy,
+    /// The request needs the synchronous path.
+    Sync,
+}
+
+/// One cluster's part of a write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum WriteExtent {
+    /// Overwrite in place: request bytes `[pos, pos + len)` go to this host offset.
+    Data { pos: u64, len: u64, host: u64 },
+    /// The guest cluster (L1 index `i`, L2 index `j`, entry `e`) reads as zeros and has no
+    /// host cluster: give it one, write request bytes `[pos, pos + len)` at `in_off` in it
+    /// (zeros around them), then publish the entry.
+    Allocate {
+        pos: u64,
+        len: u64,
+        in_off: u64,
+        i: usize,
+        j: usize,
+        e: u64,
+    },
+}
 
 /// Where the bytes of one extent of a request come from or go to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,7 +101,7 @@ impl Qcow2Shared {
     /// The plan of a read of guest bytes `[off, off + len)`, or `None` when part of it needs
     /// the synchronous path (a compressed cluster, a qcow2 backing file, an entry the plan
     /// does not understand: the synchronous path reports it).
-    pub(super) fn plan_read(&self, off: u64, len: u64) -> stdio::Result<Option<Vec<Extent>>> {
+    pub(super) fn plan_read(&self, off: u64, len: u64) -> stdio::Result<Plan<Vec<Extent>>> {
         let cs = self.cluster_size();
         let mut plan = Vec::new();
         let mut done = 0;
@@ -78,9 +109,11 @@ impl Qcow2Shared {
             let g = off + done;
             let (i, j, in_off) = self.locate(GuestOffset(g));
             let n = (cs - in_off).min(len - done);
-            let (e, b) = self.load_entry(&**self.table(i)?, j);
+            let Some((e, b)) = self.try_load_entry(&**self.table(i)?, j) else {
+                return Ok(Plan::Busy);
+            };
             let Ok(m) = self.decode(e) else {
-                return Ok(None);
+                return Ok(Plan::Sync);
             };
             let cluster_guest = g - in_off;
             if self.extended && matches!(m, Mapping::Data(_) | Mapping::Unallocated) {
@@ -91,19 +124,19 @@ impl Qcow2Shared {
                     let sc = o / scs;
                     let k = (scs - o % scs).min(n - sub);
                     let Ok(sm) = subcluster(m, b, sc) else {
-                        return Ok(None);
+                        return Ok(Plan::Sync);
                     };
                     if !self.plan_mapped(&mut plan, cluster_guest, sm, o, k, done + sub) {
-                        return Ok(None);
+                        return Ok(Plan::Sync);
                     }
                     sub += k;
                 }
             } else if !self.plan_mapped(&mut plan, cluster_guest, m, in_off, n, done) {
-                return Ok(None);
+                return Ok(Plan::Sync);
             }
             done += n;
         }
-        Ok(Some(plan))
+        Ok(Plan::Ready(plan))
     }
 
     /// Adds the extents of bytes `[in_off, in_off + n)` of the guest cluster at
@@ -175,11 +208,30 @@ impl Qcow2Shared {
         true
     }
 
-    /// The plan of a write of guest bytes `[off, off + len)` that changes no mapping: every
-    /// cluster it touches is exclusively owned and allocated where it writes (an in-place
-    /// overwrite). `None` if any is not: the write allocates or copies, on the synchronous
-    /// path. A target that is metadata trips overlap protection (an error).
-    pub(super) fn plan_overwrite(&self, off: u64, len: u64) -> stdio::Result<Option<Vec<Extent>>> {
+    /// Loads entry `g` of a table (both words with extended L2); `None` while it is reserved.
+    fn try_load_entry(&self, t: &L2Table, g: usize) -> Option<(u64, u64)> {
+        let w = g * self.words;
+        loop {
+            let e = t.entries[w].load(Ordering::Acquire);
+            if e == RESERVED {
+                return None;
+            }
+            if !self.extended {
+                return Some((e, 0));
+            }
+            let b = t.entries[w + 1].load(Ordering::Acquire);
+            if t.entries[w].load(Ordering::Acquire) == e {
+                return Some((e, b));
+            }
+        }
+    }
+
+    /// The plan of a write of guest bytes `[off, off + len)`: in-place overwrites of clusters
+    /// the image owns exclusively, and allocations of clusters that read as zeros and have
+    /// no host cluster (without extended L2 or a data file). Anything else (copy-on-write,
+    /// subclusters, a backing file to copy from) is for the synchronous path. A target that
+    /// is metadata trips overlap protection (an error).
+    pub(super) fn plan_write(&self, off: u64, len: u64) -> stdio::Result<Plan<Vec<WriteExtent>>> {
         let cs = self.cluster_size();
         let mut plan = Vec::new();
         let mut done = 0;
@@ -187,25 +239,45 @@ impl Qcow2Shared {
             let g = off + done;
             let (i, j, in_off) = self.locate(GuestOffset(g));
             let n = (cs - in_off).min(len - done);
-            let (e, b) = self.load_entry(&**self.table(i)?, j);
-            if !self.in_place(e, b, self.touched(in_off, n)) {
-                return Ok(None);
-            }
-            let h = e & l2::OFFSET_MASK;
-            if let Err(err) = self.check_overlap(h) {
-                self.persist_corrupt();
-                return Err(err);
-            }
-            push(
-                &mut plan,
-                Extent {
+            let Some((e, b)) = self.try_load_entry(&**self.table(i)?, j) else {
+                return Ok(Plan::Busy);
+            };
+            if self.in_place(e, b, self.touched(in_off, n)) {
+                let h = e & l2::OFFSET_MASK;
+                if let Err(err) = self.check_overlap(h) {
+                    self.persist_corrupt();
+                    return Err(err);
+                }
+                match plan.last_mut() {
+                    Some(WriteExtent::Data { pos, len, host })
+                        if *pos + *len == done && *host + *len == h + in_off =>
+                    {
+                        *len += n;
+                    }
+                    _ => plan.push(WriteExtent::Data {
+                        pos: done,
+                        len: n,
+                        host: h + in_off,
+                    }),
+                }
+            } else if !self.extended
+                && self.data_file.is_none()
+                && !self.has_host(e)
+                && self.reads_as_zeros(e, b)
+            {
+                plan.push(WriteExtent::Allocate {
                     pos: done,
                     len: n,
-                    src: Source::Data(h + in_off),
-                },
-            );
+                    in_off,
+                    i,
+                    j,
+                    e,
+                });
+            } else {
+                return Ok(Plan::Sync);
+            }
             done += n;
         }
-        Ok(Some(plan))
+        Ok(Plan::Ready(plan))
     }
 }

@@ -115,6 +115,20 @@ impl Ring {
         }
     }
 
+    /// Submits what is queued and waits until at least one completion is waiting.
+    pub fn wait(&mut self) -> io::Result<()> {
+        loop {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {
+                    self.unsubmitted = 0;
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// True if completions are waiting (a load of the completion queue's indices, no system
     /// call: for busy polling).
     pub fn has_completions(&mut self) -> bool {

@@ -230,6 +230,14 @@ impl Transfers {
         self.push(i);
     }
 
+    /// Waits until the ring has a completion to reap (something must be in the ring).
+    pub fn wait(&mut self) -> io::Result<()> {
+        if self.busy == 0 {
+            return Ok(());
+        }
+        self.ring.wait()
+    }
+
     /// Hands what was started to the kernel.
     pub fn submit(&mut self) {
         if let Err(e) = self.ring.submit() {
