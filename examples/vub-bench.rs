@@ -77,6 +77,8 @@ impl Rng {
 
 struct ThreadResult {
     ops: u64,
+    /// Operations completed over the whole run, warm-up and tail included.
+    ops_total: u64,
     bytes: u64,
     errors: u64,
     lat_ns: Vec<u32>,
@@ -122,6 +124,7 @@ fn run_queue(
     let end = warm_end + Duration::from_secs_f64(args.duration);
     let mut res = ThreadResult {
         ops: 0,
+        ops_total: 0,
         bytes: 0,
         errors: 0,
         lat_ns: Vec::with_capacity(1 << 20),
@@ -171,6 +174,7 @@ fn run_queue(
                 continue;
             }
             flushing[slot] = false;
+            res.ops_total += 1;
             if now >= warm_end && now < end {
                 res.ops += 1;
                 res.bytes += bs;
@@ -232,12 +236,14 @@ fn main() {
         })
         .collect();
     let mut ops = 0;
+    let mut ops_total = 0;
     let mut bytes = 0;
     let mut errors = 0;
     let mut lat = Vec::new();
     for h in handles {
         let r = h.join().expect("worker thread");
         ops += r.ops;
+        ops_total += r.ops_total;
         bytes += r.bytes;
         errors += r.errors;
         lat.extend(r.lat_ns);
@@ -259,8 +265,8 @@ fn main() {
     );
     if args.json {
         println!(
-            "{{\"label\":\"{}\",\"pattern\":\"{}\",\"bs\":{},\"depth\":{},\"queues\":{},\"seconds\":{},\"ops\":{},\"errors\":{},\"iops\":{:.0},\"mib_s\":{:.1},\"lat_mean_us\":{:.1},\"lat_p50_us\":{:.1},\"lat_p99_us\":{:.1},\"lat_p999_us\":{:.1}}}",
-            args.label, args.pattern, args.bs, args.depth, args.queues, secs, ops, errors, iops, mibs, mean, p50, p99, p999
+            "{{\"label\":\"{}\",\"pattern\":\"{}\",\"bs\":{},\"depth\":{},\"queues\":{},\"seconds\":{},\"ops\":{},\"ops_total\":{},\"errors\":{},\"iops\":{:.0},\"mib_s\":{:.1},\"lat_mean_us\":{:.1},\"lat_p50_us\":{:.1},\"lat_p99_us\":{:.1},\"lat_p999_us\":{:.1}}}",
+            args.label, args.pattern, args.bs, args.depth, args.queues, secs, ops, ops_total, errors, iops, mibs, mean, p50, p99, p999
         );
     } else {
         println!(
