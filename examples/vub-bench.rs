@@ -13,6 +13,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Completion, ReqFlags};
@@ -48,6 +50,10 @@ struct Args {
     /// Bytes of the disk to use (default: all of it).
     #[arg(long)]
     range: Option<u64>,
+    /// Stop after this many bytes of requests (all queues, warm-up included); --duration is
+    /// then an upper bound and the rates cover the measured part.
+    #[arg(long)]
+    bytes: Option<u64>,
     /// Label printed with the result.
     #[arg(long, default_value = "")]
     label: String,
@@ -77,9 +83,14 @@ impl Rng {
 
 struct ThreadResult {
     ops: u64,
+    /// Operations completed over the whole run, warm-up and tail included.
+    ops_total: u64,
     bytes: u64,
     errors: u64,
     lat_ns: Vec<u32>,
+    /// Seconds of the measurement window this thread ran in (less than --duration when
+    /// --bytes ended it early).
+    window: f64,
 }
 
 fn pick_op(args: &Args, rng: &mut Rng) -> Op {
@@ -104,6 +115,7 @@ fn run_queue(
     buf: usize,
     qi: usize,
     capacity: u64,
+    issued: Arc<AtomicU64>,
 ) -> ThreadResult {
     let bs = args.bs as u64;
     let range = args.range.unwrap_or(capacity).min(capacity) / bs * bs;
@@ -122,9 +134,16 @@ fn run_queue(
     let end = warm_end + Duration::from_secs_f64(args.duration);
     let mut res = ThreadResult {
         ops: 0,
+        ops_total: 0,
         bytes: 0,
         errors: 0,
         lat_ns: Vec::with_capacity(1 << 20),
+        window: 0.0,
+    };
+    // Whether another request fits in --bytes (always without it).
+    let claim = || match args.bytes {
+        Some(limit) => issued.fetch_add(bs, Ordering::Relaxed) < limit,
+        None => true,
     };
 
     let mut submit =
@@ -146,17 +165,23 @@ fn run_queue(
             }
         };
 
+    let mut inflight = 0;
     for slot in 0..depth {
+        if !claim() {
+            break;
+        }
         submit(&mut q, slot, &mut rng, &mut started);
+        inflight += 1;
     }
-    let mut inflight = depth;
     let mut stopping = false;
+    let mut last_done = Instant::now();
     while inflight > 0 {
         let n = match q.do_io(&mut completions, 1, None, None) {
             Ok(n) => n,
             Err(e) => panic!("do_io: {}", e.message()),
         };
         let now = Instant::now();
+        last_done = now;
         for c in &completions[..n] {
             // SAFETY: do_io initialised the first n completions.
             let c = unsafe { c.assume_init_read() };
@@ -171,13 +196,14 @@ fn run_queue(
                 continue;
             }
             flushing[slot] = false;
+            res.ops_total += 1;
             if now >= warm_end && now < end {
                 res.ops += 1;
                 res.bytes += bs;
                 let lat = now.duration_since(started[slot]).as_nanos();
                 res.lat_ns.push(lat.min(u32::MAX as u128) as u32);
             }
-            if now >= end {
+            if now >= end || (!stopping && !claim()) {
                 stopping = true;
             }
             if stopping {
@@ -187,6 +213,10 @@ fn run_queue(
             }
         }
     }
+    res.window = last_done
+        .min(end)
+        .saturating_duration_since(warm_end)
+        .as_secs_f64();
     res
 }
 
@@ -221,6 +251,7 @@ fn main() {
     unsafe { std::ptr::write_bytes(region.addr as *mut u8, 0x5a, per_q * args.queues) };
 
     let start = Instant::now();
+    let issued = Arc::new(AtomicU64::new(0));
     let handles: Vec<_> = outcome
         .queues
         .into_iter()
@@ -228,25 +259,36 @@ fn main() {
         .map(|(i, q)| {
             let a = args.clone();
             let buf = region.addr + i * per_q;
-            std::thread::spawn(move || run_queue(a, q, buf, i, capacity))
+            let issued = Arc::clone(&issued);
+            std::thread::spawn(move || run_queue(a, q, buf, i, capacity, issued))
         })
         .collect();
     let mut ops = 0;
+    let mut ops_total = 0;
     let mut bytes = 0;
     let mut errors = 0;
     let mut lat = Vec::new();
+    let mut window: f64 = 0.0;
     for h in handles {
         let r = h.join().expect("worker thread");
         ops += r.ops;
+        ops_total += r.ops_total;
         bytes += r.bytes;
         errors += r.errors;
         lat.extend(r.lat_ns);
+        window = window.max(r.window);
     }
     let _wall = start.elapsed();
     lat.sort_unstable();
-    let secs = args.duration;
-    let iops = ops as f64 / secs;
-    let mibs = bytes as f64 / secs / (1024.0 * 1024.0);
+    let secs = if args.bytes.is_some() {
+        window
+    } else {
+        args.duration
+    };
+    // A run that --bytes ended during the warm-up measured nothing.
+    let secs_or_1 = if secs > 0.0 { secs } else { 1.0 };
+    let iops = ops as f64 / secs_or_1;
+    let mibs = bytes as f64 / secs_or_1 / (1024.0 * 1024.0);
     let mean = if lat.is_empty() {
         0.0
     } else {
@@ -259,8 +301,8 @@ fn main() {
     );
     if args.json {
         println!(
-            "{{\"label\":\"{}\",\"pattern\":\"{}\",\"bs\":{},\"depth\":{},\"queues\":{},\"seconds\":{},\"ops\":{},\"errors\":{},\"iops\":{:.0},\"mib_s\":{:.1},\"lat_mean_us\":{:.1},\"lat_p50_us\":{:.1},\"lat_p99_us\":{:.1},\"lat_p999_us\":{:.1}}}",
-            args.label, args.pattern, args.bs, args.depth, args.queues, secs, ops, errors, iops, mibs, mean, p50, p99, p999
+            "{{\"label\":\"{}\",\"pattern\":\"{}\",\"bs\":{},\"depth\":{},\"queues\":{},\"seconds\":{},\"ops\":{},\"ops_total\":{},\"errors\":{},\"iops\":{:.0},\"mib_s\":{:.1},\"lat_mean_us\":{:.1},\"lat_p50_us\":{:.1},\"lat_p99_us\":{:.1},\"lat_p999_us\":{:.1}}}",
+            args.label, args.pattern, args.bs, args.depth, args.queues, secs, ops, ops_total, errors, iops, mibs, mean, p50, p99, p999
         );
     } else {
         println!(
