@@ -33,7 +33,8 @@
 //! point and choice; `VUB_POWER_LOSS_ONLY=WORKLOAD:SEED:POINT:CHOICE` checks just that state.
 //! (with `VUB_POWER_LOSS_MUTATION=NAME` for a state a mutation run found).
 //! `VUB_POWER_LOSS_STATES=N` sets the number of states over all workloads (default 2000);
-//! `ci/power-loss --states N` runs a long mode in release builds. `VUB_POWER_LOSS_SEED=S`
+//! `ci/power-loss --states N` runs a long mode in release builds; `VUB_POWER_LOSS_WORKLOADS=A,B`
+//! runs only the workloads named. `VUB_POWER_LOSS_SEED=S`
 //! replays a run.
 //!
 //! Mutations (`power_loss_mutations`): each named durability point of the qcow2 flush path
@@ -51,8 +52,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
 use common::tagged::{decode, initial_contents, tagged, Initial, Rng};
 use common::{create_qcow2, qemu_img, SECTOR};
+use vhost_user_blk::image::engine::{EngineOp, GuestBuffers, IoEngine};
 use vhost_user_blk::image::qcow2::JournalMode;
 use vhost_user_blk::image::storage::record::{set_mutation, Event, Op};
 use vhost_user_blk::image::storage::Recorder;
@@ -110,6 +114,10 @@ enum Workload {
     Refcount64,
     /// Raw image in write-through mode (every write `RWF_DSYNC`).
     RawWriteThrough,
+    /// Fresh qcow2 written through the queue's io_uring engine: batches of up to 8 writes in
+    /// flight at once (allocating, sharing clusters, overwriting), with discards and flushes
+    /// between batches so that freed clusters are reused by writes in the ring.
+    Ring,
 }
 
 const ALL: &[Workload] = &[
@@ -132,6 +140,7 @@ const ALL: &[Workload] = &[
     Workload::Refcount1,
     Workload::Refcount64,
     Workload::RawWriteThrough,
+    Workload::Ring,
 ];
 
 impl Workload {
@@ -234,10 +243,16 @@ struct Recording {
     initial_data: Vec<u8>,
 }
 
+/// Guest memory of the requests the ring workload submits.
+type GuestMem = GuestMemoryMmap<()>;
+
 struct Driver<'a> {
     rec: &'a Arc<Recorder>,
     img: Arc<dyn BlockImage>,
     q: Box<dyn ImageQueue>,
+    /// The queue's io_uring engine and the guest memory its requests point into
+    /// (`Workload::Ring`).
+    engine: Option<(Box<dyn IoEngine>, Arc<GuestMem>)>,
     seed: u64,
     next_id: u32,
     ops: Vec<GuestOp>,
@@ -269,6 +284,62 @@ impl Driver<'_> {
             issued,
             done,
         });
+    }
+
+    /// Writes `(sector, nsec)` ranges (which must not overlap) all in flight at once on the
+    /// engine; each is recorded as done when the engine completes it.
+    fn write_batch(&mut self, writes: &[(u64, u64)]) {
+        const SLOT: u64 = 128 * KIB;
+        let mut ids = Vec::new();
+        let mut pending = 0;
+        for (k, &(sector, nsec)) in writes.iter().enumerate() {
+            self.next_id += 1;
+            let id = self.next_id;
+            let data = tagged(self.seed, id, sector, nsec);
+            let issued = self.now();
+            self.rec.mark(format!("write #{id} {sector}+{nsec} (ring)"));
+            let (engine, mem) = self.engine.as_mut().unwrap();
+            let addr = GuestAddress(k as u64 * SLOT);
+            mem.write_slice(&data, addr).unwrap();
+            let slice = mem.get_slice(addr, data.len()).unwrap();
+            let bufs = GuestBuffers::new(mem.clone(), &[slice]);
+            engine.submit(
+                k as u16,
+                EngineOp::Write {
+                    offset: sector * SECTOR,
+                    bufs,
+                    durable: false,
+                },
+            );
+            pending += 1;
+            ids.push(id);
+            self.ops.push(GuestOp {
+                kind: Kind::Write(id),
+                sector,
+                nsec,
+                issued,
+                done: None,
+            });
+        }
+        let first = self.ops.len() - writes.len();
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        let mut out = Vec::new();
+        while pending > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the engine did not finish a batch"
+            );
+            out.clear();
+            self.engine.as_mut().unwrap().0.reap(&mut out);
+            for (tag, r) in out.drain(..) {
+                let k = usize::from(tag);
+                r.unwrap_or_else(|e| panic!("write #{}: {e}", ids[k]));
+                self.ops[first + k].done = Some(self.now());
+                self.rec.mark(format!("write #{} done", ids[k]));
+                pending -= 1;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
     }
 
     fn zero(&mut self, sector: u64, nsec: u64, unmap: bool) {
@@ -347,7 +418,7 @@ fn make_image(w: Workload, dir: &Path, seed: u64) -> PathBuf {
         Workload::RawWriteThrough => {
             std::fs::write(&img, vec![0u8; disk as usize]).unwrap();
         }
-        Workload::Alloc | Workload::DiscardReuse | Workload::WriteZeroes => {
+        Workload::Alloc | Workload::DiscardReuse | Workload::WriteZeroes | Workload::Ring => {
             create(&format!("cluster_size={}", w.cluster()));
         }
         Workload::Snapshot | Workload::Bitmap => create("cluster_size=65536"),
@@ -518,10 +589,18 @@ fn record(w: Workload, seed: u64, root: &Path) -> Recording {
         .collect();
     let img = open(&img_path, w, JournalMode::Default, Some(rec.clone())).unwrap();
     let q = img.queue_handle().unwrap();
+    let engine = (w == Workload::Ring).then(|| {
+        let e = img.engine().unwrap();
+        assert!(e.event_fd().is_some(), "the io_uring engine");
+        let mem: Arc<GuestMem> =
+            Arc::new(GuestMem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+        (e, mem)
+    });
     let mut d = Driver {
         rec: &rec,
         img,
         q,
+        engine,
         seed,
         next_id: 0,
         ops: Vec::new(),
@@ -540,7 +619,10 @@ fn record(w: Workload, seed: u64, root: &Path) -> Recording {
         // The bitmap workloads keep to their first 2 MiB, so that writes after the bitmap is
         // stored overwrite clusters in place (no metadata change, no sync before them), some
         // in 4 KiB granules not yet dirty.
-        let span = if matches!(w, Workload::Bitmap | Workload::BitmapDataFile) {
+        let span = if matches!(
+            w,
+            Workload::Bitmap | Workload::BitmapDataFile | Workload::Ring
+        ) {
             2 * MIB / SECTOR
         } else {
             size_sectors
@@ -589,6 +671,27 @@ fn record(w: Workload, seed: u64, root: &Path) -> Recording {
                     1 => d.zero(c, n, true),
                     _ => d.zero(c, n, false),
                 }
+            }
+            (Workload::Ring, _) if rng.range(0, 5) == 0 => {
+                let n = csec * rng.range(1, 3);
+                let c = csec * rng.range(0, (span - n) / csec);
+                d.discard(c, n);
+            }
+            (Workload::Ring, _) => {
+                // Up to 8 writes that do not overlap, in 2 MiB (32 clusters): several share
+                // a cluster, so some wait for an entry another one holds reserved.
+                let mut batch: Vec<(u64, u64)> = Vec::new();
+                for _ in 0..rng.range(1, 9) {
+                    let nsec = 8 * rng.range(1, 17);
+                    let sector = 8 * rng.range(0, (span - nsec) / 8);
+                    if batch
+                        .iter()
+                        .all(|&(s, n)| sector + nsec <= s || s + n <= sector)
+                    {
+                        batch.push((sector, nsec));
+                    }
+                }
+                d.write_batch(&batch);
             }
             (Workload::WriteZeroes, _) if rng.range(0, 4) == 0 => {
                 // Unaligned write-zeroes too.
@@ -1301,10 +1404,15 @@ fn power_loss_crash_states() {
     }
     let total = states_wanted();
     let seed = base_seed();
-    let per = total.div_ceil(ALL.len());
+    // VUB_POWER_LOSS_WORKLOADS=Ring,Alloc runs only those (all by default).
+    let chosen: Vec<Workload> = match std::env::var("VUB_POWER_LOSS_WORKLOADS") {
+        Ok(names) => names.split(',').map(Workload::by_name).collect(),
+        Err(_) => ALL.to_vec(),
+    };
+    let per = total.div_ceil(chosen.len());
     let started = Instant::now();
     eprintln!("power loss: seed {seed} (VUB_POWER_LOSS_SEED), {per} states per workload");
-    let out = run(ALL, per, seed, false);
+    let out = run(&chosen, per, seed, false);
     let n: usize = out.checked.iter().map(|(_, n)| n).sum();
     for (w, k) in &out.checked {
         eprintln!("power loss: {w:?}: {k} states");
