@@ -154,6 +154,11 @@ struct Cli {
     #[arg(long)]
     direct: bool,
 
+    /// QEMU's cache modes: none (= --direct), writeback (the default), writethrough
+    /// (= --writethrough), directsync (= --direct --writethrough).
+    #[arg(long, value_name = "MODE", value_enum, conflicts_with_all = ["direct", "writethrough"])]
+    cache: Option<CacheMode>,
+
     /// I/O engine of each queue: io_uring (every request in flight at once; falls back to
     /// sync, with a warning, where io_uring is unavailable) or sync (one request at a time on
     /// the queue's worker).
@@ -306,6 +311,30 @@ enum ArgError {
     /// Not an octal mode of at most 0777.
     #[error("'{0}' is not an octal permission mode")]
     Mode(String),
+}
+
+/// `--cache`: QEMU's names for the combinations of O_DIRECT and write-through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum CacheMode {
+    /// O_DIRECT, write-back (the guest flushes): libvirt's cache='none'.
+    None,
+    /// Host page cache, write-back.
+    Writeback,
+    /// Host page cache, every write durable before it completes.
+    Writethrough,
+    /// O_DIRECT, every write durable before it completes.
+    Directsync,
+}
+
+impl Cli {
+    /// Folds `--cache` into `--direct` and `--writethrough` (clap refuses combining them).
+    fn apply_cache_mode(mut self) -> Cli {
+        if let Some(c) = self.cache {
+            self.direct = matches!(c, CacheMode::None | CacheMode::Directsync);
+            self.writethrough = matches!(c, CacheMode::Writethrough | CacheMode::Directsync);
+        }
+        self
+    }
 }
 
 fn parse_aio(s: &str) -> std::result::Result<Aio, String> {
@@ -554,7 +583,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse().apply_cache_mode();
     match cli.command {
         Some(Command::Ctl(args)) => {
             return match run_ctl(args) {

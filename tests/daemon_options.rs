@@ -372,6 +372,59 @@ fn direct_serves_unaligned_buffers_on_two_queues() {
 /// once (guest buffers aligned, odd and split: `direct_io_on_queue`), alongside the buffered
 /// one that carries metadata; what the queues wrote is what `qemu-img` reads, and the image
 /// is clean.
+/// `--cache` takes QEMU's mode names: none and directsync open the image with O_DIRECT,
+/// writethrough and directsync start in write-through mode, writeback is the default; and it
+/// cannot be combined with the options it stands for.
+#[test]
+fn cache_modes_set_o_direct_and_write_through() {
+    let dir = disk_tempdir();
+    if let Err(why) = direct_io_512(dir.path()) {
+        skip_unless_ci(&format!(
+            "--cache none needs a file system with O_DIRECT: {why}"
+        ));
+        return;
+    }
+    let img = dir.path().join("disk.qcow2");
+    create_qcow2(&img, "", "8M");
+    for (mode, direct, through) in [
+        ("none", true, false),
+        ("writeback", false, false),
+        ("writethrough", false, true),
+        ("directsync", true, true),
+    ] {
+        let cfg = DaemonConfig::new().arg("--cache").arg(mode);
+        let daemon = Daemon::start_format(dir.path(), &img, "qcow2", &cfg);
+        let fds = fds_on(daemon.pid(), &img);
+        let with_o_direct = fds
+            .iter()
+            .filter(|fd| fd_flags(daemon.pid(), fd) & libc::O_DIRECT != 0)
+            .count();
+        assert_eq!(with_o_direct > 0, direct, "--cache {mode}: {fds:?}");
+        let log = daemon.log();
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("serving "))
+            .unwrap_or_default()
+            .to_string();
+        let wanted = if through {
+            "write-through"
+        } else {
+            "write-back"
+        };
+        assert!(line.contains(wanted), "--cache {mode}: {line}");
+        daemon.terminate_ok();
+    }
+    let check = qemu_img_check(&img);
+    assert!(check.clean(), "{}", check.output);
+    for clash in ["--direct", "--writethrough"] {
+        let p = img.to_str().unwrap();
+        let (st, _, err) = run_bin(dir.path(), &["--blk-file", p, "--cache", "none", clash]);
+        assert_eq!(st.code(), Some(2), "--cache none {clash}: {err}");
+        assert!(err.contains("--cache"), "{err}");
+    }
+}
+
 #[test]
 fn direct_qcow2_moves_guest_data_with_o_direct() {
     let dir = disk_tempdir();

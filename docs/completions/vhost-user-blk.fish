@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_vhost_user_blk_global_optspecs
-    string join \n control-socket= control-socket-owner= control-socket-group= control-socket-mode= socket-path= fd= print-capabilities blk-file= null-size= read-only format= locking= create= num-queues= queue-size= serial= logical-block-size= metadata-cache= poll-us= inject-faults= direct aio= journal-dir= no-journal writethrough socket-owner= socket-group= socket-mode= v/verbose h/help V/version
+    string join \n control-socket= control-socket-owner= control-socket-group= control-socket-mode= socket-path= fd= print-capabilities blk-file= null-size= read-only format= locking= create= num-queues= queue-size= serial= logical-block-size= metadata-cache= poll-us= inject-faults= direct cache= aio= journal-dir= no-journal writethrough socket-owner= socket-group= socket-mode= v/verbose h/help V/version
 end
 
 function __fish_vhost_user_blk_needs_command
@@ -42,6 +42,10 @@ complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l logical-b
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l metadata-cache -d 'qcow2: bytes of L2 tables kept in memory (e.g. 64M). Each MiB covers 8 GiB of guest space with 64 KiB clusters; the default 32M covers 256 GiB' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l poll-us -d 'After each batch, busy-poll the queue this many microseconds for more requests before sleeping (0 disables polling: lowest CPU use, higher latency)' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l inject-faults -d 'Testing only: make operations fail, e.g. write:eio:after=100:count=10 (see src/image/fault.rs)' -r
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l cache -d 'QEMU\'s cache modes: none (= --direct), writeback (the default), writethrough (= --writethrough), directsync (= --direct --writethrough)' -r -f -a "none\t'O_DIRECT, write-back (the guest flushes): libvirt\'s cache=\'none\''
+writeback\t'Host page cache, write-back'
+writethrough\t'Host page cache, every write durable before it completes'
+directsync\t'O_DIRECT, every write durable before it completes'"
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l aio -d 'I/O engine of each queue: io_uring (every request in flight at once; falls back to sync, with a warning, where io_uring is unavailable) or sync (one request at a time on the queue\'s worker)' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l journal-dir -d 'qcow2: directory (tmpfs or ramfs) of the mapping journal, which keeps the mapping changes of completed writes until a flush writes them to the image, so that they survive a crash of the daemon. Default /dev/shm (if unusable: --no-journal, with a warning)' -r -F
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l socket-owner -d 'Owner (user name or uid) of the --socket-path socket, e.g. the user the VMM runs as (libvirt-qemu for libvirt on Debian; needs privilege). Default: the daemon\'s user' -r
@@ -53,7 +57,7 @@ complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l direct -d
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l no-journal -d 'qcow2: no mapping journal; instead write metadata back before completing every request that changes a mapping (slower; completed writes still survive a crash of the daemon)'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l writethrough -d 'Start in write-through mode: every write is durable before it completes. By default the cache is write-back and the guest flushes; the guest can switch (CONFIG_WCE)'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -s v -l verbose -d 'More log output (-v debug, -vv trace). RUST_LOG overrides'
-complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -s h -l help -d 'Print help'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -s V -l version -d 'Print version'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -f -a "ctl" -d 'Talk to a running daemon\'s control socket'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -f -a "manpage" -d 'Print the man page (roff) to stdout'
