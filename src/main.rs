@@ -26,7 +26,7 @@ use vhost_user_blk::server::{
     lookup_user, systemd_listen_fd, ListenOn, Server, Shutdown, SocketPerms,
 };
 use vhost_user_blk::vhost_user::MAX_QUEUES;
-use vhost_user_blk::virtio_blk::{DeviceOptions, DeviceParams};
+use vhost_user_blk::virtio_blk::{DetectZeroes, DeviceOptions, DeviceParams, DiscardPolicy};
 use vhost_user_blk::{notify, Error, Result};
 
 /// Capabilities printed by `--print-capabilities` (vhost-user.rst, type "block").
@@ -153,6 +153,17 @@ struct Cli {
     /// Open the image with O_DIRECT (bypass the host page cache).
     #[arg(long)]
     direct: bool,
+
+    /// What a guest discard does: unmap frees the space in the image and gives it back to
+    /// the host file system (thin provisioning); ignore completes it without doing anything
+    /// (and write-zeroes never unmaps).
+    #[arg(long, value_name = "POLICY", value_enum, default_value = "unmap")]
+    discard: DiscardPolicy,
+
+    /// What a write of all zero bytes becomes: off (written as is), on (a write-zeroes: a
+    /// zero cluster in qcow2), unmap (also frees the space, with --discard unmap).
+    #[arg(long, value_name = "MODE", value_enum, default_value = "off")]
+    detect_zeroes: DetectZeroes,
 
     /// QEMU's cache modes: none (= --direct), writeback (the default), writethrough
     /// (= --writethrough), directsync (= --direct --writethrough).
@@ -481,7 +492,7 @@ fn run(cli: Cli) -> Result<()> {
     // The locks live as long as the image's descriptors anyway; keeping them here is what a
     // later change of the lock (migration handover) will use.
     let (path, image, _locks) = open(&cli)?;
-    let params = DeviceParams::new(&DeviceOptions {
+    let mut params = DeviceParams::new(&DeviceOptions {
         size: image.virtual_size(),
         logical_block_size: cli.logical_block_size,
         discard_granularity: image.discard_granularity(),
@@ -490,6 +501,8 @@ fn run(cli: Cli) -> Result<()> {
         read_only: cli.read_only,
         serial: &cli.serial,
     })?;
+    params.discard = cli.discard;
+    params.detect_zeroes = cli.detect_zeroes;
 
     let perms = SocketPerms {
         mode: cli.socket_mode,

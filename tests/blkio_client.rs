@@ -287,25 +287,14 @@ fn discard_reads_back_zeros_and_punches_hole() {
     let mut c = Client::simple(&daemon.socket);
 
     let align = c.get_i32("discard-alignment") as u64;
-    let max_len = c.get_u64("max-discard-len");
     assert!(
         align > 0 && MIB.is_multiple_of(align),
         "unexpected discard-alignment {align}"
     );
 
     let (d_off, d_len) = (MIB, MIB);
-    let step = if max_len == 0 {
-        d_len
-    } else {
-        max_len.min(d_len) / SECTOR * SECTOR
-    };
+    discard_range(&mut c, d_off, d_len);
     let q = c.q(0);
-    let mut o = d_off;
-    while o < d_off + d_len {
-        let n = step.min(d_off + d_len - o);
-        assert_ok(&q.discard(o, n), &format!("discard [{o}, +{n})"));
-        o += n;
-    }
 
     let mut model = pattern(3, 0, size as usize);
     model[d_off as usize..(d_off + d_len) as usize].fill(0);
@@ -1038,4 +1027,246 @@ fn streaming_at_depth_qcow2_one_queue() {
 #[test]
 fn streaming_at_depth_qcow2_two_queues() {
     stream_and_verify("qcow2", 2, 16, 600);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Thin provisioning: discard policy, freed qcow2 clusters, detect-zeroes
+// ---------------------------------------------------------------------------------------------
+
+const CHUNK: u64 = 512 * KIB;
+
+/// Writes `pattern(seed)` (or zeros) over `[off, off + len)` in chunks the queue buffer holds.
+fn fill(q: &mut Queue, off: u64, len: u64, seed: Option<u64>) {
+    let mut o = off;
+    while o < off + len {
+        let n = CHUNK.min(off + len - o);
+        let data = match seed {
+            Some(s) => pattern(s, o, n as usize),
+            None => vec![0; n as usize],
+        };
+        q.write_ok(o, &data);
+        o += n;
+    }
+}
+
+/// Discards `[off, off + len)` in pieces no longer than the device's max-discard-len.
+fn discard_range(c: &mut Client, off: u64, len: u64) {
+    let max = c.get_u64("max-discard-len");
+    let step = if max == 0 {
+        len
+    } else {
+        max.min(len) / SECTOR * SECTOR
+    };
+    let q = c.q(0);
+    let mut o = off;
+    while o < off + len {
+        let n = step.min(off + len - o);
+        assert_ok(&q.discard(o, n), &format!("discard [{o:#x}, +{n:#x})"));
+        o += n;
+    }
+}
+
+/// Two flushes: the first makes the unmapping durable, the second returns the freed clusters
+/// once no request that started before the first one is still running.
+fn flush_twice(q: &mut Queue) {
+    assert_ok(&q.flush(), "flush");
+    assert_ok(&q.flush(), "second flush");
+}
+
+#[track_caller]
+fn assert_zeros(data: &[u8], base: u64, what: &str) {
+    if let Some(i) = data.iter().position(|&b| b != 0) {
+        panic!("{what}: nonzero byte at {:#x}", base + i as u64);
+    }
+}
+
+/// A temp dir for the thin-provisioning tests (our options, st_blocks): None, after saying
+/// why, against qemu-storage-daemon or where holes cannot be punched (outside CI).
+fn thin_provisioning_dir() -> Option<tempfile::TempDir> {
+    if backend() == Backend::Qsd {
+        eprintln!("skipped for qemu-storage-daemon (our options)");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    if !fs_supports_punch_hole(dir.path()) {
+        skip_unless_ci("the temp dir's file system cannot punch holes");
+        return None;
+    }
+    Some(dir)
+}
+
+fn file_len(p: &std::path::Path) -> u64 {
+    std::fs::metadata(p).unwrap().len()
+}
+
+/// A qcow2 discard gives the space back to the host file system (clusters freed by the
+/// flush are punched), reads back zeros, and the freed clusters are reused before the file
+/// grows; the image stays clean for qemu-img.
+#[test]
+fn qcow2_discard_gives_space_back_and_reuses_it() {
+    let Some(dir) = thin_provisioning_dir() else {
+        return;
+    };
+    let img = dir.path().join("disk.qcow2");
+    create_qcow2(&img, "", "128M");
+    let daemon = Daemon::start_format(dir.path(), &img, "qcow2", &DaemonConfig::new());
+    let mut c = Client::simple(&daemon.socket);
+    fill(c.q(0), 0, 64 * MIB, Some(61));
+    flush_twice(c.q(0));
+    let full = allocated_blocks(&img);
+
+    let (d_off, d_len) = (8 * MIB, 48 * MIB);
+    discard_range(&mut c, d_off, d_len);
+    flush_twice(c.q(0));
+    let after = allocated_blocks(&img);
+    let want = d_len / 512 * 9 / 10;
+    assert!(
+        after + want <= full,
+        "discarding {d_len:#x} bytes freed too little: st_blocks {full} -> {after} (want a \
+         drop of at least {want})"
+    );
+
+    let q = c.q(0);
+    assert_bytes_eq(
+        &q.read_all(0, d_off),
+        &pattern(61, 0, d_off as usize),
+        0,
+        "before",
+    );
+    assert_zeros(&q.read_all(d_off, d_len), d_off, "discarded range");
+    let tail = 64 * MIB - (d_off + d_len);
+    assert_bytes_eq(
+        &q.read_all(d_off + d_len, tail),
+        &pattern(61, d_off + d_len, tail as usize),
+        d_off + d_len,
+        "after",
+    );
+
+    // New data goes into the freed clusters, not past the end of the file.
+    let len = file_len(&img);
+    fill(q, 64 * MIB, d_len, Some(62));
+    flush_twice(q);
+    let grown = file_len(&img).saturating_sub(len);
+    assert!(
+        grown <= MIB,
+        "writing {d_len:#x} bytes after freeing as many grew the file by {grown:#x}"
+    );
+    assert_bytes_eq(
+        &q.read_all(64 * MIB, d_len),
+        &pattern(62, 64 * MIB, d_len as usize),
+        64 * MIB,
+        "rewritten",
+    );
+    drop(c);
+    daemon.terminate_ok();
+    let check = qemu_img_check(&img);
+    assert!(check.clean(), "qemu-img check:\n{}", check.output);
+}
+
+/// `--discard ignore` (QEMU's discard=ignore): a discard completes and changes nothing.
+#[test]
+fn discard_ignore_keeps_data_and_space() {
+    if backend() == Backend::Qsd {
+        eprintln!("skipped for qemu-storage-daemon (our option)");
+        return;
+    }
+    let size = 4 * MIB;
+    let dir = tempfile::tempdir().unwrap();
+    let img = create_image(dir.path(), "disk.img", size, Some(63));
+    let before = allocated_blocks(&img);
+    let cfg = DaemonConfig::new().arg("--discard").arg("ignore");
+    let daemon = Daemon::start(dir.path(), &img, &cfg);
+    let mut c = Client::simple(&daemon.socket);
+    discard_range(&mut c, MIB, 2 * MIB);
+    assert_ok(&c.q(0).flush(), "flush");
+    assert_bytes_eq(
+        &c.q(0).read_all(0, size),
+        &pattern(63, 0, size as usize),
+        0,
+        "after an ignored discard",
+    );
+    drop(c);
+    daemon.terminate_ok();
+    assert_eq!(
+        allocated_blocks(&img),
+        before,
+        "an ignored discard changed the allocation"
+    );
+}
+
+/// `--detect-zeroes`: an all-zero write becomes a write-zeroes. `on` keeps zeros from
+/// allocating qcow2 clusters (the default `off` allocates them: the control); `unmap` also
+/// frees the clusters an all-zero write covers. A write that is not all zeros is data.
+#[test]
+fn detect_zeroes_on_and_unmap() {
+    let Some(dir) = thin_provisioning_dir() else {
+        return;
+    };
+    let growth_of_zero_writes = |mode: &str| {
+        let img = dir.path().join(format!("zeros-{mode}.qcow2"));
+        create_qcow2(&img, "", "64M");
+        let cfg = DaemonConfig::new().arg("--detect-zeroes").arg(mode);
+        let daemon = Daemon::start_format(dir.path(), &img, "qcow2", &cfg);
+        let mut c = Client::simple(&daemon.socket);
+        let len = file_len(&img);
+        fill(c.q(0), 0, 16 * MIB, None);
+        flush_twice(c.q(0));
+        let grown = file_len(&img) - len;
+        assert_zeros(&c.q(0).read_all(0, 16 * MIB), 0, "zero writes");
+        drop(c);
+        daemon.terminate_ok();
+        let check = qemu_img_check(&img);
+        assert!(check.clean(), "{mode}: qemu-img check:\n{}", check.output);
+        grown
+    };
+    let off = growth_of_zero_writes("off");
+    assert!(
+        off >= 16 * MIB,
+        "control: zero writes without detection grew the file by {off:#x}"
+    );
+    let on = growth_of_zero_writes("on");
+    assert!(
+        on <= MIB,
+        "--detect-zeroes on: zero writes grew the file by {on:#x}"
+    );
+
+    // unmap: zeros over written data free its clusters; a mostly-zero write stays data.
+    let img = dir.path().join("unmap.qcow2");
+    create_qcow2(&img, "", "64M");
+    let cfg = DaemonConfig::new().arg("--detect-zeroes").arg("unmap");
+    let daemon = Daemon::start_format(dir.path(), &img, "qcow2", &cfg);
+    let mut c = Client::simple(&daemon.socket);
+    let q = c.q(0);
+    fill(q, 0, 16 * MIB, Some(64));
+    flush_twice(q);
+    let full = allocated_blocks(&img);
+    fill(q, 0, 12 * MIB, None);
+    let mut almost = vec![0u8; 64 * KIB as usize];
+    almost[64 * KIB as usize - 1] = 0xa5;
+    q.write_ok(12 * MIB, &almost);
+    flush_twice(q);
+    let after = allocated_blocks(&img);
+    let want = 12 * MIB / 512 * 9 / 10;
+    assert!(
+        after + want <= full,
+        "--detect-zeroes unmap freed too little: st_blocks {full} -> {after} (want {want})"
+    );
+    assert_zeros(&q.read_all(0, 12 * MIB), 0, "zeroed range");
+    assert_bytes_eq(
+        &q.read_ok(12 * MIB, almost.len()),
+        &almost,
+        12 * MIB,
+        "mostly zero",
+    );
+    let rest = 16 * MIB - 12 * MIB - 64 * KIB;
+    assert_bytes_eq(
+        &q.read_all(12 * MIB + 64 * KIB, rest),
+        &pattern(64, 12 * MIB + 64 * KIB, rest as usize),
+        12 * MIB + 64 * KIB,
+        "untouched",
+    );
+    drop(c);
+    daemon.terminate_ok();
+    let check = qemu_img_check(&img);
+    assert!(check.clean(), "unmap: qemu-img check:\n{}", check.output);
 }

@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_vhost_user_blk_global_optspecs
-    string join \n control-socket= control-socket-owner= control-socket-group= control-socket-mode= socket-path= fd= print-capabilities blk-file= null-size= read-only format= locking= create= num-queues= queue-size= serial= logical-block-size= metadata-cache= poll-us= inject-faults= direct cache= aio= journal-dir= no-journal writethrough socket-owner= socket-group= socket-mode= v/verbose h/help V/version
+    string join \n control-socket= control-socket-owner= control-socket-group= control-socket-mode= socket-path= fd= print-capabilities blk-file= null-size= read-only format= locking= create= num-queues= queue-size= serial= logical-block-size= metadata-cache= poll-us= inject-faults= direct discard= detect-zeroes= cache= aio= journal-dir= no-journal writethrough socket-owner= socket-group= socket-mode= v/verbose h/help V/version
 end
 
 function __fish_vhost_user_blk_needs_command
@@ -42,6 +42,11 @@ complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l logical-b
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l metadata-cache -d 'qcow2: bytes of L2 tables kept in memory (e.g. 64M). Each MiB covers 8 GiB of guest space with 64 KiB clusters; the default 32M covers 256 GiB' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l poll-us -d 'After each batch, busy-poll the queue this many microseconds for more requests before sleeping (0 disables polling: lowest CPU use, higher latency)' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l inject-faults -d 'Testing only: make operations fail, e.g. write:eio:after=100:count=10 (see src/image/fault.rs)' -r
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l discard -d 'What a guest discard does: unmap frees the space in the image and gives it back to the host file system (thin provisioning); ignore completes it without doing anything (and write-zeroes never unmaps)' -r -f -a "ignore\t'Discards complete without doing anything; write-zeroes never unmaps'
+unmap\t'Discards free the space in the image and give it back to the host file system'"
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l detect-zeroes -d 'What a write of all zero bytes becomes: off (written as is), on (a write-zeroes: a zero cluster in qcow2), unmap (also frees the space, with --discard unmap)' -r -f -a "off\t'Writes are written as they come'
+on\t'A write of all zero bytes becomes a write-zeroes (a zero cluster in qcow2)'
+unmap\t'Like `on`, and the space is freed too (with `--discard unmap`)'"
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l cache -d 'QEMU\'s cache modes: none (= --direct), writeback (the default), writethrough (= --writethrough), directsync (= --direct --writethrough)' -r -f -a "none\t'O_DIRECT, write-back (the guest flushes): libvirt\'s cache=\'none\''
 writeback\t'Host page cache, write-back'
 writethrough\t'Host page cache, every write durable before it completes'

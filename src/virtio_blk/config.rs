@@ -134,6 +134,32 @@ pub struct DeviceParams {
     pub opt_io_size: u32,
     /// GET_ID answer (NUL-padded, at most 20 bytes).
     pub serial: [u8; ID_BYTES],
+    /// `--discard`: whether a discard (and a write-zeroes' unmap flag) frees space.
+    pub discard: DiscardPolicy,
+    /// `--detect-zeroes`: what a write of all zero bytes becomes.
+    pub detect_zeroes: DetectZeroes,
+}
+
+/// `--discard` (QEMU's `discard=`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DiscardPolicy {
+    /// Discards complete without doing anything; write-zeroes never unmaps.
+    Ignore,
+    /// Discards free the space in the image and give it back to the host file system.
+    #[default]
+    Unmap,
+}
+
+/// `--detect-zeroes` (QEMU's `detect-zeroes=`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DetectZeroes {
+    /// Writes are written as they come.
+    #[default]
+    Off,
+    /// A write of all zero bytes becomes a write-zeroes (a zero cluster in qcow2).
+    On,
+    /// Like `on`, and the space is freed too (with `--discard unmap`).
+    Unmap,
 }
 
 impl DeviceParams {
@@ -297,6 +323,8 @@ impl DeviceParams {
             max_write_zeroes_seg: MAX_DWZ_SEG,
             opt_io_size: 0,
             serial: serial_bytes(opts.serial),
+            discard: DiscardPolicy::default(),
+            detect_zeroes: DetectZeroes::default(),
         })
     }
 }
@@ -328,6 +356,8 @@ mod tests {
             max_write_zeroes_seg: 32,
             opt_io_size: 0,
             serial: serial_bytes("disk0"),
+            discard: DiscardPolicy::Unmap,
+            detect_zeroes: DetectZeroes::Off,
         }
     }
 

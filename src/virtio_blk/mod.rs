@@ -12,5 +12,5 @@ pub mod request;
 mod tests;
 
 pub use chain::GuestMem;
-pub use config::{DeviceOptions, DeviceParams};
+pub use config::{DetectZeroes, DeviceOptions, DeviceParams, DiscardPolicy};
 pub use request::{chains_waiting, ChainTracker, DeviceState, QueueRun, RequestHandler};

@@ -18,7 +18,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::chain::{byte_addr, gather, scatter, slices, ChainError, ChainLayout, GuestMem};
 use super::config::{
-    features, status, DeviceParams, ID_BYTES, SECTOR_SHIFT, SECTOR_SIZE, SEG_FLAG_UNMAP,
+    features, status, DetectZeroes, DeviceParams, DiscardPolicy, ID_BYTES, SECTOR_SHIFT,
+    SECTOR_SIZE, SEG_FLAG_UNMAP,
 };
 use super::header::{DwzSegment, RequestHeader, RequestType};
 use crate::image::engine::{EngineOp, GuestBuffers, IoEngine};
@@ -607,10 +608,23 @@ impl RequestHandler {
         let Some(bufs) = self.data_buffers(mem, h, true, len) else {
             return fail;
         };
+        let offset = h.sector << SECTOR_SHIFT;
+        let durable = !self.state.write_back();
+        if self.params.detect_zeroes != DetectZeroes::Off && all_zero(&bufs) {
+            // The guest's buffers are read once here; what it writes there afterwards is
+            // as racy as any write of a buffer still in flight.
+            let unmap = self.params.detect_zeroes == DetectZeroes::Unmap
+                && self.params.discard == DiscardPolicy::Unmap;
+            let op = EngineOp::WriteZeroes {
+                segs: vec![(offset, len, unmap)],
+                durable,
+            };
+            return Step::Io(op, Done::wrote(len));
+        }
         let op = EngineOp::Write {
-            offset: h.sector << SECTOR_SHIFT,
+            offset,
             bufs: GuestBuffers::new(mem.clone(), &bufs),
-            durable: !self.state.write_back(),
+            durable,
         };
         Step::Io(op, Done::wrote(len))
     }
@@ -691,6 +705,11 @@ impl RequestHandler {
         }
         // In write-through mode the engine makes them durable before completing them.
         let durable = !self.state.write_back();
+        let unmap_allowed = self.params.discard == DiscardPolicy::Unmap;
+        if !zero && !unmap_allowed {
+            // --discard ignore: validated, and nothing done (as QEMU's discard=ignore).
+            return Step::Done(Done::ok(0));
+        }
         let op = if zero {
             EngineOp::WriteZeroes {
                 segs: segments
@@ -699,7 +718,7 @@ impl RequestHandler {
                         (
                             s.sector << SECTOR_SHIFT,
                             u64::from(s.num_sectors) << SECTOR_SHIFT,
-                            s.flags & SEG_FLAG_UNMAP != 0,
+                            unmap_allowed && s.flags & SEG_FLAG_UNMAP != 0,
                         )
                     })
                     .collect(),
@@ -734,4 +753,24 @@ impl RequestHandler {
         .ok()?;
         Some(DwzSegment::parse(&s))
     }
+}
+
+/// True if every byte of `bufs` is zero (`--detect-zeroes`).
+fn all_zero(bufs: &[GuestSlice<'_>]) -> bool {
+    let mut chunk = [0u8; 4096];
+    bufs.iter().all(|b| {
+        let mut at = 0;
+        while at < b.len() {
+            let n = (b.len() - at).min(chunk.len());
+            let Ok(part) = b.subslice(at, n) else {
+                return false;
+            };
+            part.copy_to(&mut chunk[..n]);
+            if chunk[..n].iter().any(|&x| x != 0) {
+                return false;
+            }
+            at += n;
+        }
+        true
+    })
 }

@@ -680,16 +680,53 @@ impl Qcow2Shared {
             .map(|s| s.load(Ordering::SeqCst))
             .filter(|&e| e != 0)
             .min();
+        let mut ready = Vec::new();
         deferred.retain(|&(tag, c)| {
             // A request that started at epoch `e > tag` began after the freeing flush
             // bumped the epoch, so it saw the unmapping.
-            if oldest.is_none_or(|e| e > tag) {
-                clusters.make_free(c);
-                false
-            } else {
-                true
+            let done = oldest.is_none_or(|e| e > tag);
+            if done {
+                ready.push(c.0);
             }
+            !done
         });
+        drop(deferred);
+        self.punch_freed(&mut ready);
+        for c in ready {
+            clusters.make_free(HostCluster(c));
+        }
+    }
+
+    /// Gives the host file system the space of clusters about to enter the free bitmap
+    /// (thin provisioning, like QEMU's discard=unmap). Safe for the same reason reuse is:
+    /// no durable metadata maps them and no request still uses them; a punched cluster
+    /// handed out again is written whole. Before they are free, so nobody writes them
+    /// meanwhile. Best effort: a file system without hole punching keeps the bytes.
+    fn punch_freed(&self, clusters: &mut [u64]) {
+        if clusters.is_empty() {
+            return;
+        }
+        clusters.sort_unstable();
+        let cs = self.cluster_size();
+        let mut i = 0;
+        while i < clusters.len() {
+            let mut j = i + 1;
+            while j < clusters.len() && clusters[j] == clusters[j - 1] + 1 {
+                j += 1;
+            }
+            let (start, len) = (clusters[i] << self.cluster_bits, (j - i) as u64 * cs);
+            if let Err(e) = self.file.fallocate(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                start,
+                len,
+            ) {
+                log::debug!(
+                    "{}: punching freed clusters at {start:#x}: {e}",
+                    self.path.display()
+                );
+            }
+            i = j;
+        }
     }
 
     fn clusters(&self) -> stdio::Result<&Clusters> {
