@@ -1,8 +1,10 @@
 //! End-to-end test: boot a real Linux guest (QEMU, TCG) whose virtio-blk disk
 //! is served by our `vhost-user-blk` daemon, and run fio (crc32c verify over
-//! both virtqueues), ext4, fstrim and umount inside it; then grow the disk
-//! online through the daemon's control socket and check the guest sees the new
-//! capacity (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG -> QEMU -> config interrupt).
+//! both virtqueues), ext4, fstrim and umount inside it, on a raw and on a qcow2
+//! image; grow the disk online through the daemon's control socket and check
+//! the guest sees the new capacity (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG ->
+//! QEMU -> config interrupt); and check that fstrim gave the host back the
+//! blocks of a deleted file.
 //!
 //! The guest is built by `ci/guest/build.sh` and booted by `ci/guest/run.sh`;
 //! the in-guest steps live in `ci/guest/init`.  Prerequisites are installed
@@ -182,6 +184,26 @@ fn tail(text: &str, lines: usize) -> String {
 
 #[test]
 fn guest_fio_ext4_fstrim() {
+    guest_run("raw");
+}
+
+/// The same run on a qcow2 image: fstrim frees clusters, which the flush at the clean stop
+/// punches out of the image file.
+#[test]
+fn guest_fio_ext4_fstrim_qcow2() {
+    guest_run("qcow2");
+}
+
+/// The scratch file ci/guest/init writes before the resize and deletes and trims after it.
+const SCRATCH: u64 = 32 * 1024 * 1024;
+
+/// Host bytes allocated to `path`.
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).expect("stat image").blocks() * 512
+}
+
+fn guest_run(format: &str) {
     if !ensure_guest() {
         return;
     }
@@ -193,10 +215,20 @@ fn guest_fio_ext4_fstrim() {
     let daemon_log = tmp.path().join("daemon.log");
     let console_log = tmp.path().join("console.log");
 
-    // A sparse 256 MiB raw image.
-    File::create(&image)
-        .and_then(|f| f.set_len(IMAGE_SIZE))
-        .expect("create image");
+    // A sparse 256 MiB raw image, or an empty qcow2 of that size.
+    if format == "qcow2" {
+        let st = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&image)
+            .arg(IMAGE_SIZE.to_string())
+            .status()
+            .expect("run qemu-img");
+        assert!(st.success(), "qemu-img create failed");
+    } else {
+        File::create(&image)
+            .and_then(|f| f.set_len(IMAGE_SIZE))
+            .expect("create image");
+    }
 
     let log_file = File::create(&daemon_log).expect("daemon log");
     let daemon = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"))
@@ -206,7 +238,7 @@ fn guest_fio_ext4_fstrim() {
         .arg(&control)
         .arg("--blk-file")
         .arg(&image)
-        .args(["--format", "raw", "--num-queues", "2"])
+        .args(["--format", format, "--num-queues", "2"])
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -268,8 +300,10 @@ fn guest_fio_ext4_fstrim() {
     let mut runner = ChildGuard::new(runner, "ci/guest/run.sh");
     runner.term_first = true;
 
-    // (guest sectors before, ctl output) once the resize was requested.
+    // (guest sectors before, ctl output) once the resize was requested, and the image's
+    // allocated bytes just before (the guest's scratch file written, not yet trimmed).
     let mut resize: Option<(u64, Result<serde_json::Value, String>)> = None;
+    let mut before_trim = 0;
     let status = loop {
         if let Some(status) = runner.child().try_wait().expect("try_wait") {
             runner.child = None;
@@ -293,6 +327,7 @@ fn guest_fio_ext4_fstrim() {
                     "e2e_guest: guest waits for the resize after {:.1?} ({sectors} sectors)",
                     started.elapsed()
                 );
+                before_trim = allocated(&image);
                 resize = Some((sectors, ctl_resize(&control, RESIZED)));
             }
         }
@@ -391,9 +426,35 @@ fn guest_fio_ext4_fstrim() {
         ),
     }
 
-    // The image has the size it was grown to (the daemon must not truncate it).
-    let len = fs::metadata(&image).expect("stat image").len();
-    assert_eq!(len, RESIZED, "image size after the resize");
+    // fstrim gave the deleted scratch file's space back to the host (a raw image's holes are
+    // punched at the discard, a qcow2's freed clusters at the flush of the clean stop); what
+    // the guest wrote after it (the resize step's last MiB, ext4's own updates) is small.
+    let after = allocated(&image);
+    eprintln!(
+        "e2e_guest: {format} image allocated {before_trim} bytes before fstrim, {after} after"
+    );
+    assert!(
+        after + SCRATCH * 3 / 4 <= before_trim,
+        "{format}: fstrim of a {SCRATCH}-byte deleted file gave back too little: allocated \
+         {before_trim} bytes before, {after} after"
+    );
+
+    if format == "qcow2" {
+        let out = Command::new("qemu-img")
+            .args(["check", "-f", "qcow2"])
+            .arg(&image)
+            .output()
+            .expect("run qemu-img check");
+        assert!(
+            out.status.success(),
+            "qemu-img check after the guest run:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    } else {
+        // The image has the size it was grown to (the daemon must not truncate it).
+        let len = fs::metadata(&image).expect("stat image").len();
+        assert_eq!(len, RESIZED, "image size after the resize");
+    }
 }
 
 /// Runs `vhost-user-blk ctl --control-socket SOCKET --json ARGS...` and parses
