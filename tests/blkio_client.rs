@@ -1095,6 +1095,15 @@ fn thin_provisioning_dir() -> Option<tempfile::TempDir> {
     Some(dir)
 }
 
+/// A new qcow2 image `disk.qcow2` of `size` in `dir`, served with the defaults, and a client.
+fn serve_new_qcow2(dir: &std::path::Path, size: &str) -> (std::path::PathBuf, Daemon, Client) {
+    let img = dir.join("disk.qcow2");
+    create_qcow2(&img, "", size);
+    let daemon = Daemon::start_format(dir, &img, "qcow2", &DaemonConfig::new());
+    let c = Client::simple(&daemon.socket);
+    (img, daemon, c)
+}
+
 fn file_len(p: &std::path::Path) -> u64 {
     std::fs::metadata(p).unwrap().len()
 }
@@ -1107,10 +1116,7 @@ fn qcow2_discard_gives_space_back_and_reuses_it() {
     let Some(dir) = thin_provisioning_dir() else {
         return;
     };
-    let img = dir.path().join("disk.qcow2");
-    create_qcow2(&img, "", "128M");
-    let daemon = Daemon::start_format(dir.path(), &img, "qcow2", &DaemonConfig::new());
-    let mut c = Client::simple(&daemon.socket);
+    let (img, daemon, mut c) = serve_new_qcow2(dir.path(), "128M");
     fill(c.q(0), 0, 64 * MIB, Some(61));
     flush_twice(c.q(0));
     let full = allocated_blocks(&img);
@@ -1269,4 +1275,76 @@ fn detect_zeroes_on_and_unmap() {
     daemon.terminate_ok();
     let check = qemu_img_check(&img);
     assert!(check.clean(), "unmap: qemu-img check:\n{}", check.output);
+}
+
+/// Clusters freed at the end of a qcow2 image are cut off the file: discarding the last
+/// data written shrinks the file, the image stays clean, and new data grows it again and
+/// survives a restart.
+#[test]
+fn qcow2_discard_at_the_end_shrinks_the_file() {
+    let Some(dir) = thin_provisioning_dir() else {
+        return;
+    };
+    let (img, daemon, mut c) = serve_new_qcow2(dir.path(), "128M");
+    // One queue writing in order: host clusters follow guest offsets. The L2 table is
+    // allocated at the first flush, so after the first 8 MiB.
+    fill(c.q(0), 0, 8 * MIB, Some(71));
+    flush_twice(c.q(0));
+    fill(c.q(0), 8 * MIB, 56 * MIB, Some(71));
+    flush_twice(c.q(0));
+    let full = file_len(&img);
+    discard_range(&mut c, 32 * MIB, 32 * MIB);
+    flush_twice(c.q(0));
+    // Freed clusters are reused from the bottom: this one does not stop the cut.
+    let late = pattern(74, 100 * MIB, 4096);
+    c.q(0).write_ok(100 * MIB, &late);
+    flush_twice(c.q(0));
+    let cut = file_len(&img);
+    assert!(
+        cut + 31 * MIB <= full,
+        "discarding the last 32 MiB written left the file at {cut:#x} bytes (was {full:#x}); \
+         daemon log:\n{}",
+        daemon.log()
+    );
+    let q = c.q(0);
+    assert_bytes_eq(
+        &q.read_all(0, 32 * MIB),
+        &pattern(71, 0, 32 * MIB as usize),
+        0,
+        "kept",
+    );
+    assert_zeros(&q.read_all(32 * MIB, 32 * MIB), 32 * MIB, "discarded tail");
+    assert_bytes_eq(&q.read_ok(100 * MIB, 4096), &late, 100 * MIB, "late write");
+    // The cut clusters are handed out again (as fresh: they read as zeros around a write).
+    let part = pattern(72, 40 * MIB + 4096, 8192);
+    q.write_ok(40 * MIB + 4096, &part);
+    fill(q, 48 * MIB, 8 * MIB, Some(73));
+    flush_twice(q);
+    assert!(file_len(&img) > cut, "new data did not grow the file");
+    drop(c);
+    daemon.terminate_ok();
+    let check = qemu_img_check(&img);
+    assert!(check.clean(), "qemu-img check:\n{}", check.output);
+
+    let daemon = Daemon::start_format(dir.path(), &img, "qcow2", &DaemonConfig::new());
+    let mut c = Client::simple(&daemon.socket);
+    let q = c.q(0);
+    let mut want = vec![0u8; 16 * MIB as usize];
+    want[4096..4096 + part.len()].copy_from_slice(&part);
+    want[8 * MIB as usize..].copy_from_slice(&pattern(73, 48 * MIB, 8 * MIB as usize));
+    assert_bytes_eq(
+        &q.read_all(40 * MIB, 16 * MIB),
+        &want,
+        40 * MIB,
+        "after restart",
+    );
+    assert_bytes_eq(
+        &q.read_all(0, 32 * MIB),
+        &pattern(71, 0, 32 * MIB as usize),
+        0,
+        "kept",
+    );
+    assert_bytes_eq(&q.read_ok(100 * MIB, 4096), &late, 100 * MIB, "late write");
+    drop(c);
+    daemon.terminate_ok();
 }

@@ -118,6 +118,10 @@ enum Workload {
     /// flight at once (allocating, sharing clusters, overwriting), with discards and flushes
     /// between batches so that freed clusters are reused by writes in the ring.
     Ring,
+    /// Sequential writes (allocating at the end of the file), then a discard of the last ones
+    /// and flushes, so that freed clusters at the end are cut off the file; the next writes
+    /// take them again.
+    Shrink,
 }
 
 const ALL: &[Workload] = &[
@@ -141,6 +145,7 @@ const ALL: &[Workload] = &[
     Workload::Refcount64,
     Workload::RawWriteThrough,
     Workload::Ring,
+    Workload::Shrink,
 ];
 
 impl Workload {
@@ -173,6 +178,7 @@ impl Workload {
             Workload::Alloc
             | Workload::DiscardReuse
             | Workload::WriteZeroes
+            | Workload::Shrink
             | Workload::Resize
             | Workload::ResizeExtendedL2
             | Workload::ResizeQcow2Backing => 4 * KIB,
@@ -418,7 +424,11 @@ fn make_image(w: Workload, dir: &Path, seed: u64) -> PathBuf {
         Workload::RawWriteThrough => {
             std::fs::write(&img, vec![0u8; disk as usize]).unwrap();
         }
-        Workload::Alloc | Workload::DiscardReuse | Workload::WriteZeroes | Workload::Ring => {
+        Workload::Alloc
+        | Workload::DiscardReuse
+        | Workload::WriteZeroes
+        | Workload::Ring
+        | Workload::Shrink => {
             create(&format!("cluster_size={}", w.cluster()));
         }
         Workload::Snapshot | Workload::Bitmap => create("cluster_size=65536"),
@@ -612,6 +622,8 @@ fn record(w: Workload, seed: u64, root: &Path) -> Recording {
     let disk_sectors = w.disk() / SECTOR;
     let csec = (w.cluster() / SECTOR).max(1);
     let steps = 48;
+    // Shrink: the guest sector after the last one written.
+    let mut shrink_next = 0;
     for step in 0..steps {
         let size_sectors = d.img.virtual_size() / SECTOR;
         // Writes of 4 KiB .. 64 KiB at 4 KiB-aligned offsets (subclusters and partial
@@ -693,6 +705,18 @@ fn record(w: Workload, seed: u64, root: &Path) -> Recording {
                 }
                 d.write_batch(&batch);
             }
+            (Workload::Shrink, _) => match step % 8 {
+                0..=4 => {
+                    d.write(shrink_next, 128);
+                    shrink_next += 128;
+                }
+                5 => {
+                    let n = (128 * rng.range(1, 4)).min(shrink_next);
+                    shrink_next -= n;
+                    d.discard(shrink_next, n);
+                }
+                _ => d.flush(),
+            },
             (Workload::WriteZeroes, _) if rng.range(0, 4) == 0 => {
                 // Unaligned write-zeroes too.
                 let n = 8 * rng.range(1, 9);

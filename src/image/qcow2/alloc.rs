@@ -94,6 +94,10 @@ fn too_many() -> io::Error {
     )
 }
 
+/// Bit of `Clusters::end` set while a truncation has frozen the end (cluster numbers stay
+/// far below it).
+const END_FROZEN: u64 = 1 << 63;
+
 #[inline]
 fn bit(c: u64) -> (usize, u64) {
     (((c & SEG_MASK) / 64) as usize, 1u64 << (c % 64))
@@ -223,7 +227,28 @@ impl Clusters {
 
     /// First cluster never handed out.
     pub fn end(&self) -> u64 {
-        self.end.load(Ordering::Acquire)
+        self.end.load(Ordering::Acquire) & !END_FROZEN
+    }
+
+    /// Takes `n` new clusters at the end of the image; waits while the end is frozen.
+    fn bump_end(&self, n: u64) -> u64 {
+        let mut e = self.end.load(Ordering::Acquire);
+        loop {
+            if e & END_FROZEN != 0 {
+                // A truncation is cutting the file (one system call); yield to it.
+                std::thread::yield_now();
+                e = self.end.load(Ordering::Acquire);
+                continue;
+            }
+            // AcqRel: the clusters' refcount stores that follow are ordered after the claim.
+            match self
+                .end
+                .compare_exchange_weak(e, e + n, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return e,
+                Err(now) => e = now,
+            }
+        }
     }
 
     /// Claims a free cluster (or a new one at the end), gives it refcount 1 and, with
@@ -239,7 +264,7 @@ impl Clusters {
     pub fn alloc_fresh(&self, meta: bool) -> io::Result<(HostCluster, bool)> {
         let (c, fresh) = match self.claim_free() {
             Some(c) => (c, false),
-            None => (self.end.fetch_add(1, Ordering::AcqRel), true),
+            None => (self.bump_end(1), true),
         };
         let seg = self.seg_for(c)?;
         seg.rc[(c & SEG_MASK) as usize].store(1, Ordering::Release);
@@ -251,9 +276,26 @@ impl Clusters {
         Ok((HostCluster(c), fresh))
     }
 
+    /// Freezes the end of the image at `at`: until [`Clusters::thaw_end`], nobody takes
+    /// new clusters at the end (they wait), so clusters at or past a lower point can be cut
+    /// off the file. False, with nothing changed, if the end is no longer `at`.
+    pub fn freeze_end(&self, at: u64) -> bool {
+        self.end
+            .compare_exchange(at, at | END_FROZEN, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Ends a freeze, setting the end to `to`: the frozen end, or lower once the clusters
+    /// from `to` on (refcount zero, not in the free bitmap) are gone from the file, to be
+    /// handed out again as fresh.
+    pub fn thaw_end(&self, to: u64) {
+        // Release: the truncation happened before anyone can take the clusters again.
+        self.end.store(to, Ordering::Release);
+    }
+
     /// Allocates `n` contiguous new clusters at the end of the image, as metadata.
     pub fn alloc_contiguous(&self, n: u64) -> io::Result<HostCluster> {
-        let start = self.end.fetch_add(n, Ordering::AcqRel);
+        let start = self.bump_end(n);
         for c in start..start + n {
             let seg = self.seg_for(c)?;
             seg.rc[(c & SEG_MASK) as usize].store(1, Ordering::Release);
@@ -299,6 +341,19 @@ impl Clusters {
     /// replay: a mapping the journal restores references a cluster the rebuilt refcounts
     /// found unreferenced). False, with nothing changed, if `c` is not free.
     pub fn claim(&self, c: HostCluster) -> bool {
+        if !self.take_free(c) {
+            return false;
+        }
+        if let Some(seg) = self.seg(c.0) {
+            seg.rc[(c.0 & SEG_MASK) as usize].store(1, Ordering::Release);
+        }
+        self.mark_piece(c.0);
+        true
+    }
+
+    /// Takes the specific cluster `c` out of the free bitmap, refcount still zero, so that
+    /// nobody allocates it; [`Clusters::make_free`] puts it back. False if `c` is not free.
+    pub fn take_free(&self, c: HostCluster) -> bool {
         let Some(seg) = self.seg(c.0) else {
             return false;
         };
@@ -307,8 +362,6 @@ impl Clusters {
             return false;
         }
         self.free_count.fetch_sub(1, Ordering::AcqRel);
-        seg.rc[(c.0 & SEG_MASK) as usize].store(1, Ordering::Release);
-        self.mark_piece(c.0);
         true
     }
 
@@ -528,6 +581,30 @@ mod tests {
         assert!(c.is_meta(HostCluster(3)));
         assert!(!c.take_dirty_pieces().is_empty());
         assert!(c.take_dirty_pieces().is_empty());
+    }
+
+    #[test]
+    fn a_frozen_end_holds_allocations_until_thawed_lower() {
+        let c = std::sync::Arc::new(Clusters::new(vec![1, 1, 0, 0, 0], 5, 15));
+        assert!(c.take_free(HostCluster(4)) && c.take_free(HostCluster(3)));
+        assert!(!c.take_free(HostCluster(3)), "taken twice");
+        assert!(!c.freeze_end(6), "froze an end that is not the end");
+        assert!(c.freeze_end(5));
+        assert_eq!(c.end(), 5);
+        let c2 = c.clone();
+        let h = std::thread::spawn(move || {
+            let a = c2.alloc(false).unwrap();
+            (a, c2.alloc(false).unwrap())
+        });
+        // Cluster 2 is free: the first allocation takes it; the second must wait.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(
+            !h.is_finished(),
+            "an allocation at the end went past the freeze"
+        );
+        c.thaw_end(3);
+        assert_eq!(h.join().unwrap(), (HostCluster(2), HostCluster(3)));
+        assert_eq!(c.end(), 4);
     }
 
     #[test]

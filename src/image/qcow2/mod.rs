@@ -691,9 +691,53 @@ impl Qcow2Shared {
             !done
         });
         drop(deferred);
-        self.punch_freed(&mut ready);
+        ready.sort_unstable();
+        ready.dedup();
+        self.truncate_freed_tail(clusters, &mut ready);
+        self.punch_freed(&ready);
         for c in ready {
             clusters.make_free(HostCluster(c));
+        }
+    }
+
+    /// Cuts free clusters at the end of the image off the file and lowers the end of the
+    /// image, so the file shrinks: from the top down, clusters in `ready` (sorted; they are
+    /// removed from it) or taken out of the free bitmap, down to the highest one in use.
+    /// The end is frozen while the file is cut: an allocation at the end meanwhile would
+    /// write past the cut and lose its data to it. Then nobody can be handed the cut
+    /// clusters until the end has moved down, and they are fresh again (zeros past EOF).
+    fn truncate_freed_tail(&self, clusters: &Clusters, ready: &mut Vec<u64>) {
+        let end = clusters.end();
+        let mut to = end;
+        while to > 1 {
+            let c = to - 1;
+            if ready.last() == Some(&c) {
+                ready.pop();
+            } else if !clusters.take_free(HostCluster(c)) {
+                break;
+            }
+            to = c;
+        }
+        if to == end {
+            return;
+        }
+        let cut = clusters.freeze_end(end)
+            && match self.file.set_len(to << self.cluster_bits) {
+                Ok(()) => {
+                    clusters.thaw_end(to);
+                    true
+                }
+                Err(e) => {
+                    clusters.thaw_end(end);
+                    log::debug!("{}: truncating freed clusters: {e}", self.path.display());
+                    false
+                }
+            };
+        if !cut {
+            // Back where they came from; those from `ready` join the rest in the bitmap.
+            ready.extend(to..end);
+            ready.sort_unstable();
+            ready.dedup();
         }
     }
 
@@ -702,11 +746,11 @@ impl Qcow2Shared {
     /// no durable metadata maps them and no request still uses them; a punched cluster
     /// handed out again is written whole. Before they are free, so nobody writes them
     /// meanwhile. Best effort: a file system without hole punching keeps the bytes.
-    fn punch_freed(&self, clusters: &mut [u64]) {
+    /// `clusters` must be sorted.
+    fn punch_freed(&self, clusters: &[u64]) {
         if clusters.is_empty() {
             return;
         }
-        clusters.sort_unstable();
         let cs = self.cluster_size();
         let mut i = 0;
         while i < clusters.len() {
