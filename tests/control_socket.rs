@@ -512,6 +512,45 @@ fn resize_grows_a_qcow2_image_online() {
     qemu_img(&["check".as_ref(), s.image.as_os_str()]);
 }
 
+/// `stats` on a qcow2 image shows the guest data it holds next to the host space it takes:
+/// both grow with allocating writes and drop once a discard has been flushed.
+#[test]
+fn qcow2_stats_show_data_and_the_space_a_discard_gives_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    create_qcow2(image.to_str().unwrap(), "", "64M");
+    let s = serve(dir, image, &["--format", "qcow2"]);
+    let mut ctl = Ctl::connect(&s.ctl);
+    let details = |ctl: &mut Ctl| ctl.stats()["image"]["details"].clone();
+    let empty = details(&mut ctl);
+    assert_eq!(n(&empty["data_bytes"]), 0, "{empty}");
+
+    let mut c = client(&s.sock, 1);
+    for i in 0..32u64 {
+        c.q(0)
+            .write_ok(i * 256 * 1024, &pattern(9, i * 256 * 1024, 256 * 1024));
+    }
+    assert_eq!(c.q(0).flush().ret, 0);
+    let full = details(&mut ctl);
+    assert_eq!(n(&full["data_bytes"]), 8 * MIB, "8 MiB written: {full}");
+    assert!(n(&full["allocated_bytes"]) >= 8 * MIB, "{full}");
+
+    assert_eq!(c.q(0).discard(0, 6 * MIB).ret, 0);
+    for _ in 0..2 {
+        assert_eq!(c.q(0).flush().ret, 0);
+    }
+    let after = details(&mut ctl);
+    assert_eq!(
+        n(&after["data_bytes"]),
+        2 * MIB,
+        "6 of 8 MiB discarded: {after}"
+    );
+    assert!(
+        n(&after["allocated_bytes"]) + 5 * MIB <= n(&full["allocated_bytes"]),
+        "host space not given back: {full} -> {after}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // bad input
 // ---------------------------------------------------------------------------------------------

@@ -40,6 +40,10 @@ pub struct ImageStats {
     pub cluster_size: Option<u64>,
     /// Host clusters in use (qcow2).
     pub allocated_clusters: Option<u64>,
+    /// Guest data the image holds: host clusters in use that are not metadata, in bytes
+    /// (qcow2 without an external data file). Next to `allocated_bytes`, it shows what
+    /// punching freed clusters gave back.
+    pub data_bytes: Option<u64>,
     /// Host clusters free for reuse in the free-cluster bitmap (qcow2).
     pub free_clusters: Option<u64>,
     /// Metadata tables modified since the last flush (qcow2).

@@ -206,10 +206,11 @@ impl Clusters {
         })
     }
 
-    /// (clusters in use, clusters free in the free bitmap), for statistics (a linear scan).
-    pub fn usage(&self) -> (u64, u64) {
+    /// (clusters in use, metadata clusters among them, clusters free in the free bitmap),
+    /// for statistics (a linear scan; a snapshot of moving counts).
+    pub fn usage(&self) -> (u64, u64, u64) {
         let end = self.end();
-        let mut used = 0u64;
+        let (mut used, mut meta) = (0u64, 0u64);
         for s in 0..self.nsegs.load(Ordering::Acquire) {
             let base = (s as u64) << SEG_BITS;
             if base >= end {
@@ -221,8 +222,12 @@ impl Clusters {
                 .iter()
                 .filter(|a| a.load(Ordering::Relaxed) != 0)
                 .count() as u64;
+            meta += seg.meta[..n.div_ceil(64)]
+                .iter()
+                .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+                .sum::<u64>();
         }
-        (used, self.free_count.load(Ordering::Relaxed))
+        (used, meta, self.free_count.load(Ordering::Relaxed))
     }
 
     /// First cluster never handed out.
@@ -662,8 +667,8 @@ mod tests {
         let v = c.piece_values(0);
         assert_eq!(v.len(), 1 << 18);
         assert_eq!(&v[..4], &[1, 1, 0, 0]);
-        let (used, free) = c.usage();
-        assert_eq!((used, free), (2, 1));
+        let (used, meta, free) = c.usage();
+        assert_eq!((used, meta, free), (2, 0, 1));
     }
 
     #[test]

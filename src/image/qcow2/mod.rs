@@ -2703,12 +2703,14 @@ impl BlockImage for Qcow2Image {
     fn stats(&self) -> ImageStats {
         use std::os::unix::fs::MetadataExt;
         let s = &self.shared;
-        let (allocated, free) = match s.clusters.as_ref() {
+        let (allocated, data, free) = match s.clusters.as_ref() {
             Some(c) => {
-                let (a, f) = c.usage();
-                (Some(a), Some(f))
+                let (a, m, f) = c.usage();
+                // With an external data file, guest data is not in the image's clusters.
+                let data = s.data_file.is_none().then(|| (a - m) * s.cluster_size());
+                (Some(a), data, Some(f))
             }
-            None => (None, None),
+            None => (None, None, None),
         };
         let dirty =
             s.l2.iter()
@@ -2719,6 +2721,7 @@ impl BlockImage for Qcow2Image {
             allocated_bytes: s.file.metadata().ok().map(|m| m.blocks() * 512),
             cluster_size: Some(s.cluster_size()),
             allocated_clusters: allocated,
+            data_bytes: data,
             free_clusters: free,
             dirty_tables: Some(dirty),
         }
