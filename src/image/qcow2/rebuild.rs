@@ -377,7 +377,7 @@ pub fn walk_l2(
     let mut buf = vec![0u8; cs as usize];
     for (l1, is_active) in l1s {
         for (i, e) in l1.into_iter().enumerate() {
-            super::check_l1_entry(e, cs, file_len)
+            super::open::check_l1_entry(e, cs, file_len)
                 .map_err(|m| OpenError::Invalid(format!("L1 entry {i}: {m}")))?;
             let off = e & OFFSET_MASK;
             if off == 0 {

@@ -27,8 +27,6 @@ use super::storage::{AlignedBuf, Dir, HostFile, IoVecs};
 use super::{slices_len, BlockImage, GuestSlice, ImageQueue, ImageStats};
 use crate::error::{Error, Result};
 
-/// `BLKSSZGET`: `_IO(0x12, 104)`.
-const BLKSSZGET: libc::c_ulong = 0x1268;
 /// Chunk size of the zero-writing fallback of write-zeroes.
 const ZERO_CHUNK: usize = 1 << 20;
 
@@ -84,7 +82,7 @@ impl RawImage {
         let file = HostFile::new(file, opts.recorder.as_ref(), "image");
         let size = file.size().map_err(open_err)?;
         let (mem_align, offset_align) = if opts.direct {
-            direct_alignment(file.as_file(), block_device)
+            super::storage::direct_alignment(file.as_file(), block_device)
         } else {
             (1, 1)
         };
@@ -133,42 +131,6 @@ impl RawImage {
             bounce: AlignedBuf::default(),
         })
     }
-}
-
-/// (memory alignment, offset alignment) that O_DIRECT I/O on this file needs.
-pub(crate) fn direct_alignment(file: &std::fs::File, block_device: bool) -> (usize, usize) {
-    use std::os::unix::io::AsRawFd;
-    if block_device {
-        let mut ssz: libc::c_int = 0;
-        // SAFETY: BLKSSZGET writes one c_int through the pointer, which points to a live local.
-        let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKSSZGET, &mut ssz) };
-        if r == 0 && ssz > 0 {
-            return (ssz as usize, ssz as usize);
-        }
-        return (4096, 4096);
-    }
-    // SAFETY: statx with an empty path and AT_EMPTY_PATH reads the open fd's attributes into
-    // a zero-initialised struct we own.
-    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: see above; the path is a valid NUL-terminated empty string.
-    let r = unsafe {
-        libc::statx(
-            file.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            libc::STATX_DIOALIGN,
-            &mut stx,
-        )
-    };
-    if r == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_mem_align > 0 {
-        return (
-            stx.stx_dio_mem_align as usize,
-            stx.stx_dio_offset_align.max(1) as usize,
-        );
-    }
-    // Unknown: assume the common 512-byte logical sector; a misjudged memory alignment is
-    // caught by EINVAL and retried through the bounce buffer.
-    (512, 512)
 }
 
 impl BlockImage for RawImage {

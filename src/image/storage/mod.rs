@@ -24,6 +24,8 @@ pub const IOV_MAX: usize = 1024;
 const BLKDISCARD: libc::c_ulong = 0x1277;
 /// `BLKZEROOUT`: `_IO(0x12, 127)`.
 const BLKZEROOUT: libc::c_ulong = 0x127f;
+/// `BLKSSZGET`: `_IO(0x12, 104)`.
+const BLKSSZGET: libc::c_ulong = 0x1268;
 
 /// An image file (or block device) opened by a format, with its recording tap if the image is
 /// recorded. Cloning with [`HostFile::try_clone`] duplicates the descriptor (each queue
@@ -470,4 +472,39 @@ impl Drop for AlignedBuf {
     fn drop(&mut self) {
         self.free();
     }
+}
+
+/// (memory alignment, offset alignment) that O_DIRECT I/O on this file needs.
+pub fn direct_alignment(file: &File, block_device: bool) -> (usize, usize) {
+    if block_device {
+        let mut ssz: libc::c_int = 0;
+        // SAFETY: BLKSSZGET writes one c_int through the pointer, which points to a live local.
+        let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKSSZGET, &mut ssz) };
+        if r == 0 && ssz > 0 {
+            return (ssz as usize, ssz as usize);
+        }
+        return (4096, 4096);
+    }
+    // SAFETY: statx with an empty path and AT_EMPTY_PATH reads the open fd's attributes into
+    // a zero-initialised struct we own.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: see above; the path is a valid NUL-terminated empty string.
+    let r = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if r == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_mem_align > 0 {
+        return (
+            stx.stx_dio_mem_align as usize,
+            stx.stx_dio_offset_align.max(1) as usize,
+        );
+    }
+    // Unknown: assume the common 512-byte logical sector; a misjudged memory alignment is
+    // caught by EINVAL and retried through the bounce buffer.
+    (512, 512)
 }

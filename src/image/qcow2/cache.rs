@@ -1,0 +1,245 @@
+//! The L2 table cache: loading a table (checked against the image), eviction under the
+//! budget, and checking entries before they are trusted.
+
+use super::*;
+
+impl Qcow2Shared {
+    /// The L2 table for L1 index `i`, loading it if it is not in memory.
+    ///
+    /// The returned guard keeps the table alive (even if it is evicted meanwhile) without
+    /// touching a shared reference count. Modifying entries needs [`L2Table::pin`]; if that
+    /// fails the table was evicted and the caller looks it up again.
+    pub(super) fn table(&self, i: usize) -> stdio::Result<Guard<Arc<L2Table>>> {
+        let slot = self
+            .l2
+            .get(i)
+            .ok_or_else(|| corrupt(format!("L1 index {i} out of range")))?;
+        loop {
+            let cur = slot.load();
+            if !Arc::ptr_eq(&cur, &self.absent) {
+                if cur.is_loading() {
+                    // Another thread is reading it from the image.
+                    drop(cur);
+                    std::thread::yield_now();
+                    continue;
+                }
+                cur.touch();
+                return Ok(cur);
+            }
+            // Claim the slot with a loading marker first, then read: only a table that is
+            // not in memory is read from the image, and nobody can change it meanwhile (a
+            // table that was written and evicted while a slower reader was still reading
+            // the old bytes could otherwise come back stale).
+            let marker = Arc::new(L2Table::loading());
+            let prev = slot.compare_and_swap(&self.absent, marker.clone());
+            if !Arc::ptr_eq(&prev, &self.absent) {
+                continue;
+            }
+            drop(prev);
+            match self.read_table(i) {
+                Ok(t) => slot.store(Arc::new(t)),
+                Err(e) => {
+                    marker.fail_loading();
+                    slot.store(self.absent.clone());
+                    return Err(e);
+                }
+            }
+            let n = self.loaded.fetch_add(1, Ordering::AcqRel) + 1;
+            if n > self.cache_tables.load(Ordering::Relaxed) {
+                self.shrink_cache(i);
+            }
+        }
+    }
+
+    /// Reads and checks table `i` from the image (zeros if it has no cluster yet).
+    pub(super) fn read_table(&self, i: usize) -> stdio::Result<L2Table> {
+        thread_local! {
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let l1e = self.l1[i].load(Ordering::Acquire);
+        let off = l1e & OFFSET_MASK;
+        let cs = self.cluster_size() as usize;
+        let (cw, cm) = (i / 64, 1u64 << (i % 64));
+        if off == 0 {
+            // From now on only we write this table: a reload after eviction reads back what
+            // we wrote (entries pointing at clusters allocated since open) unchecked.
+            self.checked[cw].fetch_or(cm, Ordering::AcqRel);
+            return Ok(L2Table::from_bytes(&vec![0u8; cs]));
+        }
+        BUF.with(|b| {
+            let mut buf = b.borrow_mut();
+            buf.resize(cs, 0);
+            io::read_bytes(&self.file, off, &mut buf)?;
+            if self.checked[cw].load(Ordering::Acquire) & cm != 0 {
+                return Ok(L2Table::from_bytes(&buf));
+            }
+            // Bits that must be clear in a plain entry (unallocated, or data with an aligned
+            // offset): such entries skip the full decode, which is most of a load's cost.
+            let bad = !(COPIED | OFFSET_MASK) | (self.cluster_size() - 1);
+            for g in 0..self.l2_entries() as usize {
+                let e = be64_at(&buf, g * self.words);
+                let r = if !self.extended && e & bad == 0 && (e == 0 || e & OFFSET_MASK != 0) {
+                    self.check_refs(e)
+                } else {
+                    let b = if self.extended {
+                        be64_at(&buf, g * 2 + 1)
+                    } else {
+                        0
+                    };
+                    self.check_entry(e, b).and_then(|()| self.check_refs(e))
+                };
+                r.map_err(|m| corrupt(format!("L2 table at {off:#x}, entry {g}: {m}")))?;
+            }
+            self.checked[cw].fetch_or(cm, Ordering::AcqRel);
+            Ok(L2Table::from_bytes(&buf))
+        })
+    }
+
+    /// Evicts clean, unpinned tables (second-chance clock) until the cache is within its
+    /// budget. If dirty tables keep it over budget, writes them back with a flush (only if no
+    /// flush is running: nobody waits here) and tries once more. `keep` is the slot just
+    /// loaded by the caller.
+    pub(super) fn shrink_cache(&self, keep: usize) {
+        if self.evict_some(keep) {
+            return;
+        }
+        if self.read_only {
+            return;
+        }
+        let Ok(mut st) = self.state.try_lock() else {
+            return;
+        };
+        let r = self.flush_with(&mut st);
+        drop(st);
+        match r {
+            Ok(()) => {
+                self.evict_some(keep);
+            }
+            Err(e) => log::debug!("{}: L2 cache write-back failed: {e}", self.path.display()),
+        }
+    }
+
+    /// One or two sweeps of the clock; true once the cache is within budget.
+    pub(super) fn evict_some(&self, keep: usize) -> bool {
+        let n = self.l1_len.load(Ordering::Acquire);
+        let budget = self.cache_tables.load(Ordering::Relaxed);
+        if n == 0 {
+            return true;
+        }
+        for _ in 0..2 * n {
+            if self.loaded.load(Ordering::Acquire) <= budget {
+                return true;
+            }
+            let i = self.hand.fetch_add(1, Ordering::Relaxed) % n;
+            if i == keep {
+                continue;
+            }
+            let slot = &self.l2[i];
+            let cur = slot.load();
+            if Arc::ptr_eq(&cur, &self.absent) || cur.take_referenced() {
+                continue;
+            }
+            if !cur.try_evict() {
+                continue;
+            }
+            let prev = slot.compare_and_swap(&*cur, self.absent.clone());
+            if Arc::ptr_eq(&prev, &*cur) {
+                self.loaded.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        self.loaded.load(Ordering::Acquire) <= budget
+    }
+
+    /// Sets the L2 cache budget in bytes (rounded down to whole tables, at least 4).
+    pub(super) fn set_cache_bytes(&self, bytes: u64) {
+        self.cache_tables.store(
+            cache_tables_for(bytes, self.cluster_bits),
+            Ordering::Relaxed,
+        );
+        if self.loaded.load(Ordering::Acquire) > self.cache_tables.load(Ordering::Relaxed) {
+            self.shrink_cache(usize::MAX);
+        }
+    }
+
+    /// Checks the host clusters an on-disk entry (of a table being loaded for the first
+    /// time, writable images only) references: inside the file, not metadata, and with a
+    /// nonzero refcount. Otherwise a write could land in metadata, or a discard or
+    /// copy-on-write would drop a reference the entry never held (e.g. the header's).
+    pub(super) fn check_refs(&self, e: u64) -> std::result::Result<(), String> {
+        let Some(clusters) = &self.clusters else {
+            return Ok(());
+        };
+        let one = |c: HostCluster| -> std::result::Result<(), String> {
+            let at = c.0 << self.cluster_bits;
+            if c.0 >= self.file_clusters {
+                return Err(format!(
+                    "references host cluster {at:#x} past the end of the file"
+                ));
+            }
+            if c.0 == 0 || clusters.is_meta(c) {
+                return Err(format!(
+                    "references host cluster {at:#x}, which holds metadata"
+                ));
+            }
+            if clusters.get(c) == 0 {
+                return Err(format!(
+                    "references host cluster {at:#x}, whose refcount is 0"
+                ));
+            }
+            Ok(())
+        };
+        if self.data_file.is_some() {
+            // Data clusters live in the data file, unrefcounted; QEMU never compresses there.
+            if e & COMPRESSED != 0 {
+                return Err("compressed cluster in an image with an external data file".into());
+            }
+            return Ok(());
+        }
+        if e & COMPRESSED == 0 {
+            let off = e & OFFSET_MASK;
+            if off == 0 {
+                return Ok(());
+            }
+            return one(HostCluster(off >> self.cluster_bits));
+        }
+        self.entry_refs(e).into_iter().try_for_each(one)
+    }
+
+    pub(super) fn check_entry(&self, e: u64, b: u64) -> std::result::Result<(), String> {
+        let m = self.decode(e)?;
+        if self.extended {
+            match m {
+                Mapping::Compressed { .. } if b != 0 => {
+                    return Err("compressed cluster with a subcluster bitmap".into())
+                }
+                _ => {}
+            }
+            if (b & ALL_ALLOC) & (b >> 32) != 0 {
+                return Err("subcluster both allocated and zero".into());
+            }
+            if b & ALL_ALLOC != 0 && m == Mapping::Unallocated {
+                return Err("allocated subclusters without a host offset".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads entry `g` of a table (both words with extended L2), waiting out reservations.
+    pub(super) fn load_entry(&self, t: &L2Table, g: usize) -> (u64, u64) {
+        let w = g * self.words;
+        loop {
+            let e = t.entries[w].load(Ordering::Acquire);
+            if e == RESERVED {
+                std::thread::yield_now();
+                continue;
+            }
+            if !self.extended {
+                return (e, 0);
+            }
+            let b = t.entries[w + 1].load(Ordering::Acquire);
+            if t.entries[w].load(Ordering::Acquire) == e {
+                return (e, b);
+            }
+        }
+    }
+}

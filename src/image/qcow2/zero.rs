@@ -1,0 +1,181 @@
+//! Discard and write-zeroes: unmapping clusters, zero flags and zeroed subclusters.
+
+use super::*;
+
+impl Qcow2Shared {
+    pub(super) fn discard_range(&self, off: u64, len: u64) -> stdio::Result<()> {
+        self.check_writable()?;
+        self.mark_bitmaps(off, len)?;
+        let cs = self.cluster_size();
+        let first = off.div_ceil(cs);
+        let size = self.size.load(Ordering::Acquire);
+        let end = (off + len).min(size);
+        // The last partial cluster of the disk counts as whole when the range reaches the end.
+        let last = if end == size {
+            end.div_ceil(cs)
+        } else {
+            end / cs
+        };
+        if self.data_raw {
+            // The data file must stay the disk's raw image: keep every mapping and
+            // deallocate the data in the file, which then reads as zeros, like the disk.
+            for c in first..last {
+                let (i, j, _) = self.locate(GuestOffset(c * cs));
+                let (e, _) = self.load_entry(&**self.table(i)?, j);
+                if self.has_host(e) {
+                    self.punch_data(e & OFFSET_MASK, cs);
+                }
+            }
+            return Ok(());
+        }
+        let (ne, nb) = if self.backing.is_some() {
+            match self.zero_entry() {
+                Some(z) => z,
+                None => return Ok(()),
+            }
+        } else {
+            (0, 0)
+        };
+        for c in first..last {
+            self.set_cluster(c * cs, ne, nb)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn write_zeroes_range(
+        &self,
+        file: &HostFile,
+        scratch: &mut Scratch,
+        off: u64,
+        len: u64,
+    ) -> stdio::Result<()> {
+        self.check_writable()?;
+        self.mark_bitmaps(off, len)?;
+        let cs = self.cluster_size();
+        let end = off + len;
+        let mut g = off;
+        // With a raw data file the zeros must be in the file: write them (no zero flags).
+        let zero = if self.data_raw {
+            None
+        } else {
+            self.zero_entry()
+        };
+        let size = self.size.load(Ordering::Acquire);
+        while g < end {
+            let in_off = g & (cs - 1);
+            let n = (cs - in_off).min(end - g);
+            let whole = in_off == 0 && (n == cs || g + n == size);
+            match zero {
+                Some((ze, zb)) if whole => self.set_cluster(g, ze, zb)?,
+                _ if self.extended
+                    && !self.data_raw
+                    && self.zero_in_cluster(file, scratch, g, n)? => {}
+                _ => self.write_zero_bytes(file, scratch, g, n)?,
+            }
+            g += n;
+        }
+        Ok(())
+    }
+
+    /// Records a guest change of `[off, off + len)` in the enabled persistent bitmaps.
+    pub(super) fn mark_bitmaps(&self, off: u64, len: u64) -> stdio::Result<()> {
+        match &self.bitmaps {
+            Some(b) => b.mark(&self.file, off, len),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes `n` zero bytes at guest offset `g` (within one cluster).
+    pub(super) fn write_zero_bytes(
+        &self,
+        file: &HostFile,
+        scratch: &mut Scratch,
+        g: u64,
+        n: u64,
+    ) -> stdio::Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let mut zeros = vec![0u8; n as usize];
+        let s = [VolatileSlice::from(&mut zeros[..])];
+        self.write_in_cluster(file, scratch, g, n, &s, 0)
+    }
+
+    /// Extended L2: zeroes `[g, g + n)` (within one cluster) by setting the zero bits of the
+    /// whole subclusters inside it and writing zero bytes only to the partial subclusters
+    /// at its ends. False (nothing done) if no subcluster is whole or the cluster is
+    /// compressed.
+    pub(super) fn zero_in_cluster(
+        &self,
+        file: &HostFile,
+        scratch: &mut Scratch,
+        g: u64,
+        n: u64,
+    ) -> stdio::Result<bool> {
+        let scs = self.cluster_size() / l2::SUBCLUSTERS;
+        let in_off = g & (self.cluster_size() - 1);
+        let end = in_off + n;
+        let first = in_off.div_ceil(scs);
+        // The last partial subcluster of the disk counts as whole when the range reaches the
+        // end.
+        let last = if g + n == self.size.load(Ordering::Acquire) {
+            end.div_ceil(scs)
+        } else {
+            end / scs
+        };
+        if first >= last {
+            return Ok(false);
+        }
+        let mask = ((1u64 << last) - 1) & !((1u64 << first) - 1);
+        if !self.zero_subclusters(g - in_off, mask)? {
+            return Ok(false);
+        }
+        let head = first * scs - in_off;
+        self.write_zero_bytes(file, scratch, g, head)?;
+        let tail = end.saturating_sub(last * scs);
+        self.write_zero_bytes(file, scratch, g + n - tail, tail)?;
+        Ok(true)
+    }
+
+    /// Extended L2: makes subclusters `mask` of the guest cluster at `g` read as zeros:
+    /// sets their zero bits and clears their allocation bits (a host cluster stays
+    /// referenced by the entry). False if the cluster is compressed (it has no bitmap).
+    pub(super) fn zero_subclusters(&self, g: u64, mask: u64) -> stdio::Result<bool> {
+        let (i, j, _) = self.locate(GuestOffset(g));
+        let w = j * self.words;
+        let (mut credit, mut credited) = (None, false);
+        loop {
+            let t = self.table(i)?;
+            let (e, b) = self.load_entry(&t, j);
+            if e & COMPRESSED != 0 {
+                return Ok(false);
+            }
+            if b & mask == 0 && (b >> 32) & mask == mask {
+                return Ok(true);
+            }
+            self.ensure_dirty()?;
+            if !credited {
+                credit = self.credit()?;
+                credited = true;
+                continue;
+            }
+            if !t.pin() {
+                std::thread::yield_now();
+                continue;
+            }
+            if t.entries[w]
+                .compare_exchange(e, RESERVED, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                t.unpin();
+                continue;
+            }
+            // Reread: the bitmap may have changed while the entry word kept its value.
+            let b = t.entries[w + 1].load(Ordering::Acquire);
+            let new_b = (b & !mask) | (mask << 32);
+            self.publish(&t, w, g >> self.cluster_bits, e, new_b, credit.take());
+            t.unpin();
+            return Ok(true);
+        }
+    }
+}
