@@ -1561,6 +1561,11 @@ fn power_loss_mutations() {
         ("qcow2.resize.l1-header", &[Workload::RefcountGrowth]),
         ("qcow2.resize.size", &[Workload::Resize]),
         (
+            "qcow2.resize.grown-zeroes",
+            &[Workload::Resize, Workload::ResizeQcow2Backing],
+        ),
+        ("qcow2.resize.moved-l1-table", &[Workload::RefcountGrowth]),
+        (
             "qcow2.bitmap.in-use",
             &[Workload::Bitmap, Workload::BitmapDataFile],
         ),
