@@ -256,6 +256,28 @@ mod tests {
     }
 
     #[test]
+    fn replay_over_a_qcow2_backing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("b.raw");
+        make_backing(&raw, 64 << 20);
+        let b = dir.path().join("b.qcow2");
+        qemu_img(&[
+            "convert",
+            "-O",
+            "qcow2",
+            raw.to_str().unwrap(),
+            b.to_str().unwrap(),
+        ]);
+        let p = dir.path().join("o.qcow2");
+        qemu_img_create(
+            &p,
+            &format!("backing_file={},backing_fmt=qcow2", b.display()),
+            "64M",
+        );
+        crash_then_replay(&p, true);
+    }
+
+    #[test]
     fn replay_with_extended_l2_over_a_backing_file() {
         let dir = tempfile::tempdir().unwrap();
         let b = dir.path().join("b.raw");
