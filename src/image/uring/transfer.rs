@@ -17,7 +17,7 @@
 
 use std::io;
 use std::os::unix::io::RawFd;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use io_uring::{opcode, types};
 use log::warn;
@@ -128,6 +128,38 @@ impl<T> Slab<T> {
     }
 }
 
+/// Completion order injected for tests (`VUB_INJECT_REORDER`, see [`Reorder::from_env`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reorder {
+    /// Completions are processed as the kernel delivers them.
+    Off,
+    /// Every completion is held until nothing else is in the ring, and the held ones are
+    /// then processed last first.
+    Reverse,
+    /// Held the same way, then processed in a shuffled order.
+    Random,
+}
+
+impl Reorder {
+    /// The process's setting: `VUB_INJECT_REORDER=reverse|random` (a test hook, read once;
+    /// anything else is off). It makes the engines see completions in orders the kernel
+    /// rarely produces, to test that data and metadata stay right whatever the order.
+    pub fn from_env() -> Reorder {
+        static MODE: OnceLock<Reorder> = OnceLock::new();
+        *MODE.get_or_init(|| match std::env::var("VUB_INJECT_REORDER").as_deref() {
+            Ok("reverse") => {
+                warn!("VUB_INJECT_REORDER: ring completions are held and reversed (test hook)");
+                Reorder::Reverse
+            }
+            Ok("random") => {
+                warn!("VUB_INJECT_REORDER: ring completions are held and shuffled (test hook)");
+                Reorder::Random
+            }
+            _ => Reorder::Off,
+        })
+    }
+}
+
 /// The transfers of one queue, on its ring.
 pub struct Transfers {
     ring: Ring,
@@ -138,6 +170,11 @@ pub struct Transfers {
     busy: usize,
     /// Memory alignment O_DIRECT needs (`None`: buffered).
     direct: Option<usize>,
+    /// Injected completion order, and the completions held for it: (op, result).
+    reorder: Reorder,
+    held: Vec<(usize, i32)>,
+    /// xorshift state for [`Reorder::Random`].
+    shuffle: u64,
 }
 
 impl Transfers {
@@ -150,7 +187,15 @@ impl Transfers {
             ended: Vec::new(),
             busy: 0,
             direct,
+            reorder: Reorder::from_env(),
+            held: Vec::new(),
+            shuffle: 0x9e37_79b9_7f4a_7c15,
         }
+    }
+
+    /// Sets the injected completion order (tests).
+    pub fn set_reorder(&mut self, r: Reorder) {
+        self.reorder = r;
     }
 
     /// The ring's completion eventfd.
@@ -251,12 +296,35 @@ impl Transfers {
         let mut completions = Vec::new();
         self.ring
             .reap(|ud, res| completions.push((ud as usize, res)));
+        self.busy = self.busy.saturating_sub(completions.len());
+        if self.reorder != Reorder::Off {
+            self.held.append(&mut completions);
+            if self.busy == 0 {
+                completions = std::mem::take(&mut self.held);
+                self.reorder_held(&mut completions);
+            }
+        }
+        // `complete` may put an op back in the ring (a short transfer): busy again.
         for (i, res) in completions {
-            self.busy = self.busy.saturating_sub(1);
             self.complete(i, res);
         }
         self.submit();
         out.append(&mut self.ended);
+    }
+
+    fn reorder_held(&mut self, c: &mut [(usize, i32)]) {
+        match self.reorder {
+            Reorder::Off => {}
+            Reorder::Reverse => c.reverse(),
+            Reorder::Random => {
+                for k in (1..c.len()).rev() {
+                    self.shuffle ^= self.shuffle << 13;
+                    self.shuffle ^= self.shuffle >> 7;
+                    self.shuffle ^= self.shuffle << 17;
+                    c.swap(k, (self.shuffle % (k as u64 + 1)) as usize);
+                }
+            }
+        }
     }
 
     /// Puts op `i` (what remains of it) in the ring; on failure ends it with the error.
@@ -458,4 +526,56 @@ pub fn sub_iov(iov: &[libc::iovec], pos: u64, len: u64) -> Vec<libc::iovec> {
 /// Fills bytes `[pos, pos + len)` of the buffers `iov` with zeros.
 pub fn zero_range(iov: &[libc::iovec], pos: u64, len: u64) {
     zero(&sub_iov(iov, pos, len));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Transfers too large for the non-blocking copy go to the ring; with [`Reorder::Reverse`]
+    /// they end last first, each with its own bytes.
+    #[test]
+    fn reverse_reorder_ends_transfers_last_first() {
+        const N: usize = 4;
+        const LEN: usize = 256 << 10;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..N * LEN).map(|i| (i / LEN) as u8 + 1).collect();
+        std::fs::write(&path, &data).unwrap();
+        let file = Arc::new(HostFile::new(
+            std::fs::File::open(&path).unwrap(),
+            None,
+            "f",
+        ));
+        let mut t = Transfers::new(Ring::new().unwrap(), None);
+        t.set_reorder(Reorder::Reverse);
+        let mut bufs = vec![vec![0u8; LEN]; N];
+        for (k, b) in bufs.iter_mut().enumerate() {
+            t.start(Transfer {
+                file: file.clone(),
+                offset: (k * LEN) as u64,
+                iov: vec![libc::iovec {
+                    iov_base: b.as_mut_ptr().cast(),
+                    iov_len: LEN,
+                }],
+                dir: Dir::Read,
+                owner: k,
+            });
+        }
+        t.submit();
+        let mut out = Vec::new();
+        while out.len() < N {
+            t.wait().unwrap();
+            t.reap(&mut out);
+        }
+        let order: Vec<usize> = out.iter().map(|(o, _)| *o).collect();
+        assert_eq!(order, vec![3, 2, 1, 0]);
+        assert!(out.iter().all(|(_, r)| r.is_ok()));
+        for (k, b) in bufs.iter().enumerate() {
+            assert!(
+                b.iter().all(|&x| x == k as u8 + 1),
+                "transfer {k} got other bytes"
+            );
+        }
+    }
 }
