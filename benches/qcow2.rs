@@ -1,7 +1,7 @@
 //! qcow2 engine microbenchmarks (criterion).
 //!
 //! ```sh
-//! cargo bench --bench qcow2 -- --warm-up-time 1 --measurement-time 3
+//! cargo bench --features bench --bench qcow2 -- --warm-up-time 1 --measurement-time 3
 //! ```
 //!
 //! Images are created in `/dev/shm` when it exists (so the numbers measure the engine, not

@@ -10,7 +10,7 @@
 //! - a writable open with the dirty bit set, i.e. a refcount rebuild from L1/L2 (target < 2 s).
 //!
 //! ```sh
-//! cargo run --release --example qcow2-open-bench -- [--dir DIR] [--clusters N] [--keep]
+//! cargo run --release --features bench --example qcow2-open-bench -- [--dir DIR] [--clusters N] [--keep]
 //!     [--image PATH] [--cache-mib N]
 //! ```
 //!

@@ -263,6 +263,7 @@ impl L2Table {
     }
 
     /// Marks the whole table changed.
+    #[cfg(any(test, feature = "bench"))]
     pub fn mark_all_dirty(&self) {
         self.dirty_pieces.store(u64::MAX, Ordering::Release);
         self.state.fetch_or(DIRTY, Ordering::AcqRel);

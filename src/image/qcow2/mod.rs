@@ -731,7 +731,7 @@ impl ImageQueue for Qcow2Queue {
 /// Internal entry points for the criterion benchmarks (`benches/qcow2.rs`) and the
 /// `qcow2-open-bench` example. **Not a stable API**: it may change or disappear in any
 /// release.
-#[doc(hidden)]
+#[cfg(any(test, feature = "bench"))]
 pub mod bench_support;
 
 #[cfg(test)]
