@@ -118,7 +118,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::{ArcSwap, Guard};
 
@@ -136,6 +136,7 @@ use super::lock::{self, Role};
 use super::storage::{HostFile, Recorder};
 use super::{BlockImage, GuestSlice, ImageQueue, ImageStats};
 use crate::error::{Error, Result};
+use crate::sync::lock;
 
 /// Most host clusters a writable image may have (refcounts are kept in memory, 8 bytes per
 /// cluster: 2 GiB at this limit, which is 16 TiB of 64 KiB clusters).
@@ -347,10 +348,6 @@ pub enum JournalMode {
 
 /// The default journal directory.
 pub const DEFAULT_JOURNAL_DIR: &str = "/dev/shm";
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn be64_at(b: &[u8], i: usize) -> u64 {
     let mut a = [0u8; 8];
