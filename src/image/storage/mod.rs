@@ -10,6 +10,7 @@ pub mod record;
 use std::fs::{File, Metadata};
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use record::Op;
@@ -33,6 +34,21 @@ const BLKSSZGET: libc::c_ulong = 0x1268;
 pub struct HostFile {
     file: File,
     tap: Option<(Arc<Recorder>, u32)>,
+    /// On a file system in memory (tmpfs, ramfs): see [`HostFile::transfer_nowait`].
+    in_memory: bool,
+    /// The file system refused an `RWF_NOWAIT` read / write (`EOPNOTSUPP`): not tried again.
+    /// Relaxed: a hint; a stale value costs one refused system call.
+    no_nowait: [AtomicBool; 2],
+}
+
+/// True if `file` lives on a file system kept in memory, where a write never waits for a
+/// device (`TMPFS_MAGIC`, `RAMFS_MAGIC`).
+fn in_memory(file: &File) -> bool {
+    // SAFETY: fstatfs fills the zero-initialised struct we own from our open descriptor.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: see above.
+    let r = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+    r == 0 && matches!(st.f_type, 0x0102_1994 | 0x8584_58f6)
 }
 
 /// Direction of a positional transfer.
@@ -51,8 +67,10 @@ impl HostFile {
     /// Wraps `file`; with a recorder, its writes and syncs are recorded under `name`.
     pub fn new(file: File, recorder: Option<&Arc<Recorder>>, name: &str) -> HostFile {
         HostFile {
+            in_memory: in_memory(&file),
             file,
             tap: recorder.map(|r| (r.clone(), r.file(name))),
+            no_nowait: Default::default(),
         }
     }
 
@@ -61,6 +79,11 @@ impl HostFile {
         Ok(HostFile {
             file: self.file.try_clone()?,
             tap: self.tap.clone(),
+            in_memory: self.in_memory,
+            no_nowait: [
+                AtomicBool::new(self.no_nowait[0].load(Ordering::Relaxed)),
+                AtomicBool::new(self.no_nowait[1].load(Ordering::Relaxed)),
+            ],
         })
     }
 
@@ -119,26 +142,39 @@ impl HostFile {
 
     /// One `preadv2`/`pwritev2` with `RWF_NOWAIT`: transfers what can be done without
     /// blocking (data in the page cache, room to write) and returns how many bytes that was;
-    /// `Err` with `EAGAIN` when nothing could be. A short count is not an error.
+    /// `Err` with `EAGAIN` when nothing could be, or `EOPNOTSUPP` where the file system
+    /// refuses the flag (remembered: not tried again on this descriptor). A short count is not
+    /// an error. On a file system in memory (tmpfs, ramfs), which refuses the flag, the
+    /// transfer is done without it: it is a copy that waits for no device, cheaper here than
+    /// a trip through the ring's worker threads.
     pub fn transfer_nowait(&self, iovs: &[libc::iovec], off: u64, dir: Dir) -> io::Result<usize> {
         let cnt = iovs.len().min(IOV_MAX) as libc::c_int;
         let o =
             libc::off_t::try_from(off).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let k = usize::from(matches!(dir, Dir::Write { .. }));
+        let flags = if self.in_memory {
+            0
+        } else if self.no_nowait[k].load(Ordering::Relaxed) {
+            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        } else {
+            libc::RWF_NOWAIT
+        };
         loop {
             // SAFETY: the caller's iovecs point at live buffers of the stated lengths (guest
             // memory under its guard, or ours) for the duration of the call.
             let r = unsafe {
                 match dir {
-                    Dir::Read => libc::preadv2(self.fd(), iovs.as_ptr(), cnt, o, libc::RWF_NOWAIT),
-                    Dir::Write { .. } => {
-                        libc::pwritev2(self.fd(), iovs.as_ptr(), cnt, o, libc::RWF_NOWAIT)
-                    }
+                    Dir::Read => libc::preadv2(self.fd(), iovs.as_ptr(), cnt, o, flags),
+                    Dir::Write { .. } => libc::pwritev2(self.fd(), iovs.as_ptr(), cnt, o, flags),
                 }
             };
             if r < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
+                }
+                if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                    self.no_nowait[k].store(true, Ordering::Relaxed);
                 }
                 return Err(e);
             }
