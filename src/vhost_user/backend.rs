@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -40,8 +41,11 @@ pub const MAX_QUEUES: usize = 64;
 /// instead of after it. Why 4: docs/PERFORMANCE.md, "Early completions".
 const NOTIFY_EVERY: usize = 4;
 
-/// Guest memory as vhost-user-backend shares it with us.
-pub type GuestMemAtomic = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+/// Guest memory as vhost-user-backend shares it with us (with the regions' dirty logs).
+pub type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
+
+/// A virtqueue over that memory.
+type Vring = VringRwLock<GuestMemAtomic>;
 
 /// One queue worker's private state.
 struct Worker {
@@ -218,7 +222,7 @@ impl BlkBackend {
         }
     }
 
-    fn process_vring(&self, vring: &VringRwLock, thread_id: usize) -> io::Result<()> {
+    fn process_vring(&self, vring: &Vring, thread_id: usize) -> io::Result<()> {
         let Some(worker) = self.workers.get(thread_id) else {
             return Err(io::Error::other(format!("no worker {thread_id}")));
         };
@@ -411,8 +415,10 @@ fn recover_queue(
 }
 
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    // vhost-user-backend installs the frontend's dirty log (SET_LOG_BASE) into each region's
+    // bitmap; the unit bitmap would panic there.
+    type Bitmap = BitmapMmapRegion;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         usize::from(self.params.num_queues)
@@ -423,7 +429,11 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn features(&self) -> u64 {
-        self.params.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        // LOG_ALL: we log every write into guest memory while the frontend asks (live
+        // migration; see `chain::mark_written`).
+        self.params.features()
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
     }
 
     fn acked_features(&self, features: u64) {
@@ -442,6 +452,10 @@ impl VhostUserBackend for BlkBackend {
             // GET/SET_INFLIGHT_FD are answered by the interposer (vhost-user-backend has no
             // support); workers keep the region current.
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            // The dirty log is shared memory (SET_LOG_BASE with an fd), which
+            // vhost-user-backend maps into the regions' bitmaps; without it QEMU refuses to
+            // migrate the VM.
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn reset_device(&self) {
@@ -524,7 +538,7 @@ impl VhostUserBackend for BlkBackend {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
