@@ -41,6 +41,10 @@ pub const MAX_QUEUES: usize = 64;
 /// instead of after it. Why 4: docs/PERFORMANCE.md, "Early completions".
 const NOTIFY_EVERY: usize = 4;
 
+/// How long GET_VRING_BASE waits for a stopped queue's requests to complete before it answers
+/// anyway (with a warning): a request stuck in the kernel must not hang the frontend forever.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Guest memory as vhost-user-backend shares it with us (with the regions' dirty logs).
 pub type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
 
@@ -222,11 +226,44 @@ impl BlkBackend {
         }
     }
 
+    /// GET_VRING_BASE: waits until every request taken from queue `q` has completed and is on
+    /// the used ring (the frontend reads the ring's indexes next, and a migration copies
+    /// guest memory after this answer: a request completing later would be lost). Its worker
+    /// keeps reaping on its engine's completion events meanwhile: the queue no longer takes
+    /// chains (vhost-user-backend marked it not ready) but still returns them.
+    fn drain(&self, q: usize) {
+        let Some(worker) = self.workers.get(q) else {
+            return;
+        };
+        let start = Instant::now();
+        let mut waited = false;
+        loop {
+            let n = lock(worker).handler.as_ref().map_or(0, |h| h.in_flight());
+            if n == 0 {
+                break;
+            }
+            if start.elapsed() >= DRAIN_TIMEOUT {
+                warn!(
+                    "queue {q}: {n} request(s) still in flight after {}s; answering \
+                     GET_VRING_BASE without them",
+                    DRAIN_TIMEOUT.as_secs()
+                );
+                return;
+            }
+            waited = true;
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        if waited {
+            debug!("queue {q}: drained in {:?}", start.elapsed());
+        }
+    }
+
     fn process_vring(&self, vring: &Vring, thread_id: usize) -> io::Result<()> {
         let Some(worker) = self.workers.get(thread_id) else {
             return Err(io::Error::other(format!("no worker {thread_id}")));
         };
-        // Each worker mutex is only ever locked by its own thread.
+        // Each worker mutex is only ever locked by its own thread, and by GET_VRING_BASE
+        // (drain) between the worker's passes.
         let mut worker = lock(worker);
         if worker.handler.is_none() {
             // A failure (e.g. out of fds) is retried on the next kick rather than ending
@@ -511,6 +548,16 @@ impl VhostUserBackend for BlkBackend {
 
     fn update_memory(&self, _mem: GuestMemAtomic) -> io::Result<()> {
         // `self.mem` is the same GuestMemoryAtomic the handler updates in place.
+        Ok(())
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // vhost-user-backend validated the index against the vrings.
+        let q = queue_index as usize;
+        if q >= self.workers.len() {
+            return Ok(());
+        }
+        self.drain(q);
         Ok(())
     }
 
