@@ -9,7 +9,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -110,6 +110,12 @@ pub struct BlkBackend {
     /// The workers' epoll handlers (set once the connection's daemon exists), where each
     /// worker registers its engine's completion eventfd.
     epoll: Mutex<Vec<Arc<VringEpollHandler<Arc<BlkBackend>>>>>,
+    /// Queues the frontend started and has not stopped (GET_VRING_BASE) since, one bit each:
+    /// a queue counts as started once its worker ran it while it was ready and enabled.
+    /// Changed only under `handover`; read without it on the I/O path.
+    running: AtomicU64,
+    /// Serialises the start and stop of queues with the image handover they may cause.
+    handover: Mutex<()>,
 }
 
 /// Counts a worker as busy in [`BlkBackend::busy_workers`] while it lives.
@@ -167,6 +173,8 @@ impl BlkBackend {
             busy_workers: AtomicUsize::new(0),
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             epoll: Mutex::new(Vec::new()),
+            running: AtomicU64::new(0),
+            handover: Mutex::new(()),
         })
     }
 
@@ -226,6 +234,32 @@ impl BlkBackend {
         }
     }
 
+    /// Marks queue `q` started (a no-op when it already is) and, the first time a queue starts
+    /// on an inactive device, takes the image back (see `crate::device`). Returns false when
+    /// the queue must not run: it is not started (a stray event after GET_VRING_BASE), or the
+    /// image cannot be activated (logged; the next kick retries).
+    fn start_queue(&self, vring: &Vring, q: usize) -> bool {
+        let bit = 1u64 << q;
+        // Relaxed: a set bit was set by this worker's own thread (under `handover`).
+        if self.running.load(Ordering::Relaxed) & bit != 0 && self.device.is_active() {
+            return true;
+        }
+        let _g = lock(&self.handover);
+        let started = {
+            let st = vring.get_ref();
+            st.get_queue().ready() && st.is_enabled()
+        };
+        if !started {
+            return false;
+        }
+        if let Err(e) = self.device.activate() {
+            log::error!("queue {q}: cannot take the image for serving: {e}");
+            return false;
+        }
+        self.running.fetch_or(bit, Ordering::Relaxed);
+        true
+    }
+
     /// GET_VRING_BASE: waits until every request taken from queue `q` has completed and is on
     /// the used ring (the frontend reads the ring's indexes next, and a migration copies
     /// guest memory after this answer: a request completing later would be lost). Its worker
@@ -258,17 +292,50 @@ impl BlkBackend {
         }
     }
 
+    /// After queue `q` stopped and drained: when it was the last started queue, drops every
+    /// worker's engine and hands the image over (`Device::deactivate`). A failed handover is
+    /// logged, not returned: the frontend still gets its ring base, and the image stays open
+    /// and locked (no other daemon can take it half-written).
+    fn stop_queue(&self, q: usize) {
+        let _g = lock(&self.handover);
+        let bit = 1u64 << q;
+        let before = self.running.fetch_and(!bit, Ordering::Relaxed);
+        if before & bit == 0 || before & !bit != 0 {
+            return;
+        }
+        // Every started queue is stopped and drained: no engine has a request in flight.
+        let handlers = lock(&self.epoll).clone();
+        for (i, w) in self.workers.iter().enumerate() {
+            let Some(h) = lock(w).handler.take() else {
+                continue;
+            };
+            if let (Some(fd), Some(e)) = (h.event_fd(), handlers.get(i)) {
+                if let Err(err) = e.unregister_listener(fd, EventSet::IN, self.completion_event(i))
+                {
+                    debug!("queue {i}: unregistering the engine's completions: {err}");
+                }
+            }
+        }
+        if let Err(e) = self.device.deactivate() {
+            log::error!("cannot hand the image over (it stays open and locked): {e}");
+        }
+    }
+
     fn process_vring(&self, vring: &Vring, thread_id: usize) -> io::Result<()> {
         let Some(worker) = self.workers.get(thread_id) else {
             return Err(io::Error::other(format!("no worker {thread_id}")));
         };
+        // Before the worker's mutex: `stop_queue` takes the two the other way round.
+        if !self.start_queue(vring, thread_id) {
+            return Ok(());
+        }
         // Each worker mutex is only ever locked by its own thread, and by GET_VRING_BASE
-        // (drain) between the worker's passes.
+        // (drain, handover) between the worker's passes.
         let mut worker = lock(worker);
         if worker.handler.is_none() {
             // A failure (e.g. out of fds) is retried on the next kick rather than ending
             // this queue's worker thread.
-            let engine = match self.device.image.engine() {
+            let engine = match self.device.image().engine() {
                 Ok(q) => q,
                 Err(e) => {
                     warn!("queue {thread_id}: cannot open an image handle: {e}");
@@ -558,6 +625,7 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         }
         self.drain(q);
+        self.stop_queue(q);
         Ok(())
     }
 
