@@ -13,13 +13,14 @@ use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand};
 use log::info;
 
 use vhost_user_blk::control::{self, client as ctl, Request};
-use vhost_user_blk::device::Device;
+use vhost_user_blk::device::{Device, InactiveImage};
 use vhost_user_blk::image::engine::Aio;
 use vhost_user_blk::image::fault::{FaultImage, FaultSpec};
 use vhost_user_blk::image::null::NullImage;
 use vhost_user_blk::image::qcow2::JournalMode;
 use vhost_user_blk::image::{
-    create_image, open_image_locked, BlockImage, ImageFormat, ImageLocks, ImageOptions, Locking,
+    create_image, open_image_cached, open_image_locked, BlockImage, ImageFormat, ImageLocks,
+    ImageOptions, Locking,
 };
 use vhost_user_blk::server::{
     bind_socket_with, handle_signals, listener_from_fd, listener_path, log_access, lookup_group,
@@ -113,6 +114,12 @@ struct Cli {
     /// locks; warns), or auto (on when the kernel has OFD locks).
     #[arg(long, value_name = "MODE", default_value = "auto", value_parser = parse_locking)]
     locking: Locking,
+
+    /// Start as the destination of a live migration: read only what the device configuration
+    /// needs, hold no lock and cache no metadata until the frontend starts the device (after
+    /// the source's daemon handed the image over). See README, "Live migration".
+    #[arg(long)]
+    incoming: bool,
 
     /// Create the image with this size (e.g. 1G, 512M, 10737418240) if it does not exist.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -403,12 +410,62 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
-/// Opens (and with --create, first creates) the image the options name, locked (see
-/// `image::lock`); the locks are held as long as the image is open.
-fn open(cli: &Cli) -> Result<(PathBuf, Arc<dyn BlockImage>, ImageLocks)> {
-    if let Some(size) = cli.null_size {
-        let image = Arc::new(NullImage::new(size));
-        return Ok((PathBuf::from("null"), image, ImageLocks::default()));
+/// What opens the served image, again at each activation after a handover
+/// (`Device::activate`).
+struct Opener {
+    null_size: Option<u64>,
+    opts: ImageOptions,
+    metadata_cache: Option<u64>,
+    locking: Locking,
+    faults: Option<FaultSpec>,
+}
+
+impl Opener {
+    /// Opens the image for serving, locked (see `image::lock`).
+    fn open(&self) -> Result<(Arc<dyn BlockImage>, ImageLocks)> {
+        if let Some(size) = self.null_size {
+            return Ok((Arc::new(NullImage::new(size)), ImageLocks::default()));
+        }
+        let (image, locks) = open_image_locked(&self.opts, self.metadata_cache, self.locking)?;
+        let image: Arc<dyn BlockImage> = match self.faults {
+            Some(spec) => {
+                log::warn!("injecting faults: {spec:?}");
+                Arc::new(FaultImage::new(image, spec))
+            }
+            None => image,
+        };
+        Ok((image, locks))
+    }
+
+    /// For `--incoming`: what the device configuration needs, read without locks, metadata
+    /// repair or writes (read-only), then closed. The image's owner may be writing it.
+    fn peek(&self) -> Result<InactiveImage> {
+        if let Some(size) = self.null_size {
+            return Ok(InactiveImage::of(&NullImage::new(size)));
+        }
+        let mut opts = self.opts.clone();
+        opts.read_only = true;
+        opts.direct = false;
+        let image = open_image_cached(&opts, None)?;
+        let mut standin = InactiveImage::of(&*image);
+        standin.set_read_only(self.opts.read_only);
+        Ok(standin)
+    }
+}
+
+/// The path of the image the options name and what opens it (with --create, the image is
+/// created first if it does not exist).
+fn opener(cli: &Cli) -> Result<(PathBuf, Opener)> {
+    let opener = |opts| Opener {
+        null_size: cli.null_size,
+        opts,
+        metadata_cache: cli.metadata_cache,
+        locking: cli.locking,
+        faults: cli.inject_faults,
+    };
+    if cli.null_size.is_some() {
+        let path = PathBuf::from("null");
+        return Ok((path.clone(), opener(ImageOptions::new(path, cli.format))));
     }
     let path = cli
         .blk_file
@@ -427,32 +484,21 @@ fn open(cli: &Cli) -> Result<(PathBuf, Arc<dyn BlockImage>, ImageLocks)> {
             info!("created {} ({size} bytes)", path.display());
         }
     }
-    let (image, locks) = open_image_locked(
-        &ImageOptions {
-            path: path.clone(),
-            format: cli.format,
-            read_only: cli.read_only,
-            direct: cli.direct,
-            logical_block_size: cli.logical_block_size,
-            journal: match (&cli.journal_dir, cli.no_journal) {
-                (_, true) => JournalMode::Off,
-                (Some(d), false) => JournalMode::Dir(d.clone()),
-                (None, false) => JournalMode::Default,
-            },
-            recorder: None,
-            aio: cli.aio,
+    let opts = ImageOptions {
+        path: path.clone(),
+        format: cli.format,
+        read_only: cli.read_only,
+        direct: cli.direct,
+        logical_block_size: cli.logical_block_size,
+        journal: match (&cli.journal_dir, cli.no_journal) {
+            (_, true) => JournalMode::Off,
+            (Some(d), false) => JournalMode::Dir(d.clone()),
+            (None, false) => JournalMode::Default,
         },
-        cli.metadata_cache,
-        cli.locking,
-    )?;
-    let image: Arc<dyn BlockImage> = match cli.inject_faults {
-        Some(spec) => {
-            log::warn!("injecting faults: {spec:?}");
-            Arc::new(FaultImage::new(image, spec))
-        }
-        None => image,
+        recorder: None,
+        aio: cli.aio,
     };
-    Ok((path, image, locks))
+    Ok((path, opener(opts)))
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -489,9 +535,14 @@ fn run(cli: Cli) -> Result<()> {
         ));
     }
     DeviceParams::check_geometry(cli.logical_block_size, cli.num_queues, cli.queue_size)?;
-    // The locks live as long as the image's descriptors anyway; keeping them here is what a
-    // later change of the lock (migration handover) will use.
-    let (path, image, _locks) = open(&cli)?;
+    let (path, opener) = opener(&cli)?;
+    // --incoming: nothing is opened for serving until the frontend starts the device.
+    let (image, locks) = if cli.incoming {
+        let standin: Arc<dyn BlockImage> = Arc::new(opener.peek()?);
+        (standin, ImageLocks::default())
+    } else {
+        opener.open()?
+    };
     let mut params = DeviceParams::new(&DeviceOptions {
         size: image.virtual_size(),
         logical_block_size: cli.logical_block_size,
@@ -580,6 +631,10 @@ fn run(cli: Cli) -> Result<()> {
         !cli.writethrough,
     );
     device.poll_ns = cli.poll_us.saturating_mul(1000);
+    device.set_handover(locks, Box::new(move || opener.open()), !cli.incoming);
+    if cli.incoming {
+        info!("incoming migration: the image stays closed and unlocked until the device starts");
+    }
     let device = Arc::new(device);
     if let Some(l) = control_listener {
         control::spawn(l, device.clone()).map_err(|e| Error::io("start control socket", e))?;

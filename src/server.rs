@@ -459,7 +459,7 @@ impl Server {
         info!("shutting down: closing the image");
         let _ = notify::notify("STOPPING=1");
         self.device
-            .image
+            .image()
             .close()
             .map_err(|e| Error::io("closing the image", e))
     }

@@ -23,12 +23,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
+
+mod common;
+
+use common::guest::{ensure_guest, read_lossy, repo_root, tail};
 
 /// Markers the guest prints for each step that passed (see ci/guest/init).
 const STEPS: &[&str] = &[
@@ -50,10 +54,6 @@ const EXIT_WAIT: Duration = Duration::from_secs(10);
 /// run.sh kills qemu after VUB_GUEST_TIMEOUT seconds (default 300); the test
 /// gives it this much longer before it gives up on run.sh itself.
 const RUN_SLACK: Duration = Duration::from_secs(60);
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// Kills and reaps the child when dropped, e.g. on a panic: SIGKILL, or with
 /// `term_first` SIGTERM and up to 20 s to clean up (run.sh stops its qemu on
@@ -116,70 +116,6 @@ impl Drop for ChildGuard {
             let _ = child.wait();
         }
     }
-}
-
-/// Skip the test (return `false`) or, under CI, fail it.
-fn prerequisites_missing(why: &str) -> bool {
-    let ci = std::env::var("CI")
-        .map(|v| !v.is_empty() && v != "0" && v != "false")
-        .unwrap_or(false);
-    if ci {
-        panic!("e2e guest prerequisites missing under CI: {why}\nrun ci/setup.sh");
-    }
-    // Written straight to the stderr handle: libtest captures `eprintln!` of
-    // passing tests, and this message must be seen.
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n\
-         ****************************************************************\n\
-         * e2e_guest SKIPPED: run ci/setup.sh                           *\n\
-         ****************************************************************\n\
-         reason: {why}\n"
-    );
-    false
-}
-
-fn in_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
-        .unwrap_or(false)
-}
-
-/// Builds the guest (a no-op when it is up to date).  Returns `false` when the
-/// test must be skipped.
-fn ensure_guest() -> bool {
-    if !in_path("qemu-system-x86_64") {
-        return prerequisites_missing("qemu-system-x86_64 not found in PATH");
-    }
-    let build = repo_root().join("ci/guest/build.sh");
-    let out = Command::new("bash")
-        .arg(&build)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", build.display()));
-    if !out.status.success() {
-        return prerequisites_missing(&format!(
-            "{} failed ({}):\n{}{}",
-            build.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    true
-}
-
-fn read_lossy(path: &Path) -> String {
-    let mut buf = Vec::new();
-    if let Ok(mut f) = File::open(path) {
-        let _ = f.read_to_end(&mut buf);
-    }
-    String::from_utf8_lossy(&buf).replace('\r', "")
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 #[test]

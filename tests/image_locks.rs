@@ -10,7 +10,10 @@
 //!   image they serve makes our daemon exit 1 with one line naming it, before it writes
 //!   anything (a dirty qcow2 is left unrepaired);
 //! * read-only serving shares with readers; backing files and data files are held the way QEMU
-//!   holds them; `--locking off` warns and locks nothing; a block device is locked too.
+//!   holds them; `--locking off` warns and locks nothing; a block device is locked too;
+//! * live migration handover: `--incoming` holds nothing until the device starts; stopping
+//!   every started queue (GET_VRING_BASE) flushes, clears the qcow2 dirty bit and releases the
+//!   locks; starting a queue again takes them back.
 
 // A test reports a failure by panicking: unwrap and expect are how it does so.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -701,4 +704,66 @@ fn a_block_device_is_locked_like_a_file() {
     ours_refused(d, &lo.dev, "raw", &[], &lo.dev, WRITE);
     daemon.terminate_ok();
     assert!(locked_bytes(&lo.dev).is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Live migration handover
+// ---------------------------------------------------------------------------------------------
+
+/// A migration destination's daemon (`--incoming`) holds no lock until its device starts; the
+/// first request takes the locks a serving daemon holds; GET_VRING_BASE on every started queue
+/// (QEMU stopping the device) hands the image over: the locks go and a qcow2 is left clean
+/// (`qemu-img check` without -U opens it, so nothing is held, and finds no error); a frontend
+/// starting the device again gets it back, with what was written before.
+#[test]
+fn handover_releases_the_image_and_takes_it_back() {
+    use common::raw::{RawClient, S_OK, T_IN, T_OUT};
+    let dir = tempfile::tempdir().unwrap();
+    for (image, format, ()) in raw_and_qcow2(dir.path(), 11, [(), ()]) {
+        let d = serve(
+            dir.path(),
+            &format!("in-{format}"),
+            &image,
+            format,
+            &["--incoming"],
+        );
+        assert!(
+            locked_bytes(&image).is_empty(),
+            "{format}: --incoming locked {:?}",
+            locked_bytes(&image)
+        );
+        let mut c = RawClient::connect(&d.socket);
+        let data = pattern(12, 0, 8192);
+        c.data()[..8192].copy_from_slice(&data);
+        assert_eq!(c.request(T_OUT, 8, 8192, None), S_OK, "{format}: write");
+        let serving = locked_bytes(&image);
+        assert!(
+            serving.contains(&101) && serving.contains(&201),
+            "{format}: {serving:?}"
+        );
+        let base = c.stop();
+        assert!(
+            locked_bytes(&image).is_empty(),
+            "{format}: still locked after the stop: {:?}",
+            locked_bytes(&image)
+        );
+        if format == "qcow2" {
+            let check = qemu_img_check(&image);
+            assert!(check.clean(), "{format}: after the handover: {check:?}");
+        }
+        assert!(d.log().contains("image handed over"), "{}", d.log());
+        // The frontend starts the device again (a cancelled migration, a resumed VM).
+        c.reconnect(&d.socket, base);
+        c.data()[..8192].fill(0);
+        assert_eq!(c.request(T_IN, 8, 8192, None), S_OK, "{format}: read");
+        assert_bytes_eq(
+            &c.data()[..8192],
+            &data,
+            8 * 512,
+            "read back after the handover",
+        );
+        assert_eq!(locked_bytes(&image), serving, "{format}: locks taken back");
+        drop(c);
+        d.terminate_ok();
+    }
 }

@@ -52,7 +52,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use common::tagged::{decode, initial_contents, tagged, Initial, Rng};
 use common::{create_qcow2, qemu_img, SECTOR};
@@ -63,6 +63,7 @@ use vhost_user_blk::image::storage::Recorder;
 use vhost_user_blk::image::{
     open_image, BlockImage, GuestSlice, ImageFormat, ImageOptions, ImageQueue,
 };
+use vhost_user_blk::virtio_blk::unlogged;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -249,8 +250,9 @@ struct Recording {
     initial_data: Vec<u8>,
 }
 
-/// Guest memory of the requests the ring workload submits.
-type GuestMem = GuestMemoryMmap<()>;
+/// Guest memory of the requests the ring workload submits (the daemon's type, with its
+/// dirty-log bitmap).
+type GuestMem = vhost_user_blk::virtio_blk::GuestMem;
 
 struct Driver<'a> {
     rec: &'a Arc<Recorder>,
@@ -307,7 +309,7 @@ impl Driver<'_> {
             let (engine, mem) = self.engine.as_mut().unwrap();
             let addr = GuestAddress(k as u64 * SLOT);
             mem.write_slice(&data, addr).unwrap();
-            let slice = mem.get_slice(addr, data.len()).unwrap();
+            let slice = unlogged(&mem.get_slice(addr, data.len()).unwrap());
             let bufs = GuestBuffers::new(mem.clone(), &[slice]);
             engine.submit(
                 k as u16,

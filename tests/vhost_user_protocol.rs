@@ -8,7 +8,10 @@
 //! * conformance: offered features and protocol features, the queue count, the configuration
 //!   space and its writable `writeback` byte;
 //! * hostile memory tables: overlapping regions, updates while the queue runs, buffers
-//!   outside every region.
+//!   outside every region;
+//! * live migration: the dirty log (SET_LOG_BASE) is marked for every byte the daemon writes
+//!   into guest memory while VHOST_F_LOG_ALL is acked, and GET_VRING_BASE answers only once
+//!   every request taken from the queue is on the used ring.
 //!
 //! All of this is specific to our daemon (fault injection, log lines), so it is skipped with
 //! `VUB_TEST_BACKEND=qsd`.
@@ -461,6 +464,7 @@ fn offered_features_protocol_features_and_queue_count() {
             ("RING_EVENT_IDX", F_RING_EVENT_IDX),
             ("RING_INDIRECT_DESC", F_RING_INDIRECT_DESC),
             ("PROTOCOL_FEATURES", F_PROTOCOL_FEATURES),
+            ("LOG_ALL", F_LOG_ALL),
         ] {
             assert!(f & bit != 0, "feature {name} not offered: {f:#x}");
         }
@@ -472,6 +476,7 @@ fn offered_features_protocol_features_and_queue_count() {
             ("CONFIG", PF_CONFIG),
             ("CONFIGURE_MEM_SLOTS", PF_CONFIGURE_MEM_SLOTS),
             ("INFLIGHT_SHMFD", PF_INFLIGHT_SHMFD),
+            ("LOG_SHMFD", PF_LOG_SHMFD),
         ] {
             assert!(
                 pf & bit != 0,
@@ -874,4 +879,141 @@ fn memory_table_updates_while_the_queue_runs() {
     let file = read_file(&img);
     let o = (24 * SECTOR) as usize;
     assert_bytes_eq(&file[o..o + 4096], &w, 24 * SECTOR, "image file");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Live migration: dirty log, stop means drained
+// ---------------------------------------------------------------------------------------------
+
+/// The frontend's dirty log (one bit per 4 KiB page of guest physical memory), as a memfd.
+struct DirtyLog {
+    file: std::fs::File,
+    /// Bytes of log: enough for every page up to the end of the client's guest memory (whose
+    /// guest addresses are its virtual addresses, so this is a large, sparse file).
+    len: u64,
+}
+
+impl DirtyLog {
+    fn new(c: &RawClient) -> DirtyLog {
+        use std::os::fd::FromRawFd;
+        let end = c.data_addr(0) + MAX_DATA as u64;
+        let len = (end / 4096).div_ceil(8) + 1;
+        // SAFETY: memfd_create with a NUL-terminated name; the fd returned is ours.
+        let fd = unsafe { libc::memfd_create(c"dirty-log".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh fd nothing else owns.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.set_len(len).unwrap();
+        DirtyLog { file, len }
+    }
+
+    /// SET_LOG_BASE: hands the log to the daemon (which replies).
+    fn install(&self, c: &mut RawClient) {
+        use std::os::fd::AsRawFd;
+        let mut p = self.len.to_le_bytes().to_vec();
+        p.extend_from_slice(&0u64.to_le_bytes());
+        c.call(SET_LOG_BASE, &p, &[self.file.as_raw_fd()])
+            .expect("SET_LOG_BASE");
+    }
+
+    /// Whether the page holding guest address `addr` is marked.
+    fn dirty(&self, addr: u64) -> bool {
+        use std::os::unix::fs::FileExt;
+        let page = addr / 4096;
+        let mut b = [0u8; 1];
+        self.file.read_exact_at(&mut b, page / 8).unwrap();
+        b[0] & (1 << (page % 8)) != 0
+    }
+}
+
+/// With VHOST_F_LOG_ALL acked and a log installed, what the daemon writes into guest memory
+/// is marked: data read from the disk (which io_uring writes straight into guest memory),
+/// GET_ID data, status bytes and the used ring; data it only reads (a write's payload) is
+/// not. Without LOG_ALL the data pages are left alone (no logging cost outside a migration).
+#[test]
+fn dirty_log_marks_what_the_daemon_writes_into_guest_memory() {
+    let Some((_dir, _img, d)) = one_queue_daemon(Some(5)) else {
+        return;
+    };
+    for log_all in [true, false] {
+        let mut c = RawClient::connect_with(
+            &d.socket,
+            RawOpts {
+                features: DEFAULT_FEATURES | if log_all { F_LOG_ALL } else { 0 },
+                protocol_features: PF_LOG_SHMFD,
+                ..RawOpts::default()
+            },
+        );
+        let log = DirtyLog::new(&c);
+        log.install(&mut c);
+        // A read into data pages 4..8, a write from pages 16..20, GET_ID into page 24.
+        let read = c.req(T_IN, 0, 4 * 4096, 4 * 4096);
+        assert_eq!(c.run(&read), S_OK);
+        let write = c.req(T_OUT, 64, 16 * 4096, 4 * 4096);
+        assert_eq!(c.run(&write), S_OK);
+        let id = c.req(T_GET_ID, 0, 24 * 4096, 20);
+        assert_eq!(c.run(&id), S_OK);
+        let page = |p: usize| c.data_addr(p * 4096);
+        // The rings and status bytes sit below the data (the used ring in the first page).
+        let used_ring = c.data_addr(0) - DATA_OFF as u64;
+        assert!(
+            log.dirty(used_ring),
+            "used ring not marked (log_all {log_all})"
+        );
+        for p in 4..8 {
+            assert_eq!(
+                log.dirty(page(p)),
+                log_all,
+                "read data page {p} (log_all {log_all})"
+            );
+        }
+        assert!(
+            log.dirty(page(24)),
+            "GET_ID page (written through vm-memory)"
+        );
+        for p in 16..20 {
+            assert!(!log.dirty(page(p)), "write payload page {p} marked");
+        }
+        assert!(!log.dirty(page(40)), "an untouched page is marked");
+    }
+}
+
+/// GET_VRING_BASE stops the queue only after every request taken from it has completed: right
+/// after the reply, the used index equals the base it returns (QEMU then migrates the rings
+/// and guest memory; a request completing later would be lost or land in the wrong VM).
+#[test]
+fn get_vring_base_answers_once_every_taken_request_completed() {
+    let Some((_dir, _img, d)) = one_queue_daemon(Some(6)) else {
+        return;
+    };
+    let mut taken = 0;
+    for round in 0..10 {
+        let mut c = RawClient::connect_with(
+            &d.socket,
+            RawOpts {
+                queue_size: 64,
+                ..RawOpts::default()
+            },
+        );
+        let n = 20;
+        for i in 0..n {
+            let r = c.req(T_IN, (i * 64) as u64 % 1024, i * 64 * KIB, 64 * KIB);
+            c.submit(&r);
+        }
+        c.kick();
+        // Give the worker a moment to take some, not all, of them (varied per round).
+        std::thread::sleep(Duration::from_micros(50 * round));
+        let base = c.stop();
+        let used = c.used_idx();
+        assert_eq!(
+            used, base,
+            "round {round}: GET_VRING_BASE answered {base} with only {used} request(s) on the \
+             used ring"
+        );
+        for u in c.completions(0, used) {
+            assert_eq!(u.status, S_OK, "round {round}: request {u:?}");
+        }
+        taken += usize::from(base);
+    }
+    assert!(taken > 0, "no round had a request taken before the stop");
 }

@@ -17,6 +17,11 @@
 #      VUB_GUEST_RECONNECT=1  QEMU reconnects to the socket (reconnect-ms=100) and
 #                           the guest only runs the long fio-reconnect workload
 #                           (VUB_GUEST_RECONNECT_SECS, default 20)
+#      VUB_GUEST_MIGRATE=1  the guest runs the same long fio workload as with
+#                           VUB_GUEST_RECONNECT (without QEMU reconnecting), for a
+#                           live migration under it (tests/e2e_migration.rs)
+#      VUB_GUEST_QMP=PATH   a QMP socket at PATH (server, no wait)
+#      VUB_GUEST_INCOMING=URI  start as a migration destination (-incoming URI)
 #      VUB_GUEST_RESIZE=1   run the online-resize step: after the other steps the
 #                         guest prints "E2E-WAIT-RESIZE <sectors>" and waits (20 s)
 #                         for the disk to grow; whoever runs this script must then
@@ -65,6 +70,12 @@ esac
 # step and the kernel's blocked-task dump rather than as a bare qemu timeout.
 guest_timeout=$(( TIMEOUT > 90 ? TIMEOUT - 60 : (TIMEOUT > 20 ? TIMEOUT - 10 : TIMEOUT) ))
 
+# The long fio workload, for a reconnect or a migration test.
+workload=${VUB_GUEST_RECONNECT:-${VUB_GUEST_MIGRATE:-}}
+extra=()
+[[ -n "${VUB_GUEST_QMP:-}" ]] && extra+=(-qmp "unix:$VUB_GUEST_QMP,server=on,wait=off")
+[[ -n "${VUB_GUEST_INCOMING:-}" ]] && extra+=(-incoming "$VUB_GUEST_INCOMING")
+
 # The guest's RAM must be a shared memfd so the backend can map it.
 # shellcheck disable=SC2054  # commas are part of qemu option values
 args=(
@@ -77,10 +88,11 @@ args=(
     -device vhost-user-blk-pci,chardev=vub,num-queues=2
     -kernel "$GUEST/vmlinuz"
     -initrd "$GUEST/initramfs.cpio.gz"
-    -append "console=ttyS0 panic=-1 loglevel=4 mitigations=off E2E_TIMEOUT=$guest_timeout E2E_RESIZE=${VUB_GUEST_RESIZE:-0} E2E_RECONNECT=${VUB_GUEST_RECONNECT:+1} E2E_RECONNECT_SECS=${VUB_GUEST_RECONNECT_SECS:-20}"
+    -append "console=ttyS0 panic=-1 loglevel=4 mitigations=off E2E_TIMEOUT=$guest_timeout E2E_RESIZE=${VUB_GUEST_RESIZE:-0} E2E_RECONNECT=${workload:+1} E2E_RECONNECT_SECS=${VUB_GUEST_RECONNECT_SECS:-20}"
     -display none -monitor none
     -serial "file:$LOG"
     -no-reboot
+    "${extra[@]}"
 )
 
 log "booting guest ($accel, timeout ${TIMEOUT}s), console log: $LOG"

@@ -107,7 +107,7 @@ _vhost__user__blk() {
 
     case "${cmd}" in
         vhost__user__blk)
-            opts="-v -h -V --control-socket --control-socket-owner --control-socket-group --control-socket-mode --socket-path --fd --print-capabilities --blk-file --null-size --read-only --format --locking --create --num-queues --queue-size --serial --logical-block-size --metadata-cache --poll-us --inject-faults --direct --discard --detect-zeroes --cache --aio --journal-dir --no-journal --writethrough --socket-owner --socket-group --socket-mode --verbose --help --version ctl manpage completions help"
+            opts="-v -h -V --control-socket --control-socket-owner --control-socket-group --control-socket-mode --socket-path --fd --print-capabilities --blk-file --null-size --read-only --format --locking --incoming --create --num-queues --queue-size --serial --logical-block-size --metadata-cache --poll-us --inject-faults --direct --discard --detect-zeroes --cache --aio --journal-dir --no-journal --writethrough --socket-owner --socket-group --socket-mode --verbose --help --version ctl manpage completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

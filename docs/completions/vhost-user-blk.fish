@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_vhost_user_blk_global_optspecs
-    string join \n control-socket= control-socket-owner= control-socket-group= control-socket-mode= socket-path= fd= print-capabilities blk-file= null-size= read-only format= locking= create= num-queues= queue-size= serial= logical-block-size= metadata-cache= poll-us= inject-faults= direct discard= detect-zeroes= cache= aio= journal-dir= no-journal writethrough socket-owner= socket-group= socket-mode= v/verbose h/help V/version
+    string join \n control-socket= control-socket-owner= control-socket-group= control-socket-mode= socket-path= fd= print-capabilities blk-file= null-size= read-only format= locking= incoming create= num-queues= queue-size= serial= logical-block-size= metadata-cache= poll-us= inject-faults= direct discard= detect-zeroes= cache= aio= journal-dir= no-journal writethrough socket-owner= socket-group= socket-mode= v/verbose h/help V/version
 end
 
 function __fish_vhost_user_blk_needs_command
@@ -58,6 +58,7 @@ complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l socket-gr
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l socket-mode -d 'Permissions of the socket created by --socket-path, in octal' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l print-capabilities -d 'Print the vhost-user backend capabilities as JSON and exit'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l read-only -d 'Serve the disk read-only: every write-like request fails with IOERR'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l incoming -d 'Start as the destination of a live migration: read only what the device configuration needs, hold no lock and cache no metadata until the frontend starts the device (after the source\'s daemon handed the image over). See README, "Live migration"'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l direct -d 'Open the image with O_DIRECT (bypass the host page cache)'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l no-journal -d 'qcow2: no mapping journal; instead write metadata back before completing every request that changes a mapping (slower; completed writes still survive a crash of the daemon)'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l writethrough -d 'Start in write-through mode: every write is durable before it completes. By default the cache is write-back and the guest flushes; the guest can switch (CONFIG_WCE)'

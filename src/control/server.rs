@@ -158,10 +158,10 @@ fn execute(device: &Device, req: Request) -> Result<Value, ControlError> {
             Ok(json!({}))
         }
         Request::Resize { size } => resize(device, size),
-        Request::Bitmaps {} => Ok(json!({ "bitmaps": device.image.bitmaps() })),
+        Request::Bitmaps {} => Ok(json!({ "bitmaps": device.image().bitmaps() })),
         Request::BitmapClear { name } => {
             device
-                .image
+                .image()
                 .clear_bitmap(&name)
                 .map_err(ControlError::BitmapClear)?;
             Ok(json!({}))
@@ -185,7 +185,7 @@ fn resize(device: &Device, size: u64) -> Result<Value, ControlError> {
         return Err(ControlError::Unaligned { size, block: lbs });
     }
     if size > current {
-        device.image.resize(size).map_err(ControlError::Resize)?;
+        device.image().resize(size).map_err(ControlError::Resize)?;
         device.params.set_capacity_sectors(size >> SECTOR_SHIFT);
         info!("disk resized from {current} to {size} bytes");
     }
@@ -230,7 +230,7 @@ fn stats_json(device: &Device) -> Value {
             },
         }));
     }
-    let img = &device.image;
+    let img = device.image();
     json!({
         "uptime_s": device.started.elapsed().as_secs_f64(),
         "connected": device.connected(),

@@ -270,7 +270,7 @@ pub mod testing {
     pub fn buffers(mem: &Arc<GuestMem>, ranges: &[(u64, usize)]) -> GuestBuffers {
         let slices: Vec<_> = ranges
             .iter()
-            .map(|&(a, l)| mem.get_slice(GuestAddress(a), l).unwrap())
+            .map(|&(a, l)| crate::virtio_blk::unlogged(&mem.get_slice(GuestAddress(a), l).unwrap()))
             .collect();
         GuestBuffers::new(mem.clone(), &slices)
     }

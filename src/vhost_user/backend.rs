@@ -9,15 +9,16 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -40,8 +41,15 @@ pub const MAX_QUEUES: usize = 64;
 /// instead of after it. Why 4: docs/PERFORMANCE.md, "Early completions".
 const NOTIFY_EVERY: usize = 4;
 
-/// Guest memory as vhost-user-backend shares it with us.
-pub type GuestMemAtomic = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+/// How long GET_VRING_BASE waits for a stopped queue's requests to complete before it answers
+/// anyway (with a warning): a request stuck in the kernel must not hang the frontend forever.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Guest memory as vhost-user-backend shares it with us (with the regions' dirty logs).
+pub type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
+
+/// A virtqueue over that memory.
+type Vring = VringRwLock<GuestMemAtomic>;
 
 /// One queue worker's private state.
 struct Worker {
@@ -102,6 +110,12 @@ pub struct BlkBackend {
     /// The workers' epoll handlers (set once the connection's daemon exists), where each
     /// worker registers its engine's completion eventfd.
     epoll: Mutex<Vec<Arc<VringEpollHandler<Arc<BlkBackend>>>>>,
+    /// Queues the frontend started and has not stopped (GET_VRING_BASE) since, one bit each:
+    /// a queue counts as started once its worker ran it while it was ready and enabled.
+    /// Changed only under `handover`; read without it on the I/O path.
+    running: AtomicU64,
+    /// Serialises the start and stop of queues with the image handover they may cause.
+    handover: Mutex<()>,
 }
 
 /// Counts a worker as busy in [`BlkBackend::busy_workers`] while it lives.
@@ -159,6 +173,8 @@ impl BlkBackend {
             busy_workers: AtomicUsize::new(0),
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             epoll: Mutex::new(Vec::new()),
+            running: AtomicU64::new(0),
+            handover: Mutex::new(()),
         })
     }
 
@@ -218,16 +234,108 @@ impl BlkBackend {
         }
     }
 
-    fn process_vring(&self, vring: &VringRwLock, thread_id: usize) -> io::Result<()> {
+    /// Marks queue `q` started (a no-op when it already is) and, the first time a queue starts
+    /// on an inactive device, takes the image back (see `crate::device`). Returns false when
+    /// the queue must not run: it is not started (a stray event after GET_VRING_BASE), or the
+    /// image cannot be activated (logged; the next kick retries).
+    fn start_queue(&self, vring: &Vring, q: usize) -> bool {
+        let bit = 1u64 << q;
+        // Relaxed: a set bit was set by this worker's own thread (under `handover`).
+        if self.running.load(Ordering::Relaxed) & bit != 0 && self.device.is_active() {
+            return true;
+        }
+        let _g = lock(&self.handover);
+        let started = {
+            let st = vring.get_ref();
+            st.get_queue().ready() && st.is_enabled()
+        };
+        if !started {
+            return false;
+        }
+        if let Err(e) = self.device.activate() {
+            log::error!("queue {q}: cannot take the image for serving: {e}");
+            return false;
+        }
+        self.running.fetch_or(bit, Ordering::Relaxed);
+        true
+    }
+
+    /// GET_VRING_BASE: waits until every request taken from queue `q` has completed and is on
+    /// the used ring (the frontend reads the ring's indexes next, and a migration copies
+    /// guest memory after this answer: a request completing later would be lost). Its worker
+    /// keeps reaping on its engine's completion events meanwhile: the queue no longer takes
+    /// chains (vhost-user-backend marked it not ready) but still returns them.
+    fn drain(&self, q: usize) {
+        let Some(worker) = self.workers.get(q) else {
+            return;
+        };
+        let start = Instant::now();
+        let mut waited = false;
+        loop {
+            let n = lock(worker).handler.as_ref().map_or(0, |h| h.in_flight());
+            if n == 0 {
+                break;
+            }
+            if start.elapsed() >= DRAIN_TIMEOUT {
+                warn!(
+                    "queue {q}: {n} request(s) still in flight after {}s; answering \
+                     GET_VRING_BASE without them",
+                    DRAIN_TIMEOUT.as_secs()
+                );
+                return;
+            }
+            waited = true;
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        if waited {
+            debug!("queue {q}: drained in {:?}", start.elapsed());
+        }
+    }
+
+    /// After queue `q` stopped and drained: when it was the last started queue, drops every
+    /// worker's engine and hands the image over (`Device::deactivate`). A failed handover is
+    /// logged, not returned: the frontend still gets its ring base, and the image stays open
+    /// and locked (no other daemon can take it half-written).
+    fn stop_queue(&self, q: usize) {
+        let _g = lock(&self.handover);
+        let bit = 1u64 << q;
+        let before = self.running.fetch_and(!bit, Ordering::Relaxed);
+        if before & bit == 0 || before & !bit != 0 {
+            return;
+        }
+        // Every started queue is stopped and drained: no engine has a request in flight.
+        let handlers = lock(&self.epoll).clone();
+        for (i, w) in self.workers.iter().enumerate() {
+            let Some(h) = lock(w).handler.take() else {
+                continue;
+            };
+            if let (Some(fd), Some(e)) = (h.event_fd(), handlers.get(i)) {
+                if let Err(err) = e.unregister_listener(fd, EventSet::IN, self.completion_event(i))
+                {
+                    debug!("queue {i}: unregistering the engine's completions: {err}");
+                }
+            }
+        }
+        if let Err(e) = self.device.deactivate() {
+            log::error!("cannot hand the image over (it stays open and locked): {e}");
+        }
+    }
+
+    fn process_vring(&self, vring: &Vring, thread_id: usize) -> io::Result<()> {
         let Some(worker) = self.workers.get(thread_id) else {
             return Err(io::Error::other(format!("no worker {thread_id}")));
         };
-        // Each worker mutex is only ever locked by its own thread.
+        // Before the worker's mutex: `stop_queue` takes the two the other way round.
+        if !self.start_queue(vring, thread_id) {
+            return Ok(());
+        }
+        // Each worker mutex is only ever locked by its own thread, and by GET_VRING_BASE
+        // (drain, handover) between the worker's passes.
         let mut worker = lock(worker);
         if worker.handler.is_none() {
             // A failure (e.g. out of fds) is retried on the next kick rather than ending
             // this queue's worker thread.
-            let engine = match self.device.image.engine() {
+            let engine = match self.device.image().engine() {
                 Ok(q) => q,
                 Err(e) => {
                     warn!("queue {thread_id}: cannot open an image handle: {e}");
@@ -411,8 +519,10 @@ fn recover_queue(
 }
 
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    // vhost-user-backend installs the frontend's dirty log (SET_LOG_BASE) into each region's
+    // bitmap; the unit bitmap would panic there.
+    type Bitmap = BitmapMmapRegion;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         usize::from(self.params.num_queues)
@@ -423,7 +533,11 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn features(&self) -> u64 {
-        self.params.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        // LOG_ALL: we log every write into guest memory while the frontend asks (live
+        // migration; see `chain::mark_written`).
+        self.params.features()
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
     }
 
     fn acked_features(&self, features: u64) {
@@ -442,6 +556,10 @@ impl VhostUserBackend for BlkBackend {
             // GET/SET_INFLIGHT_FD are answered by the interposer (vhost-user-backend has no
             // support); workers keep the region current.
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            // The dirty log is shared memory (SET_LOG_BASE with an fd), which
+            // vhost-user-backend maps into the regions' bitmaps; without it QEMU refuses to
+            // migrate the VM.
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn reset_device(&self) {
@@ -500,6 +618,17 @@ impl VhostUserBackend for BlkBackend {
         Ok(())
     }
 
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // vhost-user-backend validated the index against the vrings.
+        let q = queue_index as usize;
+        if q >= self.workers.len() {
+            return Ok(());
+        }
+        self.drain(q);
+        self.stop_queue(q);
+        Ok(())
+    }
+
     fn queues_per_thread(&self) -> Vec<u64> {
         (0..self.params.num_queues).map(|i| 1u64 << i).collect()
     }
@@ -524,7 +653,7 @@ impl VhostUserBackend for BlkBackend {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {

@@ -37,6 +37,8 @@ pub(super) const HDR: usize = 12;
 
 /// `VHOST_USER_SET_MEM_TABLE`.
 const SET_MEM_TABLE: u32 = 5;
+/// `VHOST_USER_SET_LOG_BASE`.
+const SET_LOG_BASE: u32 = 6;
 /// `VHOST_USER_ADD_MEM_REG`.
 const ADD_MEM_REG: u32 = 37;
 /// `VHOST_USER_REM_MEM_REG`.
@@ -311,9 +313,10 @@ enum MemRegionError {
     },
 }
 
-/// Checks that every memory region of a SET_MEM_TABLE / ADD_MEM_REG message lies inside the
-/// file passed for it. A region mapped past the end of its file faults (SIGBUS) on the first
-/// access, which would kill the daemon; such a message ends the connection instead.
+/// Checks that every memory region of a SET_MEM_TABLE / ADD_MEM_REG message, and the dirty log
+/// of a SET_LOG_BASE, lies inside the file passed for it. A region mapped past the end of its
+/// file faults (SIGBUS) on the first access, which would kill the daemon; such a message ends
+/// the connection instead.
 fn check_mem_regions(msg: &Message) -> Result<(), MemRegionError> {
     let p = msg.payload();
     let u64_at = |i: usize| -> Option<u64> {
@@ -341,6 +344,8 @@ fn check_mem_regions(msg: &Message) -> Result<(), MemRegionError> {
                 .collect()
         }
         ADD_MEM_REG => vec![(u64_at(16).unwrap_or(0), u64_at(32).unwrap_or(0))],
+        // VhostUserLog: mmap_size, mmap_offset.
+        SET_LOG_BASE => vec![(u64_at(0).unwrap_or(0), u64_at(8).unwrap_or(0))],
         _ => return Ok(()),
     };
     for (i, &(size, offset)) in regions.iter().enumerate() {
@@ -374,8 +379,10 @@ fn check_mem_regions(msg: &Message) -> Result<(), MemRegionError> {
 fn inspect_frontend(conn: &Connection, msg: &Message) -> Action {
     if matches!(msg.request(), SET_MEM_TABLE | ADD_MEM_REG | REM_MEM_REG) {
         conn.memory_message();
+    }
+    if matches!(msg.request(), SET_MEM_TABLE | ADD_MEM_REG | SET_LOG_BASE) {
         if let Err(e) = check_mem_regions(msg) {
-            warn!("refusing the frontend's memory table: {e}; closing the connection");
+            warn!("refusing the frontend's memory table or dirty log: {e}; closing the connection");
             return Action::Close;
         }
     }
@@ -497,39 +504,51 @@ mod tests {
         drop(vmm);
     }
 
-    #[test]
-    fn memory_region_past_its_file_closes_the_connection() {
-        let (vmm, frontend) = UnixStream::pair().unwrap();
-        let (handler, daemon) = UnixStream::pair().unwrap();
-        let threads = start(frontend, handler, Arc::new(Connection::default())).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let f = std::fs::File::create(dir.path().join("mem")).unwrap();
-        f.set_len(4096).unwrap();
-        // ADD_MEM_REG: padding, then guest_phys_addr, memory_size (1 MiB), userspace_addr,
-        // mmap_offset.
-        let mut p = vec![0u8; 8];
-        for v in [0u64, 1 << 20, 0x7000_0000, 0] {
-            p.extend_from_slice(&v.to_le_bytes());
-        }
-        let m = msg(ADD_MEM_REG, 1, &p);
-        vmm.send_with_fds(&[&m[..]], &[f.as_raw_fd()]).unwrap();
-        for t in threads {
-            t.join().unwrap();
-        }
-        assert!(
-            read_message(&daemon).unwrap().is_none(),
-            "nothing may be forwarded"
-        );
-        // A region that fits is forwarded.
+    /// Relays `m` with `fd` through a fresh interposer: what reaches the backend's side
+    /// (None: the connection was closed instead).
+    fn relayed(m: &[u8], fd: RawFd) -> Option<Vec<u8>> {
         let (vmm, frontend) = UnixStream::pair().unwrap();
         let (handler, daemon) = UnixStream::pair().unwrap();
         let _threads = start(frontend, handler, Arc::new(Connection::default())).unwrap();
-        let mut p = vec![0u8; 8];
-        for v in [0u64, 4096, 0x7000_0000, 0] {
-            p.extend_from_slice(&v.to_le_bytes());
+        vmm.send_with_fds(&[m], &[fd]).unwrap();
+        read_message(&daemon).unwrap().map(|got| got.bytes)
+    }
+
+    #[test]
+    fn memory_region_past_its_file_closes_the_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = std::fs::File::create(dir.path().join("mem")).unwrap();
+        f.set_len(4096).unwrap();
+        // ADD_MEM_REG: padding, then guest_phys_addr, memory_size, userspace_addr,
+        // mmap_offset.
+        let region = |size: u64| {
+            let mut p = vec![0u8; 8];
+            for v in [0u64, size, 0x7000_0000, 0] {
+                p.extend_from_slice(&v.to_le_bytes());
+            }
+            msg(ADD_MEM_REG, 1, &p)
+        };
+        assert_eq!(relayed(&region(1 << 20), f.as_raw_fd()), None, "forwarded");
+        // A region that fits is forwarded.
+        let m = region(4096);
+        assert_eq!(relayed(&m, f.as_raw_fd()), Some(m));
+    }
+
+    #[test]
+    fn dirty_log_past_its_file_closes_the_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = std::fs::File::create(dir.path().join("log")).unwrap();
+        f.set_len(4096).unwrap();
+        // VhostUserLog: mmap_size, mmap_offset.
+        let log = |size: u64, offset: u64| {
+            let mut p = size.to_le_bytes().to_vec();
+            p.extend_from_slice(&offset.to_le_bytes());
+            msg(SET_LOG_BASE, 1, &p)
+        };
+        for bad in [log(8192, 0), log(4096, 1), log(u64::MAX, 2)] {
+            assert_eq!(relayed(&bad, f.as_raw_fd()), None, "forwarded");
         }
-        let m = msg(ADD_MEM_REG, 1, &p);
-        vmm.send_with_fds(&[&m[..]], &[f.as_raw_fd()]).unwrap();
-        assert_eq!(read_message(&daemon).unwrap().unwrap().bytes, m);
+        let good = log(4096, 0);
+        assert_eq!(relayed(&good, f.as_raw_fd()), Some(good));
     }
 }

@@ -9,14 +9,45 @@
 
 use std::ops::Deref;
 
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 use crate::image::GuestSlice;
 
-/// Guest memory as the backend maps it.
-pub type GuestMem = GuestMemoryMmap<()>;
+/// Guest memory as the backend maps it. Each region carries the dirty log the frontend may
+/// install for a live migration (`VHOST_USER_SET_LOG_BASE`); writes through vm-memory (status
+/// bytes, GET_ID data, the used ring) mark it themselves, data the engines write through raw
+/// pointers is marked by [`mark_written`] when its request completes.
+pub type GuestMem = GuestMemoryMmap<BitmapMmapRegion>;
+
+/// The same bytes as `s`, without its dirty-log bitmap: the image layer's [`GuestSlice`]. The
+/// engines read into guest buffers through raw pointers (`preadv`, io_uring), which no
+/// bitmap would see anyway; [`mark_written`] logs those bytes once the request completes.
+pub fn unlogged<'m>(s: &VolatileSlice<'m, BitmapMmapRegion>) -> GuestSlice<'m> {
+    // SAFETY: `s` is a valid slice of `s.len()` bytes of guest memory mapped for at least
+    // 'm (the lifetime of the memory map it was taken from); the new slice covers exactly
+    // those bytes for the same lifetime, and volatile slices may alias.
+    unsafe { VolatileSlice::new(s.ptr_guard_mut().as_ptr(), s.len()) }
+}
+
+/// Marks every device-writable byte of a chain (`segs`) dirty in the frontend's migration log,
+/// if it installed one. Called when a request completes while logging is on: its data and
+/// status byte may have been written by any route, including ones that bypass vm-memory. The
+/// whole writable part is marked, which may include bytes left unwritten (a short read):
+/// marking a page that did not change only costs the frontend one more page to send.
+pub fn mark_written(mem: &GuestMem, segs: &[Segment]) {
+    for seg in segs {
+        // A segment (or its rest) outside guest memory was never written: its request failed.
+        for s in
+            GuestMemoryBackend::get_slices(mem, seg.addr, seg.len as usize).map_while(Result::ok)
+        {
+            s.bitmap().mark_dirty(0, s.len());
+        }
+    }
+}
 
 /// One descriptor's buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -273,7 +304,7 @@ pub fn slices<'m>(
     for_each_piece(segs, start, len, |addr, n| {
         let n = usize::try_from(n).map_err(|_| ChainError::BadGuestAddress)?;
         for s in GuestMemoryBackend::get_slices(mem, addr, n) {
-            out.push(s.map_err(|_| ChainError::BadGuestAddress)?);
+            out.push(unlogged(&s.map_err(|_| ChainError::BadGuestAddress)?));
         }
         Ok(())
     })

@@ -47,6 +47,10 @@ pub mod features {
     pub const RING_EVENT_IDX: u64 = 1 << super::VIRTIO_RING_F_EVENT_IDX;
     /// Compliance with virtio 1.x.
     pub const VERSION_1: u64 = 1 << super::VIRTIO_F_VERSION_1;
+    /// `VHOST_F_LOG_ALL`: the frontend logs dirty guest memory (live migration). A vhost
+    /// feature rather than a virtio-blk one: offered by the vhost-user backend, not by
+    /// [`super::DeviceParams::features`].
+    pub const LOG_ALL: u64 = 1 << 26;
 }
 
 /// Request types (the `type` field of the request header).

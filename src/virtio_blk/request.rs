@@ -16,7 +16,9 @@ use log::{debug, warn};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::chain::{byte_addr, gather, scatter, slices, ChainError, ChainLayout, GuestMem};
+use super::chain::{
+    byte_addr, gather, mark_written, scatter, slices, ChainError, ChainLayout, GuestMem, Segment,
+};
 use super::config::{
     features, status, DetectZeroes, DeviceParams, DiscardPolicy, ID_BYTES, SECTOR_SHIFT,
     SECTOR_SIZE, SEG_FLAG_UNMAP,
@@ -59,6 +61,14 @@ impl DeviceState {
 
     fn acked(&self, feature: u64) -> bool {
         self.acked_features.load(Ordering::Relaxed) & feature != 0
+    }
+
+    /// Whether the frontend is logging dirty guest memory (a live migration runs): it acked
+    /// `VHOST_F_LOG_ALL`. QEMU waits for the reply to that SET_FEATURES before it starts
+    /// copying memory, and the store is made before the reply is sent, so a completion that
+    /// runs after the copying started sees it (Relaxed: the feature word is the only data).
+    pub fn logging(&self) -> bool {
+        self.acked(features::LOG_ALL)
     }
 }
 
@@ -152,6 +162,10 @@ pub struct RequestHandler {
     engine: Box<dyn IoEngine>,
     /// Requests in flight in the engine, by descriptor head.
     pending: Vec<Option<Pending>>,
+    /// The device-writable segments of each request in flight, by descriptor head (reused,
+    /// so that keeping them costs no allocation): what [`mark_written`] logs when it
+    /// completes while the frontend logs dirty memory.
+    written: Vec<Vec<Segment>>,
     /// Results reaped from the engine (reused).
     reaped: Vec<(u16, io::Result<()>)>,
     params: Arc<DeviceParams>,
@@ -195,6 +209,7 @@ impl RequestHandler {
         RequestHandler {
             engine,
             pending: Vec::new(),
+            written: Vec::new(),
             reaped: Vec::new(),
             params,
             state,
@@ -326,7 +341,12 @@ impl RequestHandler {
                     let slot = usize::from(head);
                     if self.pending.len() <= slot {
                         self.pending.resize_with(slot + 1, || None);
+                        self.written.resize_with(slot + 1, Vec::new);
                     }
+                    // Kept whether or not logging is on now: it may start before the
+                    // request completes.
+                    self.written[slot].clear();
+                    self.written[slot].extend_from_slice(&self.layout.writable);
                     self.pending[slot] = Some(Pending {
                         status_addr,
                         kind,
@@ -357,6 +377,9 @@ impl RequestHandler {
                     };
                 }
                 Step::Done(done) => {
+                    if self.state.logging() {
+                        mark_written(mem, &self.layout.writable);
+                    }
                     self.finish(queue, mem, tracker, head, status_addr, kind, done, start);
                     used_any = true;
                 }
@@ -405,6 +428,11 @@ impl RequestHandler {
                 self.counters
                     .last_flush_ns
                     .store(now_ns(), Ordering::Relaxed);
+            }
+            if self.state.logging() {
+                if let Some(segs) = self.written.get(usize::from(head)) {
+                    mark_written(mem, segs);
+                }
             }
             self.finish(
                 queue,

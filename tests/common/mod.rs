@@ -3,6 +3,7 @@
 //! * [`daemon`]: [`Daemon`], the backend under test as a child process (our binary, or
 //!   qemu-storage-daemon with `VUB_TEST_BACKEND=qsd`), killed on drop.
 //! * [`client`]: [`Client`], a synchronous libblkio frontend with one buffer per queue.
+//! * [`guest`]: the end-to-end test guest (build, prerequisites, console log).
 //! * [`raw`]: `RawClient`, a minimal vhost-user frontend for what libblkio will not send.
 //! * [`image`]: the one deterministic data [`pattern`], image files, byte comparison.
 //! * [`process`]: child processes that cannot outlive their test ([`ChildGuard`], [`Proc`],
@@ -18,6 +19,7 @@
 
 pub mod client;
 pub mod daemon;
+pub mod guest;
 pub mod image;
 pub mod process;
 pub mod qemu_img;

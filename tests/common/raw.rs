@@ -48,6 +48,8 @@ pub const F_CONFIG_WCE: u64 = 1 << 11;
 pub const F_MQ: u64 = 1 << 12;
 pub const F_DISCARD: u64 = 1 << 13;
 pub const F_WRITE_ZEROES: u64 = 1 << 14;
+/// VHOST_F_LOG_ALL (vhost): the frontend logs dirty memory.
+pub const F_LOG_ALL: u64 = 1 << 26;
 pub const F_RING_INDIRECT_DESC: u64 = 1 << 28;
 pub const F_RING_EVENT_IDX: u64 = 1 << 29;
 pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
@@ -58,6 +60,7 @@ pub const DEFAULT_FEATURES: u64 =
 
 // Protocol feature bits (vhost-user.rst, "Protocol features").
 pub const PF_MQ: u64 = 1 << 0;
+pub const PF_LOG_SHMFD: u64 = 1 << 1;
 pub const PF_REPLY_ACK: u64 = 1 << 3;
 pub const PF_CONFIG: u64 = 1 << 9;
 pub const PF_INFLIGHT_SHMFD: u64 = 1 << 12;
@@ -68,9 +71,11 @@ pub const GET_FEATURES: u32 = 1;
 pub const SET_FEATURES: u32 = 2;
 pub const SET_OWNER: u32 = 3;
 pub const SET_MEM_TABLE: u32 = 5;
+pub const SET_LOG_BASE: u32 = 6;
 pub const SET_VRING_NUM: u32 = 8;
 pub const SET_VRING_ADDR: u32 = 9;
 pub const SET_VRING_BASE: u32 = 10;
+pub const GET_VRING_BASE: u32 = 11;
 pub const SET_VRING_KICK: u32 = 12;
 pub const SET_VRING_CALL: u32 = 13;
 pub const GET_PROTOCOL_FEATURES: u32 = 15;
@@ -786,6 +791,16 @@ impl RawClient {
         );
         req.seg = seg;
         self.run(&req)
+    }
+
+    /// GET_VRING_BASE of queue 0: stops it and returns the backend's next avail index.
+    pub fn stop(&mut self) -> u16 {
+        let (reply, _) = self
+            .call(GET_VRING_BASE, &[0u8; 8], &[])
+            .unwrap_or_else(|e| panic!("GET_VRING_BASE: {e}"));
+        assert_eq!(reply.len(), 8, "GET_VRING_BASE reply size");
+        u16::try_from(u32::from_le_bytes(reply[4..8].try_into().expect("4 bytes")))
+            .expect("a 16-bit ring index")
     }
 
     /// The whole inflight region as it is now (empty without [`RawOpts::inflight`]).
