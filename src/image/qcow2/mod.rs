@@ -410,11 +410,7 @@ impl Qcow2Shared {
     /// file systems without hole punching keep the bytes; the entries no longer map them).
     fn punch_data(&self, host: u64, len: u64) {
         let Some(f) = &self.data_file else { return };
-        if let Err(e) = f.fallocate(
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            host,
-            len,
-        ) {
+        if let Err(e) = f.punch_hole(host, len) {
             log::debug!(
                 "{}: punching the data file at {host:#x}: {e}",
                 self.path.display()

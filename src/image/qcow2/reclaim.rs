@@ -123,11 +123,7 @@ impl Qcow2Shared {
                 j += 1;
             }
             let (start, len) = (clusters[i] << self.cluster_bits, (j - i) as u64 * cs);
-            if let Err(e) = self.file.fallocate(
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                start,
-                len,
-            ) {
+            if let Err(e) = self.file.punch_hole(start, len) {
                 log::debug!(
                     "{}: punching freed clusters at {start:#x}: {e}",
                     self.path.display()

@@ -362,11 +362,7 @@ impl ImageQueue for RawQueue {
         let r = if self.block_device {
             self.file.blk_discard(offset, len)
         } else {
-            self.file.fallocate(
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset,
-                len,
-            )
+            self.file.punch_hole(offset, len)
         };
         match r {
             Err(e) if unsupported(&e) => {

@@ -313,6 +313,17 @@ impl HostFile {
         }
     }
 
+    /// Deallocates `[off, off + len)`, the size kept (`FALLOC_FL_PUNCH_HOLE |
+    /// FALLOC_FL_KEEP_SIZE`): the range reads as zeros and its blocks go back to the file
+    /// system.
+    pub fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
+        self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        )
+    }
+
     /// `BLKDISCARD` (deallocate) on a block device.
     pub fn blk_discard(&self, off: u64, len: u64) -> io::Result<()> {
         self.blk_ioctl(BLKDISCARD, off, len)
