@@ -133,12 +133,6 @@ fn guest_fio_ext4_fstrim_qcow2() {
 /// The scratch file ci/guest/init writes before the resize and deletes and trims after it.
 const SCRATCH: u64 = 32 * 1024 * 1024;
 
-/// Host bytes allocated to `path`.
-fn allocated(path: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    fs::metadata(path).expect("stat image").blocks() * 512
-}
-
 fn guest_run(format: &str) {
     if !ensure_guest() {
         return;
@@ -153,13 +147,7 @@ fn guest_run(format: &str) {
 
     // A sparse 256 MiB raw image, or an empty qcow2 of that size.
     if format == "qcow2" {
-        let st = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&image)
-            .arg(IMAGE_SIZE.to_string())
-            .status()
-            .expect("run qemu-img");
-        assert!(st.success(), "qemu-img create failed");
+        common::create_qcow2(&image, "", &IMAGE_SIZE.to_string());
     } else {
         File::create(&image)
             .and_then(|f| f.set_len(IMAGE_SIZE))
@@ -263,7 +251,7 @@ fn guest_run(format: &str) {
                     "e2e_guest: guest waits for the resize after {:.1?} ({sectors} sectors)",
                     started.elapsed()
                 );
-                before_trim = allocated(&image);
+                before_trim = common::allocated_blocks(&image) * 512;
                 resize = Some((sectors, ctl_resize(&control, RESIZED)));
             }
         }
@@ -365,7 +353,7 @@ fn guest_run(format: &str) {
     // fstrim gave the deleted scratch file's space back to the host (a raw image's holes are
     // punched at the discard, a qcow2's freed clusters at the flush of the clean stop); what
     // the guest wrote after it (the resize step's last MiB, ext4's own updates) is small.
-    let after = allocated(&image);
+    let after = common::allocated_blocks(&image) * 512;
     eprintln!(
         "e2e_guest: {format} image allocated {before_trim} bytes before fstrim, {after} after"
     );
@@ -376,15 +364,11 @@ fn guest_run(format: &str) {
     );
 
     if format == "qcow2" {
-        let out = Command::new("qemu-img")
-            .args(["check", "-f", "qcow2"])
-            .arg(&image)
-            .output()
-            .expect("run qemu-img check");
+        let check = common::qemu_img_check(&image);
         assert!(
-            out.status.success(),
+            check.clean(),
             "qemu-img check after the guest run:\n{}",
-            String::from_utf8_lossy(&out.stdout)
+            check.output
         );
     } else {
         // The image has the size it was grown to (the daemon must not truncate it).
