@@ -161,7 +161,9 @@ pub fn open_image_locked(
             opts.path.display()
         );
     }
-    lock::with_locks(locking, true, || open_image_cached(opts, metadata_cache))
+    lock::with_locks(locking, true, lock::RELEASE_GRACE, || {
+        open_image_cached(opts, metadata_cache)
+    })
 }
 
 /// Opens the image described by `opts`, without locks (tests and tools that manage their

@@ -112,6 +112,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 
@@ -579,7 +580,40 @@ struct Scope {
     active: bool,
     /// Whether files are locked: decided at the first file from `locking` and the kernel.
     enabled: Option<bool>,
+    /// How long a conflicting lock may take to go away before the open fails.
+    grace: Duration,
     locks: Vec<ImageLock>,
+}
+
+/// How long the daemon's start waits for a conflicting lock to go away before it gives up.
+///
+/// A daemon killed with I/O in flight does not drop its locks when its process is reaped: the
+/// kernel tears its io_uring down afterwards, and the in-flight requests keep the image's open
+/// file description (and so its OFD locks) alive until they have finished. A restart (a
+/// supervisor's, or a test's) that follows at once would find the image "in use" by a process
+/// that no longer exists. Waiting for that is also what makes the restart safe: once the locks
+/// are gone, no write of the dead daemon can still land under the new one.
+pub const RELEASE_GRACE: Duration = Duration::from_secs(3);
+
+/// How often a waiting start tests the locks again.
+const RETRY_EVERY: Duration = Duration::from_millis(20);
+
+/// [`ImageLock::acquire`], tried again until `grace` has passed while another holder conflicts.
+fn acquire_within(file: &File, path: &Path, role: Role, grace: Duration) -> Result<ImageLock> {
+    let deadline = Instant::now() + grace;
+    let mut logged = false;
+    loop {
+        match ImageLock::acquire(file, path, role) {
+            Err(e @ Error::ImageInUse { .. }) if Instant::now() < deadline => {
+                if !logged {
+                    debug!("{e}; waiting up to {grace:?} for the holder to go away");
+                    logged = true;
+                }
+                std::thread::sleep(RETRY_EVERY);
+            }
+            r => return r,
+        }
+    }
 }
 
 thread_local! {
@@ -587,11 +621,13 @@ thread_local! {
 }
 
 /// Runs `open` so that every file [`claim`]ed during it on this thread is locked (taken now
-/// if `active`, else only prepared), and returns what it returned with those locks. If `open`
+/// if `active`, waiting up to `grace` for a conflicting holder to go away; else only
+/// prepared), and returns what it returned with those locks. If `open`
 /// fails, the locks taken so far are released with the descriptors the failed open drops.
 pub fn with_locks<T>(
     locking: Locking,
     active: bool,
+    grace: Duration,
     open: impl FnOnce() -> Result<T>,
 ) -> Result<(T, ImageLocks)> {
     /// Puts the enclosing scope back even if `open` unwinds.
@@ -607,6 +643,7 @@ pub fn with_locks<T>(
         locking,
         active,
         enabled: None,
+        grace,
         locks: Vec::new(),
     };
     let mut restore = Restore(Some(SCOPE.with(|s| s.replace(Some(scope)))));
@@ -636,7 +673,7 @@ pub fn claim(file: &File, path: &Path, role: Role) -> Result<()> {
             return Ok(());
         }
         let lock = if scope.active {
-            ImageLock::acquire(file, path, role)?
+            acquire_within(file, path, role, scope.grace)?
         } else {
             ImageLock::inactive(file, path, role)?
         };
@@ -874,21 +911,27 @@ mod tests {
         let role = Role::RawImage { writable: true };
         claim(&file, &path, role).unwrap();
         assert!(locked_bytes(&path).is_empty(), "outside a scope");
-        let ((), locks) = with_locks(Locking::Off, true, || claim(&file, &path, role)).unwrap();
+        let ((), locks) = with_locks(Locking::Off, true, Duration::ZERO, || {
+            claim(&file, &path, role)
+        })
+        .unwrap();
         assert!(
             locks.is_empty() && locked_bytes(&path).is_empty(),
             "--locking off"
         );
         for locking in [Locking::On, Locking::Auto] {
-            let ((), locks) = with_locks(locking, true, || claim(&file, &path, role)).unwrap();
+            let ((), locks) =
+                with_locks(locking, true, Duration::ZERO, || claim(&file, &path, role)).unwrap();
             assert_eq!(locks.iter().count(), 1);
             assert_eq!(locked_bytes(&path), vec![100, 101, 201], "{locking:?}");
             drop(locks);
             drop_locks(&file);
         }
         // An inactive scope (an incoming migration) prepares the locks without taking them.
-        let ((), mut locks) =
-            with_locks(Locking::Auto, false, || claim(&file, &path, role)).unwrap();
+        let ((), mut locks) = with_locks(Locking::Auto, false, Duration::ZERO, || {
+            claim(&file, &path, role)
+        })
+        .unwrap();
         assert!(locked_bytes(&path).is_empty(), "inactive");
         locks.activate().unwrap();
         assert_eq!(locked_bytes(&path), vec![100, 101, 201], "activated");
@@ -896,7 +939,7 @@ mod tests {
         drop_locks(&file);
         // A failed open hands back no locks, and the scope ends with it.
         let other = open(&path);
-        let failed = with_locks(Locking::Auto, true, || -> Result<()> {
+        let failed = with_locks(Locking::Auto, true, Duration::ZERO, || -> Result<()> {
             claim(&other, &path, Role::Backing)?;
             Err(Error::InvalidOption("x".into()))
         });
@@ -905,6 +948,42 @@ mod tests {
         assert!(locked_bytes(&path).is_empty(), "after the failed open");
         claim(&file, &path, role).unwrap();
         assert!(locked_bytes(&path).is_empty(), "the scope ended");
+    }
+
+    #[test]
+    fn an_active_open_waits_out_a_holder_that_goes_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = tmpfile(&dir, "img");
+        let role = Role::RawImage { writable: true };
+        let theirs = open(&path);
+        let held = ImageLock::acquire(&theirs, &path, role).unwrap();
+        let ours = open(&path);
+        let msg = in_use(with_locks(Locking::Auto, true, Duration::ZERO, || {
+            claim(&ours, &path, role)
+        }));
+        assert!(msg.contains("failed to get \"write\" lock"), "{msg}");
+        // The holder goes away while the open waits: the open then succeeds.
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(held);
+            drop(theirs);
+        });
+        let ((), locks) = with_locks(Locking::Auto, true, Duration::from_secs(10), || {
+            claim(&ours, &path, role)
+        })
+        .unwrap();
+        release.join().unwrap();
+        assert_eq!(locks.iter().count(), 1);
+        assert_eq!(locked_bytes(&path), vec![100, 101, 201]);
+        // A holder that stays is still refused once the grace has passed.
+        let other = open(&path);
+        let msg = in_use(with_locks(
+            Locking::Auto,
+            true,
+            Duration::from_millis(100),
+            || claim(&other, &path, role),
+        ));
+        assert!(msg.contains("failed to get \"write\" lock"), "{msg}");
     }
 
     #[test]
