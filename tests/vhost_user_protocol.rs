@@ -1017,3 +1017,42 @@ fn get_vring_base_answers_once_every_taken_request_completed() {
     }
     assert!(taken > 0, "no round had a request taken before the stop");
 }
+
+/// The same with reads that hold the queue's worker for 100 ms each (`--inject-faults
+/// read:delay=100`): GET_VRING_BASE arrives while a request is surely taken and not yet
+/// completed, so the answer must wait for it. Answering at once (no drain) fails here.
+#[test]
+fn get_vring_base_waits_for_a_slow_request_in_flight() {
+    if skip_other_backend() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = create_image(dir.path(), "disk.img", MIB, Some(7));
+    let d = Daemon::start(
+        dir.path(),
+        &img,
+        &DaemonConfig::new()
+            .num_queues(1)
+            .arg("--inject-faults")
+            .arg("read:delay=100"),
+    );
+    let mut c = RawClient::connect(&d.socket);
+    for i in 0..3 {
+        let r = c.req(T_IN, (i * 8) as u64, i * 4 * KIB, 4 * KIB);
+        c.submit(&r);
+    }
+    c.kick();
+    // The worker takes the first read and holds it for 100 ms.
+    std::thread::sleep(Duration::from_millis(30));
+    let base = c.stop();
+    let used = c.used_idx();
+    assert!(base >= 1, "no request was taken before the stop");
+    assert_eq!(
+        used, base,
+        "GET_VRING_BASE answered {base} with only {used} request(s) on the used ring"
+    );
+    for u in c.completions(0, used) {
+        assert_eq!(u.status, S_OK, "request {u:?}");
+    }
+    wait_for_log(&d, "request(s) in flight, drained in");
+}

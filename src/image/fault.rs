@@ -3,22 +3,30 @@
 //! Wraps an image so that chosen operations fail with a chosen errno, to test that host I/O
 //! errors reach the guest as IOERR, that the daemon keeps serving, and that the image stays
 //! consistent; or so that they never finish, to stop the daemon with requests deterministically
-//! in flight (inflight recovery tests). SPEC is `OP:ERRNO[:after=N][:count=M]`:
+//! in flight (inflight recovery tests); or so that they are slow, to have requests in flight
+//! whenever the frontend stops a queue (migration drain tests). SPEC is
+//! `OP:ERRNO[:after=N][:count=M]`:
 //!
 //! - `OP`: `read`, `write`, `flush`, `discard`, `write-zeroes` or `any`;
 //! - `ERRNO`: `eio`, `enospc`, `edquot` or a number: the operation fails with that errno; or
 //!   `hang`: the operation logs `injected fault: OP operation #K hangs until the process is
 //!   killed` (K counts matching operations from 0) and then sleeps forever, holding its queue's
 //!   worker (a SIGTERM then ends the daemon only through the shutdown watchdog; tests SIGKILL);
+//!   or `delay=MS`: the operation completes MS milliseconds late (an engine with completion
+//!   events runs it at once and holds its completion, so it is in flight meanwhile while the
+//!   worker goes on; a synchronous operation holds its thread for MS first);
 //! - `after=N`: let the first N matching operations through (default 0);
 //! - `count=M`: fail (or hang) M operations, then let everything through again (default 0 =
 //!   forever).
 //!
 //! Operations are counted across all queues.
 
+use std::collections::HashMap;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use log::warn;
 
@@ -53,6 +61,8 @@ pub enum FaultAction {
     /// requests, which complete before it (out-of-order completion). Where the operation runs
     /// synchronously (host-side flushes, sync image handles) it hangs like [`FaultAction::Hang`].
     Stall,
+    /// Completes this many milliseconds late.
+    Delay(u64),
 }
 
 /// A parsed `--inject-faults` specification.
@@ -88,8 +98,17 @@ impl std::str::FromStr for FaultSpec {
             "edquot" => FaultAction::Fail(libc::EDQUOT),
             "hang" => FaultAction::Hang,
             "stall" => FaultAction::Stall,
+            a if a.starts_with("delay=") => {
+                let ms = &a["delay=".len()..];
+                FaultAction::Delay(
+                    ms.parse()
+                        .map_err(|_| format!("bad milliseconds in '{a}'"))?,
+                )
+            }
             n => FaultAction::Fail(n.parse().map_err(|_| {
-                format!("unknown errno '{n}' (eio, enospc, edquot, hang, stall or a number)")
+                format!(
+                    "unknown errno '{n}' (eio, enospc, edquot, hang, stall, delay=MS or a number)"
+                )
             })?),
         };
         let mut spec = FaultSpec {
@@ -124,6 +143,7 @@ enum Verdict {
     Run,
     Fail(io::Error),
     Stall,
+    Delay(Duration),
 }
 
 impl Injector {
@@ -142,6 +162,7 @@ impl Injector {
                 warn!("injected fault: {op:?} operation #{n} never completes");
                 Verdict::Stall
             }
+            FaultAction::Delay(ms) => Verdict::Delay(Duration::from_millis(ms)),
         }
     }
 
@@ -149,6 +170,10 @@ impl Injector {
     fn check(&self, op: FaultOp) -> io::Result<()> {
         match self.decide(op) {
             Verdict::Run => Ok(()),
+            Verdict::Delay(d) => {
+                std::thread::sleep(d);
+                Ok(())
+            }
             Verdict::Fail(e) => Err(e),
             Verdict::Stall => hang(op, self.seen.load(Ordering::Relaxed)),
         }
@@ -203,11 +228,28 @@ impl BlockImage for FaultImage {
         }))
     }
     fn engine(&self) -> io::Result<Box<dyn IoEngine>> {
+        let inner = self.inner.engine()?;
+        let waker = match inner.event_fd() {
+            Some(fd) => {
+                // SAFETY: `fd` is the inner engine's open event fd; dup only reads it, and the
+                // new descriptor is checked and then owned by the waker.
+                let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+                if dup < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // SAFETY: `dup` is a fresh descriptor nothing else owns.
+                Some(Arc::new(unsafe { OwnedFd::from_raw_fd(dup) }))
+            }
+            None => None,
+        };
         Ok(Box::new(FaultEngine {
-            inner: self.inner.engine()?,
+            inner,
             injector: self.injector.clone(),
             failed: Vec::new(),
             stalled: Vec::new(),
+            waker,
+            due: HashMap::new(),
+            held: Vec::new(),
         }))
     }
     fn flush(&self) -> io::Result<()> {
@@ -260,12 +302,36 @@ impl ImageQueue for FaultQueue {
 }
 
 /// The fault layer over a queue's engine: a faulted request fails (or hangs, holding the
-/// queue's worker) instead of reaching the engine.
+/// queue's worker) instead of reaching the engine, or completes late.
 struct FaultEngine {
     inner: Box<dyn IoEngine>,
     injector: Arc<Injector>,
     failed: Vec<(u16, io::Result<()>)>,
     stalled: Vec<EngineOp>,
+    /// A `dup` of the inner engine's completion event fd (None: it has none), written when a
+    /// delayed completion falls due so that the worker reaps it.
+    waker: Option<Arc<OwnedFd>>,
+    /// When each delayed request (by tag) may complete.
+    due: HashMap<u16, Instant>,
+    /// Delayed completions the inner engine returned early.
+    held: Vec<(Instant, u16, io::Result<()>)>,
+}
+
+/// Wakes the worker watching `fd` (an eventfd) after `delay`.
+fn wake_after(fd: Arc<OwnedFd>, delay: Duration) {
+    std::thread::spawn(move || {
+        std::thread::sleep(delay);
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: `fd` is an open eventfd this thread keeps alive; write reads 8 bytes from a
+        // live local buffer.
+        let n = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        if n < 0 {
+            warn!(
+                "injected delay: cannot wake the worker: {}",
+                io::Error::last_os_error()
+            );
+        }
+    });
 }
 
 impl IoEngine for FaultEngine {
@@ -282,12 +348,43 @@ impl IoEngine for FaultEngine {
             Verdict::Fail(e) => self.failed.push((tag, Err(e))),
             // Held here (with its guest buffers) until the process ends.
             Verdict::Stall => self.stalled.push(op),
+            Verdict::Delay(d) => match &self.waker {
+                Some(fd) => {
+                    self.due.insert(tag, Instant::now() + d);
+                    wake_after(fd.clone(), d);
+                    self.inner.submit(tag, op);
+                }
+                None => {
+                    std::thread::sleep(d);
+                    self.inner.submit(tag, op);
+                }
+            },
         }
     }
 
     fn reap(&mut self, out: &mut Vec<(u16, io::Result<()>)>) {
         out.append(&mut self.failed);
+        let start = out.len();
         self.inner.reap(out);
+        if self.due.is_empty() && self.held.is_empty() {
+            return;
+        }
+        for (tag, r) in out.drain(start..).collect::<Vec<_>>() {
+            match self.due.remove(&tag) {
+                Some(at) => self.held.push((at, tag, r)),
+                None => out.push((tag, r)),
+            }
+        }
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.held.len() {
+            if self.held[i].0 <= now {
+                let (_, tag, r) = self.held.swap_remove(i);
+                out.push((tag, r));
+            } else {
+                i += 1;
+            }
+        }
     }
 
     fn event_fd(&self) -> Option<std::os::unix::io::RawFd> {
@@ -295,7 +392,7 @@ impl IoEngine for FaultEngine {
     }
 
     fn in_flight(&self) -> usize {
-        self.failed.len() + self.stalled.len() + self.inner.in_flight()
+        self.failed.len() + self.stalled.len() + self.held.len() + self.inner.in_flight()
     }
 
     fn sequential(&self) -> bool {
@@ -325,6 +422,11 @@ mod tests {
             (FaultOp::Write, FaultAction::Hang, 3, 0)
         );
         assert!("any:hang".parse::<FaultSpec>().is_ok());
+        assert_eq!(
+            "any:delay=5".parse::<FaultSpec>().unwrap().action,
+            FaultAction::Delay(5)
+        );
+        assert!("any:delay=x".parse::<FaultSpec>().is_err());
         assert!("write:hung".parse::<FaultSpec>().is_err());
         assert!("write".parse::<FaultSpec>().is_err());
         assert!("nope:eio".parse::<FaultSpec>().is_err());
@@ -340,5 +442,16 @@ mod tests {
         let r: Vec<bool> = (0..6).map(|_| inj.check(FaultOp::Write).is_ok()).collect();
         assert_eq!(r, vec![true, true, false, false, true, true]);
         assert!(inj.check(FaultOp::Read).is_ok(), "other ops untouched");
+    }
+
+    #[test]
+    fn a_delayed_operation_runs_late() {
+        let inj = Injector {
+            spec: "read:delay=30:count=1".parse().unwrap(),
+            seen: AtomicU64::new(0),
+        };
+        let start = Instant::now();
+        assert!(inj.check(FaultOp::Read).is_ok());
+        assert!(start.elapsed() >= Duration::from_millis(30));
     }
 }

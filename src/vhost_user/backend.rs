@@ -270,7 +270,13 @@ impl BlkBackend {
             return;
         };
         let start = Instant::now();
-        let mut waited = false;
+        // Requests taken from the ring and not yet returned, read before waiting for the
+        // worker's pass (which may hold some). Relaxed: only logged.
+        let at_stop = self
+            .device
+            .queues
+            .get(q)
+            .map_or(0, |c| c.in_flight.load(Ordering::Relaxed));
         loop {
             let n = lock(worker).handler.as_ref().map_or(0, |h| h.in_flight());
             if n == 0 {
@@ -284,11 +290,13 @@ impl BlkBackend {
                 );
                 return;
             }
-            waited = true;
             std::thread::sleep(Duration::from_micros(200));
         }
-        if waited {
-            debug!("queue {q}: drained in {:?}", start.elapsed());
+        if at_stop > 0 {
+            info!(
+                "queue {q}: stopped with {at_stop} request(s) in flight, drained in {:?}",
+                start.elapsed()
+            );
         }
     }
 
