@@ -52,9 +52,9 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
 
-    /// Also serve a control socket (JSON lines: stats, flush, resize, bitmaps) at this path,
-    /// owned by the daemon's user with mode 0600 unless --control-socket-owner/-group/-mode
-    /// say otherwise. See docs/CONTROL.md.
+    /// Also serve a control socket (JSON lines: stats, flush, resize, bitmaps, activate,
+    /// deactivate) at this path, owned by the daemon's user with mode 0600 unless
+    /// --control-socket-owner/-group/-mode say otherwise. See docs/CONTROL.md.
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
 
@@ -273,6 +273,11 @@ enum CtlAction {
         /// Bitmap name.
         name: String,
     },
+    /// Reopen and relock the image for serving (migration handover; see docs/CONTROL.md).
+    Activate,
+    /// Flush, close and unlock the image so another process can take it; refused while the
+    /// frontend has queues started.
+    Deactivate,
 }
 
 fn run_ctl(args: CtlArgs) -> Result<()> {
@@ -297,6 +302,8 @@ fn run_ctl(args: CtlArgs) -> Result<()> {
         CtlAction::Resize { size } => Request::Resize { size: *size },
         CtlAction::Bitmaps => Request::Bitmaps {},
         CtlAction::BitmapClear { name } => Request::BitmapClear { name: name.clone() },
+        CtlAction::Activate => Request::Activate {},
+        CtlAction::Deactivate => Request::Deactivate {},
     };
     let result = ctl::call(sock, &request)?;
     if args.json {

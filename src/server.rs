@@ -505,9 +505,12 @@ impl Server {
             Err(e) => info!("frontend connection ended: {e}"),
         }
         self.shutdown.set_conn(None);
+        backend.finish_connection(daemon);
+        // Only now, with its workers gone and its queues forgotten: `connected: false` in
+        // `stats` tells a management tool that a control `deactivate` will not be refused
+        // for started queues.
         self.device.set_connection(None);
         let _ = notify::notify("STATUS=waiting for a frontend");
-        backend.finish_connection(daemon);
         for t in relay_threads {
             let _ = t.join();
         }

@@ -1630,3 +1630,334 @@ fn stale_sockets_of_a_killed_daemon_are_replaced() {
     assert_serves_io(&s.sock, 0);
     s.daemon.terminate_ok();
 }
+
+// ---------------------------------------------------------------------------------------------
+// activate, deactivate: the migration handover driven by a management tool (issue 13)
+// ---------------------------------------------------------------------------------------------
+
+/// What `qemu-img info` (without `-U`: it needs the image unshared for writing) says when the
+/// daemon holds the image.
+const HELD: &str = "Failed to get shared \"write\" lock";
+
+/// `qemu-img info IMAGE` without `-U`: Ok(stdout) when it could open the image, Err(stderr).
+fn qemu_img_info_unshared(image: &Path) -> Result<String, String> {
+    let out = common::qemu_img_output(&["info".as_ref(), image.as_os_str()]);
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Asserts the daemon holds qcow2 `image`: `qemu-img info` is refused for the write lock.
+/// (On a raw image qemu-img info needs no lock a writer denies, as with a QEMU guest.)
+#[track_caller]
+fn assert_held(image: &Path, when: &str) {
+    match qemu_img_info_unshared(image) {
+        Ok(out) => panic!("{when}: qemu-img info opened the image the daemon serves: {out}"),
+        Err(e) => assert!(e.contains(HELD), "{when}: {e}"),
+    }
+}
+
+/// Whether another open file description holds a lock on any of `path`'s bytes 0..300
+/// (QEMU's lock bytes and libvirt's byte 0; what QEMU's `F_OFD_GETLK` test sees).
+fn locked(path: &Path) -> bool {
+    let f = fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    // SAFETY: flock is plain old data; all-zero is valid (OFD locks need l_pid 0).
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = 0;
+    fl.l_len = 300;
+    // SAFETY: F_OFD_GETLK reads and rewrites the live local flock; the fd is open.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    assert_eq!(r, 0, "F_OFD_GETLK: {}", std::io::Error::last_os_error());
+    fl.l_type != libc::F_UNLCK as libc::c_short
+}
+
+/// The qcow2 header's incompatible feature bits (bit 0: dirty, bit 1: corrupt).
+fn qcow2_incompatible(image: &Path) -> u64 {
+    let b = fs::read(image).expect("read the qcow2 image");
+    u64::from_be_bytes(b[72..80].try_into().unwrap())
+}
+
+/// Waits until `stats` says no frontend is connected (the daemon has then forgotten the
+/// queues the last one started).
+fn wait_disconnected(ctl: &mut Ctl) {
+    let deadline = Instant::now() + WAIT;
+    while ctl.stats()["connected"] != json!(false) {
+        assert!(Instant::now() < deadline, "the frontend is still connected");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Runs `vhost-user-blk ctl --json ACTION` against `s`; returns the status, the result (when
+/// it succeeded) and stderr.
+fn ctl_json(s: &Setup, action: &str) -> (std::process::ExitStatus, Value, String) {
+    let (st, out, err) = run_bin(
+        s.dir.path(),
+        &[
+            "ctl",
+            "--control-socket",
+            s.ctl.to_str().unwrap(),
+            "--json",
+            action,
+        ],
+    );
+    let v = if st.success() {
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("ctl {action}: {out:?}: {e}"))
+    } else {
+        Value::Null
+    };
+    (st, v, err)
+}
+
+/// With no frontend connected, `ctl deactivate` hands a qcow2 image over (qemu-img can open
+/// it, it is clean, its dirty bit cleared) and `ctl activate` takes it back (qemu-img is
+/// refused again). Both are idempotent and say so.
+#[test]
+fn deactivate_hands_the_image_over_and_activate_takes_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    create_qcow2(&image, "", "16M");
+    let mut s = serve(dir, image, &["--format", "qcow2"]);
+    let mut ctl = Ctl::connect(&s.ctl);
+    // Allocating writes, so the image is dirty with metadata only the daemon has cached.
+    let mut c = client(&s.sock, 1);
+    for i in 0..4u64 {
+        let off = i * 3 * MIB;
+        c.q(0).write_ok(off, &pattern(21, off, 8192));
+    }
+    drop(c);
+    wait_disconnected(&mut ctl);
+    assert_eq!(ctl.stats()["active"], json!(true));
+    assert_eq!(
+        qcow2_incompatible(&s.image) & 1,
+        1,
+        "the dirty bit should be set before the handover (else its clearing proves nothing)"
+    );
+    assert_held(&s.image, "before deactivate");
+
+    let (st, r, err) = ctl_json(&s, "deactivate");
+    assert!(st.success(), "ctl deactivate: {st}: {err}");
+    assert_eq!(r, json!({"active": false, "changed": true}));
+    assert_eq!(ctl.stats()["active"], json!(false));
+    let (st, out, err) = run_bin(
+        s.dir.path(),
+        &["ctl", "--control-socket", s.ctl.to_str().unwrap(), "stats"],
+    );
+    assert!(st.success(), "ctl stats: {err}");
+    assert!(
+        out.lines()
+            .next()
+            .unwrap_or_default()
+            .contains("no frontend, image inactive (handed over); flushes "),
+        "{out}"
+    );
+    if let Err(e) = qemu_img_info_unshared(&s.image) {
+        panic!("qemu-img info after deactivate: {e}");
+    }
+    assert_eq!(
+        qcow2_incompatible(&s.image) & 3,
+        0,
+        "dirty or corrupt bit set after the handover"
+    );
+    let check = common::qemu_img_check(&s.image);
+    assert!(check.clean(), "qemu-img check after deactivate: {check:?}");
+    // Idempotent.
+    assert_eq!(
+        ctl.ok(json!({"command": "deactivate"})),
+        json!({"active": false, "changed": false})
+    );
+
+    let (st, r, err) = ctl_json(&s, "activate");
+    assert!(st.success(), "ctl activate: {st}: {err}");
+    assert_eq!(r, json!({"active": true, "changed": true}));
+    assert_eq!(
+        ctl.ok(json!({"command": "activate"})),
+        json!({"active": true, "changed": false})
+    );
+    assert_eq!(ctl.stats()["active"], json!(true));
+    assert_held(&s.image, "after activate");
+    // It serves what was written before the handover.
+    let mut c = client(&s.sock, 1);
+    for i in 0..4u64 {
+        let off = i * 3 * MIB;
+        common::assert_bytes_eq(
+            &c.q(0).read_ok(off, 8192),
+            &pattern(21, off, 8192),
+            off,
+            "after deactivate and activate",
+        );
+    }
+    drop(c);
+    s.daemon.terminate_ok();
+    assert!(common::qemu_img_check(&s.image).clean());
+}
+
+/// `activate` fails with the in-use message while another process holds the image, changing
+/// nothing, and succeeds once it has gone.
+#[test]
+fn activate_fails_while_another_process_holds_the_image() {
+    let mut s = setup(4 * MIB, &[]);
+    let mut ctl = Ctl::connect(&s.ctl);
+    assert_eq!(
+        ctl.ok(json!({"command": "deactivate"}))["changed"],
+        json!(true)
+    );
+    // qemu-io keeps the image open, writable and unshared, while it waits for commands.
+    let mut holder = common::ChildGuard::new(
+        Command::new("qemu-io")
+            .args(["-f", "raw"])
+            .arg(&s.image)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run qemu-io (install qemu-utils: ci/setup.sh)"),
+    );
+    assert!(!locked(&s.image), "still locked after deactivate");
+    let deadline = Instant::now() + WAIT;
+    while !locked(&s.image) {
+        assert!(Instant::now() < deadline, "qemu-io did not lock the image");
+        assert!(holder.try_wait().is_none(), "qemu-io exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let e = ctl.refused(b"{\"command\":\"activate\"}\n");
+    assert!(
+        e.starts_with("activate failed: image ")
+            && e.contains("is in use by another process")
+            && e.contains(s.image.to_str().unwrap()),
+        "{e}"
+    );
+    assert_eq!(ctl.stats()["active"], json!(false));
+    let (st, _, err) = ctl_json(&s, "activate");
+    assert_eq!(st.code(), Some(1), "ctl activate with a holder: {err}");
+    assert!(err.contains("is in use by another process"), "{err}");
+
+    holder.kill();
+    assert!(!locked(&s.image), "a failed activate left locks behind");
+    assert_eq!(
+        ctl.ok(json!({"command": "activate"})),
+        json!({"active": true, "changed": true})
+    );
+    assert!(locked(&s.image), "activate took no lock");
+    assert_serves_io(&s.sock, 0);
+    s.daemon.terminate_ok();
+}
+
+/// `deactivate` is refused, naming the queues, while a client has them started; the image
+/// stays held and I/O goes on.
+#[test]
+fn deactivate_is_refused_while_a_client_runs_its_queues() {
+    let mut s = setup(4 * MIB, &[]);
+    let mut ctl = Ctl::connect(&s.ctl);
+    // A ring the frontend started counts as started at once, before its worker first ran
+    // (which on a busy host can come later than this request): its first request would
+    // otherwise take the image back from whoever has it then.
+    {
+        use common::raw::{RawClient, S_OK, T_IN};
+        let mut raw = RawClient::connect(&s.sock);
+        let e = ctl.refused(b"{\"command\":\"deactivate\"}\n");
+        assert!(e.contains("the frontend has queue(s) 0 started"), "{e}");
+        assert_eq!(raw.request(T_IN, 0, 4096, None), S_OK);
+        assert_eq!(&raw.data()[..4096], &pattern(7, 0, 4096)[..]);
+    }
+    wait_disconnected(&mut ctl);
+    let mut c = client(&s.sock, 2);
+    // Queue 0 has run requests; queue 1 is started but has not seen one yet.
+    c.q(0).write_ok(0, &pattern(31, 0, 4096));
+    let e = ctl.refused(b"{\"command\":\"deactivate\"}\n");
+    assert_eq!(
+        e,
+        "deactivate refused: the frontend has queue(s) 0, 1 started; stop them first \
+         (pause the VM) or disconnect the frontend"
+    );
+    c.q(1).write_ok(4096, &pattern(31, 4096, 4096));
+    let (st, _, err) = ctl_json(&s, "deactivate");
+    assert_eq!(
+        st.code(),
+        Some(1),
+        "ctl deactivate with running queues: {err}"
+    );
+    assert!(err.contains("deactivate refused: "), "{err}");
+    assert_eq!(ctl.stats()["active"], json!(true));
+    assert!(locked(&s.image), "a refused deactivate released the image");
+    for q in 0..2 {
+        let off = q as u64 * 4096;
+        common::assert_bytes_eq(
+            &c.q(q).read_ok(off, 4096),
+            &pattern(31, off, 4096),
+            off,
+            "after a refused deactivate",
+        );
+        c.q(q).write_ok(MIB + off, &pattern(32, off, 4096));
+    }
+    drop(c);
+    // Once the client is gone the same request succeeds.
+    wait_disconnected(&mut ctl);
+    assert_eq!(
+        ctl.ok(json!({"command": "deactivate"}))["changed"],
+        json!(true)
+    );
+    assert!(!locked(&s.image), "still locked after deactivate");
+    s.daemon.terminate_ok();
+}
+
+/// After `deactivate`, a client that connects and does I/O takes the image back by itself: it
+/// reads what was written before, and what another program wrote meanwhile (the qcow2
+/// metadata is read afresh).
+#[test]
+fn a_client_after_deactivate_reactivates_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    create_qcow2(&image, "", "16M");
+    let mut s = serve(dir, image, &["--format", "qcow2"]);
+    let mut ctl = Ctl::connect(&s.ctl);
+    let mut c = client(&s.sock, 1);
+    c.q(0).write_ok(0, &pattern(41, 0, 65536));
+    drop(c);
+    wait_disconnected(&mut ctl);
+    assert_eq!(
+        ctl.ok(json!({"command": "deactivate"}))["changed"],
+        json!(true)
+    );
+    // Another program writes (and allocates) while the daemon has let go.
+    let out = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x5a 5M 64k"])
+        .arg(&s.image)
+        .output()
+        .expect("run qemu-io");
+    assert!(
+        out.status.success(),
+        "qemu-io on the handed-over image: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(ctl.stats()["active"], json!(false));
+
+    let mut c = client(&s.sock, 1);
+    common::assert_bytes_eq(
+        &c.q(0).read_ok(0, 65536),
+        &pattern(41, 0, 65536),
+        0,
+        "written before the deactivate",
+    );
+    common::assert_bytes_eq(
+        &c.q(0).read_ok(5 * MIB, 65536),
+        &[0x5a; 65536],
+        5 * MIB,
+        "written by qemu-io while inactive",
+    );
+    c.q(0).write_ok(9 * MIB, &pattern(42, 9 * MIB, 4096));
+    assert_eq!(ctl.stats()["active"], json!(true));
+    assert_held(&s.image, "after the client's I/O");
+    assert!(
+        s.daemon.stderr().contains("image activated"),
+        "{}",
+        s.daemon.stderr()
+    );
+    drop(c);
+    s.daemon.terminate_ok();
+    let check = common::qemu_img_check(&s.image);
+    assert!(check.clean(), "{check:?}");
+}

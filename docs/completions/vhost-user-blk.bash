@@ -28,11 +28,17 @@ _vhost__user__blk() {
             vhost__user__blk,manpage)
                 cmd="vhost__user__blk__subcmd__manpage"
                 ;;
+            vhost__user__blk__subcmd__ctl,activate)
+                cmd="vhost__user__blk__subcmd__ctl__subcmd__activate"
+                ;;
             vhost__user__blk__subcmd__ctl,bitmap-clear)
                 cmd="vhost__user__blk__subcmd__ctl__subcmd__bitmap__subcmd__clear"
                 ;;
             vhost__user__blk__subcmd__ctl,bitmaps)
                 cmd="vhost__user__blk__subcmd__ctl__subcmd__bitmaps"
+                ;;
+            vhost__user__blk__subcmd__ctl,deactivate)
+                cmd="vhost__user__blk__subcmd__ctl__subcmd__deactivate"
                 ;;
             vhost__user__blk__subcmd__ctl,flush)
                 cmd="vhost__user__blk__subcmd__ctl__subcmd__flush"
@@ -49,11 +55,17 @@ _vhost__user__blk() {
             vhost__user__blk__subcmd__ctl,watch)
                 cmd="vhost__user__blk__subcmd__ctl__subcmd__watch"
                 ;;
+            vhost__user__blk__subcmd__ctl__subcmd__help,activate)
+                cmd="vhost__user__blk__subcmd__ctl__subcmd__help__subcmd__activate"
+                ;;
             vhost__user__blk__subcmd__ctl__subcmd__help,bitmap-clear)
                 cmd="vhost__user__blk__subcmd__ctl__subcmd__help__subcmd__bitmap__subcmd__clear"
                 ;;
             vhost__user__blk__subcmd__ctl__subcmd__help,bitmaps)
                 cmd="vhost__user__blk__subcmd__ctl__subcmd__help__subcmd__bitmaps"
+                ;;
+            vhost__user__blk__subcmd__ctl__subcmd__help,deactivate)
+                cmd="vhost__user__blk__subcmd__ctl__subcmd__help__subcmd__deactivate"
                 ;;
             vhost__user__blk__subcmd__ctl__subcmd__help,flush)
                 cmd="vhost__user__blk__subcmd__ctl__subcmd__help__subcmd__flush"
@@ -82,11 +94,17 @@ _vhost__user__blk() {
             vhost__user__blk__subcmd__help,manpage)
                 cmd="vhost__user__blk__subcmd__help__subcmd__manpage"
                 ;;
+            vhost__user__blk__subcmd__help__subcmd__ctl,activate)
+                cmd="vhost__user__blk__subcmd__help__subcmd__ctl__subcmd__activate"
+                ;;
             vhost__user__blk__subcmd__help__subcmd__ctl,bitmap-clear)
                 cmd="vhost__user__blk__subcmd__help__subcmd__ctl__subcmd__bitmap__subcmd__clear"
                 ;;
             vhost__user__blk__subcmd__help__subcmd__ctl,bitmaps)
                 cmd="vhost__user__blk__subcmd__help__subcmd__ctl__subcmd__bitmaps"
+                ;;
+            vhost__user__blk__subcmd__help__subcmd__ctl,deactivate)
+                cmd="vhost__user__blk__subcmd__help__subcmd__ctl__subcmd__deactivate"
                 ;;
             vhost__user__blk__subcmd__help__subcmd__ctl,flush)
                 cmd="vhost__user__blk__subcmd__help__subcmd__ctl__subcmd__flush"
@@ -239,7 +257,7 @@ _vhost__user__blk() {
             return 0
             ;;
         vhost__subcmd__user__subcmd__blk__subcmd__ctl)
-            opts="-h --control-socket --json --help stats watch flush resize bitmaps bitmap-clear help"
+            opts="-h --control-socket --json --help stats watch flush resize bitmaps bitmap-clear activate deactivate help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -249,6 +267,20 @@ _vhost__user__blk() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vhost__subcmd__user__subcmd__blk__subcmd__ctl__subcmd__activate)
+            opts="-h --json --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
                 *)
                     COMPREPLY=()
                     ;;
@@ -284,6 +316,20 @@ _vhost__user__blk() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        vhost__subcmd__user__subcmd__blk__subcmd__ctl__subcmd__deactivate)
+            opts="-h --json --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         vhost__subcmd__user__subcmd__blk__subcmd__ctl__subcmd__flush)
             opts="-h --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -299,8 +345,22 @@ _vhost__user__blk() {
             return 0
             ;;
         vhost__subcmd__user__subcmd__blk__subcmd__ctl__subcmd__help)
-            opts="stats watch flush resize bitmaps bitmap-clear help"
+            opts="stats watch flush resize bitmaps bitmap-clear activate deactivate help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vhost__subcmd__user__subcmd__blk__subcmd__ctl__subcmd__help__subcmd__activate)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -327,6 +387,20 @@ _vhost__user__blk() {
             return 0
             ;;
         vhost__subcmd__user__subcmd__blk__subcmd__ctl__subcmd__help__subcmd__bitmaps)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vhost__subcmd__user__subcmd__blk__subcmd__ctl__subcmd__help__subcmd__deactivate)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -485,8 +559,22 @@ _vhost__user__blk() {
             return 0
             ;;
         vhost__subcmd__user__subcmd__blk__subcmd__help__subcmd__ctl)
-            opts="stats watch flush resize bitmaps bitmap-clear"
+            opts="stats watch flush resize bitmaps bitmap-clear activate deactivate"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vhost__subcmd__user__subcmd__blk__subcmd__help__subcmd__ctl__subcmd__activate)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -513,6 +601,20 @@ _vhost__user__blk() {
             return 0
             ;;
         vhost__subcmd__user__subcmd__blk__subcmd__help__subcmd__ctl__subcmd__bitmaps)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vhost__subcmd__user__subcmd__blk__subcmd__help__subcmd__ctl__subcmd__deactivate)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

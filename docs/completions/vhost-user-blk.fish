@@ -24,7 +24,7 @@ function __fish_vhost_user_blk_using_subcommand
     contains -- $cmd[1] $argv
 end
 
-complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l control-socket -d 'Also serve a control socket (JSON lines: stats, flush, resize, bitmaps) at this path, owned by the daemon\'s user with mode 0600 unless --control-socket-owner/-group/-mode say otherwise. See docs/CONTROL.md' -r -F
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l control-socket -d 'Also serve a control socket (JSON lines: stats, flush, resize, bitmaps, activate, deactivate) at this path, owned by the daemon\'s user with mode 0600 unless --control-socket-owner/-group/-mode say otherwise. See docs/CONTROL.md' -r -F
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l control-socket-owner -d 'Owner (user name or uid) of the control socket (needs privilege). Default: the daemon\'s user, whatever --socket-owner says: whoever can connect can resize the disk' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l control-socket-group -d 'Group (name or gid) of the control socket, e.g. a monitoring group together with --control-socket-mode 0660. Default: the daemon\'s group' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -l control-socket-mode -d 'Permissions of the control socket, in octal' -r
@@ -69,16 +69,18 @@ complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -f -a "ctl" 
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -f -a "manpage" -d 'Print the man page (roff) to stdout'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -f -a "completions" -d 'Print shell completions to stdout'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
-complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear help" -l control-socket -d 'The daemon\'s --control-socket' -r -F
-complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear help" -l json -d 'Print the raw JSON result instead of a table (before or after the action)'
-complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear help" -s h -l help -d 'Print help'
-complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear help" -f -a "stats" -d 'Per-queue and image statistics'
-complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear help" -f -a "watch" -d 'Refresh the statistics table once a second, with rates'
-complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear help" -f -a "flush" -d 'Write everything back to stable storage now'
-complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear help" -f -a "resize" -d 'Grow the disk online (the guest is told through the vhost-user backend channel)'
-complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear help" -f -a "bitmaps" -d 'List persistent dirty bitmaps'
-complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear help" -f -a "bitmap-clear" -d 'Clear a persistent dirty bitmap (start a new incremental-backup epoch)'
-complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear activate deactivate help" -l control-socket -d 'The daemon\'s --control-socket' -r -F
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear activate deactivate help" -l json -d 'Print the raw JSON result instead of a table (before or after the action)'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear activate deactivate help" -s h -l help -d 'Print help'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear activate deactivate help" -f -a "stats" -d 'Per-queue and image statistics'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear activate deactivate help" -f -a "watch" -d 'Refresh the statistics table once a second, with rates'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear activate deactivate help" -f -a "flush" -d 'Write everything back to stable storage now'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear activate deactivate help" -f -a "resize" -d 'Grow the disk online (the guest is told through the vhost-user backend channel)'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear activate deactivate help" -f -a "bitmaps" -d 'List persistent dirty bitmaps'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear activate deactivate help" -f -a "bitmap-clear" -d 'Clear a persistent dirty bitmap (start a new incremental-backup epoch)'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear activate deactivate help" -f -a "activate" -d 'Reopen and relock the image for serving (migration handover; see docs/CONTROL.md)'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear activate deactivate help" -f -a "deactivate" -d 'Flush, close and unlock the image so another process can take it; refused while the frontend has queues started'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and not __fish_seen_subcommand_from stats watch flush resize bitmaps bitmap-clear activate deactivate help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from stats" -l format -d 'Output format: table (default), or prometheus text exposition' -r
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from stats" -l json -d 'Print the raw JSON result instead of a table (before or after the action)'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from stats" -s h -l help -d 'Print help'
@@ -92,12 +94,18 @@ complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and _
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from bitmaps" -s h -l help -d 'Print help'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from bitmap-clear" -l json -d 'Print the raw JSON result instead of a table (before or after the action)'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from bitmap-clear" -s h -l help -d 'Print help'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from activate" -l json -d 'Print the raw JSON result instead of a table (before or after the action)'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from activate" -s h -l help -d 'Print help'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from deactivate" -l json -d 'Print the raw JSON result instead of a table (before or after the action)'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from deactivate" -s h -l help -d 'Print help'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "stats" -d 'Per-queue and image statistics'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "watch" -d 'Refresh the statistics table once a second, with rates'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "flush" -d 'Write everything back to stable storage now'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "resize" -d 'Grow the disk online (the guest is told through the vhost-user backend channel)'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "bitmaps" -d 'List persistent dirty bitmaps'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "bitmap-clear" -d 'Clear a persistent dirty bitmap (start a new incremental-backup epoch)'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "activate" -d 'Reopen and relock the image for serving (migration handover; see docs/CONTROL.md)'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "deactivate" -d 'Flush, close and unlock the image so another process can take it; refused while the frontend has queues started'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand manpage" -s h -l help -d 'Print help'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand completions" -s h -l help -d 'Print help'
@@ -111,3 +119,5 @@ complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand help; and 
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "resize" -d 'Grow the disk online (the guest is told through the vhost-user backend channel)'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "bitmaps" -d 'List persistent dirty bitmaps'
 complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "bitmap-clear" -d 'Clear a persistent dirty bitmap (start a new incremental-backup epoch)'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "activate" -d 'Reopen and relock the image for serving (migration handover; see docs/CONTROL.md)'
+complete -c vhost-user-blk -n "__fish_vhost_user_blk_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "deactivate" -d 'Flush, close and unlock the image so another process can take it; refused while the frontend has queues started'

@@ -42,7 +42,7 @@ fn num(v: &Value) -> u64 {
 pub fn stats_table(v: &Value, prev: Option<(&Value, f64)>) -> String {
     let img = &v["image"];
     let mut out = format!(
-        "{} disk, {} bytes{}, {}; flushes {}, last flush {}; uptime {:.0} s\n",
+        "{} disk, {} bytes{}, {}{}; flushes {}, last flush {}; uptime {:.0} s\n",
         img["format"].as_str().unwrap_or("?"),
         num(&img["virtual_size"]),
         if img["read_only"] == json!(true) {
@@ -54,6 +54,12 @@ pub fn stats_table(v: &Value, prev: Option<(&Value, f64)>) -> String {
             "frontend connected"
         } else {
             "no frontend"
+        },
+        // Older daemons have no `active`: say nothing rather than guess.
+        if v["active"] == json!(false) {
+            ", image inactive (handed over)"
+        } else {
+            ""
         },
         num(&img["flushes"]),
         img["seconds_since_last_flush"]

@@ -32,6 +32,10 @@ pub enum Request {
         /// Bitmap name.
         name: String,
     },
+    /// Take the image back for serving: reopen and relock it (migration handover).
+    Activate {},
+    /// Hand the image over: flush, close and unlock it; refused while a queue is started.
+    Deactivate {},
 }
 
 /// One reply line: `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`.
@@ -112,9 +116,24 @@ mod tests {
                 Request::BitmapClear { name: "b".into() },
                 r#"{"command":"bitmap-clear","name":"b"}"#,
             ),
+            (Request::Activate {}, r#"{"command":"activate"}"#),
+            (Request::Deactivate {}, r#"{"command":"deactivate"}"#),
         ] {
             assert_eq!(serde_json::to_string(&req).unwrap(), line);
             assert_eq!(serde_json::from_str::<Request>(line).unwrap(), req);
         }
+    }
+
+    #[test]
+    fn handover_commands_take_no_parameters() {
+        for line in [
+            r#"{"command":"activate","force":true}"#,
+            r#"{"command":"deactivate","queues":[0]}"#,
+        ] {
+            let e = serde_json::from_str::<Request>(line).unwrap_err();
+            assert!(e.to_string().contains("unknown field"), "{line}: {e}");
+        }
+        // Command names are case-sensitive, like every other.
+        assert!(serde_json::from_str::<Request>(r#"{"command":"Activate"}"#).is_err());
     }
 }

@@ -3,7 +3,7 @@
 //! Each line a client sends is one request; each gets exactly one [`Reply`] line. A
 //! malformed line gets an error reply and the connection stays open. The control socket never
 //! touches the I/O path: it reads the per-queue atomics and calls the image's own thread-safe
-//! operations (flush, resize).
+//! operations (flush, resize), or the device's handover (activate, deactivate).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -14,7 +14,7 @@ use log::{info, warn};
 use serde_json::{json, Value};
 
 use super::protocol::{Reply, Request, MAX_LINE};
-use crate::device::Device;
+use crate::device::{DeactivateError, Device, Transition};
 use crate::stats::{now_ns, Histogram, ReqKind};
 use crate::sync::lock;
 use crate::virtio_blk::config::SECTOR_SHIFT;
@@ -66,6 +66,12 @@ pub enum ControlError {
     /// The image could not be grown.
     #[error("resize failed: {0}")]
     Resize(io::Error),
+    /// The image could not be reopened and locked (another process holds it, ...).
+    #[error("activate failed: {0}")]
+    Activate(crate::error::Error),
+    /// The image was not handed over (queues started, or the close failed).
+    #[error("deactivate {0}")]
+    Deactivate(DeactivateError),
 }
 
 /// Serves the control socket on a background thread.
@@ -166,6 +172,14 @@ fn execute(device: &Device, req: Request) -> Result<Value, ControlError> {
                 .map_err(ControlError::BitmapClear)?;
             Ok(json!({}))
         }
+        Request::Activate {} => {
+            let t = device.activate_now().map_err(ControlError::Activate)?;
+            Ok(json!({"active": true, "changed": t == Transition::Changed}))
+        }
+        Request::Deactivate {} => {
+            let t = device.deactivate_idle().map_err(ControlError::Deactivate)?;
+            Ok(json!({"active": false, "changed": t == Transition::Changed}))
+        }
     }
 }
 
@@ -234,6 +248,7 @@ fn stats_json(device: &Device) -> Value {
     json!({
         "uptime_s": device.started.elapsed().as_secs_f64(),
         "connected": device.connected(),
+        "active": device.is_active(),
         "image": {
             "format": img.format_name(),
             "virtual_size": device.params.capacity_sectors() << SECTOR_SHIFT,

@@ -9,7 +9,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -110,12 +110,6 @@ pub struct BlkBackend {
     /// The workers' epoll handlers (set once the connection's daemon exists), where each
     /// worker registers its engine's completion eventfd.
     epoll: Mutex<Vec<Arc<VringEpollHandler<Arc<BlkBackend>>>>>,
-    /// Queues the frontend started and has not stopped (GET_VRING_BASE) since, one bit each:
-    /// a queue counts as started once its worker ran it while it was ready and enabled.
-    /// Changed only under `handover`; read without it on the I/O path.
-    running: AtomicU64,
-    /// Serialises the start and stop of queues with the image handover they may cause.
-    handover: Mutex<()>,
 }
 
 /// Counts a worker as busy in [`BlkBackend::busy_workers`] while it lives.
@@ -173,8 +167,6 @@ impl BlkBackend {
             busy_workers: AtomicUsize::new(0),
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             epoll: Mutex::new(Vec::new()),
-            running: AtomicU64::new(0),
-            handover: Mutex::new(()),
         })
     }
 
@@ -205,11 +197,14 @@ impl BlkBackend {
         drop(daemon);
         // The epoll handlers hold the backend: dropping them breaks that cycle, so the
         // backend, and with it every queue's engine (ring, eventfd, image handles), goes
-        // when the connection does.
-        lock(&self.epoll).clear();
-        for w in &self.workers {
-            lock(w).handler = None;
-        }
+        // when the connection does. The device forgets the queues this frontend started
+        // only once their engines are gone (a control `deactivate` may follow at once).
+        self.device.frontend_gone(|| {
+            lock(&self.epoll).clear();
+            for w in &self.workers {
+                lock(w).handler = None;
+            }
+        });
         self.close_leaked_fds();
     }
 
@@ -235,29 +230,26 @@ impl BlkBackend {
     }
 
     /// Marks queue `q` started (a no-op when it already is) and, the first time a queue starts
-    /// on an inactive device, takes the image back (see `crate::device`). Returns false when
+    /// on an inactive device, takes the image back (`Device::start_queue`). Returns false when
     /// the queue must not run: it is not started (a stray event after GET_VRING_BASE), or the
     /// image cannot be activated (logged; the next kick retries).
     fn start_queue(&self, vring: &Vring, q: usize) -> bool {
-        let bit = 1u64 << q;
-        // Relaxed: a set bit was set by this worker's own thread (under `handover`).
-        if self.running.load(Ordering::Relaxed) & bit != 0 && self.device.is_active() {
+        // A started queue's device is active: a control `deactivate` is refused while any
+        // queue is started, and the last queue's stop clears its bit before deactivating.
+        if self.device.queue_started(q) && self.device.is_active() {
             return true;
         }
-        let _g = lock(&self.handover);
-        let started = {
+        let ready = || {
             let st = vring.get_ref();
             st.get_queue().ready() && st.is_enabled()
         };
-        if !started {
-            return false;
+        match self.device.start_queue(q, ready) {
+            Ok(started) => started,
+            Err(e) => {
+                log::error!("queue {q}: cannot take the image for serving: {e}");
+                false
+            }
         }
-        if let Err(e) = self.device.activate() {
-            log::error!("queue {q}: cannot take the image for serving: {e}");
-            return false;
-        }
-        self.running.fetch_or(bit, Ordering::Relaxed);
-        true
     }
 
     /// GET_VRING_BASE: waits until every request taken from queue `q` has completed and is on
@@ -301,30 +293,27 @@ impl BlkBackend {
     }
 
     /// After queue `q` stopped and drained: when it was the last started queue, drops every
-    /// worker's engine and hands the image over (`Device::deactivate`). A failed handover is
+    /// worker's engine and hands the image over (`Device::stop_queue`). A failed handover is
     /// logged, not returned: the frontend still gets its ring base, and the image stays open
     /// and locked (no other daemon can take it half-written).
     fn stop_queue(&self, q: usize) {
-        let _g = lock(&self.handover);
-        let bit = 1u64 << q;
-        let before = self.running.fetch_and(!bit, Ordering::Relaxed);
-        if before & bit == 0 || before & !bit != 0 {
-            return;
-        }
-        // Every started queue is stopped and drained: no engine has a request in flight.
-        let handlers = lock(&self.epoll).clone();
-        for (i, w) in self.workers.iter().enumerate() {
-            let Some(h) = lock(w).handler.take() else {
-                continue;
-            };
-            if let (Some(fd), Some(e)) = (h.event_fd(), handlers.get(i)) {
-                if let Err(err) = e.unregister_listener(fd, EventSet::IN, self.completion_event(i))
-                {
-                    debug!("queue {i}: unregistering the engine's completions: {err}");
+        // Every started queue is stopped and drained when `release` runs: no engine has a
+        // request in flight.
+        let release = || {
+            let handlers = lock(&self.epoll).clone();
+            for (i, w) in self.workers.iter().enumerate() {
+                let Some(h) = lock(w).handler.take() else {
+                    continue;
+                };
+                if let (Some(fd), Some(e)) = (h.event_fd(), handlers.get(i)) {
+                    let ev = self.completion_event(i);
+                    if let Err(err) = e.unregister_listener(fd, EventSet::IN, ev) {
+                        debug!("queue {i}: unregistering the engine's completions: {err}");
+                    }
                 }
             }
-        }
-        if let Err(e) = self.device.deactivate() {
+        };
+        if let Err(e) = self.device.stop_queue(q, release) {
             log::error!("cannot hand the image over (it stays open and locked): {e}");
         }
     }
@@ -333,7 +322,8 @@ impl BlkBackend {
         let Some(worker) = self.workers.get(thread_id) else {
             return Err(io::Error::other(format!("no worker {thread_id}")));
         };
-        // Before the worker's mutex: `stop_queue` takes the two the other way round.
+        // Before the worker's mutex: `stop_queue` takes the two the other way round (lock
+        // order: crate::device).
         if !self.start_queue(vring, thread_id) {
             return Ok(());
         }

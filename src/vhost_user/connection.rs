@@ -50,9 +50,35 @@ pub struct Connection {
     frontend: Mutex<Option<OwnedFd>>,
     /// [`now_ns`] when the last memory table message was relayed (0: never).
     last_mem_msg_ns: AtomicU64,
+    /// Rings the frontend gave a kick (SET_VRING_KICK) and has not stopped (GET_VRING_BASE)
+    /// since, one bit each: started in vhost-user.rst's sense, even before their first kick.
+    rings: AtomicU64,
 }
 
 impl Connection {
+    /// The relay saw SET_VRING_KICK for ring `index` (it starts).
+    pub fn ring_kick_set(&self, index: u64) {
+        if let Some(bit) = 1u64.checked_shl(u32::try_from(index).unwrap_or(u32::MAX)) {
+            self.rings.fetch_or(bit, Ordering::Relaxed);
+        }
+    }
+
+    /// The relay saw GET_VRING_BASE for ring `index` (it stops), or, with `None`, a reset.
+    pub fn ring_stopped(&self, index: Option<u64>) {
+        let bit = match index {
+            Some(i) => 1u64
+                .checked_shl(u32::try_from(i).unwrap_or(u32::MAX))
+                .unwrap_or(0),
+            None => u64::MAX,
+        };
+        self.rings.fetch_and(!bit, Ordering::Relaxed);
+    }
+
+    /// The rings the frontend started and has not stopped, one bit each (see `rings`).
+    pub fn rings_started(&self) -> u64 {
+        self.rings.load(Ordering::Relaxed)
+    }
+
     /// Called when a request referenced memory the worker's map `current` lacks. If a memory
     /// table update may be on its way (messages not yet read from the frontend, or one relayed
     /// in the last second), waits up to 200 ms for the shared map to change and returns whether

@@ -62,6 +62,14 @@ pub(super) const FLAG_NEED_REPLY: u32 = 0x8;
 const GET_INFLIGHT_FD: u32 = 31;
 /// `VHOST_USER_SET_INFLIGHT_FD`.
 const SET_INFLIGHT_FD: u32 = 32;
+/// VHOST_USER_RESET_OWNER: every ring stops.
+const RESET_OWNER: u32 = 4;
+/// VHOST_USER_GET_VRING_BASE: the ring stops.
+const GET_VRING_BASE: u32 = 11;
+/// VHOST_USER_SET_VRING_KICK: the ring starts (payload: index in bits 0..8).
+const SET_VRING_KICK: u32 = 12;
+/// VHOST_USER_RESET_DEVICE: every ring stops.
+const RESET_DEVICE: u32 = 34;
 /// Size of `VhostUserInflight` (mmap_size, mmap_offset, num_queues, queue_size, padding).
 const INFLIGHT_MSG: usize = 24;
 
@@ -408,9 +416,32 @@ fn inspect_frontend(conn: &Connection, msg: &Message) -> Action {
                 .map(UnixStream::from);
             conn.set_backend_req(dup);
         }
+        // Which rings the frontend has started, for the control socket's `deactivate` (which
+        // refuses while any is). Safety does not rest on this: a ring's worker activates the
+        // device before it runs.
+        SET_VRING_KICK => {
+            if let Some(v) = payload_u64(msg) {
+                conn.ring_kick_set(v & 0xff);
+            }
+        }
+        GET_VRING_BASE => {
+            if let Some(v) = payload_u64(msg) {
+                // struct vhost_vring_state: index (u32), num (u32).
+                conn.ring_stopped(Some(v & 0xffff_ffff));
+            }
+        }
+        RESET_OWNER | RESET_DEVICE => conn.ring_stopped(None),
         _ => {}
     }
     Action::Forward
+}
+
+/// The first 8 payload bytes, little-endian.
+fn payload_u64(msg: &Message) -> Option<u64> {
+    let b = msg.payload().get(..8)?;
+    let mut v = [0u8; 8];
+    v.copy_from_slice(b);
+    Some(u64::from_le_bytes(v))
 }
 
 #[cfg(test)]
@@ -450,6 +481,31 @@ mod tests {
         }
         // The daemon side sees the end of the connection.
         assert!(read_message(&daemon).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_relay_tracks_which_rings_are_started() {
+        let (vmm, frontend) = UnixStream::pair().unwrap();
+        let (handler, daemon) = UnixStream::pair().unwrap();
+        let conn = Arc::new(Connection::default());
+        let threads = start(frontend, handler, conn.clone()).unwrap();
+        let relay = |m: Vec<u8>| {
+            (&vmm).write_all(&m).unwrap();
+            assert_eq!(read_message(&daemon).unwrap().unwrap().bytes, m);
+        };
+        // SET_VRING_KICK for rings 0 and 2 (ring 2 without an fd: bit 8, polling).
+        relay(msg(SET_VRING_KICK, 1, &0u64.to_le_bytes()));
+        relay(msg(SET_VRING_KICK, 1, &(2u64 | 0x100).to_le_bytes()));
+        assert_eq!(conn.rings_started(), 0b101);
+        // GET_VRING_BASE of ring 2 (index, num).
+        relay(msg(GET_VRING_BASE, 1, &[2, 0, 0, 0, 0, 0, 0, 0]));
+        assert_eq!(conn.rings_started(), 0b001);
+        relay(msg(RESET_DEVICE, 1, &[]));
+        assert_eq!(conn.rings_started(), 0);
+        drop(vmm);
+        for t in threads {
+            t.join().unwrap();
+        }
     }
 
     #[test]
