@@ -171,7 +171,10 @@ pub enum EngineOp {
 /// One queue's engine. Never shared between threads.
 pub trait IoEngine: Send {
     /// Starts `op`. Its result comes back from [`IoEngine::reap`] with `tag`. Offsets and
-    /// lengths have been checked against the virtual disk by the caller.
+    /// lengths have been checked against the virtual disk by the caller. A ring engine may
+    /// only queue it: the next [`IoEngine::reap`] hands everything queued to the kernel, so
+    /// the caller reaps after each batch of submissions (a worker's pass ends with one), and
+    /// a pass's requests reach the kernel in one system call.
     fn submit(&mut self, tag: u16, op: EngineOp);
 
     /// Appends the results of finished requests to `out` and does whatever work their
@@ -190,6 +193,16 @@ pub trait IoEngine: Send {
     /// Whether requests run one after another inside `submit` (see
     /// [`ImageQueue::sequential`]).
     fn sequential(&self) -> bool {
+        false
+    }
+
+    /// Hands what [`IoEngine::submit`] queued to the kernel now (what the next reap would do),
+    /// so that the first requests of a long pass do not wait for the last to be prepared.
+    fn submit_queued(&mut self) {}
+
+    /// Whether [`IoEngine::reap`] has something to return now, found without a system call
+    /// (a busy-polling worker checks it between passes). False when it cannot tell cheaply.
+    fn completions_ready(&mut self) -> bool {
         false
     }
 }

@@ -398,6 +398,14 @@ impl IoEngine for FaultEngine {
     fn sequential(&self) -> bool {
         self.inner.sequential()
     }
+
+    fn submit_queued(&mut self) {
+        self.inner.submit_queued();
+    }
+
+    fn completions_ready(&mut self) -> bool {
+        !self.failed.is_empty() || self.inner.completions_ready()
+    }
 }
 
 #[cfg(test)]

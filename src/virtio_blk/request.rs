@@ -131,6 +131,12 @@ pub const MAX_REQUEST_BYTES: u64 = 128 << 20;
 /// Most requests taken in one pass before completions are looked at.
 const MAX_PASS: usize = 256;
 
+/// A pass hands the requests it queued on a ring engine to the kernel every this many (and
+/// at its end): one system call per batch instead of one per request, while the first
+/// requests of a long pass need not wait for the last to be prepared (docs/PERFORMANCE.md,
+/// "Submitting in batches").
+const SUBMIT_BATCH: usize = 8;
+
 /// Whether the driver has made chains available that `queue` has not taken yet (an
 /// unreadable avail index counts as none).
 pub fn chains_waiting(queue: &Queue, mem: &GuestMem) -> bool {
@@ -247,6 +253,11 @@ impl RequestHandler {
         self.engine.event_fd()
     }
 
+    /// Whether the engine has completions to return now ([`IoEngine::completions_ready`]).
+    pub fn completions_ready(&mut self) -> bool {
+        self.engine.completions_ready()
+    }
+
     /// Requests in flight in the engine.
     pub fn in_flight(&self) -> usize {
         self.engine.in_flight()
@@ -274,6 +285,7 @@ impl RequestHandler {
     ) -> QueueRun {
         let mut used_any = self.complete_reaped(queue, mem, tracker);
         let mut taken = 0usize;
+        let mut queued = 0usize;
         let cap = usize::from(queue.size()).max(1);
         loop {
             // Early completions: with a sequential engine, hand back what is done every few
@@ -357,6 +369,11 @@ impl RequestHandler {
                         len,
                     });
                     self.engine.submit(head, op);
+                    queued += 1;
+                    if queued >= SUBMIT_BATCH {
+                        self.engine.submit_queued();
+                        queued = 0;
+                    }
                     if self.engine.event_fd().is_none() {
                         // An engine without completion events finished it inside `submit`:
                         // return it now, so such engines complete in the order taken.

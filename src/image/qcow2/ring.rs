@@ -564,8 +564,8 @@ fn copy_in(bufs: &GuestBuffers, pos: u64, out: &mut [u8]) {
 
 impl IoEngine for Qcow2Ring {
     fn submit(&mut self, tag: u16, op: EngineOp) {
+        // Handed to the kernel by the next `reap`, with the rest of the pass.
         self.start(tag, op);
-        self.io.submit();
     }
 
     fn reap(&mut self, out: &mut Vec<(u16, io::Result<()>)>) {
@@ -586,6 +586,14 @@ impl IoEngine for Qcow2Ring {
 
     fn event_fd(&self) -> Option<RawFd> {
         Some(self.io.event_fd())
+    }
+
+    fn submit_queued(&mut self) {
+        self.io.submit();
+    }
+
+    fn completions_ready(&mut self) -> bool {
+        !self.done.is_empty() || self.io.completions_ready()
     }
 
     fn in_flight(&self) -> usize {

@@ -92,7 +92,7 @@ impl IoEngine for RawRing {
                 }
             }
         }
-        self.io.submit();
+        // Handed to the kernel by the next `reap`, with the rest of the pass.
     }
 
     fn reap(&mut self, out: &mut Vec<(u16, io::Result<()>)>) {
@@ -105,6 +105,14 @@ impl IoEngine for RawRing {
             out.push((owner as u16, r));
         }
         out.append(&mut self.done);
+    }
+
+    fn submit_queued(&mut self) {
+        self.io.submit();
+    }
+
+    fn completions_ready(&mut self) -> bool {
+        !self.done.is_empty() || self.io.completions_ready()
     }
 
     fn event_fd(&self) -> Option<RawFd> {

@@ -203,6 +203,12 @@ impl Transfers {
         self.ring.event_fd()
     }
 
+    /// Whether the ring holds completions to reap, or transfers ended without it (a load of
+    /// the completion queue's indices, no system call).
+    pub fn completions_ready(&mut self) -> bool {
+        !self.ended.is_empty() || self.ring.has_completions()
+    }
+
     /// Transfers not yet returned by [`Transfers::reap`].
     pub fn pending(&self) -> usize {
         self.busy + self.ended.len()
