@@ -165,33 +165,27 @@ impl Qcow2Shared {
     /// time, writable images only) references: inside the file, not metadata, and with a
     /// nonzero refcount. Otherwise a write could land in metadata, or a discard or
     /// copy-on-write would drop a reference the entry never held (e.g. the header's).
-    pub(super) fn check_refs(&self, e: u64) -> std::result::Result<(), String> {
+    pub(super) fn check_refs(&self, e: u64) -> std::result::Result<(), BadEntry> {
         let Some(clusters) = &self.clusters else {
             return Ok(());
         };
-        let one = |c: HostCluster| -> std::result::Result<(), String> {
+        let one = |c: HostCluster| -> std::result::Result<(), BadEntry> {
             let at = c.0 << self.cluster_bits;
             if c.0 >= self.file_clusters {
-                return Err(format!(
-                    "references host cluster {at:#x} past the end of the file"
-                ));
+                return Err(BadEntry::PastEnd(at));
             }
             if c.0 == 0 || clusters.is_meta(c) {
-                return Err(format!(
-                    "references host cluster {at:#x}, which holds metadata"
-                ));
+                return Err(BadEntry::Metadata(at));
             }
             if clusters.get(c) == 0 {
-                return Err(format!(
-                    "references host cluster {at:#x}, whose refcount is 0"
-                ));
+                return Err(BadEntry::Unreferenced(at));
             }
             Ok(())
         };
         if self.data_file.is_some() {
             // Data clusters live in the data file, unrefcounted; QEMU never compresses there.
             if e & COMPRESSED != 0 {
-                return Err("compressed cluster in an image with an external data file".into());
+                return Err(BadEntry::CompressedInDataFile);
             }
             return Ok(());
         }
@@ -205,20 +199,18 @@ impl Qcow2Shared {
         self.entry_refs(e).into_iter().try_for_each(one)
     }
 
-    pub(super) fn check_entry(&self, e: u64, b: u64) -> std::result::Result<(), String> {
+    pub(super) fn check_entry(&self, e: u64, b: u64) -> std::result::Result<(), BadEntry> {
         let m = self.decode(e)?;
         if self.extended {
             match m {
-                Mapping::Compressed { .. } if b != 0 => {
-                    return Err("compressed cluster with a subcluster bitmap".into())
-                }
+                Mapping::Compressed { .. } if b != 0 => return Err(BadEntry::CompressedWithBitmap),
                 _ => {}
             }
             if (b & ALL_ALLOC) & (b >> 32) != 0 {
-                return Err("subcluster both allocated and zero".into());
+                return Err(BadEntry::AllocatedAndZero);
             }
             if b & ALL_ALLOC != 0 && m == Mapping::Unallocated {
-                return Err("allocated subclusters without a host offset".into());
+                return Err(BadEntry::AllocatedWithoutOffset);
             }
         }
         Ok(())

@@ -43,15 +43,66 @@ pub enum Mapping {
     },
 }
 
+/// Why an L1 or L2 entry read from an image is refused (the message follows "L1 entry N: "
+/// or "L2 table at X, entry N: ").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BadEntry {
+    /// An L1 entry with bits set outside the offset and COPIED.
+    #[error("{0:#x} has reserved bits set")]
+    L1ReservedBits(u64),
+    /// An L1 entry whose L2 table offset is not cluster aligned.
+    #[error("L2 table offset {0:#x} is not cluster aligned")]
+    L2TableUnaligned(u64),
+    /// An L1 entry whose L2 table lies past the end of the file.
+    #[error("L2 table offset {0:#x} is past the end of the file")]
+    L2TablePastEnd(u64),
+    /// An L2 entry holding [`RESERVED`].
+    #[error("entry holds the allocation sentinel")]
+    Sentinel,
+    /// A compressed L2 entry with COPIED set.
+    #[error("compressed entry {0:#x} has the COPIED flag")]
+    CompressedCopied(u64),
+    /// A standard L2 entry with reserved bits set.
+    #[error("entry {0:#x} has reserved bits set")]
+    ReservedBits(u64),
+    /// A standard L2 entry with COPIED but no host offset.
+    #[error("entry {0:#x}: COPIED without a host offset")]
+    CopiedWithoutOffset(u64),
+    /// A standard L2 entry whose host offset is not cluster aligned.
+    #[error("host offset {0:#x} is not cluster aligned")]
+    HostUnaligned(u64),
+    /// Extended L2: a compressed cluster with a nonzero subcluster bitmap.
+    #[error("compressed cluster with a subcluster bitmap")]
+    CompressedWithBitmap,
+    /// Extended L2: a subcluster marked both allocated and zero.
+    #[error("subcluster both allocated and zero")]
+    AllocatedAndZero,
+    /// Extended L2: allocated subclusters in an entry without a host offset.
+    #[error("allocated subclusters without a host offset")]
+    AllocatedWithoutOffset,
+    /// A compressed cluster in an image whose data lives in an external data file.
+    #[error("compressed cluster in an image with an external data file")]
+    CompressedInDataFile,
+    /// The entry references a host cluster (byte offset) past the end of the file.
+    #[error("references host cluster {0:#x} past the end of the file")]
+    PastEnd(u64),
+    /// The entry references a host cluster (byte offset) that holds metadata.
+    #[error("references host cluster {0:#x}, which holds metadata")]
+    Metadata(u64),
+    /// The entry references a host cluster (byte offset) whose refcount is 0.
+    #[error("references host cluster {0:#x}, whose refcount is 0")]
+    Unreferenced(u64),
+}
+
 /// Decodes the first word of an L2 entry (standard descriptor or compressed). For extended
 /// L2 entries the caller consults the subcluster bitmap for standard clusters.
-pub fn decode(entry: u64, cluster_bits: u32, extended: bool) -> Result<Mapping, String> {
+pub fn decode(entry: u64, cluster_bits: u32, extended: bool) -> Result<Mapping, BadEntry> {
     if entry == RESERVED {
-        return Err("entry holds the allocation sentinel".into());
+        return Err(BadEntry::Sentinel);
     }
     if entry & COMPRESSED != 0 {
         if entry & COPIED != 0 {
-            return Err(format!("compressed entry {entry:#x} has the COPIED flag"));
+            return Err(BadEntry::CompressedCopied(entry));
         }
         let x = 62 - (cluster_bits - 8);
         let offset = entry & ((1u64 << x) - 1);
@@ -68,7 +119,7 @@ pub fn decode(entry: u64, cluster_bits: u32, extended: bool) -> Result<Mapping, 
         0x3f00_0000_0000_01fe
     };
     if entry & reserved_bits != 0 {
-        return Err(format!("entry {entry:#x} has reserved bits set"));
+        return Err(BadEntry::ReservedBits(entry));
     }
     let host = entry & OFFSET_MASK;
     if !extended && entry & ZERO != 0 {
@@ -76,12 +127,12 @@ pub fn decode(entry: u64, cluster_bits: u32, extended: bool) -> Result<Mapping, 
     }
     if host == 0 {
         if entry & COPIED != 0 {
-            return Err(format!("entry {entry:#x}: COPIED without a host offset"));
+            return Err(BadEntry::CopiedWithoutOffset(entry));
         }
         return Ok(Mapping::Unallocated);
     }
     if host & ((1u64 << cluster_bits) - 1) != 0 {
-        return Err(format!("host offset {host:#x} is not cluster aligned"));
+        return Err(BadEntry::HostUnaligned(host));
     }
     Ok(Mapping::Data(host))
 }

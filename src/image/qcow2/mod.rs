@@ -128,7 +128,8 @@ use vm_memory::VolatileSlice;
 use self::alloc::{Clusters, HostCluster};
 use self::header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use self::l2::{
-    L2Table, Mapping, ALL_ALLOC, ALL_ZERO, COMPRESSED, COPIED, OFFSET_MASK, RESERVED, ZERO,
+    BadEntry, L2Table, Mapping, ALL_ALLOC, ALL_ZERO, COMPRESSED, COPIED, OFFSET_MASK, RESERVED,
+    ZERO,
 };
 use super::engine::{Aio, IoEngine, SyncEngine};
 use super::format::ImageOptions;
@@ -372,7 +373,7 @@ impl Qcow2Shared {
 
     /// Decodes an L2 entry. With an external data file, host offset 0 is a real offset
     /// (marked by COPIED, as the spec allows only there).
-    fn decode(&self, e: u64) -> std::result::Result<Mapping, String> {
+    fn decode(&self, e: u64) -> std::result::Result<Mapping, BadEntry> {
         if self.data_file.is_some()
             && e != RESERVED
             && e & (COMPRESSED | OFFSET_MASK) == 0

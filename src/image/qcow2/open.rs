@@ -35,7 +35,7 @@ impl Qcow2Shared {
         let file_len = meta.len();
         let mut head = vec![0u8; file_len.min(2 << 20) as usize];
         io::read_bytes(&file, 0, &mut head).map_err(open_err)?;
-        let hdr = Header::parse(&head, file_len).map_err(inval)?;
+        let hdr = Header::parse(&head, file_len).map_err(|e| inval(e.to_string()))?;
         let cs = hdr.cluster_size();
         let data_raw = hdr.incompatible & header::INCOMPAT_DATA_FILE != 0
             && hdr.autoclear & header::AUTOCLEAR_DATA_RAW != 0;
@@ -286,18 +286,16 @@ impl Qcow2Shared {
     }
 }
 
-pub(super) fn check_l1_entry(e: u64, cs: u64, file_len: u64) -> std::result::Result<(), String> {
+pub(super) fn check_l1_entry(e: u64, cs: u64, file_len: u64) -> std::result::Result<(), BadEntry> {
     if e & !(OFFSET_MASK | COPIED) != 0 {
-        return Err(format!("{e:#x} has reserved bits set"));
+        return Err(BadEntry::L1ReservedBits(e));
     }
     let off = e & OFFSET_MASK;
     if !off.is_multiple_of(cs) {
-        return Err(format!("L2 table offset {off:#x} is not cluster aligned"));
+        return Err(BadEntry::L2TableUnaligned(off));
     }
     if off != 0 && off + cs > file_len.next_multiple_of(cs) {
-        return Err(format!(
-            "L2 table offset {off:#x} is past the end of the file"
-        ));
+        return Err(BadEntry::L2TablePastEnd(off));
     }
     Ok(())
 }
