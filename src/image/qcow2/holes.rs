@@ -118,7 +118,7 @@ fn check(
                 continue;
             }
             for (le, _) in l2::table_entries(&buf, geo.extended) {
-                for c in l2::host_clusters(le, geo.cluster_bits, geo.extended) {
+                for c in le.host_clusters(geo.cluster_bits, geo.extended) {
                     hit(c, &mut holes, "by an L2 entry");
                 }
             }

@@ -6,7 +6,7 @@ use std::io;
 use std::sync::atomic::Ordering;
 
 use super::alloc::HostCluster;
-use super::l2::{COMPRESSED, COPIED, OFFSET_MASK};
+use super::l2::{L2Entry, COPIED, OFFSET_MASK};
 use super::{be64_at, io as qio, refcount, Qcow2Shared};
 
 /// Why a writable open failed.
@@ -391,7 +391,7 @@ pub fn walk_l2(
                 })?;
                 // Data clusters in an external data file are not refcounted here.
                 if s.data_file.is_none() {
-                    for c in super::l2::host_clusters(le, s.cluster_bits, s.extended) {
+                    for c in le.host_clusters(s.cluster_bits, s.extended) {
                         visit(c, false, is_active)?;
                     }
                 }
@@ -403,8 +403,8 @@ pub fn walk_l2(
 
 /// Whether the data entry `le` should have COPIED set: its cluster's refcount is 1, or it
 /// lives in an external data file (not refcounted; QEMU always sets COPIED there).
-fn data_copied(s: &Qcow2Shared, clusters: &super::alloc::Clusters, le: u64) -> bool {
-    s.data_file.is_some() || clusters.get(HostCluster((le & OFFSET_MASK) >> s.cluster_bits)) == 1
+fn data_copied(s: &Qcow2Shared, clusters: &super::alloc::Clusters, le: L2Entry) -> bool {
+    s.data_file.is_some() || clusters.get(HostCluster(le.host_offset() >> s.cluster_bits)) == 1
 }
 
 /// After a rebuild: makes the COPIED flags of the active L1 and L2 tables match the
@@ -432,11 +432,11 @@ pub fn fix_copied_flags(s: &Qcow2Shared) -> R<()> {
         let mut wrong = false;
         qio::read_bytes(&s.file, off, &mut buf)?;
         for g in 0..s.l2_entries() as usize {
-            let le = be64_at(&buf, g * s.words);
-            if le & COMPRESSED != 0 || le & OFFSET_MASK == 0 {
+            let le = L2Entry(be64_at(&buf, g * s.words));
+            if le.is_compressed() || le.host_offset() == 0 {
                 continue;
             }
-            if (le & COPIED != 0) != data_copied(s, clusters, le) {
+            if le.is_copied() != data_copied(s, clusters, le) {
                 wrong = true;
                 break;
             }
@@ -453,14 +453,13 @@ pub fn fix_copied_flags(s: &Qcow2Shared) -> R<()> {
         };
         for g in 0..s.l2_entries() as usize {
             let w = g * s.words;
-            let le = t.entries[w].load(Ordering::Acquire);
-            if le & COMPRESSED != 0 || le & OFFSET_MASK == 0 {
+            let le = L2Entry(t.entries[w].load(Ordering::Acquire));
+            if le.is_compressed() || le.host_offset() == 0 {
                 continue;
             }
             let want = data_copied(s, clusters, le);
-            if (le & COPIED != 0) != want {
-                let ne = if want { le | COPIED } else { le & !COPIED };
-                t.entries[w].store(ne, Ordering::Release);
+            if le.is_copied() != want {
+                t.store_entry(w, le.with_copied(want));
                 t.mark_dirty(w);
             }
         }

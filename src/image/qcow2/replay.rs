@@ -19,7 +19,7 @@ use log::error;
 
 use super::alloc::HostCluster;
 use super::journal::Record;
-use super::l2::{BadEntry, COMPRESSED, RESERVED};
+use super::l2::{BadEntry, L2Entry, SubclusterBitmap};
 use super::rebuild::OpenError;
 use super::{lock, GuestOffset, Qcow2Shared};
 
@@ -31,7 +31,7 @@ pub fn apply(s: &Qcow2Shared, records: &[Record]) -> Result<usize, OpenError> {
     }
     let mut applied = 0;
     for (&cluster, &(e, b)) in &last {
-        match apply_one(s, cluster, e, b)? {
+        match apply_one(s, cluster, L2Entry(e), SubclusterBitmap(b))? {
             Ok(()) => applied += 1,
             Err(why) => error!(
                 "{}: journal record for guest cluster {cluster} ({e:#x}, {b:#x}) skipped: {why}",
@@ -78,8 +78,8 @@ enum Refused {
 fn apply_one(
     s: &Qcow2Shared,
     cluster: u64,
-    e: u64,
-    b: u64,
+    e: L2Entry,
+    b: SubclusterBitmap,
 ) -> Result<Result<(), Refused>, OpenError> {
     let n = s.l2_entries();
     let Some(guest) = cluster.checked_mul(s.cluster_size()) else {
@@ -88,10 +88,10 @@ fn apply_one(
     if cluster / n >= s.l1_len.load(Ordering::Acquire) as u64 {
         return Ok(Err(Refused::OutsideL1));
     }
-    if e == RESERVED || e & COMPRESSED != 0 {
+    if e.is_reserved() || e.is_compressed() {
         return Ok(Err(Refused::NotWritten));
     }
-    if !s.extended && b != 0 {
+    if !s.extended && b != SubclusterBitmap::EMPTY {
         return Ok(Err(Refused::BitmapWithoutExtendedL2));
     }
     if let Err(m) = s.check_entry(e, b) {
@@ -140,9 +140,9 @@ fn apply_one(
     let w = j * s.words;
     t.mark_dirty(w);
     if s.extended {
-        t.entries[w + 1].store(b, Ordering::Release);
+        t.store_bitmap(w, b);
     }
-    t.entries[w].store(e, Ordering::Release);
+    t.store_entry(w, e);
     t.unpin();
     s.meta_dirty.store(true, Ordering::Release);
     let gone: Vec<HostCluster> = old

@@ -21,9 +21,9 @@ impl Qcow2Shared {
             // deallocate the data in the file, which then reads as zeros, like the disk.
             for c in first..last {
                 let (i, j, _) = self.locate(GuestOffset(c * cs));
-                let (e, _) = self.load_entry(&**self.table(i)?, j);
-                if self.has_host(e) {
-                    self.punch_data(e & OFFSET_MASK, cs);
+                let (entry, _) = self.load_entry(&**self.table(i)?, j);
+                if self.has_host(entry) {
+                    self.punch_data(entry.host_offset(), cs);
                 }
             }
             return Ok(());
@@ -34,7 +34,7 @@ impl Qcow2Shared {
                 None => return Ok(()),
             }
         } else {
-            (0, 0)
+            (L2Entry::UNALLOCATED, SubclusterBitmap::EMPTY)
         };
         for c in first..last {
             self.set_cluster(c * cs, ne, nb)?;
@@ -147,10 +147,10 @@ impl Qcow2Shared {
         loop {
             let t = self.table(i)?;
             let (e, b) = self.load_entry(&t, j);
-            if e & COMPRESSED != 0 {
+            if e.is_compressed() {
                 return Ok(false);
             }
-            if b & mask == 0 && (b >> 32) & mask == mask {
+            if b.allocated() & mask == 0 && b.zeroed() & mask == mask {
                 return Ok(true);
             }
             self.ensure_dirty()?;
@@ -163,16 +163,13 @@ impl Qcow2Shared {
                 std::thread::yield_now();
                 continue;
             }
-            if t.entries[w]
-                .compare_exchange(e, RESERVED, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-            {
+            if !t.reserve(w, e) {
                 t.unpin();
                 continue;
             }
             // Reread: the bitmap may have changed while the entry word kept its value.
-            let b = t.entries[w + 1].load(Ordering::Acquire);
-            let new_b = (b & !mask) | (mask << 32);
+            let b = SubclusterBitmap(t.entries[w + 1].load(Ordering::Acquire));
+            let new_b = b.with_zeroed(mask);
             self.publish(&t, w, g >> self.cluster_bits, e, new_b, credit.take());
             t.unpin();
             return Ok(true);
