@@ -1,6 +1,7 @@
 //! The L2 table cache: loading a table (checked against the image), eviction under the
 //! budget, and checking entries before they are trusted.
 
+use super::l2::{COPIED, OFFSET_MASK};
 use super::*;
 
 impl Qcow2Shared {
@@ -56,8 +57,7 @@ impl Qcow2Shared {
         thread_local! {
             static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        let l1e = self.l1[i].load(Ordering::Acquire);
-        let off = l1e & OFFSET_MASK;
+        let off = self.l1_entry(i).l2_offset();
         let cs = self.cluster_size() as usize;
         let (cw, cm) = (i / 64, 1u64 << (i % 64));
         if off == 0 {

@@ -98,6 +98,64 @@ pub enum BadEntry {
     Unreferenced(u64),
 }
 
+/// `word` (an L1 or L2 entry) with COPIED set or cleared.
+#[inline]
+const fn set_copied(word: u64, copied: bool) -> u64 {
+    if copied {
+        word | COPIED
+    } else {
+        word & !COPIED
+    }
+}
+
+/// An L1 table entry (qcow2.txt, "L1 table entry"): the offset of an L2 table in bits 9-55
+/// (0: none yet), and COPIED in bit 63 when that table's refcount is exactly one (it may be
+/// rewritten in place).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct L1Entry(pub u64);
+
+impl L1Entry {
+    /// An L1 entry pointing at the L2 table at byte offset `table`, owned exclusively.
+    #[inline]
+    pub const fn owned(table: u64) -> L1Entry {
+        L1Entry(table | COPIED)
+    }
+
+    /// Byte offset of the L2 table in the image file, 0 for none.
+    #[inline]
+    pub const fn l2_offset(self) -> u64 {
+        self.0 & OFFSET_MASK
+    }
+
+    /// Bit 63 (COPIED): the L2 table's refcount is exactly one.
+    #[inline]
+    pub const fn is_copied(self) -> bool {
+        self.0 & COPIED != 0
+    }
+
+    /// The entry with COPIED set or cleared.
+    #[inline]
+    pub const fn with_copied(self, copied: bool) -> L1Entry {
+        L1Entry(set_copied(self.0, copied))
+    }
+
+    /// Checks an entry read from the image: no reserved bits, and a table offset that is
+    /// cluster aligned (`cs` bytes) and inside a file of `file_len` bytes.
+    pub fn check(self, cs: u64, file_len: u64) -> Result<(), BadEntry> {
+        if self.0 & !(OFFSET_MASK | COPIED) != 0 {
+            return Err(BadEntry::L1ReservedBits(self.0));
+        }
+        let off = self.l2_offset();
+        if !off.is_multiple_of(cs) {
+            return Err(BadEntry::L2TableUnaligned(off));
+        }
+        if off != 0 && off + cs > file_len.next_multiple_of(cs) {
+            return Err(BadEntry::L2TablePastEnd(off));
+        }
+        Ok(())
+    }
+}
+
 /// The first word of an L2 entry as qcow2.txt defines it: a standard cluster descriptor
 /// (host offset in bits 9-55, the all-zeros flag in bit 0 without extended L2) or, with bit
 /// 62, a compressed cluster descriptor; bit 63 (COPIED) says the refcount is exactly one.
@@ -153,11 +211,7 @@ impl L2Entry {
     /// The entry with COPIED set or cleared.
     #[inline]
     pub const fn with_copied(self, copied: bool) -> L2Entry {
-        if copied {
-            L2Entry(self.0 | COPIED)
-        } else {
-            L2Entry(self.0 & !COPIED)
-        }
+        L2Entry(set_copied(self.0, copied))
     }
 
     /// Decodes the entry (standard descriptor or compressed). For extended L2 entries the

@@ -127,7 +127,7 @@ use vm_memory::VolatileSlice;
 
 use self::alloc::{Clusters, HostCluster};
 use self::header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
-use self::l2::{BadEntry, L2Entry, L2Table, Mapping, SubclusterBitmap, COPIED, OFFSET_MASK};
+use self::l2::{BadEntry, L1Entry, L2Entry, L2Table, Mapping, SubclusterBitmap};
 use super::engine::{Aio, IoEngine, SyncEngine};
 use super::format::ImageOptions;
 use super::lock::{self, Role};
@@ -386,6 +386,18 @@ impl Qcow2Shared {
                 });
         }
         entry.decode(self.cluster_bits, self.extended)
+    }
+
+    /// Entry `i` of the L1 table in memory (Acquire: the table it names is written).
+    #[inline]
+    fn l1_entry(&self, i: usize) -> L1Entry {
+        L1Entry(self.l1[i].load(Ordering::Acquire))
+    }
+
+    /// Sets entry `i` of the L1 table in memory (Release); written back by the next flush
+    /// if the caller marks `l1_dirty`.
+    fn set_l1_entry(&self, i: usize, e: L1Entry) {
+        self.l1[i].store(e.0, Ordering::Release);
     }
 
     /// True if uncompressed `entry` maps a host cluster (with an external data file, offset
@@ -802,7 +814,7 @@ mod tests {
             // cluster has become metadata.
             let t = a.shared.table(0).unwrap();
             assert!(t.pin());
-            t.entries[0].store(x | super::COPIED | super::l2::ZERO, Ordering::Release);
+            t.entries[0].store(x | super::l2::COPIED | super::l2::ZERO, Ordering::Release);
             t.mark_dirty(0);
             t.unpin();
             let c = a.shared.clusters().unwrap();

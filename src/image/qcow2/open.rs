@@ -86,7 +86,9 @@ impl Qcow2Shared {
         let mut l1 = Vec::with_capacity(capacity);
         for i in 0..l1_len {
             let e = be64_at(&l1_bytes, i);
-            check_l1_entry(e, cs, file_len).map_err(|m| inval(format!("L1 entry {i}: {m}")))?;
+            L1Entry(e)
+                .check(cs, file_len)
+                .map_err(|m| inval(format!("L1 entry {i}: {m}")))?;
             l1.push(AtomicU64::new(e));
         }
         l1.resize_with(capacity, || AtomicU64::new(0));
@@ -284,20 +286,6 @@ impl Qcow2Shared {
         }
         Ok(())
     }
-}
-
-pub(super) fn check_l1_entry(e: u64, cs: u64, file_len: u64) -> std::result::Result<(), BadEntry> {
-    if e & !(OFFSET_MASK | COPIED) != 0 {
-        return Err(BadEntry::L1ReservedBits(e));
-    }
-    let off = e & OFFSET_MASK;
-    if !off.is_multiple_of(cs) {
-        return Err(BadEntry::L2TableUnaligned(off));
-    }
-    if off != 0 && off + cs > file_len.next_multiple_of(cs) {
-        return Err(BadEntry::L2TablePastEnd(off));
-    }
-    Ok(())
 }
 
 /// Opens the mapping journal of a writable image as `mode` asks; `None` means there is none

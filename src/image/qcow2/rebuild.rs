@@ -6,7 +6,7 @@ use std::io;
 use std::sync::atomic::Ordering;
 
 use super::alloc::HostCluster;
-use super::l2::{L2Entry, COPIED, OFFSET_MASK};
+use super::l2::{L1Entry, L2Entry, OFFSET_MASK};
 use super::{be64_at, io as qio, refcount, Qcow2Shared};
 
 /// Why a writable open failed.
@@ -163,7 +163,7 @@ fn all_meta(s: &Qcow2Shared, file_len: u64, rt: &[u64]) -> R<Vec<(u64, u64, &'st
         }
     }
     for e in &s.l1 {
-        let off = e.load(Ordering::Relaxed) & OFFSET_MASK;
+        let off = L1Entry(e.load(Ordering::Relaxed)).l2_offset();
         if off != 0 {
             v.push((off, cs, "an L2 table"));
         }
@@ -377,9 +377,10 @@ pub fn walk_l2(
     let mut buf = vec![0u8; cs as usize];
     for (l1, is_active) in l1s {
         for (i, e) in l1.into_iter().enumerate() {
-            super::open::check_l1_entry(e, cs, file_len)
+            let e = L1Entry(e);
+            e.check(cs, file_len)
                 .map_err(|m| OpenError::Invalid(format!("L1 entry {i}: {m}")))?;
-            let off = e & OFFSET_MASK;
+            let off = e.l2_offset();
             if off == 0 {
                 continue;
             }
@@ -413,18 +414,15 @@ pub fn fix_copied_flags(s: &Qcow2Shared) -> R<()> {
     let clusters = s.clusters()?;
     let cb = s.cluster_bits;
     let mut buf = vec![0u8; s.cluster_size() as usize];
-    for (i, l1e) in s.l1.iter().enumerate() {
-        let e = l1e.load(Ordering::Acquire);
-        let off = e & OFFSET_MASK;
+    for i in 0..s.l1.len() {
+        let e = s.l1_entry(i);
+        let off = e.l2_offset();
         if off == 0 {
             continue;
         }
         let want = clusters.get(HostCluster(off >> cb)) == 1;
-        if (e & COPIED != 0) != want {
-            l1e.store(
-                if want { e | COPIED } else { e & !COPIED },
-                Ordering::Release,
-            );
+        if e.is_copied() != want {
+            s.set_l1_entry(i, e.with_copied(want));
             s.l1_dirty.store(true, Ordering::Release);
         }
         // Check the on-disk table in a reused buffer; only a table that needs a change is
