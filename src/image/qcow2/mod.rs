@@ -170,10 +170,6 @@ const OFF_SIZE: u64 = 24;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct GuestOffset(pub u64);
 
-/// A byte offset in the image file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct HostOffset(pub u64);
-
 fn corrupt(msg: impl std::fmt::Display) -> stdio::Error {
     stdio::Error::new(
         stdio::ErrorKind::InvalidData,
