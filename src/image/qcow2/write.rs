@@ -1,6 +1,8 @@
 //! Writing guest data: overwrites in place, allocation and copy-on-write under a reserved
 //! entry, publishing the new entry (journal first), the dirty bit and overlap protection.
 
+use std::ops::ControlFlow;
+
 use super::*;
 
 impl Qcow2Shared {
@@ -523,14 +525,48 @@ impl Qcow2Shared {
         new_e: L2Entry,
         new_b: SubclusterBitmap,
     ) -> stdio::Result<()> {
+        let settled = |e, b| {
+            if (e, b) == (new_e, new_b) {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        };
+        let ControlFlow::Continue(e) = self.change_entry(g, settled, |_, _| (new_e, new_b))? else {
+            return Ok(());
+        };
+        let refs = self.entry_refs(e);
+        if !refs.is_empty() {
+            lock(&self.pending).extend(refs);
+        }
+        if self.has_host(e) && !self.has_host(new_e) {
+            // No longer mapped: free the space in the data file (as QEMU passes discards
+            // through to it). Without a data file the cluster is reused instead.
+            self.punch_data(e.host_offset(), self.cluster_size());
+        }
+        Ok(())
+    }
+
+    /// Changes the entry of the guest cluster at `g` without writing data: sets the dirty
+    /// bit and takes a journal credit first (either may wait for a flush, which waits for
+    /// reserved entries, so never while holding one), looks at the entry again after
+    /// waiting, reserves it and publishes `change(entry, bitmap)`. `settled` is asked each
+    /// time the entry is looked at; `Break(r)` ends it there with nothing changed.
+    /// `Continue(old entry)` once the new one is published.
+    pub(super) fn change_entry<R>(
+        &self,
+        g: u64,
+        mut settled: impl FnMut(L2Entry, SubclusterBitmap) -> ControlFlow<R>,
+        change: impl FnOnce(L2Entry, SubclusterBitmap) -> (L2Entry, SubclusterBitmap),
+    ) -> stdio::Result<ControlFlow<R, L2Entry>> {
         let (i, j, _) = self.locate(GuestOffset(g));
         let w = j * self.words;
         let (mut credit, mut credited) = (None, false);
         loop {
             let t = self.table(i)?;
             let (e, b) = self.load_entry(&t, j);
-            if e == new_e && b == new_b {
-                return Ok(());
+            if let ControlFlow::Break(r) = settled(e, b) {
+                return Ok(ControlFlow::Break(r));
             }
             self.ensure_dirty()?;
             if !credited {
@@ -546,18 +582,16 @@ impl Qcow2Shared {
                 t.unpin();
                 continue;
             }
+            // Reread: the bitmap may have changed while the entry word kept its value.
+            let b = if self.extended {
+                SubclusterBitmap(t.entries[w + 1].load(Ordering::Acquire))
+            } else {
+                b
+            };
+            let (new_e, new_b) = change(e, b);
             self.publish(&t, w, g >> self.cluster_bits, new_e, new_b, credit.take());
             t.unpin();
-            let refs = self.entry_refs(e);
-            if !refs.is_empty() {
-                lock(&self.pending).extend(refs);
-            }
-            if self.has_host(e) && !self.has_host(new_e) {
-                // No longer mapped: free the space in the data file (as QEMU passes discards
-                // through to it). Without a data file the cluster is reused instead.
-                self.punch_data(e.host_offset(), self.cluster_size());
-            }
-            return Ok(());
+            return Ok(ControlFlow::Continue(e));
         }
     }
 
