@@ -94,6 +94,30 @@ pub enum Error {
     },
 }
 
+/// A command-line value that is not one of the names an option accepts (`FromStr` of the
+/// option's type; clap prints it after "invalid value").
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} '{value}' (expected {expected})")]
+pub struct UnknownValue {
+    /// What the value names, e.g. "format" or "--aio".
+    pub what: &'static str,
+    /// The value given.
+    pub value: String,
+    /// The names accepted, for the message.
+    pub expected: &'static str,
+}
+
+impl UnknownValue {
+    /// `value` is not a `what`; `expected` lists the accepted names.
+    pub fn new(what: &'static str, value: &str, expected: &'static str) -> Self {
+        UnknownValue {
+            what,
+            value: value.to_owned(),
+            expected,
+        }
+    }
+}
+
 /// Result alias for [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 

@@ -112,7 +112,7 @@ struct Cli {
     /// Lock the image (and its backing and data files) as QEMU does, so QEMU, qemu-img and
     /// other daemons cannot write it while it is served: on, off (file systems without OFD
     /// locks; warns), or auto (on when the kernel has OFD locks).
-    #[arg(long, value_name = "MODE", default_value = "auto", value_parser = parse_locking)]
+    #[arg(long, value_name = "MODE", default_value = "auto", value_parser = Locking::from_str)]
     locking: Locking,
 
     /// Start as the destination of a live migration: read only what the device configuration
@@ -180,7 +180,7 @@ struct Cli {
     /// I/O engine of each queue: io_uring (every request in flight at once; falls back to
     /// sync, with a warning, where io_uring is unavailable) or sync (one request at a time on
     /// the queue's worker).
-    #[arg(long, value_name = "ENGINE", default_value = "io_uring", value_parser = parse_aio)]
+    #[arg(long, value_name = "ENGINE", default_value = "io_uring", value_parser = Aio::from_str)]
     aio: Aio,
 
     /// qcow2: directory (tmpfs or ramfs) of the mapping journal, which keeps the mapping
@@ -360,14 +360,6 @@ impl Cli {
         }
         self
     }
-}
-
-fn parse_aio(s: &str) -> std::result::Result<Aio, String> {
-    s.parse()
-}
-
-fn parse_locking(s: &str) -> std::result::Result<Locking, String> {
-    s.parse()
 }
 
 /// Parses a size with an optional K/M/G/T suffix (powers of 1024, optional "iB"/"B").

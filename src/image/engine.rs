@@ -22,6 +22,7 @@ use vm_memory::VolatileSlice;
 
 use super::uring::Ring;
 use super::{GuestSlice, ImageQueue};
+use crate::error::UnknownValue;
 use crate::virtio_blk::GuestMem;
 
 /// The guest buffers of one request, with the guest memory map they point into kept alive for
@@ -96,13 +97,13 @@ pub enum Aio {
 }
 
 impl std::str::FromStr for Aio {
-    type Err = String;
+    type Err = UnknownValue;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, UnknownValue> {
         match s {
             "io_uring" => Ok(Aio::IoUring),
             "sync" => Ok(Aio::Sync),
-            _ => Err(format!("unknown --aio '{s}' (expected io_uring or sync)")),
+            _ => Err(UnknownValue::new("--aio", s, "io_uring or sync")),
         }
     }
 }

@@ -26,7 +26,7 @@ use super::qcow2::{JournalMode, Qcow2Image};
 use super::raw::RawImage;
 use super::storage::Recorder;
 use super::BlockImage;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, UnknownValue};
 
 /// The first four bytes of every qcow2 image.
 pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
@@ -43,16 +43,14 @@ pub enum ImageFormat {
 }
 
 impl std::str::FromStr for ImageFormat {
-    type Err = String;
+    type Err = UnknownValue;
 
     fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
         match s {
             "auto" => Ok(ImageFormat::Auto),
             "raw" => Ok(ImageFormat::Raw),
             "qcow2" => Ok(ImageFormat::Qcow2),
-            _ => Err(format!(
-                "unknown format '{s}' (expected raw, qcow2 or auto)"
-            )),
+            _ => Err(UnknownValue::new("format", s, "raw, qcow2 or auto")),
         }
     }
 }

@@ -116,7 +116,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, UnknownValue};
 
 /// First byte of the permission bytes (`RAW_LOCK_PERM_BASE` in QEMU's file-posix.c).
 pub const PERM_BASE: u64 = 100;
@@ -150,16 +150,14 @@ pub enum Locking {
 }
 
 impl std::str::FromStr for Locking {
-    type Err = String;
+    type Err = UnknownValue;
 
     fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
         match s {
             "on" => Ok(Locking::On),
             "off" => Ok(Locking::Off),
             "auto" => Ok(Locking::Auto),
-            _ => Err(format!(
-                "unknown locking mode '{s}' (expected on, off or auto)"
-            )),
+            _ => Err(UnknownValue::new("locking mode", s, "on, off or auto")),
         }
     }
 }
@@ -991,7 +989,10 @@ mod tests {
         assert_eq!("on".parse(), Ok(Locking::On));
         assert_eq!("off".parse(), Ok(Locking::Off));
         assert_eq!("auto".parse(), Ok(Locking::Auto));
-        assert!("yes".parse::<Locking>().is_err());
+        assert_eq!(
+            "yes".parse::<Locking>().unwrap_err().to_string(),
+            "unknown locking mode 'yes' (expected on, off or auto)"
+        );
         assert_eq!(Locking::default(), Locking::Auto);
     }
 }

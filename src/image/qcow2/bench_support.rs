@@ -10,7 +10,7 @@ use std::sync::Arc;
 use vm_memory::VolatileSlice;
 
 use super::alloc::{self, HostCluster};
-use super::l2::{self, Mapping};
+use super::l2::Mapping;
 use super::{GuestOffset, Qcow2Shared, Scratch};
 use crate::error::Result;
 
@@ -101,7 +101,7 @@ impl Image {
         let s = &self.shared;
         let (i, j, in_off) = s.locate(GuestOffset(guest));
         let (e, _) = s.load_entry(&**s.table(i)?, j);
-        match l2::decode(e, s.cluster_bits, s.extended) {
+        match e.decode(s.cluster_bits, s.extended) {
             Ok(Mapping::Data(h)) => Ok(Some(h + in_off)),
             _ => Ok(None),
         }

@@ -279,6 +279,20 @@ impl Bitmaps {
     }
 }
 
+/// Why a bitmap's table or data cannot be loaded (the bitmap is then not maintained).
+#[derive(Debug, thiserror::Error)]
+enum LoadError {
+    /// Reading the table or a data cluster failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// Table entry (index) with reserved bits set.
+    #[error("table entry {0} has reserved bits set")]
+    ReservedBits(usize),
+    /// Table entry (index) pointing at an unaligned offset or past the end of the file.
+    #[error("table entry {0} points outside the file")]
+    OutsideFile(usize),
+}
+
 /// Reads a bitmap's table and data into memory.
 fn load_bits(
     file: &HostFile,
@@ -287,9 +301,9 @@ fn load_bits(
     cs: u64,
     size: u64,
     file_len: u64,
-) -> Result<(Vec<u64>, Box<[AtomicU64]>), String> {
+) -> Result<(Vec<u64>, Box<[AtomicU64]>), LoadError> {
     let mut tb = vec![0u8; table_size as usize * 8];
-    qio::read_bytes(file, bm.table_offset, &mut tb).map_err(|e| e.to_string())?;
+    qio::read_bytes(file, bm.table_offset, &mut tb)?;
     let table: Vec<u64> = (0..table_size as usize).map(|i| be64_at(&tb, i)).collect();
     let nbits = size.div_ceil(1 << bm.granularity_bits);
     let nbytes = nbits.div_ceil(8) as usize;
@@ -300,7 +314,7 @@ fn load_bits(
         let chunk = &mut data[at..end];
         let off = e & TABLE_OFFSET_MASK;
         if e & !(TABLE_OFFSET_MASK | TABLE_ALL_ONES) != 0 || (off != 0 && e & TABLE_ALL_ONES != 0) {
-            return Err(format!("table entry {i} has reserved bits set"));
+            return Err(LoadError::ReservedBits(i));
         }
         if off == 0 {
             if e & TABLE_ALL_ONES != 0 {
@@ -309,9 +323,9 @@ fn load_bits(
             continue;
         }
         if !off.is_multiple_of(cs) || off + cs > file_len.next_multiple_of(cs) {
-            return Err(format!("table entry {i} points outside the file"));
+            return Err(LoadError::OutsideFile(i));
         }
-        qio::read_bytes(file, off, chunk).map_err(|e| e.to_string())?;
+        qio::read_bytes(file, off, chunk)?;
     }
     // Bits past the end of the disk must stay zero.
     if !nbits.is_multiple_of(8) {

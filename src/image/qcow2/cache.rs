@@ -1,6 +1,7 @@
 //! The L2 table cache: loading a table (checked against the image), eviction under the
 //! budget, and checking entries before they are trusted.
 
+use super::l2::{COPIED, OFFSET_MASK};
 use super::*;
 
 impl Qcow2Shared {
@@ -56,8 +57,7 @@ impl Qcow2Shared {
         thread_local! {
             static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        let l1e = self.l1[i].load(Ordering::Acquire);
-        let off = l1e & OFFSET_MASK;
+        let off = self.l1_entry(i).l2_offset();
         let cs = self.cluster_size() as usize;
         let (cw, cm) = (i / 64, 1u64 << (i % 64));
         if off == 0 {
@@ -77,16 +77,18 @@ impl Qcow2Shared {
             // offset): such entries skip the full decode, which is most of a load's cost.
             let bad = !(COPIED | OFFSET_MASK) | (self.cluster_size() - 1);
             for g in 0..self.l2_entries() as usize {
-                let e = be64_at(&buf, g * self.words);
-                let r = if !self.extended && e & bad == 0 && (e == 0 || e & OFFSET_MASK != 0) {
-                    self.check_refs(e)
+                let entry = L2Entry(be64_at(&buf, g * self.words));
+                let plain = entry.0 & bad == 0 && (entry.0 == 0 || entry.host_offset() != 0);
+                let r = if !self.extended && plain {
+                    self.check_refs(entry)
                 } else {
-                    let b = if self.extended {
+                    let bitmap = SubclusterBitmap(if self.extended {
                         be64_at(&buf, g * 2 + 1)
                     } else {
                         0
-                    };
-                    self.check_entry(e, b).and_then(|()| self.check_refs(e))
+                    });
+                    self.check_entry(entry, bitmap)
+                        .and_then(|()| self.check_refs(entry))
                 };
                 r.map_err(|m| corrupt(format!("L2 table at {off:#x}, entry {g}: {m}")))?;
             }
@@ -165,80 +167,94 @@ impl Qcow2Shared {
     /// time, writable images only) references: inside the file, not metadata, and with a
     /// nonzero refcount. Otherwise a write could land in metadata, or a discard or
     /// copy-on-write would drop a reference the entry never held (e.g. the header's).
-    pub(super) fn check_refs(&self, e: u64) -> std::result::Result<(), String> {
+    pub(super) fn check_refs(&self, entry: L2Entry) -> std::result::Result<(), BadEntry> {
         let Some(clusters) = &self.clusters else {
             return Ok(());
         };
-        let one = |c: HostCluster| -> std::result::Result<(), String> {
+        let one = |c: HostCluster| -> std::result::Result<(), BadEntry> {
             let at = c.0 << self.cluster_bits;
             if c.0 >= self.file_clusters {
-                return Err(format!(
-                    "references host cluster {at:#x} past the end of the file"
-                ));
+                return Err(BadEntry::PastEnd(at));
             }
             if c.0 == 0 || clusters.is_meta(c) {
-                return Err(format!(
-                    "references host cluster {at:#x}, which holds metadata"
-                ));
+                return Err(BadEntry::Metadata(at));
             }
             if clusters.get(c) == 0 {
-                return Err(format!(
-                    "references host cluster {at:#x}, whose refcount is 0"
-                ));
+                return Err(BadEntry::Unreferenced(at));
             }
             Ok(())
         };
         if self.data_file.is_some() {
             // Data clusters live in the data file, unrefcounted; QEMU never compresses there.
-            if e & COMPRESSED != 0 {
-                return Err("compressed cluster in an image with an external data file".into());
+            if entry.is_compressed() {
+                return Err(BadEntry::CompressedInDataFile);
             }
             return Ok(());
         }
-        if e & COMPRESSED == 0 {
-            let off = e & OFFSET_MASK;
+        if !entry.is_compressed() {
+            let off = entry.host_offset();
             if off == 0 {
                 return Ok(());
             }
             return one(HostCluster(off >> self.cluster_bits));
         }
-        self.entry_refs(e).into_iter().try_for_each(one)
+        self.entry_refs(entry).into_iter().try_for_each(one)
     }
 
-    pub(super) fn check_entry(&self, e: u64, b: u64) -> std::result::Result<(), String> {
-        let m = self.decode(e)?;
+    pub(super) fn check_entry(
+        &self,
+        entry: L2Entry,
+        bitmap: SubclusterBitmap,
+    ) -> std::result::Result<(), BadEntry> {
+        let m = self.decode(entry)?;
         if self.extended {
             match m {
-                Mapping::Compressed { .. } if b != 0 => {
-                    return Err("compressed cluster with a subcluster bitmap".into())
+                Mapping::Compressed { .. } if bitmap != SubclusterBitmap::EMPTY => {
+                    return Err(BadEntry::CompressedWithBitmap)
                 }
                 _ => {}
             }
-            if (b & ALL_ALLOC) & (b >> 32) != 0 {
-                return Err("subcluster both allocated and zero".into());
+            if bitmap.allocated() & bitmap.zeroed() != 0 {
+                return Err(BadEntry::AllocatedAndZero);
             }
-            if b & ALL_ALLOC != 0 && m == Mapping::Unallocated {
-                return Err("allocated subclusters without a host offset".into());
+            if bitmap.allocated() != 0 && m == Mapping::Unallocated {
+                return Err(BadEntry::AllocatedWithoutOffset);
             }
         }
         Ok(())
     }
 
-    /// Loads entry `g` of a table (both words with extended L2), waiting out reservations.
-    pub(super) fn load_entry(&self, t: &L2Table, g: usize) -> (u64, u64) {
+    /// Loads entry `g` of a table (the bitmap too with extended L2), waiting out
+    /// reservations.
+    pub(super) fn load_entry(&self, t: &L2Table, g: usize) -> (L2Entry, SubclusterBitmap) {
+        loop {
+            if let Some(entry) = self.try_load_entry(t, g) {
+                return entry;
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Loads entry `g` of a table (the bitmap too with extended L2); `None` while it is
+    /// reserved.
+    #[inline]
+    pub(super) fn try_load_entry(
+        &self,
+        t: &L2Table,
+        g: usize,
+    ) -> Option<(L2Entry, SubclusterBitmap)> {
         let w = g * self.words;
         loop {
-            let e = t.entries[w].load(Ordering::Acquire);
-            if e == RESERVED {
-                std::thread::yield_now();
-                continue;
+            let entry = L2Entry(t.entries[w].load(Ordering::Acquire));
+            if entry.is_reserved() {
+                return None;
             }
             if !self.extended {
-                return (e, 0);
+                return Some((entry, SubclusterBitmap::EMPTY));
             }
-            let b = t.entries[w + 1].load(Ordering::Acquire);
-            if t.entries[w].load(Ordering::Acquire) == e {
-                return (e, b);
+            let bitmap = SubclusterBitmap(t.entries[w + 1].load(Ordering::Acquire));
+            if t.entries[w].load(Ordering::Acquire) == entry.0 {
+                return Some((entry, bitmap));
             }
         }
     }

@@ -86,8 +86,8 @@ impl Qcow2Shared {
             // Being written, the table cannot be evicted until `end_write`.
             snap.push(Guard::into_inner(t));
             let Some(t) = snap.last() else { continue };
-            let l1e = self.l1[i].load(Ordering::Acquire);
-            if l1e & COPIED == 0 || l1e & OFFSET_MASK == 0 {
+            let l1e = self.l1_entry(i);
+            if !l1e.is_copied() || l1e.l2_offset() == 0 {
                 let c = match clusters.alloc(true) {
                     Ok(c) => c,
                     Err(e) => {
@@ -97,10 +97,10 @@ impl Qcow2Shared {
                         break;
                     }
                 };
-                if l1e & OFFSET_MASK != 0 {
-                    unref_after.push(HostCluster((l1e & OFFSET_MASK) >> self.cluster_bits));
+                if l1e.l2_offset() != 0 {
+                    unref_after.push(HostCluster(l1e.l2_offset() >> self.cluster_bits));
                 }
-                self.l1[i].store((c.0 << self.cluster_bits) | COPIED, Ordering::Release);
+                self.set_l1_entry(i, L1Entry::owned(c.0 << self.cluster_bits));
                 self.l1_dirty.store(true, Ordering::Release);
                 pieces = u64::MAX;
             }
@@ -109,7 +109,7 @@ impl Qcow2Shared {
             while !t.to_bytes(&mut buf[at..]) {
                 std::thread::yield_now();
             }
-            tables.push((i, self.l1[i].load(Ordering::Acquire) & OFFSET_MASK, pieces));
+            tables.push((i, self.l1_entry(i).l2_offset(), pieces));
         }
         let r = (|| {
             if let Some(e) = snap_err.take() {

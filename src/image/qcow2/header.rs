@@ -127,8 +127,26 @@ fn be64(b: &[u8], off: usize) -> u64 {
     u64::from_be_bytes(a)
 }
 
-fn string_of(bytes: &[u8], what: &str) -> Result<String, String> {
-    String::from_utf8(bytes.to_vec()).map_err(|_| format!("{what} is not valid UTF-8"))
+/// Why a header is refused: what is wrong with it, in words for the user (the messages are
+/// many and each names its field, so they are not split into variants nobody matches on).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct HeaderError(String);
+
+impl From<String> for HeaderError {
+    fn from(m: String) -> Self {
+        HeaderError(m)
+    }
+}
+
+impl From<&str> for HeaderError {
+    fn from(m: &str) -> Self {
+        HeaderError(m.to_owned())
+    }
+}
+
+fn string_of(bytes: &[u8], what: &str) -> Result<String, HeaderError> {
+    String::from_utf8(bytes.to_vec()).map_err(|_| format!("{what} is not valid UTF-8").into())
 }
 
 impl Header {
@@ -164,23 +182,24 @@ impl Header {
     /// Parses and validates the header from the start of the file. `head` holds the first
     /// bytes of the file (at least the first cluster or the whole file if shorter);
     /// `file_len` is the file size. Errors describe the problem for the user.
-    pub fn parse(head: &[u8], file_len: u64) -> Result<Header, String> {
+    pub fn parse(head: &[u8], file_len: u64) -> Result<Header, HeaderError> {
         if head.len() < 72 {
             return Err(format!(
                 "file is too short for a qcow2 header ({} bytes)",
                 head.len()
-            ));
+            )
+            .into());
         }
         if head[..4] != *b"QFI\xfb" {
             return Err("no qcow2 magic".into());
         }
         let version = be32(head, 4);
         if version != 2 && version != 3 {
-            return Err(format!("unsupported qcow2 version {version}"));
+            return Err(format!("unsupported qcow2 version {version}").into());
         }
         let cluster_bits = be32(head, 20);
         if !(9..=21).contains(&cluster_bits) {
-            return Err(format!("cluster_bits {cluster_bits} out of range (9..=21)"));
+            return Err(format!("cluster_bits {cluster_bits} out of range (9..=21)").into());
         }
         let cluster_size = 1u64 << cluster_bits;
         let (incompatible, compatible, autoclear, refcount_order, header_length) = if version == 3 {
@@ -201,18 +220,18 @@ impl Header {
             if header_length < 104 || !header_length.is_multiple_of(8) {
                 return Err(format!(
                     "header_length {header_length} invalid (at least 104, multiple of 8)"
-                ));
+                )
+                .into());
             }
             if u64::from(header_length) > cluster_size || header_length as usize > head.len() {
                 return Err(format!(
                     "header_length {header_length} exceeds the first cluster or the file"
-                ));
+                )
+                .into());
             }
         }
         if refcount_order > 6 {
-            return Err(format!(
-                "refcount_order {refcount_order} out of range (0..=6)"
-            ));
+            return Err(format!("refcount_order {refcount_order} out of range (0..=6)").into());
         }
         let mut h = Header {
             version,
@@ -246,15 +265,16 @@ impl Header {
             cluster_end
         } else {
             if bfs == 0 || bfs > 1023 {
-                return Err(format!(
-                    "backing file name length {bfs} out of range (1..=1023)"
-                ));
+                return Err(
+                    format!("backing file name length {bfs} out of range (1..=1023)").into(),
+                );
             }
             let header_end = if version == 3 { header_length } else { 72 };
             if bfo < u64::from(header_end) {
                 return Err(format!(
                     "backing file name at offset {bfo} overlaps the {header_end}-byte header"
-                ));
+                )
+                .into());
             }
             bfo.checked_add(bfs)
                 .filter(|&e| e <= cluster_end as u64)
@@ -275,7 +295,7 @@ impl Header {
                 .filter(|b| unknown & (1 << b) != 0)
                 .map(|b| h.feature_name(0, b))
                 .collect();
-            return Err(format!("unknown incompatible feature {}", names.join(", ")));
+            return Err(format!("unknown incompatible feature {}", names.join(", ")).into());
         }
         if version == 3 && header_length > 104 {
             let ct = head[104];
@@ -286,11 +306,12 @@ impl Header {
                 (0, true) => {
                     return Err("compression type bit set but compression_type is 0".into())
                 }
-                (t, true) => return Err(format!("unknown compression_type {t}")),
+                (t, true) => return Err(format!("unknown compression_type {t}").into()),
                 (t, false) => {
                     return Err(format!(
                         "compression_type {t} without the compression type feature bit"
-                    ))
+                    )
+                    .into())
                 }
             };
         } else if incompatible & INCOMPAT_COMPRESSION != 0 {
@@ -301,9 +322,9 @@ impl Header {
         }
         let crypt = be32(head, 32);
         if crypt != 0 {
-            return Err(format!(
-                "encrypted images (crypt_method {crypt}) are not supported"
-            ));
+            return Err(
+                format!("encrypted images (crypt_method {crypt}) are not supported").into(),
+            );
         }
 
         // Backing file name (its place was checked above).
@@ -316,7 +337,7 @@ impl Header {
 
         // Virtual size and the L1 table.
         if h.size > (1u64 << 62) {
-            return Err(format!("virtual size {} is too large", h.size));
+            return Err(format!("virtual size {} is too large", h.size).into());
         }
         let guest_per_l2 = cluster_size * h.l2_entries();
         let l1_needed = h.size.div_ceil(guest_per_l2);
@@ -324,11 +345,12 @@ impl Header {
             return Err(format!(
                 "L1 table too small for the virtual size ({} entries, {} needed)",
                 h.l1_size, l1_needed
-            ));
+            )
+            .into());
         }
         let l1_bytes = u64::from(h.l1_size) * 8;
         if l1_bytes > MAX_L1_BYTES {
-            return Err(format!("L1 table size {} entries is too large", h.l1_size));
+            return Err(format!("L1 table size {} entries is too large", h.l1_size).into());
         }
         check_area(
             "L1 table",
@@ -347,7 +369,8 @@ impl Header {
             return Err(format!(
                 "refcount table of {} clusters is too large",
                 h.refcount_table_clusters
-            ));
+            )
+            .into());
         }
         check_area(
             "refcount table",
@@ -358,7 +381,7 @@ impl Header {
             true,
         )?;
         if h.nb_snapshots > MAX_SNAPSHOTS {
-            return Err(format!("too many snapshots ({})", h.nb_snapshots));
+            return Err(format!("too many snapshots ({})", h.nb_snapshots).into());
         }
         if h.nb_snapshots > 0 {
             check_area(
@@ -372,16 +395,12 @@ impl Header {
         }
         if let Some(b) = h.bitmaps {
             if b.nb_bitmaps == 0 || b.nb_bitmaps > 65535 {
-                return Err(format!(
-                    "bitmaps extension: bad bitmap count {}",
-                    b.nb_bitmaps
-                ));
+                return Err(format!("bitmaps extension: bad bitmap count {}", b.nb_bitmaps).into());
             }
             if b.directory_size == 0 || b.directory_size > 64 << 20 {
-                return Err(format!(
-                    "bitmaps extension: bad directory size {}",
-                    b.directory_size
-                ));
+                return Err(
+                    format!("bitmaps extension: bad directory size {}", b.directory_size).into(),
+                );
             }
             check_area(
                 "bitmap directory",
@@ -401,7 +420,7 @@ impl Header {
     /// Parses the extensions in `area` (the first cluster up to the backing file name, if
     /// any; `bound` names that end for messages). As in qemu, the extensions end at an end
     /// marker or exactly at the end of the area.
-    fn parse_extensions(&mut self, area: &[u8], bound: &str) -> Result<(), String> {
+    fn parse_extensions(&mut self, area: &[u8], bound: &str) -> Result<(), HeaderError> {
         let mut off = self.header_length as usize;
         if self.version == 2 {
             off = 72;
@@ -409,7 +428,7 @@ impl Header {
         // Bounded by the area: each extension takes at least 8 bytes.
         while off < area.len() {
             if off + 8 > area.len() {
-                return Err(format!("header extensions run past {bound}"));
+                return Err(format!("header extensions run past {bound}").into());
             }
             let ty = be32(area, off);
             let len = be32(area, off + 4) as usize;
@@ -463,20 +482,18 @@ fn check_area(
     cluster_size: u64,
     file_len: u64,
     required: bool,
-) -> Result<(), String> {
+) -> Result<(), HeaderError> {
     if !required {
         return Ok(());
     }
     if offset == 0 || !offset.is_multiple_of(cluster_size) {
-        return Err(format!(
-            "{what} offset {offset:#x} is not cluster aligned or zero"
-        ));
+        return Err(format!("{what} offset {offset:#x} is not cluster aligned or zero").into());
     }
     match offset.checked_add(len) {
         Some(end) if end <= file_len => Ok(()),
         _ => Err(format!(
             "{what} at {offset:#x} ({len} bytes) extends past the end of the file ({file_len} bytes)"
-        )),
+        ).into()),
     }
 }
 
@@ -563,7 +580,7 @@ mod tests {
     fn assert_refused(name: &str, h: &[u8], want: &str) {
         match Header::parse(h, LEN) {
             Ok(_) => panic!("{name}: accepted"),
-            Err(e) => assert!(e.contains(want), "{name}: {e:?} lacks {want:?}"),
+            Err(e) => assert!(e.to_string().contains(want), "{name}: {e:?} lacks {want:?}"),
         }
     }
 
@@ -941,9 +958,11 @@ mod tests {
         let h = fresh();
         assert!(Header::parse(&h[..50], LEN)
             .unwrap_err()
+            .to_string()
             .contains("too short"));
         assert!(Header::parse(&h[..90], LEN)
             .unwrap_err()
+            .to_string()
             .contains("too short"));
     }
 
@@ -951,9 +970,15 @@ mod tests {
     fn bad_magic_and_version() {
         let mut h = fresh();
         h[4..8].copy_from_slice(&4u32.to_be_bytes());
-        assert!(Header::parse(&h, LEN).unwrap_err().contains("version 4"));
+        assert!(Header::parse(&h, LEN)
+            .unwrap_err()
+            .to_string()
+            .contains("version 4"));
         h[0] = b'X';
-        assert!(Header::parse(&h, LEN).unwrap_err().contains("magic"));
+        assert!(Header::parse(&h, LEN)
+            .unwrap_err()
+            .to_string()
+            .contains("magic"));
     }
 
     #[test]
@@ -962,6 +987,7 @@ mod tests {
         h[20..24].copy_from_slice(&30u32.to_be_bytes());
         assert!(Header::parse(&h, LEN)
             .unwrap_err()
+            .to_string()
             .contains("cluster_bits 30"));
     }
 
@@ -969,11 +995,15 @@ mod tests {
     fn huge_l1_is_refused() {
         let mut h = fresh();
         h[36..40].copy_from_slice(&u32::MAX.to_be_bytes());
-        assert!(Header::parse(&h, LEN).unwrap_err().contains("too large"));
+        assert!(Header::parse(&h, LEN)
+            .unwrap_err()
+            .to_string()
+            .contains("too large"));
         let mut h = fresh();
         h[24..32].copy_from_slice(&(1u64 << 50).to_be_bytes());
         assert!(Header::parse(&h, LEN)
             .unwrap_err()
+            .to_string()
             .contains("L1 table too small"));
     }
 
@@ -981,15 +1011,22 @@ mod tests {
     fn offsets_past_eof_are_refused() {
         let mut h = fresh();
         h[40..48].copy_from_slice(&(100u64 << 16).to_be_bytes());
-        assert!(Header::parse(&h, LEN).unwrap_err().contains("past the end"));
+        assert!(Header::parse(&h, LEN)
+            .unwrap_err()
+            .to_string()
+            .contains("past the end"));
         let mut h = fresh();
         h[48..56].copy_from_slice(&u64::MAX.wrapping_sub(65535).to_be_bytes());
         assert!(Header::parse(&h, LEN)
             .unwrap_err()
+            .to_string()
             .contains("refcount table"));
         let mut h = fresh();
         h[40..48].copy_from_slice(&12345u64.to_be_bytes());
-        assert!(Header::parse(&h, LEN).unwrap_err().contains("aligned"));
+        assert!(Header::parse(&h, LEN)
+            .unwrap_err()
+            .to_string()
+            .contains("aligned"));
     }
 
     #[test]
@@ -997,7 +1034,7 @@ mod tests {
         let mut h = fresh();
         h[72..80].copy_from_slice(&(1u64 << 7).to_be_bytes());
         assert_eq!(
-            Header::parse(&h, LEN).unwrap_err(),
+            Header::parse(&h, LEN).unwrap_err().to_string(),
             "unknown incompatible feature bit 7"
         );
         // With a feature name table entry for it, the name appears.
@@ -1009,7 +1046,7 @@ mod tests {
         ext[10..19].copy_from_slice(b"frobnicat");
         h[112..112 + ext.len()].copy_from_slice(&ext);
         assert_eq!(
-            Header::parse(&h, LEN).unwrap_err(),
+            Header::parse(&h, LEN).unwrap_err().to_string(),
             "unknown incompatible feature bit 7 (frobnicat)"
         );
     }
@@ -1021,6 +1058,7 @@ mod tests {
         h[116..120].copy_from_slice(&u32::MAX.to_be_bytes());
         assert!(Header::parse(&h, LEN)
             .unwrap_err()
+            .to_string()
             .contains("past the first cluster"));
     }
 
@@ -1030,10 +1068,14 @@ mod tests {
         h[96..100].copy_from_slice(&7u32.to_be_bytes());
         assert!(Header::parse(&h, LEN)
             .unwrap_err()
+            .to_string()
             .contains("refcount_order 7"));
         let mut h = fresh();
         h[32..36].copy_from_slice(&1u32.to_be_bytes());
-        assert!(Header::parse(&h, LEN).unwrap_err().contains("encrypted"));
+        assert!(Header::parse(&h, LEN)
+            .unwrap_err()
+            .to_string()
+            .contains("encrypted"));
     }
 
     #[test]
@@ -1043,6 +1085,7 @@ mod tests {
         h[16..20].copy_from_slice(&100u32.to_be_bytes());
         assert!(Header::parse(&h, LEN)
             .unwrap_err()
+            .to_string()
             .contains("backing file name"));
     }
 }

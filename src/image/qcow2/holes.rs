@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 
 use log::{info, warn};
 
-use super::l2::{self, OFFSET_MASK};
+use super::l2::{self, L1Entry};
 
 /// The result slot of one image's hole check.
 #[derive(Default)]
@@ -108,7 +108,7 @@ fn check(
     let mut buf = vec![0u8; cs as usize];
     for l1 in l1s {
         for &e in l1 {
-            let off = e & OFFSET_MASK;
+            let off = L1Entry(e).l2_offset();
             if off == 0 || !off.is_multiple_of(cs) {
                 continue;
             }
@@ -118,7 +118,7 @@ fn check(
                 continue;
             }
             for (le, _) in l2::table_entries(&buf, geo.extended) {
-                for c in l2::host_clusters(le, geo.cluster_bits, geo.extended) {
+                for c in le.host_clusters(geo.cluster_bits, geo.extended) {
                     hit(c, &mut holes, "by an L2 entry");
                 }
             }

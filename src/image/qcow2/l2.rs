@@ -4,6 +4,7 @@
 //! without a lock. Allocation of a guest cluster is serialised per entry by compare-and-swap
 //! from the observed value to [`RESERVED`]; see `super` for the protocol.
 
+use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// L1/L2 flag: the cluster's refcount is exactly one (may be written in place).
@@ -43,87 +44,312 @@ pub enum Mapping {
     },
 }
 
-/// Decodes the first word of an L2 entry (standard descriptor or compressed). For extended
-/// L2 entries the caller consults the subcluster bitmap for standard clusters.
-pub fn decode(entry: u64, cluster_bits: u32, extended: bool) -> Result<Mapping, String> {
-    if entry == RESERVED {
-        return Err("entry holds the allocation sentinel".into());
-    }
-    if entry & COMPRESSED != 0 {
-        if entry & COPIED != 0 {
-            return Err(format!("compressed entry {entry:#x} has the COPIED flag"));
-        }
-        let x = 62 - (cluster_bits - 8);
-        let offset = entry & ((1u64 << x) - 1);
-        let sectors = (entry & ((1u64 << 62) - 1)) >> x;
-        let end_sector = (offset & !511) + (sectors + 1) * 512;
-        return Ok(Mapping::Compressed {
-            offset,
-            len: end_sector - offset,
-        });
-    }
-    let reserved_bits = if extended {
-        0x3f00_0000_0000_01ff
+/// Why an L1 or L2 entry read from an image is refused (the message follows "L1 entry N: "
+/// or "L2 table at X, entry N: ").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BadEntry {
+    /// An L1 entry with bits set outside the offset and COPIED.
+    #[error("{0:#x} has reserved bits set")]
+    L1ReservedBits(u64),
+    /// An L1 entry whose L2 table offset is not cluster aligned.
+    #[error("L2 table offset {0:#x} is not cluster aligned")]
+    L2TableUnaligned(u64),
+    /// An L1 entry whose L2 table lies past the end of the file.
+    #[error("L2 table offset {0:#x} is past the end of the file")]
+    L2TablePastEnd(u64),
+    /// An L2 entry holding [`RESERVED`].
+    #[error("entry holds the allocation sentinel")]
+    Sentinel,
+    /// A compressed L2 entry with COPIED set.
+    #[error("compressed entry {0:#x} has the COPIED flag")]
+    CompressedCopied(u64),
+    /// A standard L2 entry with reserved bits set.
+    #[error("entry {0:#x} has reserved bits set")]
+    ReservedBits(u64),
+    /// A standard L2 entry with COPIED but no host offset.
+    #[error("entry {0:#x}: COPIED without a host offset")]
+    CopiedWithoutOffset(u64),
+    /// A standard L2 entry whose host offset is not cluster aligned.
+    #[error("host offset {0:#x} is not cluster aligned")]
+    HostUnaligned(u64),
+    /// Extended L2: a compressed cluster with a nonzero subcluster bitmap.
+    #[error("compressed cluster with a subcluster bitmap")]
+    CompressedWithBitmap,
+    /// Extended L2: a subcluster marked both allocated and zero.
+    #[error("subcluster both allocated and zero")]
+    AllocatedAndZero,
+    /// Extended L2: allocated subclusters in an entry without a host offset.
+    #[error("allocated subclusters without a host offset")]
+    AllocatedWithoutOffset,
+    /// Extended L2: the subcluster read is allocated but the entry has no host offset.
+    #[error("allocated subcluster without host offset")]
+    SubclusterWithoutOffset,
+    /// A compressed cluster in an image whose data lives in an external data file.
+    #[error("compressed cluster in an image with an external data file")]
+    CompressedInDataFile,
+    /// The entry references a host cluster (byte offset) past the end of the file.
+    #[error("references host cluster {0:#x} past the end of the file")]
+    PastEnd(u64),
+    /// The entry references a host cluster (byte offset) that holds metadata.
+    #[error("references host cluster {0:#x}, which holds metadata")]
+    Metadata(u64),
+    /// The entry references a host cluster (byte offset) whose refcount is 0.
+    #[error("references host cluster {0:#x}, whose refcount is 0")]
+    Unreferenced(u64),
+}
+
+/// `word` (an L1 or L2 entry) with COPIED set or cleared.
+#[inline]
+const fn set_copied(word: u64, copied: bool) -> u64 {
+    if copied {
+        word | COPIED
     } else {
-        0x3f00_0000_0000_01fe
-    };
-    if entry & reserved_bits != 0 {
-        return Err(format!("entry {entry:#x} has reserved bits set"));
+        word & !COPIED
     }
-    let host = entry & OFFSET_MASK;
-    if !extended && entry & ZERO != 0 {
-        return Ok(Mapping::Zero);
+}
+
+/// An L1 table entry (qcow2.txt, "L1 table entry"): the offset of an L2 table in bits 9-55
+/// (0: none yet), and COPIED in bit 63 when that table's refcount is exactly one (it may be
+/// rewritten in place).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct L1Entry(pub u64);
+
+impl L1Entry {
+    /// An L1 entry pointing at the L2 table at byte offset `table`, owned exclusively.
+    #[inline]
+    pub const fn owned(table: u64) -> L1Entry {
+        L1Entry(table | COPIED)
     }
-    if host == 0 {
-        if entry & COPIED != 0 {
-            return Err(format!("entry {entry:#x}: COPIED without a host offset"));
+
+    /// Byte offset of the L2 table in the image file, 0 for none.
+    #[inline]
+    pub const fn l2_offset(self) -> u64 {
+        self.0 & OFFSET_MASK
+    }
+
+    /// Bit 63 (COPIED): the L2 table's refcount is exactly one.
+    #[inline]
+    pub const fn is_copied(self) -> bool {
+        self.0 & COPIED != 0
+    }
+
+    /// The entry with COPIED set or cleared.
+    #[inline]
+    pub const fn with_copied(self, copied: bool) -> L1Entry {
+        L1Entry(set_copied(self.0, copied))
+    }
+
+    /// Checks an entry read from the image: no reserved bits, and a table offset that is
+    /// cluster aligned (`cs` bytes) and inside a file of `file_len` bytes.
+    pub fn check(self, cs: u64, file_len: u64) -> Result<(), BadEntry> {
+        if self.0 & !(OFFSET_MASK | COPIED) != 0 {
+            return Err(BadEntry::L1ReservedBits(self.0));
         }
-        return Ok(Mapping::Unallocated);
+        let off = self.l2_offset();
+        if !off.is_multiple_of(cs) {
+            return Err(BadEntry::L2TableUnaligned(off));
+        }
+        if off != 0 && off + cs > file_len.next_multiple_of(cs) {
+            return Err(BadEntry::L2TablePastEnd(off));
+        }
+        Ok(())
     }
-    if host & ((1u64 << cluster_bits) - 1) != 0 {
-        return Err(format!("host offset {host:#x} is not cluster aligned"));
+}
+
+/// The first word of an L2 entry as qcow2.txt defines it: a standard cluster descriptor
+/// (host offset in bits 9-55, the all-zeros flag in bit 0 without extended L2) or, with bit
+/// 62, a compressed cluster descriptor; bit 63 (COPIED) says the refcount is exactly one.
+/// In memory it may also hold the allocation sentinel [`L2Entry::RESERVED`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct L2Entry(pub u64);
+
+impl L2Entry {
+    /// Unallocated, no flags: reads from the backing file, or as zeros.
+    pub const UNALLOCATED: L2Entry = L2Entry(0);
+    /// Standard descriptor with only the all-zeros flag (no host cluster).
+    pub const ZERO: L2Entry = L2Entry(ZERO);
+
+    /// A standard entry mapping the host cluster at byte offset `host`, owned exclusively
+    /// (COPIED): what a write publishes after allocating or rewriting a cluster.
+    #[inline]
+    pub const fn owned(host: u64) -> L2Entry {
+        L2Entry(host | COPIED)
     }
-    Ok(Mapping::Data(host))
+
+    /// True for the allocation sentinel.
+    #[inline]
+    pub const fn is_reserved(self) -> bool {
+        self.0 == RESERVED
+    }
+
+    /// Bit 62: a compressed cluster descriptor.
+    #[inline]
+    pub const fn is_compressed(self) -> bool {
+        self.0 & COMPRESSED != 0
+    }
+
+    /// Bit 63 (COPIED): the cluster's refcount is exactly one, it may be written in place.
+    #[inline]
+    pub const fn is_copied(self) -> bool {
+        self.0 & COPIED != 0
+    }
+
+    /// Bit 0 of a standard descriptor: the cluster reads as zeros (v3, not with extended
+    /// L2, where the bitmap says it per subcluster).
+    #[inline]
+    pub const fn zero_flag(self) -> bool {
+        self.0 & ZERO != 0
+    }
+
+    /// Bits 9-55 of a standard descriptor: the host cluster's byte offset, 0 for none (with
+    /// an external data file, 0 with COPIED is a real offset). Meaningless when compressed.
+    #[inline]
+    pub const fn host_offset(self) -> u64 {
+        self.0 & OFFSET_MASK
+    }
+
+    /// The entry with COPIED set or cleared.
+    #[inline]
+    pub const fn with_copied(self, copied: bool) -> L2Entry {
+        L2Entry(set_copied(self.0, copied))
+    }
+
+    /// Decodes the entry (standard descriptor or compressed). For extended L2 entries the
+    /// caller consults the subcluster bitmap for standard clusters.
+    pub fn decode(self, cluster_bits: u32, extended: bool) -> Result<Mapping, BadEntry> {
+        let entry = self.0;
+        if self.is_reserved() {
+            return Err(BadEntry::Sentinel);
+        }
+        if self.is_compressed() {
+            if self.is_copied() {
+                return Err(BadEntry::CompressedCopied(entry));
+            }
+            let x = 62 - (cluster_bits - 8);
+            let offset = entry & ((1u64 << x) - 1);
+            let sectors = (entry & ((1u64 << 62) - 1)) >> x;
+            let end_sector = (offset & !511) + (sectors + 1) * 512;
+            return Ok(Mapping::Compressed {
+                offset,
+                len: end_sector - offset,
+            });
+        }
+        let reserved_bits = if extended {
+            0x3f00_0000_0000_01ff
+        } else {
+            0x3f00_0000_0000_01fe
+        };
+        if entry & reserved_bits != 0 {
+            return Err(BadEntry::ReservedBits(entry));
+        }
+        let host = self.host_offset();
+        if !extended && self.zero_flag() {
+            return Ok(Mapping::Zero);
+        }
+        if host == 0 {
+            if self.is_copied() {
+                return Err(BadEntry::CopiedWithoutOffset(entry));
+            }
+            return Ok(Mapping::Unallocated);
+        }
+        if host & ((1u64 << cluster_bits) - 1) != 0 {
+            return Err(BadEntry::HostUnaligned(host));
+        }
+        Ok(Mapping::Data(host))
+    }
+
+    /// Host clusters (indices) whose refcount the entry holds: its data cluster (also for a
+    /// zero cluster that keeps one), the clusters a compressed cluster's bytes span, or none
+    /// (unallocated, or a compressed entry that does not decode).
+    pub fn host_clusters(self, cluster_bits: u32, extended: bool) -> RangeInclusive<u64> {
+        let none = RangeInclusive::new(1, 0);
+        if self.is_compressed() {
+            match self.decode(cluster_bits, extended) {
+                Ok(Mapping::Compressed { offset, len }) => {
+                    compressed_clusters(offset, len, cluster_bits)
+                }
+                _ => none,
+            }
+        } else if self.host_offset() != 0 {
+            let c = self.host_offset() >> cluster_bits;
+            c..=c
+        } else {
+            none
+        }
+    }
+}
+
+/// The second word of an extended L2 entry (qcow2.txt, "Extended L2 Entries"): bit `k` says
+/// subcluster `k` (0..32) is allocated, bit `32 + k` that it reads as zeros. Always 0
+/// without extended L2 entries. Masks taken and returned by the methods name subclusters
+/// by their allocation bit (bit `k` for subcluster `k`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SubclusterBitmap(pub u64);
+
+impl SubclusterBitmap {
+    /// No subcluster allocated or zero (also the word without extended L2).
+    pub const EMPTY: SubclusterBitmap = SubclusterBitmap(0);
+    /// Every subcluster allocated.
+    pub const ALL_ALLOCATED: SubclusterBitmap = SubclusterBitmap(ALL_ALLOC);
+    /// Every subcluster reads as zeros.
+    pub const ALL_ZERO: SubclusterBitmap = SubclusterBitmap(ALL_ZERO);
+
+    /// The allocated subclusters.
+    #[inline]
+    pub const fn allocated(self) -> u64 {
+        self.0 & ALL_ALLOC
+    }
+
+    /// The subclusters that read as zeros.
+    #[inline]
+    pub const fn zeroed(self) -> u64 {
+        self.0 >> 32
+    }
+
+    /// True if every subcluster reads as zeros.
+    #[inline]
+    pub const fn is_all_zero(self) -> bool {
+        self.0 & ALL_ZERO == ALL_ZERO
+    }
+
+    /// True if subcluster `sc` is allocated.
+    #[inline]
+    pub const fn is_allocated(self, sc: u64) -> bool {
+        self.0 & (1 << sc) != 0
+    }
+
+    /// True if subcluster `sc` reads as zeros.
+    #[inline]
+    pub const fn is_zero(self, sc: u64) -> bool {
+        self.0 & (1 << (sc + 32)) != 0
+    }
+
+    /// The bitmap with subclusters `mask` allocated (their zero bits cleared).
+    #[inline]
+    pub const fn with_allocated(self, mask: u64) -> SubclusterBitmap {
+        SubclusterBitmap((self.0 | mask) & !(mask << 32))
+    }
+
+    /// The bitmap with subclusters `mask` reading as zeros (their allocation bits cleared).
+    #[inline]
+    pub const fn with_zeroed(self, mask: u64) -> SubclusterBitmap {
+        SubclusterBitmap((self.0 & !mask) | (mask << 32))
+    }
 }
 
 /// Host clusters (indices) holding the data of a compressed cluster.
-pub fn compressed_clusters(
-    offset: u64,
-    len: u64,
-    cluster_bits: u32,
-) -> std::ops::RangeInclusive<u64> {
+pub fn compressed_clusters(offset: u64, len: u64, cluster_bits: u32) -> RangeInclusive<u64> {
     let first = offset >> cluster_bits;
     let last = (offset + len.max(1) - 1) >> cluster_bits;
     first..=last
 }
 
-/// Host clusters (indices) whose refcount the L2 entry `entry` holds: its data cluster
-/// (also for a zero cluster that keeps one), the clusters a compressed cluster's bytes span,
-/// or none (unallocated, or a compressed entry that does not decode).
-pub fn host_clusters(
-    entry: u64,
-    cluster_bits: u32,
-    extended: bool,
-) -> std::ops::RangeInclusive<u64> {
-    let none = std::ops::RangeInclusive::new(1, 0);
-    if entry & COMPRESSED != 0 {
-        match decode(entry, cluster_bits, extended) {
-            Ok(Mapping::Compressed { offset, len }) => {
-                compressed_clusters(offset, len, cluster_bits)
-            }
-            _ => none,
-        }
-    } else if entry & OFFSET_MASK != 0 {
-        let c = (entry & OFFSET_MASK) >> cluster_bits;
-        c..=c
-    } else {
-        none
-    }
-}
-
 /// The entries of an L2 table as stored in the file (`table` is the whole cluster), in order:
-/// each entry's first word and, with extended L2 entries, its subcluster bitmap (else 0).
-pub fn table_entries(table: &[u8], extended: bool) -> impl Iterator<Item = (u64, u64)> + '_ {
+/// each entry's first word and, with extended L2 entries, its subcluster bitmap (else empty).
+pub fn table_entries(
+    table: &[u8],
+    extended: bool,
+) -> impl Iterator<Item = (L2Entry, SubclusterBitmap)> + '_ {
     let width = if extended { 16 } else { 8 };
     table.chunks_exact(width).map(move |e| {
         let word = |i: usize| {
@@ -131,7 +357,10 @@ pub fn table_entries(table: &[u8], extended: bool) -> impl Iterator<Item = (u64,
             b.copy_from_slice(&e[i * 8..i * 8 + 8]);
             u64::from_be_bytes(b)
         };
-        (word(0), if extended { word(1) } else { 0 })
+        (
+            L2Entry(word(0)),
+            SubclusterBitmap(if extended { word(1) } else { 0 }),
+        )
     })
 }
 
@@ -325,6 +554,28 @@ impl L2Table {
         self.referenced.load(Ordering::Relaxed) && self.referenced.swap(false, Ordering::Relaxed)
     }
 
+    /// Reserves the entry whose first word is word `w` if it still holds `seen` (a
+    /// compare-and-swap to [`RESERVED`]); false if it changed meanwhile.
+    #[inline]
+    pub fn reserve(&self, w: usize, seen: L2Entry) -> bool {
+        self.entries[w]
+            .compare_exchange(seen.0, RESERVED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Stores `e` as the first word at word `w` (Release): publishes an entry, or ends a
+    /// reservation by putting back the old one.
+    #[inline]
+    pub fn store_entry(&self, w: usize, e: L2Entry) {
+        self.entries[w].store(e.0, Ordering::Release);
+    }
+
+    /// Stores `b` as the subcluster bitmap of the extended entry at word `w` (Release).
+    #[inline]
+    pub fn store_bitmap(&self, w: usize, b: SubclusterBitmap) {
+        self.entries[w + 1].store(b.0, Ordering::Release);
+    }
+
     /// Serialises the current entries into `out` (big-endian). Returns false if some entry
     /// still holds [`RESERVED`] (the caller waits and retries).
     pub fn to_bytes(&self, out: &mut [u8]) -> bool {
@@ -345,18 +596,18 @@ mod tests {
 
     #[test]
     fn decode_standard_and_zero() {
-        assert_eq!(decode(0, 16, false), Ok(Mapping::Unallocated));
-        assert_eq!(decode(ZERO, 16, false), Ok(Mapping::Zero));
+        assert_eq!(L2Entry(0).decode(16, false), Ok(Mapping::Unallocated));
+        assert_eq!(L2Entry(ZERO).decode(16, false), Ok(Mapping::Zero));
         assert_eq!(
-            decode(COPIED | 0x30000, 16, false),
+            L2Entry(COPIED | 0x30000).decode(16, false),
             Ok(Mapping::Data(0x30000))
         );
-        assert!(decode(COPIED | 0x30200, 16, false).is_err());
-        assert!(decode(COPIED, 16, false).is_err());
-        assert!(decode(RESERVED, 16, false).is_err());
-        assert!(decode(1 << 58, 16, false).is_err());
+        assert!(L2Entry(COPIED | 0x30200).decode(16, false).is_err());
+        assert!(L2Entry(COPIED).decode(16, false).is_err());
+        assert!(L2Entry(RESERVED).decode(16, false).is_err());
+        assert!(L2Entry(1 << 58).decode(16, false).is_err());
         // Extended L2: bit 0 is reserved.
-        assert!(decode(ZERO, 16, true).is_err());
+        assert!(L2Entry(ZERO).decode(16, true).is_err());
     }
 
     #[test]
@@ -368,25 +619,30 @@ mod tests {
         let plain: Vec<_> = table_entries(&t, false).collect();
         assert_eq!(
             plain,
-            vec![(COPIED | 0x30000, 0), (0xff, 0), (0x50000, 0), (0, 0)]
+            [(COPIED | 0x30000, 0), (0xff, 0), (0x50000, 0), (0, 0)]
+                .map(|(e, b)| (L2Entry(e), SubclusterBitmap(b)))
         );
         let extended: Vec<_> = table_entries(&t, true).collect();
-        assert_eq!(extended, vec![(COPIED | 0x30000, 0xff), (0x50000, 0)]);
+        assert_eq!(
+            extended,
+            [(COPIED | 0x30000, 0xff), (0x50000, 0)]
+                .map(|(e, b)| (L2Entry(e), SubclusterBitmap(b)))
+        );
     }
 
     #[test]
     fn host_clusters_of_each_entry_kind() {
         let none = |r: std::ops::RangeInclusive<u64>| r.count() == 0;
-        assert!(none(host_clusters(0, 16, false)), "unallocated");
-        assert_eq!(host_clusters(COPIED | 0x30000, 16, false), 3..=3);
+        assert!(none(L2Entry(0).host_clusters(16, false)), "unallocated");
+        assert_eq!(L2Entry(COPIED | 0x30000).host_clusters(16, false), 3..=3);
         // A zero cluster that keeps its host cluster still holds its refcount.
-        assert_eq!(host_clusters(0x30000 | ZERO, 16, false), 3..=3);
+        assert_eq!(L2Entry(0x30000 | ZERO).host_clusters(16, false), 3..=3);
         // Compressed: offset 0xfff0, one additional sector: bytes 0xfe00..0x10200 minus the
         // in-sector offset, i.e. clusters 0 and 1.
         let e = COMPRESSED | (1u64 << 54) | 0xfff0;
-        assert_eq!(host_clusters(e, 16, false), 0..=1);
+        assert_eq!(L2Entry(e).host_clusters(16, false), 0..=1);
         assert!(
-            none(host_clusters(COMPRESSED | COPIED, 16, false)),
+            none(L2Entry(COMPRESSED | COPIED).host_clusters(16, false)),
             "invalid"
         );
     }
@@ -396,7 +652,7 @@ mod tests {
         // cluster_bits 16: x = 54; two additional sectors, offset 0x10100.
         let e = COMPRESSED | (2u64 << 54) | 0x10100;
         assert_eq!(
-            decode(e, 16, false),
+            L2Entry(e).decode(16, false),
             Ok(Mapping::Compressed {
                 offset: 0x10100,
                 len: 3 * 512 - 0x100

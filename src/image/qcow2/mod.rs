@@ -127,9 +127,7 @@ use vm_memory::VolatileSlice;
 
 use self::alloc::{Clusters, HostCluster};
 use self::header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
-use self::l2::{
-    L2Table, Mapping, ALL_ALLOC, ALL_ZERO, COMPRESSED, COPIED, OFFSET_MASK, RESERVED, ZERO,
-};
+use self::l2::{BadEntry, L1Entry, L2Entry, L2Table, Mapping, SubclusterBitmap};
 use super::engine::{Aio, IoEngine, SyncEngine};
 use super::format::ImageOptions;
 use super::lock::{self, Role};
@@ -171,10 +169,6 @@ const OFF_SIZE: u64 = 24;
 /// A byte offset in the guest's virtual disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct GuestOffset(pub u64);
-
-/// A byte offset in the image file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct HostOffset(pub u64);
 
 fn corrupt(msg: impl std::fmt::Display) -> stdio::Error {
     stdio::Error::new(
@@ -372,25 +366,42 @@ impl Qcow2Shared {
 
     /// Decodes an L2 entry. With an external data file, host offset 0 is a real offset
     /// (marked by COPIED, as the spec allows only there).
-    fn decode(&self, e: u64) -> std::result::Result<Mapping, String> {
+    fn decode(&self, entry: L2Entry) -> std::result::Result<Mapping, BadEntry> {
         if self.data_file.is_some()
-            && e != RESERVED
-            && e & (COMPRESSED | OFFSET_MASK) == 0
-            && e & COPIED != 0
+            && !entry.is_reserved()
+            && !entry.is_compressed()
+            && entry.host_offset() == 0
+            && entry.is_copied()
         {
-            return l2::decode(e & !COPIED, self.cluster_bits, self.extended).map(|m| match m {
-                Mapping::Unallocated => Mapping::Data(0),
-                m => m,
-            });
+            return entry
+                .with_copied(false)
+                .decode(self.cluster_bits, self.extended)
+                .map(|m| match m {
+                    Mapping::Unallocated => Mapping::Data(0),
+                    m => m,
+                });
         }
-        l2::decode(e, self.cluster_bits, self.extended)
+        entry.decode(self.cluster_bits, self.extended)
     }
 
-    /// True if uncompressed entry `e` maps a host cluster (with an external data file, offset
+    /// Entry `i` of the L1 table in memory (Acquire: the table it names is written).
+    #[inline]
+    fn l1_entry(&self, i: usize) -> L1Entry {
+        L1Entry(self.l1[i].load(Ordering::Acquire))
+    }
+
+    /// Sets entry `i` of the L1 table in memory (Release); written back by the next flush
+    /// if the caller marks `l1_dirty`.
+    fn set_l1_entry(&self, i: usize, e: L1Entry) {
+        self.l1[i].store(e.0, Ordering::Release);
+    }
+
+    /// True if uncompressed `entry` maps a host cluster (with an external data file, offset
     /// 0 with COPIED counts).
-    fn has_host(&self, e: u64) -> bool {
-        e & COMPRESSED == 0
-            && (e & OFFSET_MASK != 0 || (self.data_file.is_some() && e & COPIED != 0))
+    #[inline]
+    fn has_host(&self, entry: L2Entry) -> bool {
+        !entry.is_compressed()
+            && (entry.host_offset() != 0 || (self.data_file.is_some() && entry.is_copied()))
     }
 
     /// The file guest data lives in: the external data file, or the image file.
@@ -418,17 +429,18 @@ impl Qcow2Shared {
         }
     }
 
-    /// True if the guest cluster described by (`e`, `b`) reads as zeros throughout.
-    fn reads_as_zeros(&self, e: u64, b: u64) -> bool {
-        if e & COMPRESSED != 0 || e == RESERVED {
+    /// True if the guest cluster described by `entry` (and `bitmap`, with extended L2)
+    /// reads as zeros throughout.
+    fn reads_as_zeros(&self, entry: L2Entry, bitmap: SubclusterBitmap) -> bool {
+        if entry.is_compressed() || entry.is_reserved() {
             return false;
         }
         if self.extended {
-            !self.has_host(e)
-                && b & ALL_ALLOC == 0
-                && (self.backing.is_none() || b & ALL_ZERO == ALL_ZERO)
+            !self.has_host(entry)
+                && bitmap.allocated() == 0
+                && (self.backing.is_none() || bitmap.is_all_zero())
         } else {
-            e & ZERO != 0 || (!self.has_host(e) && self.backing.is_none())
+            entry.zero_flag() || (!self.has_host(entry) && self.backing.is_none())
         }
     }
 }
@@ -798,7 +810,7 @@ mod tests {
             // cluster has become metadata.
             let t = a.shared.table(0).unwrap();
             assert!(t.pin());
-            t.entries[0].store(x | super::COPIED | super::ZERO, Ordering::Release);
+            t.entries[0].store(x | super::l2::COPIED | super::l2::ZERO, Ordering::Release);
             t.mark_dirty(0);
             t.unpin();
             let c = a.shared.clusters().unwrap();
@@ -1034,11 +1046,11 @@ mod tests {
         let s = a.shared.clone();
         let t = s.table(0).unwrap();
         let (e, b) = s.load_entry(&t, 0);
-        assert_eq!(b, 1);
+        assert_eq!(b, super::SubclusterBitmap(1));
         // Another queue writes part of subcluster 1 and all of subcluster 2 meanwhile.
         a.write(sub + 1000, &mut vec![2u8; (2 * sub - 1000) as usize])
             .unwrap();
-        assert_eq!(s.load_entry(&t, 0), (e, 0b111));
+        assert_eq!(s.load_entry(&t, 0), (e, super::SubclusterBitmap(0b111)));
         // Our write, with what we saw before: 100 bytes at the start of subcluster 1.
         let mut d = [3u8; 100];
         let bufs = [vm_memory::VolatileSlice::from(&mut d[..])];
@@ -1058,7 +1070,11 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        assert_eq!(s.load_entry(&t, 0), (e, 0b111), "allocation bits kept");
+        assert_eq!(
+            s.load_entry(&t, 0),
+            (e, super::SubclusterBitmap(0b111)),
+            "allocation bits kept"
+        );
         let mut back = vec![0u8; 3 * sub as usize];
         a.read(0, &mut back).unwrap();
         let mut want = vec![1u8; sub as usize];

@@ -35,7 +35,7 @@ impl Qcow2Shared {
         let file_len = meta.len();
         let mut head = vec![0u8; file_len.min(2 << 20) as usize];
         io::read_bytes(&file, 0, &mut head).map_err(open_err)?;
-        let hdr = Header::parse(&head, file_len).map_err(inval)?;
+        let hdr = Header::parse(&head, file_len).map_err(|e| inval(e.to_string()))?;
         let cs = hdr.cluster_size();
         let data_raw = hdr.incompatible & header::INCOMPAT_DATA_FILE != 0
             && hdr.autoclear & header::AUTOCLEAR_DATA_RAW != 0;
@@ -86,7 +86,9 @@ impl Qcow2Shared {
         let mut l1 = Vec::with_capacity(capacity);
         for i in 0..l1_len {
             let e = be64_at(&l1_bytes, i);
-            check_l1_entry(e, cs, file_len).map_err(|m| inval(format!("L1 entry {i}: {m}")))?;
+            L1Entry(e)
+                .check(cs, file_len)
+                .map_err(|m| inval(format!("L1 entry {i}: {m}")))?;
             l1.push(AtomicU64::new(e));
         }
         l1.resize_with(capacity, || AtomicU64::new(0));
@@ -284,22 +286,6 @@ impl Qcow2Shared {
         }
         Ok(())
     }
-}
-
-pub(super) fn check_l1_entry(e: u64, cs: u64, file_len: u64) -> std::result::Result<(), String> {
-    if e & !(OFFSET_MASK | COPIED) != 0 {
-        return Err(format!("{e:#x} has reserved bits set"));
-    }
-    let off = e & OFFSET_MASK;
-    if !off.is_multiple_of(cs) {
-        return Err(format!("L2 table offset {off:#x} is not cluster aligned"));
-    }
-    if off != 0 && off + cs > file_len.next_multiple_of(cs) {
-        return Err(format!(
-            "L2 table offset {off:#x} is past the end of the file"
-        ));
-    }
-    Ok(())
 }
 
 /// Opens the mapping journal of a writable image as `mode` asks; `None` means there is none

@@ -7,9 +7,8 @@
 //! memory is read first, the one blocking step).
 
 use std::io as stdio;
-use std::sync::atomic::Ordering;
 
-use super::l2::{self, L2Table, Mapping, RESERVED};
+use super::l2::{self, BadEntry, L2Entry, Mapping, SubclusterBitmap};
 use super::{Backing, GuestOffset, Qcow2Shared};
 
 /// What planning found.
@@ -38,7 +37,7 @@ pub(super) enum WriteExtent {
         in_off: u64,
         i: usize,
         j: usize,
-        e: u64,
+        e: L2Entry,
     },
 }
 
@@ -83,14 +82,18 @@ fn push(plan: &mut Vec<Extent>, e: Extent) {
 }
 
 /// The mapping of subcluster `sc` of a cluster mapped by `m` (data or unallocated) with
-/// extended L2 bitmap `b`.
-pub(super) fn subcluster(m: Mapping, b: u64, sc: u64) -> Result<Mapping, &'static str> {
-    if b & (1 << sc) != 0 {
+/// extended L2 bitmap `bitmap`.
+pub(super) fn subcluster(
+    m: Mapping,
+    bitmap: SubclusterBitmap,
+    sc: u64,
+) -> Result<Mapping, BadEntry> {
+    if bitmap.is_allocated(sc) {
         match m {
             Mapping::Data(h) => Ok(Mapping::Data(h)),
-            _ => Err("allocated subcluster without host offset"),
+            _ => Err(BadEntry::SubclusterWithoutOffset),
         }
-    } else if b & (1 << (sc + 32)) != 0 {
+    } else if bitmap.is_zero(sc) {
         Ok(Mapping::Zero)
     } else {
         Ok(Mapping::Unallocated)
@@ -109,10 +112,10 @@ impl Qcow2Shared {
             let g = off + done;
             let (i, j, in_off) = self.locate(GuestOffset(g));
             let n = (cs - in_off).min(len - done);
-            let Some((e, b)) = self.try_load_entry(&**self.table(i)?, j) else {
+            let Some((entry, bitmap)) = self.try_load_entry(&**self.table(i)?, j) else {
                 return Ok(Plan::Busy);
             };
-            let Ok(m) = self.decode(e) else {
+            let Ok(m) = self.decode(entry) else {
                 return Ok(Plan::Sync);
             };
             let cluster_guest = g - in_off;
@@ -123,7 +126,7 @@ impl Qcow2Shared {
                     let o = in_off + sub;
                     let sc = o / scs;
                     let k = (scs - o % scs).min(n - sub);
-                    let Ok(sm) = subcluster(m, b, sc) else {
+                    let Ok(sm) = subcluster(m, bitmap, sc) else {
                         return Ok(Plan::Sync);
                     };
                     if !self.plan_mapped(&mut plan, cluster_guest, sm, o, k, done + sub) {
@@ -208,24 +211,6 @@ impl Qcow2Shared {
         true
     }
 
-    /// Loads entry `g` of a table (both words with extended L2); `None` while it is reserved.
-    fn try_load_entry(&self, t: &L2Table, g: usize) -> Option<(u64, u64)> {
-        let w = g * self.words;
-        loop {
-            let e = t.entries[w].load(Ordering::Acquire);
-            if e == RESERVED {
-                return None;
-            }
-            if !self.extended {
-                return Some((e, 0));
-            }
-            let b = t.entries[w + 1].load(Ordering::Acquire);
-            if t.entries[w].load(Ordering::Acquire) == e {
-                return Some((e, b));
-            }
-        }
-    }
-
     /// The plan of a write of guest bytes `[off, off + len)`: in-place overwrites of clusters
     /// the image owns exclusively, and allocations of clusters that read as zeros and have
     /// no host cluster (without extended L2 or a data file). Anything else (copy-on-write,
@@ -239,11 +224,11 @@ impl Qcow2Shared {
             let g = off + done;
             let (i, j, in_off) = self.locate(GuestOffset(g));
             let n = (cs - in_off).min(len - done);
-            let Some((e, b)) = self.try_load_entry(&**self.table(i)?, j) else {
+            let Some((entry, bitmap)) = self.try_load_entry(&**self.table(i)?, j) else {
                 return Ok(Plan::Busy);
             };
-            if self.in_place(e, b, self.touched(in_off, n)) {
-                let h = e & l2::OFFSET_MASK;
+            if self.in_place(entry, bitmap, self.touched(in_off, n)) {
+                let h = entry.host_offset();
                 if let Err(err) = self.check_overlap(h) {
                     self.persist_corrupt();
                     return Err(err);
@@ -262,8 +247,8 @@ impl Qcow2Shared {
                 }
             } else if !self.extended
                 && self.data_file.is_none()
-                && !self.has_host(e)
-                && self.reads_as_zeros(e, b)
+                && !self.has_host(entry)
+                && self.reads_as_zeros(entry, bitmap)
             {
                 plan.push(WriteExtent::Allocate {
                     pos: done,
@@ -271,7 +256,7 @@ impl Qcow2Shared {
                     in_off,
                     i,
                     j,
-                    e,
+                    e: entry,
                 });
             } else {
                 return Ok(Plan::Sync);

@@ -6,7 +6,7 @@ use std::io;
 use std::sync::atomic::Ordering;
 
 use super::alloc::HostCluster;
-use super::l2::{COMPRESSED, COPIED, OFFSET_MASK};
+use super::l2::{L1Entry, L2Entry, OFFSET_MASK};
 use super::{be64_at, io as qio, refcount, Qcow2Shared};
 
 /// Why a writable open failed.
@@ -163,7 +163,7 @@ fn all_meta(s: &Qcow2Shared, file_len: u64, rt: &[u64]) -> R<Vec<(u64, u64, &'st
         }
     }
     for e in &s.l1 {
-        let off = e.load(Ordering::Relaxed) & OFFSET_MASK;
+        let off = L1Entry(e.load(Ordering::Relaxed)).l2_offset();
         if off != 0 {
             v.push((off, cs, "an L2 table"));
         }
@@ -377,9 +377,10 @@ pub fn walk_l2(
     let mut buf = vec![0u8; cs as usize];
     for (l1, is_active) in l1s {
         for (i, e) in l1.into_iter().enumerate() {
-            super::open::check_l1_entry(e, cs, file_len)
+            let e = L1Entry(e);
+            e.check(cs, file_len)
                 .map_err(|m| OpenError::Invalid(format!("L1 entry {i}: {m}")))?;
-            let off = e & OFFSET_MASK;
+            let off = e.l2_offset();
             if off == 0 {
                 continue;
             }
@@ -391,7 +392,7 @@ pub fn walk_l2(
                 })?;
                 // Data clusters in an external data file are not refcounted here.
                 if s.data_file.is_none() {
-                    for c in super::l2::host_clusters(le, s.cluster_bits, s.extended) {
+                    for c in le.host_clusters(s.cluster_bits, s.extended) {
                         visit(c, false, is_active)?;
                     }
                 }
@@ -403,8 +404,8 @@ pub fn walk_l2(
 
 /// Whether the data entry `le` should have COPIED set: its cluster's refcount is 1, or it
 /// lives in an external data file (not refcounted; QEMU always sets COPIED there).
-fn data_copied(s: &Qcow2Shared, clusters: &super::alloc::Clusters, le: u64) -> bool {
-    s.data_file.is_some() || clusters.get(HostCluster((le & OFFSET_MASK) >> s.cluster_bits)) == 1
+fn data_copied(s: &Qcow2Shared, clusters: &super::alloc::Clusters, le: L2Entry) -> bool {
+    s.data_file.is_some() || clusters.get(HostCluster(le.host_offset() >> s.cluster_bits)) == 1
 }
 
 /// After a rebuild: makes the COPIED flags of the active L1 and L2 tables match the
@@ -413,18 +414,15 @@ pub fn fix_copied_flags(s: &Qcow2Shared) -> R<()> {
     let clusters = s.clusters()?;
     let cb = s.cluster_bits;
     let mut buf = vec![0u8; s.cluster_size() as usize];
-    for (i, l1e) in s.l1.iter().enumerate() {
-        let e = l1e.load(Ordering::Acquire);
-        let off = e & OFFSET_MASK;
+    for i in 0..s.l1.len() {
+        let e = s.l1_entry(i);
+        let off = e.l2_offset();
         if off == 0 {
             continue;
         }
         let want = clusters.get(HostCluster(off >> cb)) == 1;
-        if (e & COPIED != 0) != want {
-            l1e.store(
-                if want { e | COPIED } else { e & !COPIED },
-                Ordering::Release,
-            );
+        if e.is_copied() != want {
+            s.set_l1_entry(i, e.with_copied(want));
             s.l1_dirty.store(true, Ordering::Release);
         }
         // Check the on-disk table in a reused buffer; only a table that needs a change is
@@ -432,11 +430,11 @@ pub fn fix_copied_flags(s: &Qcow2Shared) -> R<()> {
         let mut wrong = false;
         qio::read_bytes(&s.file, off, &mut buf)?;
         for g in 0..s.l2_entries() as usize {
-            let le = be64_at(&buf, g * s.words);
-            if le & COMPRESSED != 0 || le & OFFSET_MASK == 0 {
+            let le = L2Entry(be64_at(&buf, g * s.words));
+            if le.is_compressed() || le.host_offset() == 0 {
                 continue;
             }
-            if (le & COPIED != 0) != data_copied(s, clusters, le) {
+            if le.is_copied() != data_copied(s, clusters, le) {
                 wrong = true;
                 break;
             }
@@ -453,14 +451,13 @@ pub fn fix_copied_flags(s: &Qcow2Shared) -> R<()> {
         };
         for g in 0..s.l2_entries() as usize {
             let w = g * s.words;
-            let le = t.entries[w].load(Ordering::Acquire);
-            if le & COMPRESSED != 0 || le & OFFSET_MASK == 0 {
+            let le = L2Entry(t.entries[w].load(Ordering::Acquire));
+            if le.is_compressed() || le.host_offset() == 0 {
                 continue;
             }
             let want = data_copied(s, clusters, le);
-            if (le & COPIED != 0) != want {
-                let ne = if want { le | COPIED } else { le & !COPIED };
-                t.entries[w].store(ne, Ordering::Release);
+            if le.is_copied() != want {
+                t.store_entry(w, le.with_copied(want));
                 t.mark_dirty(w);
             }
         }

@@ -19,7 +19,7 @@ use log::error;
 
 use super::alloc::HostCluster;
 use super::journal::Record;
-use super::l2::{COMPRESSED, RESERVED};
+use super::l2::{BadEntry, L2Entry, SubclusterBitmap};
 use super::rebuild::OpenError;
 use super::{lock, GuestOffset, Qcow2Shared};
 
@@ -31,7 +31,7 @@ pub fn apply(s: &Qcow2Shared, records: &[Record]) -> Result<usize, OpenError> {
     }
     let mut applied = 0;
     for (&cluster, &(e, b)) in &last {
-        match apply_one(s, cluster, e, b)? {
+        match apply_one(s, cluster, L2Entry(e), SubclusterBitmap(b))? {
             Ok(()) => applied += 1,
             Err(why) => error!(
                 "{}: journal record for guest cluster {cluster} ({e:#x}, {b:#x}) skipped: {why}",
@@ -42,28 +42,60 @@ pub fn apply(s: &Qcow2Shared, records: &[Record]) -> Result<usize, OpenError> {
     Ok(applied)
 }
 
+/// Why a journal record is not applied (it is skipped with this message in the log).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+enum Refused {
+    /// The guest cluster's byte offset does not fit in 64 bits.
+    #[error("guest cluster out of range")]
+    GuestRange,
+    /// The guest cluster lies beyond the L1 table.
+    #[error("outside the L1 table")]
+    OutsideL1,
+    /// A reservation or compressed entry: the daemon never journals those.
+    #[error("not an entry the daemon writes")]
+    NotWritten,
+    /// A subcluster bitmap word in an image without extended L2 entries.
+    #[error("bitmap word without extended L2")]
+    BitmapWithoutExtendedL2,
+    /// The entry itself is malformed.
+    #[error(transparent)]
+    Entry(#[from] BadEntry),
+    /// A newly referenced host cluster (index) lies outside the file.
+    #[error("host cluster {0} outside the file")]
+    OutsideFile(u64),
+    /// A newly referenced host cluster (index) holds metadata.
+    #[error("host cluster {0} holds metadata")]
+    Metadata(u64),
+    /// A newly referenced host cluster (index) is referenced by another entry.
+    #[error("host cluster {0} is referenced already")]
+    Referenced(u64),
+    /// A newly referenced host cluster (index) could not be claimed.
+    #[error("host cluster {0} is not free")]
+    NotFree(u64),
+}
+
 /// Applies one record; the inner error says why a record is refused.
 fn apply_one(
     s: &Qcow2Shared,
     cluster: u64,
-    e: u64,
-    b: u64,
-) -> Result<Result<(), String>, OpenError> {
+    e: L2Entry,
+    b: SubclusterBitmap,
+) -> Result<Result<(), Refused>, OpenError> {
     let n = s.l2_entries();
     let Some(guest) = cluster.checked_mul(s.cluster_size()) else {
-        return Ok(Err("guest cluster out of range".into()));
+        return Ok(Err(Refused::GuestRange));
     };
     if cluster / n >= s.l1_len.load(Ordering::Acquire) as u64 {
-        return Ok(Err("outside the L1 table".into()));
+        return Ok(Err(Refused::OutsideL1));
     }
-    if e == RESERVED || e & COMPRESSED != 0 {
-        return Ok(Err("not an entry the daemon writes".into()));
+    if e.is_reserved() || e.is_compressed() {
+        return Ok(Err(Refused::NotWritten));
     }
-    if !s.extended && b != 0 {
-        return Ok(Err("bitmap word without extended L2".into()));
+    if !s.extended && b != SubclusterBitmap::EMPTY {
+        return Ok(Err(Refused::BitmapWithoutExtendedL2));
     }
     if let Err(m) = s.check_entry(e, b) {
-        return Ok(Err(m));
+        return Ok(Err(m.into()));
     }
     let (i, j, _) = s.locate(GuestOffset(guest));
     let t = s.table(i)?;
@@ -80,13 +112,13 @@ fn apply_one(
         .collect();
     for &c in &new {
         if c.0 == 0 || c.0 >= s.file_clusters {
-            return Ok(Err(format!("host cluster {} outside the file", c.0)));
+            return Ok(Err(Refused::OutsideFile(c.0)));
         }
         if clusters.is_meta(c) {
-            return Ok(Err(format!("host cluster {} holds metadata", c.0)));
+            return Ok(Err(Refused::Metadata(c.0)));
         }
         if clusters.get(c) != 0 {
-            return Ok(Err(format!("host cluster {} is referenced already", c.0)));
+            return Ok(Err(Refused::Referenced(c.0)));
         }
     }
     for (k, &c) in new.iter().enumerate() {
@@ -96,7 +128,7 @@ fn apply_one(
             for &d in &new[..k] {
                 let _ = clusters.unref(d);
             }
-            return Ok(Err(format!("host cluster {} is not free", c.0)));
+            return Ok(Err(Refused::NotFree(c.0)));
         }
     }
     if !t.pin() {
@@ -108,9 +140,9 @@ fn apply_one(
     let w = j * s.words;
     t.mark_dirty(w);
     if s.extended {
-        t.entries[w + 1].store(b, Ordering::Release);
+        t.store_bitmap(w, b);
     }
-    t.entries[w].store(e, Ordering::Release);
+    t.store_entry(w, e);
     t.unpin();
     s.meta_dirty.store(true, Ordering::Release);
     let gone: Vec<HostCluster> = old

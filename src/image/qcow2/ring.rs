@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::journal::HeldCredit;
-use super::l2::{L2Table, ALL_ALLOC, COPIED, RESERVED};
+use super::l2::{L2Entry, L2Table, SubclusterBitmap};
 use super::plan::{Plan, Source, WriteExtent};
 use super::{Backing, Qcow2Queue, Qcow2Shared};
 use crate::image::engine::{run_sync, EngineOp, GuestBuffers, IoEngine};
@@ -77,7 +77,7 @@ struct Alloc {
     /// Guest cluster index.
     cluster: u64,
     /// The entry before the reservation.
-    old: u64,
+    old: L2Entry,
     host: u64,
     credit: Option<HeldCredit>,
 }
@@ -352,10 +352,7 @@ impl Qcow2Ring {
                 self.release(taken);
                 return Ok(None);
             }
-            if t.entries[w]
-                .compare_exchange(e, RESERVED, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-            {
+            if !t.reserve(w, e) {
                 t.unpin();
                 self.release(taken);
                 return Ok(None);
@@ -397,7 +394,7 @@ impl Qcow2Ring {
 
     /// Ends the reservation of `a` without publishing it.
     fn unreserve(&mut self, a: Alloc, release_host: bool) {
-        a.table.entries[a.w].store(a.old, Ordering::Release);
+        a.table.store_entry(a.w, a.old);
         a.table.unpin();
         self.reserved -= 1;
         if release_host {
@@ -510,9 +507,14 @@ impl Qcow2Ring {
                     (Some(j), Some(c)) => Some(j.redeem(c)),
                     _ => None,
                 };
-                let new_e = a.host | COPIED;
-                self.shared
-                    .publish(&a.table, a.w, a.cluster, new_e, ALL_ALLOC, credit);
+                self.shared.publish(
+                    &a.table,
+                    a.w,
+                    a.cluster,
+                    L2Entry::owned(a.host),
+                    SubclusterBitmap::ALL_ALLOCATED,
+                    credit,
+                );
                 a.table.unpin();
                 self.reserved -= 1;
             } else {

@@ -1,6 +1,8 @@
 //! Writing guest data: overwrites in place, allocation and copy-on-write under a reserved
 //! entry, publishing the new entry (journal first), the dirty bit and overlap protection.
 
+use std::ops::ControlFlow;
+
 use super::*;
 
 impl Qcow2Shared {
@@ -117,12 +119,13 @@ impl Qcow2Shared {
     }
 
     /// Host clusters an entry holds a reference to.
-    pub(super) fn entry_refs(&self, e: u64) -> Vec<HostCluster> {
+    pub(super) fn entry_refs(&self, entry: L2Entry) -> Vec<HostCluster> {
         if self.data_file.is_some() {
             // Data clusters in an external data file are not refcounted.
             return Vec::new();
         }
-        l2::host_clusters(e, self.cluster_bits, self.extended)
+        entry
+            .host_clusters(self.cluster_bits, self.extended)
             .map(HostCluster)
             .collect()
     }
@@ -139,15 +142,16 @@ impl Qcow2Shared {
         ((1u64 << (last + 1)) - 1) & !((1u64 << first) - 1)
     }
 
-    /// True if a write to the subclusters `mask` of the cluster (`e`, `b`) may go straight
-    /// to its host cluster without changing the entry.
-    pub(super) fn in_place(&self, e: u64, b: u64, mask: u64) -> bool {
-        e & COPIED != 0
-            && self.has_host(e)
+    /// True if a write to the subclusters `mask` of the cluster (`entry`, `bitmap`) may go
+    /// straight to its host cluster without changing the entry.
+    #[inline]
+    pub(super) fn in_place(&self, entry: L2Entry, bitmap: SubclusterBitmap, mask: u64) -> bool {
+        entry.is_copied()
+            && self.has_host(entry)
             && if self.extended {
-                b & mask == mask
+                bitmap.allocated() & mask == mask
             } else {
-                e & ZERO == 0
+                !entry.zero_flag()
             }
     }
 
@@ -171,9 +175,9 @@ impl Qcow2Shared {
         let (mut credit, mut credited) = (None, false);
         loop {
             let t = self.table(i)?;
-            let (e, b) = self.load_entry(&t, j);
-            if self.in_place(e, b, mask) {
-                let h = e & OFFSET_MASK;
+            let (entry, bitmap) = self.load_entry(&t, j);
+            if self.in_place(entry, bitmap, mask) {
+                let h = entry.host_offset();
                 if let Err(err) = self.check_overlap(h) {
                     drop(t);
                     self.persist_corrupt();
@@ -190,9 +194,19 @@ impl Qcow2Shared {
                 // The entry may have changed while we waited: look again.
                 continue;
             }
-            if let Some(r) =
-                self.write_reserved(file, scratch, &t, j, e, b, g, n, bufs, pos, &mut credit)
-            {
+            if let Some(r) = self.write_reserved(
+                file,
+                scratch,
+                &t,
+                j,
+                entry,
+                bitmap,
+                g,
+                n,
+                bufs,
+                pos,
+                &mut credit,
+            ) {
                 return r;
             }
             std::thread::yield_now();
@@ -200,7 +214,8 @@ impl Qcow2Shared {
     }
 
     /// The allocating part of [`Qcow2Shared::write_in_cluster`]: reserves entry `j` of table
-    /// `t`, last seen as (`e`, `b`), writes the request's data and stores the new entry.
+    /// `t`, last seen as (`e`, `b`: entry and bitmap), writes the request's data and stores
+    /// the new entry.
     /// `None` if the table was evicted or the entry changed since (look it up again).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn write_reserved(
@@ -209,8 +224,8 @@ impl Qcow2Shared {
         scratch: &mut Scratch,
         t: &L2Table,
         j: usize,
-        e: u64,
-        b: u64,
+        e: L2Entry,
+        b: SubclusterBitmap,
         g: u64,
         n: u64,
         bufs: &[GuestSlice<'_>],
@@ -224,10 +239,7 @@ impl Qcow2Shared {
         if !t.pin() {
             return None;
         }
-        if t.entries[w]
-            .compare_exchange(e, RESERVED, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
+        if !t.reserve(w, e) {
             t.unpin();
             return None;
         }
@@ -235,24 +247,24 @@ impl Qcow2Shared {
         // only the bitmap (a subcluster write keeps the host offset), so the bitmap we saw
         // may be stale: reread it now that nobody else can change it.
         let b = if self.extended {
-            t.entries[w + 1].load(Ordering::Acquire)
+            SubclusterBitmap(t.entries[w + 1].load(Ordering::Acquire))
         } else {
             b
         };
         let by_subcluster =
-            self.extended && e & COMPRESSED == 0 && (e & OFFSET_MASK == 0 || e & COPIED != 0);
+            self.extended && !e.is_compressed() && (e.host_offset() == 0 || e.is_copied());
         let r = if by_subcluster {
             self.write_subclusters(file, scratch, g - in_off, e, b, in_off, n, bufs, pos)
-                .map(|new_e| (new_e, (b | mask) & !(mask << 32)))
+                .map(|new_e| (new_e, b.with_allocated(mask)))
         } else {
             self.cow_cluster(file, scratch, g - in_off, e, b, in_off, n, bufs, pos)
-                .map(|new_e| (new_e, ALL_ALLOC))
+                .map(|new_e| (new_e, SubclusterBitmap::ALL_ALLOCATED))
         };
         let r = match r {
             Ok((new_e, new_b)) if new_e == e && (!self.extended || new_b == b) => {
                 // All touched subclusters were allocated after all: written in place,
                 // nothing changed.
-                t.entries[w].store(e, Ordering::Release);
+                t.store_entry(w, e);
                 Ok(())
             }
             Ok((new_e, new_b)) => {
@@ -263,7 +275,7 @@ impl Qcow2Shared {
                 // unreferenced only once the on-disk entry no longer points at them. (A
                 // fresh allocation or a subcluster write has nothing to unreference and
                 // takes no shared lock.)
-                if new_e & OFFSET_MASK != e & OFFSET_MASK || e & COMPRESSED != 0 {
+                if new_e.host_offset() != e.host_offset() || e.is_compressed() {
                     let refs = self.entry_refs(e);
                     if !refs.is_empty() {
                         lock(&self.pending).extend(refs);
@@ -272,7 +284,7 @@ impl Qcow2Shared {
                 Ok(())
             }
             Err(err) => {
-                t.entries[w].store(e, Ordering::Release);
+                t.store_entry(w, e);
                 Err(err)
             }
         };
@@ -295,8 +307,8 @@ impl Qcow2Shared {
         t: &L2Table,
         w: usize,
         cluster: u64,
-        new_e: u64,
-        new_b: u64,
+        new_e: L2Entry,
+        new_b: SubclusterBitmap,
         credit: Option<journal::Credit<'_>>,
     ) {
         t.mark_dirty(w);
@@ -307,14 +319,14 @@ impl Qcow2Shared {
         if let Some(c) = credit {
             c.commit(journal::Record {
                 cluster,
-                entry: new_e,
-                bitmap: if self.extended { new_b } else { 0 },
+                entry: new_e.0,
+                bitmap: if self.extended { new_b.0 } else { 0 },
             });
         }
         if self.extended {
-            t.entries[w + 1].store(new_b, Ordering::Release);
+            t.store_bitmap(w, new_b);
         }
-        t.entries[w].store(new_e, Ordering::Release);
+        t.store_entry(w, new_e);
     }
 
     /// A journal credit for one mapping change (`None` without a journal). Taken before the
@@ -346,7 +358,7 @@ impl Qcow2Shared {
     }
 
     /// Extended L2: writes request bytes `[pos, pos + n)` to `[in_off, in_off + n)` of the
-    /// guest cluster at `cluster_guest`, described by (`e`, `b`), which is unallocated (a
+    /// guest cluster at `cluster_guest`, described by `e` and `b`, which is unallocated (a
     /// host cluster is allocated) or exclusively owned (written in place). Only the touched
     /// subclusters are written: a partly touched subcluster that was not allocated is
     /// completed from its old contents (backing file or zeros), one that was is written
@@ -358,14 +370,14 @@ impl Qcow2Shared {
         file: &HostFile,
         scratch: &mut Scratch,
         cluster_guest: u64,
-        e: u64,
-        b: u64,
+        e: L2Entry,
+        b: SubclusterBitmap,
         in_off: u64,
         n: u64,
         bufs: &[GuestSlice<'_>],
         pos: u64,
-    ) -> stdio::Result<u64> {
-        let keep = e & OFFSET_MASK != 0;
+    ) -> stdio::Result<L2Entry> {
+        let keep = e.host_offset() != 0;
         self.write_to_target(cluster_guest, e, keep, |host, fresh| {
             self.fill_subclusters(file, scratch, cluster_guest, e, b, host, fresh, in_off, n)?;
             io::write_pieces(file, host + in_off, bufs, pos, n)
@@ -381,8 +393,8 @@ impl Qcow2Shared {
         file: &HostFile,
         scratch: &mut Scratch,
         cluster_guest: u64,
-        e: u64,
-        b: u64,
+        e: L2Entry,
+        b: SubclusterBitmap,
         host: u64,
         fresh: bool,
         in_off: u64,
@@ -394,11 +406,11 @@ impl Qcow2Shared {
         let end = in_off + n;
         // The parts of the first and last touched subclusters outside the request.
         for (sc, from, to) in [(first, first * scs, in_off), (last, end, (last + 1) * scs)] {
-            if from == to || b & (1 << sc) != 0 {
+            if from == to || b.is_allocated(sc) {
                 // Nothing to complete, or the subcluster already holds its data.
                 continue;
             }
-            if fresh && (b & (1 << (sc + 32)) != 0 || self.backing.is_none()) {
+            if fresh && (b.is_zero(sc) || self.backing.is_none()) {
                 // Old contents are zeros and so are the bytes of a cluster past the end of
                 // the file: nothing to write, the file stays sparse.
                 continue;
@@ -424,12 +436,12 @@ impl Qcow2Shared {
     pub(super) fn write_to_target(
         &self,
         cluster_guest: u64,
-        e: u64,
+        e: L2Entry,
         keep: bool,
         write: impl FnOnce(u64, bool) -> stdio::Result<()>,
-    ) -> stdio::Result<u64> {
+    ) -> stdio::Result<L2Entry> {
         let (host, fresh) = if keep {
-            (e & OFFSET_MASK, false)
+            (e.host_offset(), false)
         } else {
             self.alloc_data(cluster_guest)?
         };
@@ -437,7 +449,7 @@ impl Qcow2Shared {
         if r.is_err() && !keep {
             self.release_data(host);
         }
-        r.map(|()| host | COPIED)
+        r.map(|()| L2Entry::owned(host))
     }
 
     /// Builds the new contents of a guest cluster (old contents with the request's bytes
@@ -449,15 +461,15 @@ impl Qcow2Shared {
         file: &HostFile,
         scratch: &mut Scratch,
         cluster_guest: u64,
-        e: u64,
-        b: u64,
+        e: L2Entry,
+        b: SubclusterBitmap,
         in_off: u64,
         n: u64,
         bufs: &[GuestSlice<'_>],
         pos: u64,
-    ) -> stdio::Result<u64> {
+    ) -> stdio::Result<L2Entry> {
         let cs = self.cluster_size();
-        let keep = e & COPIED != 0 && e & COMPRESSED == 0 && e & OFFSET_MASK != 0;
+        let keep = e.is_copied() && !e.is_compressed() && e.host_offset() != 0;
         let zeros = self.reads_as_zeros(e, b);
         self.write_to_target(cluster_guest, e, keep, |host, fresh| {
             if fresh && zeros {
@@ -507,15 +519,54 @@ impl Qcow2Shared {
 
     /// Sets a whole guest cluster's entry to (`new_e`, `new_b`), dropping its old host
     /// references after the next flush.
-    pub(super) fn set_cluster(&self, g: u64, new_e: u64, new_b: u64) -> stdio::Result<()> {
+    pub(super) fn set_cluster(
+        &self,
+        g: u64,
+        new_e: L2Entry,
+        new_b: SubclusterBitmap,
+    ) -> stdio::Result<()> {
+        let settled = |e, b| {
+            if (e, b) == (new_e, new_b) {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        };
+        let ControlFlow::Continue(e) = self.change_entry(g, settled, |_, _| (new_e, new_b))? else {
+            return Ok(());
+        };
+        let refs = self.entry_refs(e);
+        if !refs.is_empty() {
+            lock(&self.pending).extend(refs);
+        }
+        if self.has_host(e) && !self.has_host(new_e) {
+            // No longer mapped: free the space in the data file (as QEMU passes discards
+            // through to it). Without a data file the cluster is reused instead.
+            self.punch_data(e.host_offset(), self.cluster_size());
+        }
+        Ok(())
+    }
+
+    /// Changes the entry of the guest cluster at `g` without writing data: sets the dirty
+    /// bit and takes a journal credit first (either may wait for a flush, which waits for
+    /// reserved entries, so never while holding one), looks at the entry again after
+    /// waiting, reserves it and publishes `change(entry, bitmap)`. `settled` is asked each
+    /// time the entry is looked at; `Break(r)` ends it there with nothing changed.
+    /// `Continue(old entry)` once the new one is published.
+    pub(super) fn change_entry<R>(
+        &self,
+        g: u64,
+        mut settled: impl FnMut(L2Entry, SubclusterBitmap) -> ControlFlow<R>,
+        change: impl FnOnce(L2Entry, SubclusterBitmap) -> (L2Entry, SubclusterBitmap),
+    ) -> stdio::Result<ControlFlow<R, L2Entry>> {
         let (i, j, _) = self.locate(GuestOffset(g));
         let w = j * self.words;
         let (mut credit, mut credited) = (None, false);
         loop {
             let t = self.table(i)?;
             let (e, b) = self.load_entry(&t, j);
-            if e == new_e && b == new_b {
-                return Ok(());
+            if let ControlFlow::Break(r) = settled(e, b) {
+                return Ok(ControlFlow::Break(r));
             }
             self.ensure_dirty()?;
             if !credited {
@@ -527,36 +578,31 @@ impl Qcow2Shared {
                 std::thread::yield_now();
                 continue;
             }
-            if t.entries[w]
-                .compare_exchange(e, RESERVED, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-            {
+            if !t.reserve(w, e) {
                 t.unpin();
                 continue;
             }
+            // Reread: the bitmap may have changed while the entry word kept its value.
+            let b = if self.extended {
+                SubclusterBitmap(t.entries[w + 1].load(Ordering::Acquire))
+            } else {
+                b
+            };
+            let (new_e, new_b) = change(e, b);
             self.publish(&t, w, g >> self.cluster_bits, new_e, new_b, credit.take());
             t.unpin();
-            let refs = self.entry_refs(e);
-            if !refs.is_empty() {
-                lock(&self.pending).extend(refs);
-            }
-            if self.has_host(e) && !self.has_host(new_e) {
-                // No longer mapped: free the space in the data file (as QEMU passes discards
-                // through to it). Without a data file the cluster is reused instead.
-                self.punch_data(e & OFFSET_MASK, self.cluster_size());
-            }
-            return Ok(());
+            return Ok(ControlFlow::Continue(e));
         }
     }
 
     /// Entry values for a whole cluster that reads as zeros.
-    pub(super) fn zero_entry(&self) -> Option<(u64, u64)> {
+    pub(super) fn zero_entry(&self) -> Option<(L2Entry, SubclusterBitmap)> {
         if self.extended {
-            Some((0, ALL_ZERO))
+            Some((L2Entry::UNALLOCATED, SubclusterBitmap::ALL_ZERO))
         } else if self.hdr.version >= 3 {
-            Some((ZERO, 0))
+            Some((L2Entry::ZERO, SubclusterBitmap::EMPTY))
         } else if self.backing.is_none() {
-            Some((0, 0))
+            Some((L2Entry::UNALLOCATED, SubclusterBitmap::EMPTY))
         } else {
             None
         }

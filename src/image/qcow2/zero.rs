@@ -1,5 +1,7 @@
 //! Discard and write-zeroes: unmapping clusters, zero flags and zeroed subclusters.
 
+use std::ops::ControlFlow;
+
 use super::*;
 
 impl Qcow2Shared {
@@ -21,9 +23,9 @@ impl Qcow2Shared {
             // deallocate the data in the file, which then reads as zeros, like the disk.
             for c in first..last {
                 let (i, j, _) = self.locate(GuestOffset(c * cs));
-                let (e, _) = self.load_entry(&**self.table(i)?, j);
-                if self.has_host(e) {
-                    self.punch_data(e & OFFSET_MASK, cs);
+                let (entry, _) = self.load_entry(&**self.table(i)?, j);
+                if self.has_host(entry) {
+                    self.punch_data(entry.host_offset(), cs);
                 }
             }
             return Ok(());
@@ -34,7 +36,7 @@ impl Qcow2Shared {
                 None => return Ok(()),
             }
         } else {
-            (0, 0)
+            (L2Entry::UNALLOCATED, SubclusterBitmap::EMPTY)
         };
         for c in first..last {
             self.set_cluster(c * cs, ne, nb)?;
@@ -141,41 +143,19 @@ impl Qcow2Shared {
     /// sets their zero bits and clears their allocation bits (a host cluster stays
     /// referenced by the entry). False if the cluster is compressed (it has no bitmap).
     pub(super) fn zero_subclusters(&self, g: u64, mask: u64) -> stdio::Result<bool> {
-        let (i, j, _) = self.locate(GuestOffset(g));
-        let w = j * self.words;
-        let (mut credit, mut credited) = (None, false);
-        loop {
-            let t = self.table(i)?;
-            let (e, b) = self.load_entry(&t, j);
-            if e & COMPRESSED != 0 {
-                return Ok(false);
+        let settled = |e: L2Entry, b: SubclusterBitmap| {
+            if e.is_compressed() {
+                ControlFlow::Break(false)
+            } else if b.allocated() & mask == 0 && b.zeroed() & mask == mask {
+                ControlFlow::Break(true)
+            } else {
+                ControlFlow::Continue(())
             }
-            if b & mask == 0 && (b >> 32) & mask == mask {
-                return Ok(true);
-            }
-            self.ensure_dirty()?;
-            if !credited {
-                credit = self.credit()?;
-                credited = true;
-                continue;
-            }
-            if !t.pin() {
-                std::thread::yield_now();
-                continue;
-            }
-            if t.entries[w]
-                .compare_exchange(e, RESERVED, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-            {
-                t.unpin();
-                continue;
-            }
-            // Reread: the bitmap may have changed while the entry word kept its value.
-            let b = t.entries[w + 1].load(Ordering::Acquire);
-            let new_b = (b & !mask) | (mask << 32);
-            self.publish(&t, w, g >> self.cluster_bits, e, new_b, credit.take());
-            t.unpin();
-            return Ok(true);
-        }
+        };
+        let r = self.change_entry(g, settled, |e, b| (e, b.with_zeroed(mask)))?;
+        Ok(match r {
+            ControlFlow::Break(done) => done,
+            ControlFlow::Continue(_) => true,
+        })
     }
 }
