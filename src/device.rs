@@ -46,7 +46,7 @@ use log::info;
 use crate::error::{Error, Result};
 use crate::image::{BlockImage, ImageLocks};
 use crate::stats::{now_ns, QueueCounters};
-use crate::sync::lock;
+use crate::sync::{self, lock};
 use crate::vhost_user::Connection;
 use crate::virtio_blk::DeviceParams;
 
@@ -222,7 +222,7 @@ impl Device {
         h.reopen = Some(reopen);
         if !active {
             let standin = InactiveImage::of(&*self.image());
-            *self.image.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(standin);
+            *sync::write(&self.image) = Arc::new(standin);
         }
         // Release: pairs with the Acquire in `is_active`; the image was swapped first.
         self.active.store(active, Ordering::Release);
@@ -230,7 +230,7 @@ impl Device {
 
     /// The image being served.
     pub fn image(&self) -> Arc<dyn BlockImage> {
-        self.image.read().unwrap_or_else(|e| e.into_inner()).clone()
+        sync::read(&self.image).clone()
     }
 
     /// Whether the image is open and locked for serving.
@@ -279,7 +279,7 @@ impl Device {
                 image.virtual_size()
             )));
         }
-        *self.image.write().unwrap_or_else(|e| e.into_inner()) = image;
+        *sync::write(&self.image) = image;
         h.locks = locks;
         self.active.store(true, Ordering::Release);
         info!("image activated: reopened and locked for serving");
@@ -333,7 +333,7 @@ impl Device {
         image.close()?;
         let standin: Arc<dyn BlockImage> = Arc::new(InactiveImage::of(&*image));
         self.active.store(false, Ordering::Release);
-        *self.image.write().unwrap_or_else(|e| e.into_inner()) = standin;
+        *sync::write(&self.image) = standin;
         drop(image);
         h.locks.deactivate();
         h.locks = ImageLocks::default();

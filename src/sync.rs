@@ -1,6 +1,6 @@
-//! The one way this crate takes a mutex.
+//! The one way this crate takes a lock (mutex or read-write lock).
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Locks `m`, taking over the data if a thread panicked while holding it.
 ///
@@ -10,4 +10,14 @@ use std::sync::{Mutex, MutexGuard};
 /// from spreading to the connection loop, the control socket or the other queues.
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Read-locks `l`, taking over the data if a writer panicked (as [`lock`] does).
+pub fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Write-locks `l`, taking over the data if a thread panicked holding it (as [`lock`] does).
+pub fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
 }

@@ -15,84 +15,18 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use log::warn;
 
-use super::engine::Aio;
 use super::lock::{self, ImageLocks, Locking};
-use super::qcow2::{JournalMode, Qcow2Image};
+use super::qcow2::Qcow2Image;
 use super::raw::RawImage;
-use super::storage::Recorder;
 use super::BlockImage;
-use crate::error::{Error, Result, UnknownValue};
+use crate::error::{Error, Result};
 
-/// The first four bytes of every qcow2 image.
-pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
-
-/// Image format as chosen on the command line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ImageFormat {
-    /// Detect: raw unless the file starts with a known magic (which is then refused).
-    Auto,
-    /// A raw disk image or block device.
-    Raw,
-    /// A qcow2 image.
-    Qcow2,
-}
-
-impl std::str::FromStr for ImageFormat {
-    type Err = UnknownValue;
-
-    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
-        match s {
-            "auto" => Ok(ImageFormat::Auto),
-            "raw" => Ok(ImageFormat::Raw),
-            "qcow2" => Ok(ImageFormat::Qcow2),
-            _ => Err(UnknownValue::new("format", s, "raw, qcow2 or auto")),
-        }
-    }
-}
-
-/// How to open an image. `ImageOptions::new(path, format)` gives the defaults for the rest.
-#[derive(Clone, Debug)]
-pub struct ImageOptions {
-    /// Path of the image file or block device.
-    pub path: PathBuf,
-    /// Requested format.
-    pub format: ImageFormat,
-    /// Open read-only.
-    pub read_only: bool,
-    /// Use O_DIRECT (bypass the host page cache).
-    pub direct: bool,
-    /// Logical block size the guest will see; with `direct` it must be a multiple of the file's
-    /// O_DIRECT offset alignment.
-    pub logical_block_size: u32,
-    /// qcow2: where completed mapping changes are journaled until a flush writes them back.
-    pub journal: JournalMode,
-    /// Testing: record every write and sync of the image's files (the power-loss harness).
-    pub recorder: Option<Arc<Recorder>>,
-    /// Which I/O engine the queues get.
-    pub aio: Aio,
-}
-
-impl ImageOptions {
-    /// Options for `path` in `format`: writable, buffered, 512-byte blocks, the default
-    /// mapping journal, not recorded.
-    pub fn new(path: impl Into<PathBuf>, format: ImageFormat) -> ImageOptions {
-        ImageOptions {
-            path: path.into(),
-            format,
-            read_only: false,
-            direct: false,
-            logical_block_size: 512,
-            journal: JournalMode::Default,
-            recorder: None,
-            aio: Aio::default(),
-        }
-    }
-}
+pub use super::options::{ImageFormat, ImageOptions, QCOW2_MAGIC};
 
 /// Creates a new image of `size` bytes at `path`: a sparse file for raw, an empty version 3
 /// image with 64 KiB clusters for qcow2. Fails if it exists.

@@ -10,6 +10,7 @@ pub mod fault;
 pub mod format;
 pub mod lock;
 pub mod null;
+pub mod options;
 pub mod qcow2;
 pub mod raw;
 pub mod storage;

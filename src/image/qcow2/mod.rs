@@ -129,8 +129,8 @@ use self::alloc::{Clusters, HostCluster};
 use self::header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use self::l2::{BadEntry, L1Entry, L2Entry, L2Table, Mapping, SubclusterBitmap};
 use super::engine::{Aio, IoEngine, SyncEngine};
-use super::format::ImageOptions;
 use super::lock::{self, Role};
+use super::options::ImageOptions;
 use super::storage::{HostFile, Recorder};
 use super::{BlockImage, GuestSlice, ImageQueue, ImageStats};
 use crate::error::{Error, Result};
@@ -327,18 +327,7 @@ pub struct Qcow2Shared {
     resizing: Mutex<()>,
 }
 
-/// Where a writable image keeps its mapping journal (see journal.rs).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum JournalMode {
-    /// In `/dev/shm`; if that cannot be used, warn and write metadata through instead.
-    #[default]
-    Default,
-    /// In this directory (tmpfs or ramfs); failing to use it is an error.
-    Dir(PathBuf),
-    /// No journal: metadata is written back before a request that changed a mapping
-    /// completes.
-    Off,
-}
+pub use super::options::JournalMode;
 
 /// The default journal directory.
 pub const DEFAULT_JOURNAL_DIR: &str = "/dev/shm";

@@ -610,7 +610,7 @@ mod tests {
     use super::Qcow2Ring;
     use crate::image::engine::testing::{buffers, get, memory, put, run};
     use crate::image::engine::{EngineOp, IoEngine};
-    use crate::image::format::{ImageFormat, ImageOptions};
+    use crate::image::options::{ImageFormat, ImageOptions};
     use crate::image::qcow2::testing::{assert_qemu_img_check, pattern, qemu_img, qemu_img_create};
     use crate::image::qcow2::Qcow2Image;
     use crate::image::uring::Ring;

@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use log::{debug, warn};
 
 use super::engine::{Aio, IoEngine, SyncEngine};
-use super::format::{ImageOptions, QCOW2_MAGIC};
 use super::lock::{self, Role};
+use super::options::{ImageOptions, QCOW2_MAGIC};
 
 mod ring;
 use super::storage::{AlignedBuf, Dir, HostFile, IoVecs};
@@ -401,7 +401,7 @@ impl ImageQueue for RawQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::format::ImageFormat;
+    use crate::image::options::ImageFormat;
     use vm_memory::VolatileSlice;
 
     fn image(dir: &Path, size: u64, direct: bool, probed: bool) -> RawImage {
