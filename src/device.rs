@@ -7,10 +7,10 @@
 //! QEMU starts the device. Only one may write, and the destination must see everything the
 //! source wrote, metadata included. So the device is *active* (image open, write lock held)
 //! or *inactive* (image closed and unlocked; an [`InactiveImage`] stands in, with the size
-//! and features the configuration space needs). [`Device::deactivate`] runs when the
+//! and features the configuration space needs). The handover ([`Device::stop_queue`]) runs when the
 //! frontend has stopped every queue it started (after each has drained): it flushes,
 //! closes (qcow2: metadata written back, dirty bit cleared) and releases the locks.
-//! [`Device::activate`] runs when a started queue first has work: it opens the image again,
+//! Activation ([`Device::start_queue`]) runs when a started queue first has work: it opens the image again,
 //! locked, so that whatever another daemon changed meanwhile is read afresh (retrying
 //! briefly while the other side still holds the lock). `--incoming` starts inactive.
 //!
@@ -50,10 +50,10 @@ use crate::sync::{self, lock};
 use crate::vhost_user::Connection;
 use crate::virtio_blk::DeviceParams;
 
-/// Opens the image again, locked (for [`Device::activate`]).
+/// Opens the image again, locked (for an activation, [`Device::start_queue`]).
 pub type Reopen = Box<dyn Fn() -> Result<(Arc<dyn BlockImage>, ImageLocks)> + Send + Sync>;
 
-/// How long [`Device::activate`] retries while another process holds the image.
+/// How long a queue start's activation retries while another process holds the image.
 const ACTIVATE_RETRY: Duration = Duration::from_secs(5);
 
 /// The image of an inactive device: it knows what the configuration space needs and refuses
@@ -136,7 +136,7 @@ pub enum DeactivateError {
     Close(io::Error),
 }
 
-/// What [`Device::activate`] and [`Device::deactivate`] change, under one lock.
+/// What activation and handover change, under one lock.
 struct Handover {
     /// The image's locks while active.
     locks: ImageLocks,
@@ -215,7 +215,7 @@ impl Device {
     }
 
     /// Makes the device able to hand its image over: `locks` are held now (empty: inactive,
-    /// as for `--incoming`), `reopen` opens the image again for [`Device::activate`].
+    /// as for `--incoming`), `reopen` opens the image again at each activation.
     pub fn set_handover(&self, locks: ImageLocks, reopen: Reopen, active: bool) {
         let mut h = lock(&self.handover);
         h.locks = locks;
@@ -239,20 +239,16 @@ impl Device {
         self.active.load(Ordering::Acquire)
     }
 
-    /// Opens and locks the image again after [`Device::deactivate`] (or `--incoming`), reading
-    /// all its metadata afresh; retries for a while when another process still holds it.
-    pub fn activate(&self) -> Result<()> {
-        self.activate_locked(&mut lock(&self.handover), ACTIVATE_RETRY)
-            .map(|_| ())
-    }
-
-    /// The control socket's `activate`: like [`Device::activate`], but tries once (the
-    /// image's own lock grace included) instead of retrying: the management tool decides
-    /// when the other side has let go, and wants a prompt answer when it has not.
+    /// The control socket's `activate`: like the activation of a queue start
+    /// ([`Device::start_queue`]), but tries once (the image's own lock grace included)
+    /// instead of retrying: the management tool decides when the other side has let go, and
+    /// wants a prompt answer when it has not.
     pub fn activate_now(&self) -> Result<Transition> {
         self.activate_locked(&mut lock(&self.handover), Duration::ZERO)
     }
 
+    /// Opens and locks the image again after a handover (or `--incoming`), reading all its
+    /// metadata afresh; retries for `retry` while another process still holds it.
     fn activate_locked(&self, h: &mut Handover, retry: Duration) -> Result<Transition> {
         if self.is_active() {
             return Ok(Transition::Already);
@@ -286,15 +282,6 @@ impl Device {
         Ok(Transition::Changed)
     }
 
-    /// Hands the image over: flushes it, closes it (qcow2: metadata written back, dirty bit
-    /// cleared) and releases its locks, so that another daemon can take it. Call only when no
-    /// queue has a request in flight and every queue worker has dropped its engine. A device
-    /// that cannot be reopened only flushes.
-    pub fn deactivate(&self) -> io::Result<()> {
-        self.deactivate_locked(&mut lock(&self.handover), "all queues stopped")
-            .map(|_| ())
-    }
-
     /// The control socket's `deactivate`: hands the image over as the last queue stop does,
     /// but only while no queue is started (refused otherwise, nothing changed).
     pub fn deactivate_idle(&self) -> std::result::Result<Transition, DeactivateError> {
@@ -321,6 +308,10 @@ impl Device {
             .map_err(DeactivateError::Close)
     }
 
+    /// Hands the image over: flushes it, closes it (qcow2: metadata written back, dirty bit
+    /// cleared) and releases its locks, so that another daemon can take it. Call only when no
+    /// queue has a request in flight and every queue worker has dropped its engine. A device
+    /// that cannot be reopened only flushes.
     fn deactivate_locked(&self, h: &mut Handover, why: &str) -> io::Result<Transition> {
         if !self.is_active() {
             return Ok(Transition::Already);
@@ -348,7 +339,7 @@ impl Device {
     }
 
     /// Marks queue `q` started, first taking the image back when the device is inactive
-    /// ([`Device::activate`], with its retries). `ready` runs under the handover lock and says
+    /// (with retries). `ready` runs under the handover lock and says
     /// whether the frontend really has the queue started (ready and enabled): false leaves
     /// everything as it was and returns `Ok(false)`.
     pub fn start_queue(&self, q: usize, ready: impl FnOnce() -> bool) -> Result<bool> {
@@ -364,7 +355,7 @@ impl Device {
 
     /// Marks queue `q` stopped (after it drained). When it was the last started queue,
     /// `release` runs (it must drop every worker's engine) and the image is handed over
-    /// ([`Device::deactivate`]), both under the handover lock, so that neither a control
+    /// (flushed, closed, unlocked), both under the handover lock, so that neither a control
     /// `deactivate` nor a queue start sees the set empty while an engine still exists.
     pub fn stop_queue(&self, q: usize, release: impl FnOnce()) -> io::Result<()> {
         let mut h = lock(&self.handover);

@@ -410,7 +410,7 @@ fn init_logging(verbose: u8) {
 }
 
 /// What opens the served image, again at each activation after a handover
-/// (`Device::activate`).
+/// (`Device::start_queue`, `Device::activate_now`).
 struct Opener {
     null_size: Option<u64>,
     opts: ImageOptions,
