@@ -26,7 +26,8 @@ struct Args {
     /// vhost-user socket of the backend.
     #[arg(long)]
     socket: String,
-    /// randread | randwrite | read | write | randrw | writeflush | discard
+    /// randread | randwrite | read | write | randrw | writeflush | discard | readflush
+    /// (one slot of each queue writes and flushes in turn, the others read at random)
     #[arg(long, default_value = "randread")]
     pattern: String,
     /// Percentage of reads for randrw.
@@ -93,9 +94,10 @@ struct ThreadResult {
     window: f64,
 }
 
-fn pick_op(args: &Args, rng: &mut Rng) -> Op {
+fn pick_op(args: &Args, rng: &mut Rng, slot: usize) -> Op {
     match args.pattern.as_str() {
-        "randread" | "read" => Op::Read,
+        "readflush" if slot == 0 => Op::Write,
+        "randread" | "read" | "readflush" => Op::Read,
         "randwrite" | "write" | "writeflush" => Op::Write,
         "discard" => Op::Discard,
         "randrw" => {
@@ -121,6 +123,12 @@ fn run_queue(
     let range = args.range.unwrap_or(capacity).min(capacity) / bs * bs;
     let blocks = range / bs;
     let sequential = matches!(args.pattern.as_str(), "read" | "write" | "discard");
+    // Slots whose writes are each followed by a flush.
+    let flushes = |slot: usize| match args.pattern.as_str() {
+        "writeflush" => true,
+        "readflush" => slot == 0,
+        _ => false,
+    };
     let flush_each = args.pattern == "writeflush";
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (qi as u64 + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9));
     // Sequential streams of different queues start at different places.
@@ -158,7 +166,7 @@ fn run_queue(
             let off = block * bs;
             let ptr = (buf + slot * args.bs) as *mut u8;
             started[slot] = Instant::now();
-            match pick_op(&args, rng) {
+            match pick_op(&args, rng, slot) {
                 Op::Read => q.read(off, ptr, args.bs, slot, ReqFlags::empty()),
                 Op::Write => q.write(off, ptr, args.bs, slot, ReqFlags::empty()),
                 Op::Discard => q.discard(off, bs, slot, ReqFlags::empty()),
@@ -189,7 +197,7 @@ fn run_queue(
             if c.ret != 0 {
                 res.errors += 1;
             }
-            if flush_each && !flushing[slot] {
+            if flushes(slot) && !flushing[slot] {
                 // The write is done; now its flush (the pair counts as one op).
                 flushing[slot] = true;
                 q.flush(slot, ReqFlags::empty());

@@ -4,6 +4,17 @@
 use super::l2::{COPIED, OFFSET_MASK};
 use super::*;
 
+/// What [`Qcow2Shared::claim_table`] found in a table's cache slot.
+pub(super) enum Claim {
+    /// The table is in memory.
+    Ready,
+    /// Someone else is reading it from the image.
+    Loading,
+    /// The caller holds the slot (with this marker) and must read the table from host offset
+    /// `at`, then call [`Qcow2Shared::finish_load`].
+    Claimed { marker: Arc<L2Table>, at: u64 },
+}
+
 impl Qcow2Shared {
     /// The L2 table for L1 index `i`, loading it if it is not in memory.
     ///
@@ -37,19 +48,68 @@ impl Qcow2Shared {
                 continue;
             }
             drop(prev);
-            match self.read_table(i) {
-                Ok(t) => slot.store(Arc::new(t)),
-                Err(e) => {
-                    marker.fail_loading();
-                    slot.store(self.absent.clone());
-                    return Err(e);
-                }
-            }
-            let n = self.loaded.fetch_add(1, Ordering::AcqRel) + 1;
-            if n > self.cache_tables.load(Ordering::Relaxed) {
-                self.shrink_cache(i);
+            self.finish_load(i, &marker, self.read_table(i), true)?;
+        }
+    }
+
+    /// Claims the cache slot of table `i` for an asynchronous load (the io_uring engine's).
+    /// A table without a cluster is made at once (zeros, no I/O).
+    pub(super) fn claim_table(&self, i: usize) -> stdio::Result<Claim> {
+        let slot = self
+            .l2
+            .get(i)
+            .ok_or_else(|| corrupt(format!("L1 index {i} out of range")))?;
+        let cur = slot.load();
+        if !Arc::ptr_eq(&cur, &self.absent) {
+            return Ok(if cur.is_loading() {
+                Claim::Loading
+            } else {
+                Claim::Ready
+            });
+        }
+        drop(cur);
+        let marker = Arc::new(L2Table::loading());
+        let prev = slot.compare_and_swap(&self.absent, marker.clone());
+        if !Arc::ptr_eq(&prev, &self.absent) {
+            return Ok(Claim::Loading);
+        }
+        let at = self.l1_entry(i).l2_offset();
+        if at == 0 {
+            self.finish_load(i, &marker, self.read_table(i), false)?;
+            return Ok(Claim::Ready);
+        }
+        Ok(Claim::Claimed { marker, at })
+    }
+
+    /// Puts table `i`, read into the slot claimed with `marker`, in the cache (or, if reading
+    /// or checking it failed, empties the slot and returns the error). Past the budget, evicts
+    /// clean tables, and with `write_back` may flush dirty ones (never from a queue engine
+    /// that may hold reservations: the flush would wait for them).
+    pub(super) fn finish_load(
+        &self,
+        i: usize,
+        marker: &Arc<L2Table>,
+        table: stdio::Result<L2Table>,
+        write_back: bool,
+    ) -> stdio::Result<()> {
+        let slot = &self.l2[i];
+        match table {
+            Ok(t) => slot.store(Arc::new(t)),
+            Err(e) => {
+                marker.fail_loading();
+                slot.store(self.absent.clone());
+                return Err(e);
             }
         }
+        let n = self.loaded.fetch_add(1, Ordering::AcqRel) + 1;
+        if n > self.cache_tables.load(Ordering::Relaxed) {
+            if write_back {
+                self.shrink_cache(i);
+            } else {
+                self.evict_some(i);
+            }
+        }
+        Ok(())
     }
 
     /// Reads and checks table `i` from the image (zeros if it has no cluster yet).
@@ -59,31 +119,44 @@ impl Qcow2Shared {
         }
         let off = self.l1_entry(i).l2_offset();
         let cs = self.cluster_size() as usize;
-        let (cw, cm) = (i / 64, 1u64 << (i % 64));
         if off == 0 {
             // From now on only we write this table: a reload after eviction reads back what
             // we wrote (entries pointing at clusters allocated since open) unchecked.
-            self.checked[cw].fetch_or(cm, Ordering::AcqRel);
+            self.checked[i / 64].fetch_or(1u64 << (i % 64), Ordering::AcqRel);
             return Ok(L2Table::from_bytes(&vec![0u8; cs]));
         }
         BUF.with(|b| {
             let mut buf = b.borrow_mut();
             buf.resize(cs, 0);
             io::read_bytes(&self.file, off, &mut buf)?;
+            self.table_from_bytes(i, off, &buf)
+        })
+    }
+
+    /// Table `i`, read from host offset `off`: its entries checked, unless an earlier load
+    /// (or this daemon's own writing) vouched for it.
+    pub(super) fn table_from_bytes(
+        &self,
+        i: usize,
+        off: u64,
+        buf: &[u8],
+    ) -> stdio::Result<L2Table> {
+        let (cw, cm) = (i / 64, 1u64 << (i % 64));
+        {
             if self.checked[cw].load(Ordering::Acquire) & cm != 0 {
-                return Ok(L2Table::from_bytes(&buf));
+                return Ok(L2Table::from_bytes(buf));
             }
             // Bits that must be clear in a plain entry (unallocated, or data with an aligned
             // offset): such entries skip the full decode, which is most of a load's cost.
             let bad = !(COPIED | OFFSET_MASK) | (self.cluster_size() - 1);
             for g in 0..self.l2_entries() as usize {
-                let entry = L2Entry(be64_at(&buf, g * self.words));
+                let entry = L2Entry(be64_at(buf, g * self.words));
                 let plain = entry.0 & bad == 0 && (entry.0 == 0 || entry.host_offset() != 0);
                 let r = if !self.extended && plain {
                     self.check_refs(entry)
                 } else {
                     let bitmap = SubclusterBitmap(if self.extended {
-                        be64_at(&buf, g * 2 + 1)
+                        be64_at(buf, g * 2 + 1)
                     } else {
                         0
                     });
@@ -93,8 +166,8 @@ impl Qcow2Shared {
                 r.map_err(|m| corrupt(format!("L2 table at {off:#x}, entry {g}: {m}")))?;
             }
             self.checked[cw].fetch_or(cm, Ordering::AcqRel);
-            Ok(L2Table::from_bytes(&buf))
-        })
+            Ok(L2Table::from_bytes(buf))
+        }
     }
 
     /// Evicts clean, unpinned tables (second-chance clock) until the cache is within its

@@ -3,6 +3,13 @@
 
 use super::*;
 
+/// A flush whose metadata was already durable when it started (see
+/// [`Qcow2Shared::begin_data_sync`]): the journal cursor and publication count it covers.
+pub(super) struct DataSync {
+    upto: Option<u64>,
+    published: u64,
+}
+
 impl Qcow2Shared {
     /// Makes all completed writes and metadata changes durable.
     pub(super) fn flush(&self) -> stdio::Result<()> {
@@ -19,6 +26,45 @@ impl Qcow2Shared {
             self.evict_some(usize::MAX);
         }
         r
+    }
+
+    /// Starts a flush that has no metadata to write back, for an engine that syncs the
+    /// guest data itself without blocking its queue. `None` when metadata changed since the
+    /// last completed flush, when another flush holds the flush lock (waiting for it would
+    /// block the queue), or when the image is read-only: then [`Qcow2Shared::flush`].
+    ///
+    /// Why syncing the data is then enough: a change is published (write.rs) by marking
+    /// `meta_dirty` before its journal record is committed, so `meta_dirty` found clear
+    /// under the flush lock means the last flush that cleared it came after every record
+    /// below the cursor read here, snapshotted their tables after that, and completed (a
+    /// failed flush sets it again). Its syncs made those changes, and the data they map,
+    /// durable; what is left is the data written since.
+    pub(super) fn begin_data_sync(&self) -> Option<DataSync> {
+        if self.read_only {
+            return None;
+        }
+        let mut st = crate::sync::try_lock(&self.state)?;
+        self.persist_corrupt_locked(&mut st);
+        let upto = self.journal.as_ref().map(|j| {
+            let c = j.cursor();
+            j.wait_committed(c);
+            c
+        });
+        let published = self.published.load(Ordering::Acquire);
+        if self.meta_dirty.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(DataSync { upto, published })
+    }
+
+    /// The data sync of a flush begun by [`Qcow2Shared::begin_data_sync`] completed: drops
+    /// the journal records it covers, as [`Qcow2Shared::flush_with`] does.
+    pub(super) fn end_data_sync(&self, sync: DataSync) {
+        if let (Some(j), Some(c)) = (&self.journal, sync.upto) {
+            j.advance(c);
+        }
+        self.written_back
+            .fetch_max(sync.published, Ordering::AcqRel);
     }
 
     /// Flush with the flush lock held: writes the metadata back if any changed (else only

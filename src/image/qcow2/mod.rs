@@ -93,6 +93,7 @@ mod bitmap;
 mod cache;
 mod compress;
 mod flush;
+mod flusher;
 pub mod header;
 mod holes;
 mod io;
@@ -139,6 +140,9 @@ use crate::sync::lock;
 /// Most host clusters a writable image may have (refcounts are kept in memory, 8 bytes per
 /// cluster: 2 GiB at this limit, which is 16 TiB of 64 KiB clusters).
 const MAX_HOST_CLUSTERS: u64 = 1 << 28;
+
+/// The durability point of a flush's guest data sync (a power-loss mutation name).
+const DATA_SYNC_POINT: &str = "qcow2.flush.data";
 
 /// Default budget of the in-memory L2 table cache: 32 MiB (512 tables of 64 KiB, which map
 /// 256 GiB of guest space).
@@ -401,8 +405,8 @@ impl Qcow2Shared {
     /// Syncs guest data (the data file, if separate) before metadata that points at it.
     fn sync_guest_data(&self) -> stdio::Result<()> {
         match &self.data_file {
-            Some(f) => f.sync_point("qcow2.flush.data"),
-            None => self.file.sync_point("qcow2.flush.data"),
+            Some(f) => f.sync_point(DATA_SYNC_POINT),
+            None => self.file.sync_point(DATA_SYNC_POINT),
         }
     }
 

@@ -3,8 +3,9 @@
 //! (`ring.rs`) executes plans; what a plan cannot express (a compressed cluster, a qcow2
 //! backing file, a write that changes a mapping) runs on the synchronous path instead.
 //!
-//! Planning takes no lock and writes nothing shared: it only loads entries (an L2 table not in
-//! memory is read first, the one blocking step).
+//! Planning takes no lock and writes nothing shared: it only loads entries. An L2 table not in
+//! memory would be read first, the one blocking step; the engine loads missing tables in its
+//! ring before it plans (ring.rs), so that happens only to a table evicted in between.
 
 use std::io as stdio;
 

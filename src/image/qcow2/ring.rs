@@ -7,28 +7,35 @@
 //!
 //! What a plan cannot express runs on the queue's synchronous handle, on the worker, while
 //! the ring's requests go on: reads of compressed clusters or through a qcow2 backing file,
-//! writes that allocate or copy a cluster (or any write without a mapping journal, or in
-//! write-through mode, which flush before completing), discard, write-zeroes and flush. Each
-//! completes before the next request is taken. Since the synchronous path finishes every
-//! reservation it makes before it returns, the worker never waits for itself.
+//! writes that copy a cluster or allocate with extended L2 (or any write without a mapping
+//! journal, or in write-through mode, which flush before completing), discard and
+//! write-zeroes. Each completes before the next request is taken. Since the synchronous path
+//! finishes every reservation it makes before it returns, the worker never waits for itself.
+//!
+//! A flush never runs on the worker: with no metadata to write back it is a sync of the data
+//! file in the ring, otherwise the flusher thread's (flusher.rs). Writes that allocate wait
+//! while the flusher has a flush, whose table write-back waits for reserved entries.
 //!
 //! Reuse: a request in the ring may still read or write the host cluster its plan named after
 //! another request unmapped it. Clusters a flush frees are handed out again only once every
 //! request that started before is done (the module docs' "Reuse" rule): the engine keeps the
 //! start epochs of its requests in flight and publishes the oldest in its slot.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io;
 use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use super::cache::Claim;
+use super::flush::DataSync;
+use super::flusher::Flusher;
 use super::journal::HeldCredit;
 use super::l2::{L2Entry, L2Table, SubclusterBitmap};
 use super::plan::{Plan, Source, WriteExtent};
-use super::{Backing, Qcow2Queue, Qcow2Shared};
+use super::{Backing, GuestOffset, Qcow2Queue, Qcow2Shared, DATA_SYNC_POINT};
 use crate::image::engine::{run_sync, EngineOp, GuestBuffers, IoEngine};
-use crate::image::storage::{Dir, HostFile};
+use crate::image::storage::{mutated, Dir, HostFile};
 use crate::image::uring::transfer::{sub_iov, zero_range, Slab, Transfer, Transfers};
 use crate::image::uring::Ring;
 
@@ -82,21 +89,36 @@ struct Alloc {
     credit: Option<HeldCredit>,
 }
 
-/// A request whose extents are in the ring.
+/// A request whose extents (or whose data sync, for a flush) are in the ring.
 struct Req {
     tag: u16,
-    /// Keeps the guest buffers mapped until the last extent ends.
-    bufs: GuestBuffers,
+    /// Keeps the guest buffers mapped until the last extent ends (none for a flush).
+    bufs: Option<GuestBuffers>,
     /// Extents still in the ring.
     left: usize,
     /// The first error of an extent.
     result: io::Result<()>,
-    epoch: u64,
+    /// The epoch the request started in (a flush looks up no mapping: none).
+    epoch: Option<u64>,
+    /// A flush's bookkeeping, done when its sync completes.
+    sync: Option<DataSync>,
+    /// An L2 table being read into `buffers[0]` (no guest request: nothing completes).
+    load: Option<TableLoad>,
     /// Clusters to publish when the data is written.
     allocs: Vec<Alloc>,
     /// Whole-cluster buffers (zeros around the request's bytes) of allocations into
     /// clusters that may hold old data.
     buffers: Vec<Vec<u8>>,
+}
+
+/// An L2 table the engine is reading into the cache slot it claimed.
+struct TableLoad {
+    /// L1 index.
+    i: usize,
+    /// The slot's loading marker.
+    marker: Arc<L2Table>,
+    /// Host offset of the table.
+    at: u64,
 }
 
 /// The io_uring engine of one queue of a qcow2 image.
@@ -109,6 +131,17 @@ pub(super) struct Qcow2Ring {
     data: Arc<HostFile>,
     /// The raw backing file, if any.
     backing: Option<Arc<HostFile>>,
+    /// The image file, as L2 tables are read from it.
+    meta: Arc<HostFile>,
+    /// Requests waiting for an L2 table this engine is loading, by L1 index.
+    waiting: HashMap<usize, Vec<(u16, EngineOp)>>,
+    /// Requests in `waiting`.
+    waiting_n: usize,
+    /// Table loads in `reqs` (not guest requests; each has requests waiting for it).
+    loads: usize,
+    /// Tables whose load in the ring failed: requests needing them load them synchronously,
+    /// which reports the problem as any load does.
+    failed_loads: HashSet<usize>,
     io: Transfers,
     reqs: Slab<Req>,
     epochs: Epochs,
@@ -116,13 +149,22 @@ pub(super) struct Qcow2Ring {
     reserved: usize,
     /// Requests waiting for an entry someone else (or this engine) holds reserved.
     parked: VecDeque<(u16, EngineOp)>,
+    /// Flushes that write metadata back, off the worker (started on first use).
+    flusher: Option<Flusher>,
+    /// Writes that allocate, waiting for the flusher to finish.
+    after_flush: VecDeque<(u16, EngineOp)>,
     /// Requests that ended without the ring.
     done: Vec<(u16, io::Result<()>)>,
     /// Transfer results (reused).
     ended: Vec<(usize, io::Result<()>)>,
-    /// Reads and writes run from a plan, and on the synchronous path.
+    /// Reads and writes run from a plan, requests run on the synchronous path, flushes
+    /// that only synced data in the ring, and flushes handed to the flusher.
     planned: u64,
     synchronous: u64,
+    ring_flushes: u64,
+    background_flushes: u64,
+    /// L2 tables read in the ring.
+    table_loads: u64,
 }
 
 impl Qcow2Ring {
@@ -141,11 +183,17 @@ impl Qcow2Ring {
             _ => None,
         };
         let slot = shared.register_slot();
+        let meta = Arc::new(shared.file.try_clone()?);
         Ok(Qcow2Ring {
             shared,
             sync,
             data: Arc::new(data),
             backing,
+            meta,
+            waiting: HashMap::new(),
+            waiting_n: 0,
+            loads: 0,
+            failed_loads: HashSet::new(),
             io: Transfers::new(ring, direct),
             reqs: Slab::default(),
             epochs: Epochs {
@@ -154,15 +202,24 @@ impl Qcow2Ring {
             },
             reserved: 0,
             parked: VecDeque::new(),
+            flusher: None,
+            after_flush: VecDeque::new(),
             done: Vec::new(),
             ended: Vec::new(),
             planned: 0,
             synchronous: 0,
+            ring_flushes: 0,
+            background_flushes: 0,
+            table_loads: 0,
         })
     }
 
-    /// Starts `op`, or parks it while an entry it needs is reserved.
+    /// Starts `op`, or parks it while an entry it needs is reserved or a table it needs is
+    /// being loaded.
     fn start(&mut self, tag: u16, op: EngineOp) {
+        let Some(op) = self.with_tables(tag, op) else {
+            return;
+        };
         match op {
             EngineOp::Read { offset, bufs } => self.read(tag, offset, bufs),
             EngineOp::Write {
@@ -170,7 +227,171 @@ impl Qcow2Ring {
                 bufs,
                 durable,
             } => self.write(tag, offset, bufs, durable),
+            EngineOp::Flush => self.flush(tag),
             op => self.run_sync(tag, op),
+        }
+    }
+
+    /// A flush. When no metadata changed since the last one, only the data file needs a
+    /// sync, which runs in the ring; otherwise the flusher thread writes the metadata back
+    /// (flusher.rs). Either way the queue's other requests go on meanwhile, except writes
+    /// that allocate, which wait for the flusher (see [`Qcow2Ring::write`]).
+    fn flush(&mut self, tag: u16) {
+        if self.shared.read_only {
+            return self.run_sync(tag, EngineOp::Flush);
+        }
+        // Behind a flush already with the flusher, this one waits its turn there.
+        let clean = if self.flushes_pending() == 0 {
+            self.shared.begin_data_sync()
+        } else {
+            None
+        };
+        let Some(sync) = clean else {
+            return self.flush_in_background(tag);
+        };
+        let r = self.reqs.insert(Req {
+            tag,
+            bufs: None,
+            left: 1,
+            result: Ok(()),
+            epoch: None,
+            sync: Some(sync),
+            load: None,
+            allocs: Vec::new(),
+            buffers: Vec::new(),
+        });
+        self.ring_flushes += 1;
+        if mutated(DATA_SYNC_POINT) {
+            // The power-loss harness's mutation run: this durability point is switched off.
+            return self.finish(r);
+        }
+        self.io.fsync(self.data.clone(), r);
+    }
+
+    /// Makes sure the L2 tables a read or write needs are in memory, so that planning it does
+    /// no I/O: `Some(op)` when they are. Otherwise a missing table is read in the ring (the
+    /// request waits for it while the queue's other requests go on) or is being read by
+    /// another thread (the request is parked), and `op` starts again when it is there.
+    fn with_tables(&mut self, tag: u16, op: EngineOp) -> Option<EngineOp> {
+        let (offset, len) = match &op {
+            EngineOp::Read { offset, bufs } | EngineOp::Write { offset, bufs, .. } => {
+                (*offset, bufs.len())
+            }
+            _ => return Some(op),
+        };
+        if len == 0 {
+            return Some(op);
+        }
+        let first = self.shared.locate(GuestOffset(offset)).0;
+        let last = self
+            .shared
+            .locate(GuestOffset(offset.saturating_add(len - 1)))
+            .0;
+        for i in first..=last {
+            if self.failed_loads.contains(&i) {
+                continue;
+            }
+            if let Some(w) = self.waiting.get_mut(&i) {
+                w.push((tag, op));
+                self.waiting_n += 1;
+                return None;
+            }
+            match self.shared.claim_table(i) {
+                Ok(Claim::Ready) => {}
+                Ok(Claim::Loading) => {
+                    self.parked.push_back((tag, op));
+                    return None;
+                }
+                Ok(Claim::Claimed { marker, at }) => {
+                    self.load_table(TableLoad { i, marker, at });
+                    self.waiting.insert(i, vec![(tag, op)]);
+                    self.waiting_n += 1;
+                    return None;
+                }
+                Err(e) => {
+                    self.done.push((tag, Err(e)));
+                    return None;
+                }
+            }
+        }
+        Some(op)
+    }
+
+    /// Reads the table of `load` in the ring; [`Qcow2Ring::finish`] puts it in the cache.
+    fn load_table(&mut self, load: TableLoad) {
+        let at = load.at;
+        let r = self.reqs.insert(Req {
+            tag: 0,
+            bufs: None,
+            left: 1,
+            result: Ok(()),
+            epoch: None,
+            sync: None,
+            load: Some(load),
+            allocs: Vec::new(),
+            buffers: vec![vec![0u8; self.shared.cluster_size() as usize]],
+        });
+        let Some(buf) = self.reqs.get_mut(r).and_then(|q| q.buffers.first_mut()) else {
+            return;
+        };
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        self.table_loads += 1;
+        self.loads += 1;
+        self.io.start(Transfer {
+            file: self.meta.clone(),
+            offset: at,
+            iov: vec![iov],
+            dir: Dir::Read,
+            owner: r,
+        });
+    }
+
+    /// A table read by [`Qcow2Ring::load_table`] ended: into the cache with it (checked as
+    /// any load), and the requests that waited for it start again.
+    fn table_loaded(&mut self, load: TableLoad, read: io::Result<()>, bytes: &[u8]) {
+        let shared = &self.shared;
+        let table = read.and_then(|()| shared.table_from_bytes(load.i, load.at, bytes));
+        // No write-back from here: the flush would wait for this engine's reservations.
+        if let Err(e) = shared.finish_load(load.i, &load.marker, table, false) {
+            log::debug!("L2 table {} in the ring: {e}", load.i);
+            self.failed_loads.insert(load.i);
+        }
+        let waiting = self.waiting.remove(&load.i).unwrap_or_default();
+        self.waiting_n -= waiting.len();
+        self.parked.extend(waiting);
+    }
+
+    /// Hands flush `tag` to the flusher thread (started on first use), or runs it on the
+    /// worker if the thread cannot be had.
+    fn flush_in_background(&mut self, tag: u16) {
+        if self.flusher.is_none() {
+            match Flusher::new(self.shared.clone(), self.io.event_fd()) {
+                Ok(f) => self.flusher = Some(f),
+                Err(e) => log::warn!("no flusher thread, flushing on the queue's worker: {e}"),
+            }
+        }
+        if self.flusher.as_mut().is_some_and(|f| f.start(tag)) {
+            self.background_flushes += 1;
+        } else {
+            self.run_sync(tag, EngineOp::Flush);
+        }
+    }
+
+    /// Flushes with the flusher thread.
+    fn flushes_pending(&self) -> usize {
+        self.flusher.as_ref().map_or(0, Flusher::pending)
+    }
+
+    /// Collects the flusher's finished flushes; once none is left with it, starts the writes
+    /// that waited for it.
+    fn collect_flushes(&mut self) {
+        let Some(f) = &mut self.flusher else { return };
+        f.collect(&mut self.done);
+        if f.pending() == 0 && !self.after_flush.is_empty() {
+            self.parked.extend(self.after_flush.drain(..));
         }
     }
 
@@ -235,6 +456,18 @@ impl Qcow2Ring {
             .check_writable()
             .and_then(|()| self.shared.plan_write(offset, bufs.len()));
         let plan = match planned {
+            // While the flusher writes tables back it waits for every entry reserved in
+            // them: new reservations of this queue would keep it waiting, so writes that
+            // allocate wait for the flush instead (reads and overwrites go on).
+            Ok(Plan::Ready(plan))
+                if self.flushes_pending() > 0
+                    && plan
+                        .iter()
+                        .any(|x| matches!(x, WriteExtent::Allocate { .. })) =>
+            {
+                self.epochs.end(epoch);
+                return self.after_flush.push_back((tag, op(bufs)));
+            }
             Ok(Plan::Ready(plan)) => plan,
             Ok(Plan::Busy) => {
                 self.epochs.end(epoch);
@@ -424,10 +657,12 @@ impl Qcow2Ring {
         let (bufs_owned, hosts): (Vec<Vec<u8>>, Vec<u64>) = buffers.into_iter().unzip();
         let r = self.reqs.insert(Req {
             tag,
-            bufs,
+            bufs: Some(bufs),
             left: transfers,
             result: Ok(()),
-            epoch,
+            epoch: Some(epoch),
+            sync: None,
+            load: None,
             allocs,
             buffers: bufs_owned,
         });
@@ -497,9 +732,14 @@ impl Qcow2Ring {
     /// Request `r` has all its data written or read: publishes its allocations (or, if
     /// anything failed, gives them up) and completes it.
     fn finish(&mut self, r: usize) {
-        let Some(req) = self.reqs.remove(r) else {
+        let Some(mut req) = self.reqs.remove(r) else {
             return;
         };
+        if let Some(load) = req.load.take() {
+            self.loads -= 1;
+            let bytes = req.buffers.pop().unwrap_or_default();
+            return self.table_loaded(load, req.result, &bytes);
+        }
         let ok = req.result.is_ok();
         for a in req.allocs {
             if ok {
@@ -521,7 +761,12 @@ impl Qcow2Ring {
                 self.unreserve(a, true);
             }
         }
-        self.epochs.end(req.epoch);
+        if let Some(e) = req.epoch {
+            self.epochs.end(e);
+        }
+        if let (true, Some(sync)) = (ok, req.sync) {
+            self.shared.end_data_sync(sync);
+        }
         drop(req.bufs);
         self.done.push((req.tag, req.result));
     }
@@ -572,6 +817,7 @@ impl IoEngine for Qcow2Ring {
 
     fn reap(&mut self, out: &mut Vec<(u16, io::Result<()>)>) {
         self.complete();
+        self.collect_flushes();
         if !self.parked.is_empty() {
             self.retry_parked();
             // Parked on another queue's reservation with nothing of ours in the ring, no
@@ -595,17 +841,25 @@ impl IoEngine for Qcow2Ring {
     }
 
     fn completions_ready(&mut self) -> bool {
-        !self.done.is_empty() || self.io.completions_ready()
+        !self.done.is_empty()
+            || self.io.completions_ready()
+            || self.flusher.as_ref().is_some_and(Flusher::ready)
     }
 
     fn in_flight(&self) -> usize {
-        self.reqs.len() + self.parked.len() + self.done.len()
+        self.reqs.len() - self.loads
+            + self.waiting_n
+            + self.parked.len()
+            + self.done.len()
+            + self.flushes_pending()
+            + self.after_flush.len()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use std::path::Path;
+    use std::sync::Arc;
 
     use super::Qcow2Ring;
     use crate::image::engine::testing::{buffers, get, memory, put, run};
@@ -614,6 +868,7 @@ mod tests {
     use crate::image::qcow2::testing::{assert_qemu_img_check, pattern, qemu_img, qemu_img_create};
     use crate::image::qcow2::Qcow2Image;
     use crate::image::uring::Ring;
+    use crate::virtio_blk::GuestMem;
 
     const MIB: u64 = 1 << 20;
 
@@ -919,6 +1174,212 @@ mod tests {
                 len_after <= len_before + 65536,
                 "file grew from {len_before} to {len_after}: freed clusters not reused"
             );
+        }
+    }
+
+    /// Writes 256 MiB (1 MiB requests of `pattern(0, ..)`) through `e`, then submits a flush
+    /// (tag 0) and 8 reads of that data (tags 1..=8). Returns the guest memory.
+    fn write_then_flush_and_read(e: &mut Qcow2Ring) -> Arc<GuestMem> {
+        let mem = memory(4 * MIB as usize);
+        put(&mem, 0, &pattern(0, MIB as usize));
+        let writes = (0..256u64)
+            .map(|k| EngineOp::Write {
+                offset: k * MIB,
+                bufs: buffers(&mem, &[(0, MIB as usize)]),
+                durable: false,
+            })
+            .collect();
+        assert!(run(e, writes).iter().all(|r| r.is_ok()));
+        assert_eq!(e.synchronous, 0, "the writes ran in the ring");
+        e.submit(0, EngineOp::Flush);
+        for k in 1..=8u64 {
+            let bufs = buffers(&mem, &[(MIB + k * 4096, 4096)]);
+            let offset = k * 7 * MIB;
+            e.submit(k as u16, EngineOp::Read { offset, bufs });
+        }
+        mem
+    }
+
+    /// Reaps until `n` requests completed, all successfully; returns their tags in the
+    /// order they completed.
+    fn completion_order(e: &mut Qcow2Ring, n: usize) -> Vec<u16> {
+        let mut order = Vec::new();
+        let mut out = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while order.len() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "engine did not finish"
+            );
+            e.reap(&mut out);
+            for (tag, r) in out.drain(..) {
+                assert!(r.is_ok(), "request {tag}: {r:?}");
+                order.push(tag);
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        order
+    }
+
+    /// The reads of [`write_then_flush_and_read`] returned the data written.
+    fn check_reads(mem: &GuestMem) {
+        for k in 1..=8u64 {
+            let got = get(mem, MIB + k * 4096, 4096);
+            assert_eq!(got, pattern(0, MIB as usize)[..4096], "read {k}");
+        }
+    }
+
+    /// A flush with no metadata to write back syncs the data in the ring, and the queue's
+    /// requests behind it go on meanwhile: with 256 MiB of overwrites dirty in the page
+    /// cache (on a disk file system, so the sync has real work), reads submitted after the
+    /// flush complete before it. Synchronously, the flush would complete first.
+    #[test]
+    fn a_flush_with_clean_metadata_does_not_hold_back_reads() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let path = dir.path().join("img.qcow2");
+        qemu_img_create(&path, "cluster_size=65536,preallocation=metadata", "256M");
+        let img = open(&path, false);
+        let mut e = engine(&img);
+        let mem = write_then_flush_and_read(&mut e);
+        let order = completion_order(&mut e, 9);
+        assert_eq!(order.last(), Some(&0), "completion order {order:?}");
+        assert_eq!(e.ring_flushes, 1, "the flush synced in the ring");
+        check_reads(&mem);
+        drop(e);
+        img.close().unwrap();
+        drop(img);
+        assert_qemu_img_check(&path, false);
+    }
+
+    /// A flush with metadata to write back runs on the flusher thread: reads submitted after
+    /// it complete first (the data sync has 256 MiB of allocating writes to put on the disk),
+    /// writes that allocate wait for it and then complete, and the image holds all of it.
+    #[test]
+    fn a_flush_that_writes_metadata_back_does_not_hold_back_reads() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let path = dir.path().join("img.qcow2");
+        qemu_img_create(&path, "cluster_size=65536", "260M");
+        let img = open(&path, false);
+        let mut e = engine(&img);
+        let mem = write_then_flush_and_read(&mut e);
+        put(&mem, 2 * MIB, &pattern(1, 4 * 4096));
+        for k in 0..4u64 {
+            let bufs = buffers(&mem, &[(2 * MIB + k * 4096, 4096)]);
+            let offset = 256 * MIB + k * 65536;
+            let op = EngineOp::Write {
+                offset,
+                bufs,
+                durable: false,
+            };
+            e.submit(9 + k as u16, op);
+        }
+        let order = completion_order(&mut e, 13);
+        assert_eq!(e.in_flight(), 0);
+        let at = |tag: u16| order.iter().position(|&t| t == tag).unwrap();
+        assert!(
+            (1..=8).all(|t| at(t) < at(0)),
+            "reads behind the flush: {order:?}"
+        );
+        assert!(
+            (9..=12).all(|t| at(t) > at(0)),
+            "allocations waited: {order:?}"
+        );
+        assert_eq!(e.background_flushes, 1);
+        check_reads(&mem);
+        drop(e);
+        img.close().unwrap();
+        drop(img);
+        assert_qemu_img_check(&path, false);
+        let disk = oracle(&path, dir.path());
+        let all = pattern(1, 4 * 4096);
+        for k in 0..4usize {
+            let off = (256 * MIB) as usize + k * 65536;
+            assert_eq!(
+                disk[off..off + 4096],
+                all[k * 4096..(k + 1) * 4096],
+                "write {k}"
+            );
+        }
+        assert_eq!(
+            disk[5 * MIB as usize..6 * MIB as usize],
+            pattern(0, MIB as usize)[..]
+        );
+    }
+
+    /// L2 tables not in memory are read in the ring, all at once: 16 reads, each needing
+    /// another table of an 8 GiB image whose cache holds 4, start 16 table loads and no
+    /// synchronous work; then writes (overwrites and allocations) into tables evicted
+    /// meanwhile. Everything reads back as the oracle has it, and the image stays clean.
+    #[test]
+    fn missing_l2_tables_load_in_the_ring() {
+        const GIB: u64 = 1 << 30;
+        for direct in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("img.qcow2");
+            qemu_img_create(&path, "cluster_size=65536", "8G");
+            // One table maps 512 MiB: data in each of the 16.
+            let cmds: Vec<String> = (0..16u64)
+                .map(|k| format!("write -P {} {} 64k", k + 1, k * 512 * MIB + 65536))
+                .collect();
+            let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+            qemu_io(&path, "qcow2", &cmds);
+            let img = open(&path, direct);
+            img.set_cache_bytes(4 * 65536);
+            let mut e = engine(&img);
+            let mem = memory(4 * MIB as usize);
+            let reads = |k: u64| EngineOp::Read {
+                offset: k * 512 * MIB + 65536 + 4096,
+                bufs: buffers(&mem, &[(k * 8192, 8192)]),
+            };
+            for k in 0..16u64 {
+                e.submit(k as u16, reads(k));
+            }
+            assert_eq!(e.table_loads, 16, "a load per table, all started at once");
+            assert_eq!(e.in_flight(), 16);
+            let mut out = Vec::new();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while out.len() < 16 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "engine did not finish"
+                );
+                e.reap(&mut out);
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            assert!(out.iter().all(|(_, r)| r.is_ok()), "{out:?}");
+            for k in 0..16u64 {
+                assert_eq!(
+                    get(&mem, k * 8192, 8192),
+                    vec![k as u8 + 1; 8192],
+                    "read {k}"
+                );
+            }
+            assert_eq!(e.synchronous, 0);
+            // Overwrites and allocations into tables mostly evicted by now.
+            let mut ops = Vec::new();
+            for k in 0..16u64 {
+                put(&mem, MIB + k * 4096, &[0x40 + k as u8; 4096]);
+                ops.push(EngineOp::Write {
+                    offset: k * 512 * MIB + 65536 + if k % 2 == 0 { 0 } else { GIB / 8 },
+                    bufs: buffers(&mem, &[(MIB + k * 4096, 4096)]),
+                    durable: false,
+                });
+            }
+            assert!(run(&mut e, ops).iter().all(|r| r.is_ok()));
+            assert!(e.table_loads > 16, "evicted tables loaded again");
+            assert!(run(&mut e, vec![EngineOp::Flush])[0].is_ok());
+            drop(e);
+            img.close().unwrap();
+            drop(img);
+            assert_qemu_img_check(&path, false);
+            let checks: Vec<String> = (0..16u64)
+                .map(|k| {
+                    let at = k * 512 * MIB + 65536 + if k % 2 == 0 { 0 } else { GIB / 8 };
+                    format!("read -P {} {at} 4k", 0x40 + k)
+                })
+                .collect();
+            let checks: Vec<&str> = checks.iter().map(String::as_str).collect();
+            qemu_io(&path, "qcow2", &checks);
         }
     }
 }
