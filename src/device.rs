@@ -11,8 +11,9 @@
 //! frontend has stopped every queue it started (after each has drained): it flushes,
 //! closes (qcow2: metadata written back, dirty bit cleared) and releases the locks.
 //! Activation ([`Device::start_queue`]) runs when a started queue first has work: it opens the image again,
-//! locked, so that whatever another daemon changed meanwhile is read afresh (retrying
-//! briefly while the other side still holds the lock). `--incoming` starts inactive.
+//! locked, so that whatever another daemon changed meanwhile is read afresh (waiting, in the
+//! lock layer, up to `image::lock::HANDOVER_GRACE` while the other side still holds the
+//! lock). `--incoming` starts inactive.
 //!
 //! The control socket's `activate` and `deactivate` (docs/CONTROL.md) drive the same two
 //! steps for a management tool. A deactivate is refused while any queue is started: the
@@ -44,17 +45,17 @@ use std::time::{Duration, Instant};
 use log::info;
 
 use crate::error::{Error, Result};
+use crate::image::lock::{HANDOVER_GRACE, RELEASE_GRACE};
 use crate::image::{BlockImage, ImageLocks};
 use crate::stats::{now_ns, QueueCounters};
 use crate::sync::{self, lock};
 use crate::vhost_user::Connection;
 use crate::virtio_blk::DeviceParams;
 
-/// Opens the image again, locked (for an activation, [`Device::start_queue`]).
-pub type Reopen = Box<dyn Fn() -> Result<(Arc<dyn BlockImage>, ImageLocks)> + Send + Sync>;
-
-/// How long a queue start's activation retries while another process holds the image.
-const ACTIVATE_RETRY: Duration = Duration::from_secs(5);
+/// Opens the image again, locked (for an activation, [`Device::start_queue`] and
+/// [`Device::activate_now`]), waiting up to the given grace for another process to let it go
+/// (`image::lock::with_locks`).
+pub type Reopen = Box<dyn Fn(Duration) -> Result<(Arc<dyn BlockImage>, ImageLocks)> + Send + Sync>;
 
 /// The image of an inactive device: it knows what the configuration space needs and refuses
 /// I/O (a queue worker retries on its next kick).
@@ -240,33 +241,24 @@ impl Device {
     }
 
     /// The control socket's `activate`: like the activation of a queue start
-    /// ([`Device::start_queue`]), but tries once (the image's own lock grace included)
-    /// instead of retrying: the management tool decides when the other side has let go, and
-    /// wants a prompt answer when it has not.
+    /// ([`Device::start_queue`]), but waits only the short [`RELEASE_GRACE`] a start waits
+    /// for a holder that is going away: the management tool decides when the other side has
+    /// let go, and wants a prompt answer when it has not.
     pub fn activate_now(&self) -> Result<Transition> {
-        self.activate_locked(&mut lock(&self.handover), Duration::ZERO)
+        self.activate_locked(&mut lock(&self.handover), RELEASE_GRACE)
     }
 
     /// Opens and locks the image again after a handover (or `--incoming`), reading all its
-    /// metadata afresh; retries for `retry` while another process still holds it.
-    fn activate_locked(&self, h: &mut Handover, retry: Duration) -> Result<Transition> {
+    /// metadata afresh; the lock layer waits up to `grace` while another process still holds
+    /// it.
+    fn activate_locked(&self, h: &mut Handover, grace: Duration) -> Result<Transition> {
         if self.is_active() {
             return Ok(Transition::Already);
         }
         let Some(reopen) = &h.reopen else {
             return Ok(Transition::Already);
         };
-        let deadline = Instant::now() + retry;
-        let (image, locks) = loop {
-            match reopen() {
-                Ok(r) => break r,
-                Err(e @ Error::ImageInUse { .. }) if Instant::now() < deadline => {
-                    log::debug!("activating: {e}; retrying");
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => return Err(e),
-            }
-        };
+        let (image, locks) = reopen(grace)?;
         let size = self.params.capacity_sectors() << crate::virtio_blk::config::SECTOR_SHIFT;
         if image.virtual_size() != size {
             // Serving a different size than the guest was told would misplace its data.
@@ -339,7 +331,8 @@ impl Device {
     }
 
     /// Marks queue `q` started, first taking the image back when the device is inactive
-    /// (with retries). `ready` runs under the handover lock and says
+    /// (waiting up to [`HANDOVER_GRACE`] for another process to let it go, with the handover
+    /// lock held). `ready` runs under the handover lock and says
     /// whether the frontend really has the queue started (ready and enabled): false leaves
     /// everything as it was and returns `Ok(false)`.
     pub fn start_queue(&self, q: usize, ready: impl FnOnce() -> bool) -> Result<bool> {
@@ -347,7 +340,7 @@ impl Device {
         if !ready() {
             return Ok(false);
         }
-        self.activate_locked(&mut h, ACTIVATE_RETRY)?;
+        self.activate_locked(&mut h, HANDOVER_GRACE)?;
         self.queues_started
             .fetch_or(queue_bit(q), Ordering::Relaxed);
         Ok(true)
@@ -455,7 +448,7 @@ mod tests {
     /// [`plain_device`] with a reopen that counts its calls.
     fn device(opens: Arc<AtomicUsize>) -> Device {
         let d = plain_device();
-        let reopen: Reopen = Box::new(move || {
+        let reopen: Reopen = Box::new(move |_| {
             opens.fetch_add(1, Ordering::Relaxed);
             Ok((
                 Arc::new(NullImage::new(SIZE)) as Arc<dyn BlockImage>,
@@ -547,5 +540,30 @@ mod tests {
         ));
         assert!(d.is_active());
         assert_eq!(d.activate_now().unwrap(), Transition::Already);
+    }
+
+    #[test]
+    fn an_activation_reopens_once_and_leaves_the_wait_to_the_lock_layer() {
+        // A holder that never lets go: each activation opens once, with the grace it may
+        // wait (the queue start's longer one, the control socket's short one), and fails.
+        let graces = Arc::new(Mutex::new(Vec::new()));
+        let seen = graces.clone();
+        let reopen: Reopen = Box::new(move |grace| {
+            lock(&seen).push(grace);
+            Err(Error::ImageInUse {
+                what: "image",
+                path: "disk.img".into(),
+                reason: "held".into(),
+            })
+        });
+        let d = plain_device();
+        d.set_handover(ImageLocks::default(), reopen, false);
+        assert!(matches!(
+            d.start_queue(0, || true),
+            Err(Error::ImageInUse { .. })
+        ));
+        assert!(!d.is_active() && !d.queue_started(0));
+        assert!(matches!(d.activate_now(), Err(Error::ImageInUse { .. })));
+        assert_eq!(*lock(&graces), [HANDOVER_GRACE, RELEASE_GRACE]);
     }
 }

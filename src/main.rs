@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand};
 use log::info;
@@ -16,6 +17,7 @@ use vhost_user_blk::control::{self, client as ctl, Request};
 use vhost_user_blk::device::{Device, InactiveImage};
 use vhost_user_blk::image::engine::Aio;
 use vhost_user_blk::image::fault::{FaultImage, FaultSpec};
+use vhost_user_blk::image::lock::RELEASE_GRACE;
 use vhost_user_blk::image::null::NullImage;
 use vhost_user_blk::image::qcow2::JournalMode;
 use vhost_user_blk::image::{
@@ -420,12 +422,14 @@ struct Opener {
 }
 
 impl Opener {
-    /// Opens the image for serving, locked (see `image::lock`).
-    fn open(&self) -> Result<(Arc<dyn BlockImage>, ImageLocks)> {
+    /// Opens the image for serving, locked (see `image::lock`), waiting up to `grace` for
+    /// another process to let it go.
+    fn open(&self, grace: Duration) -> Result<(Arc<dyn BlockImage>, ImageLocks)> {
         if let Some(size) = self.null_size {
             return Ok((Arc::new(NullImage::new(size)), ImageLocks::default()));
         }
-        let (image, locks) = open_image_locked(&self.opts, self.metadata_cache, self.locking)?;
+        let (image, locks) =
+            open_image_locked(&self.opts, self.metadata_cache, self.locking, grace)?;
         let image: Arc<dyn BlockImage> = match self.faults {
             Some(spec) => {
                 log::warn!("injecting faults: {spec:?}");
@@ -540,7 +544,7 @@ fn run(cli: Cli) -> Result<()> {
         let standin: Arc<dyn BlockImage> = Arc::new(opener.peek()?);
         (standin, ImageLocks::default())
     } else {
-        opener.open()?
+        opener.open(RELEASE_GRACE)?
     };
     let mut params = DeviceParams::new(&DeviceOptions {
         size: image.virtual_size(),
@@ -630,7 +634,11 @@ fn run(cli: Cli) -> Result<()> {
         !cli.writethrough,
     );
     device.poll_ns = cli.poll_us.saturating_mul(1000);
-    device.set_handover(locks, Box::new(move || opener.open()), !cli.incoming);
+    device.set_handover(
+        locks,
+        Box::new(move |grace| opener.open(grace)),
+        !cli.incoming,
+    );
     if cli.incoming {
         info!("incoming migration: the image stays closed and unlocked until the device starts");
     }

@@ -502,29 +502,12 @@ fn restarts_under_guest(kind: RestartImage) {
         }
         RestartImage::Qcow2 | RestartImage::Qcow2Backing => {
             let image = tmp.path().join("disk.qcow2");
-            let mut args = vec![
-                "create".to_string(),
-                "-q".into(),
-                "-f".into(),
-                "qcow2".into(),
-            ];
+            let mut opts = String::new();
             if let RestartImage::Qcow2Backing = kind {
-                let base = tmp.path().join("base.raw");
-                let data: Vec<u8> = (0..IMAGE_SIZE).map(|i| (i / 512 * 7 + i) as u8).collect();
-                fs::write(&base, data).expect("write backing file");
-                args.extend([
-                    "-b".into(),
-                    base.display().to_string(),
-                    "-F".into(),
-                    "raw".into(),
-                ]);
+                let base = common::create_image(tmp.path(), "base.raw", IMAGE_SIZE, Some(7));
+                opts = format!("backing_file={},backing_fmt=raw", base.display());
             }
-            args.extend([image.display().to_string(), IMAGE_SIZE.to_string()]);
-            let out = Command::new("qemu-img")
-                .args(&args)
-                .output()
-                .expect("qemu-img");
-            assert!(out.status.success(), "qemu-img create: {out:?}");
+            common::create_qcow2(&image, &opts, &IMAGE_SIZE.to_string());
             (image, "qcow2")
         }
     };
@@ -613,16 +596,8 @@ fn restarts_under_guest(kind: RestartImage) {
         // A clean shutdown writes everything back and clears the dirty bit.
         daemon.term_first = true;
         drop(daemon);
-        let out = Command::new("qemu-img")
-            .arg("check")
-            .arg(&image)
-            .output()
-            .expect("qemu-img check");
-        assert!(
-            out.status.success(),
-            "qemu-img check after the run: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        // Panics with the report unless the check passes.
+        common::qemu_img(&["check".as_ref(), image.as_os_str()]);
     }
     let mut err = std::io::stderr();
     let _ = writeln!(

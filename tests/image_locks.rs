@@ -118,8 +118,15 @@ fn run(cmd: &mut Command) -> Ran {
     }
 }
 
+/// `qemu-img ARGS`, success or not (refusals for a lock are what these tests look at).
+#[track_caller]
 fn qemu_img_run(args: &[&str]) -> Ran {
-    run(Command::new("qemu-img").args(args))
+    let out = qemu_img_output(args);
+    Ran {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
 }
 
 /// Our daemon serving `image` from its own directory `dir/name` (socket and log there).

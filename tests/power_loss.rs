@@ -55,7 +55,7 @@ use std::time::Instant;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use common::tagged::{decode, initial_contents, tagged, Initial, Rng};
-use common::{create_qcow2, qemu_img, SECTOR};
+use common::{create_qcow2, qemu_img, qemu_img_in, qemu_img_output_in, SECTOR};
 use vhost_user_blk::image::engine::{EngineOp, GuestBuffers, IoEngine};
 use vhost_user_blk::image::qcow2::JournalMode;
 use vhost_user_blk::image::storage::record::{set_mutation, Event, Op};
@@ -505,13 +505,19 @@ fn make_image(w: Workload, dir: &Path, seed: u64) -> PathBuf {
                     ""
                 }
             );
-            let out = std::process::Command::new("qemu-img")
-                .current_dir(dir)
-                .args(["create", "-q", "-f", "qcow2", "-o", &opts, "image.qcow2"])
-                .arg(disk.to_string())
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "{out:?}");
+            qemu_img_in(
+                dir,
+                &[
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    &opts,
+                    "image.qcow2",
+                    &disk.to_string(),
+                ],
+            );
         }
         Workload::Compressed => {
             let raw = dir.join("plain.raw");
@@ -582,12 +588,10 @@ fn record(w: Workload, seed: u64, root: &Path) -> Recording {
         qemu_img(&["snapshot", "-c", "s1", p(&img_path)]);
     }
     if matches!(w, Workload::Bitmap | Workload::BitmapDataFile) {
-        let out = std::process::Command::new("qemu-img")
-            .current_dir(&dir)
-            .args(["bitmap", "--add", "-g", "4096", "image.qcow2", "b0"])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
+        qemu_img_in(
+            &dir,
+            &["bitmap", "--add", "-g", "4096", "image.qcow2", "b0"],
+        );
     }
     let rec = Recorder::new();
     // What the files hold before the engine touches them.
@@ -1002,16 +1006,6 @@ fn acceptable(r: &Recording, point: usize, sectors: u64) -> Vec<Vec<Val>> {
     acc
 }
 
-/// `qemu-img ARGS` run in `dir`: QEMU opens a relative data file name relative to its
-/// working directory (our engine, like for backing files, relative to the image's).
-fn qemu_img_in(dir: &Path, args: &[&str]) -> std::process::Output {
-    std::process::Command::new("qemu-img")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("qemu-img")
-}
-
 /// Why a state failed (empty: it passed).
 fn check_state(r: &Recording, point: usize, files: &[Vec<u8>], work: &Path) -> Result<(), String> {
     let w = r.workload;
@@ -1031,8 +1025,9 @@ fn check_state(r: &Recording, point: usize, files: &[Vec<u8>], work: &Path) -> R
         let qd = work.join("qemu");
         write_files(&qd);
         let qi = qd.join(file_name(w, "image"));
-        let rep = qemu_img_in(&qd, &["check", "-q", "-r", "all", p(&qi)]);
-        let again = qemu_img_in(&qd, &["check", p(&qi)]);
+        // In the state's directory: qemu-img opens a relative data file name from there.
+        let rep = qemu_img_output_in(&qd, &["check", "-q", "-r", "all", p(&qi)]);
+        let again = qemu_img_output_in(&qd, &["check", p(&qi)]);
         if !again.status.success() {
             return Err(format!(
                 "qemu-img check after qemu-img check -r all: {}{}\n{}{}",
@@ -1111,7 +1106,7 @@ fn check_state(r: &Recording, point: usize, files: &[Vec<u8>], work: &Path) -> R
         return Err(format!("data: {}", bad.join("; ")));
     }
     if !w.raw() {
-        let c = qemu_img_in(&ours, &["check", p(&img)]);
+        let c = qemu_img_output_in(&ours, &["check", p(&img)]);
         if !c.status.success() {
             return Err(format!(
                 "qemu-img check after our repair and close: {}{}",

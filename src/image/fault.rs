@@ -32,6 +32,7 @@ use log::warn;
 
 use super::engine::{EngineOp, IoEngine};
 use super::{BitmapInfo, BlockImage, GuestSlice, ImageQueue, ImageStats};
+use crate::error::UnknownValue;
 
 /// Which operations a fault applies to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,10 +79,38 @@ pub struct FaultSpec {
     pub count: u64,
 }
 
-impl std::str::FromStr for FaultSpec {
-    type Err = String;
+/// Why an `--inject-faults` specification is refused (clap prints it after "invalid value").
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FaultSpecError {
+    /// An operation, errno or option name that is not one of those accepted.
+    #[error(transparent)]
+    Unknown(#[from] UnknownValue),
+    /// A part whose number does not parse, e.g. `delay=x` or `after=-1`.
+    #[error("bad {what} in '{part}'")]
+    BadNumber {
+        /// What the number counts: "milliseconds" or "number".
+        what: &'static str,
+        /// The part as given.
+        part: String,
+    },
+    /// An option without `=`.
+    #[error("bad fault option '{0}' (expected after=N or count=M)")]
+    BadOption(String),
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl FaultSpecError {
+    fn bad_number(what: &'static str, part: &str) -> Self {
+        FaultSpecError::BadNumber {
+            what,
+            part: part.to_owned(),
+        }
+    }
+}
+
+impl std::str::FromStr for FaultSpec {
+    type Err = FaultSpecError;
+
+    fn from_str(s: &str) -> Result<Self, FaultSpecError> {
         let mut parts = s.split(':');
         let op = match parts.next().unwrap_or_default() {
             "read" => FaultOp::Read,
@@ -90,7 +119,14 @@ impl std::str::FromStr for FaultSpec {
             "discard" => FaultOp::Discard,
             "write-zeroes" => FaultOp::WriteZeroes,
             "any" => FaultOp::Any,
-            other => return Err(format!("unknown fault operation '{other}'")),
+            other => {
+                return Err(UnknownValue::new(
+                    "fault operation",
+                    other,
+                    "read, write, flush, discard, write-zeroes or any",
+                )
+                .into())
+            }
         };
         let action = match parts.next().unwrap_or_default() {
             "eio" => FaultAction::Fail(libc::EIO),
@@ -102,12 +138,14 @@ impl std::str::FromStr for FaultSpec {
                 let ms = &a["delay=".len()..];
                 FaultAction::Delay(
                     ms.parse()
-                        .map_err(|_| format!("bad milliseconds in '{a}'"))?,
+                        .map_err(|_| FaultSpecError::bad_number("milliseconds", a))?,
                 )
             }
             n => FaultAction::Fail(n.parse().map_err(|_| {
-                format!(
-                    "unknown errno '{n}' (eio, enospc, edquot, hang, stall, delay=MS or a number)"
+                UnknownValue::new(
+                    "errno",
+                    n,
+                    "eio, enospc, edquot, hang, stall, delay=MS or a number",
                 )
             })?),
         };
@@ -120,12 +158,14 @@ impl std::str::FromStr for FaultSpec {
         for p in parts {
             let (k, v) = p
                 .split_once('=')
-                .ok_or_else(|| format!("bad fault option '{p}'"))?;
-            let v: u64 = v.parse().map_err(|_| format!("bad number in '{p}'"))?;
+                .ok_or_else(|| FaultSpecError::BadOption(p.to_owned()))?;
+            let v: u64 = v
+                .parse()
+                .map_err(|_| FaultSpecError::bad_number("number", p))?;
             match k {
                 "after" => spec.after = v,
                 "count" => spec.count = v,
-                _ => return Err(format!("unknown fault option '{k}'")),
+                _ => return Err(UnknownValue::new("fault option", k, "after or count").into()),
             }
         }
         Ok(spec)
@@ -434,11 +474,39 @@ mod tests {
             "any:delay=5".parse::<FaultSpec>().unwrap().action,
             FaultAction::Delay(5)
         );
-        assert!("any:delay=x".parse::<FaultSpec>().is_err());
-        assert!("write:hung".parse::<FaultSpec>().is_err());
-        assert!("write".parse::<FaultSpec>().is_err());
-        assert!("nope:eio".parse::<FaultSpec>().is_err());
-        assert!("read:eio:x=1".parse::<FaultSpec>().is_err());
+        assert_eq!(
+            "any:delay=x".parse::<FaultSpec>().unwrap_err(),
+            FaultSpecError::bad_number("milliseconds", "delay=x")
+        );
+        let hung = "write:hung".parse::<FaultSpec>().unwrap_err();
+        assert!(matches!(&hung, FaultSpecError::Unknown(u) if u.what == "errno"));
+        assert_eq!(
+            hung.to_string(),
+            "unknown errno 'hung' (expected eio, enospc, edquot, hang, stall, delay=MS or a number)"
+        );
+        assert!(matches!(
+            "write".parse::<FaultSpec>(),
+            Err(FaultSpecError::Unknown(u)) if u.value.is_empty()
+        ));
+        assert!(matches!(
+            "nope:eio".parse::<FaultSpec>(),
+            Err(FaultSpecError::Unknown(u)) if u.what == "fault operation"
+        ));
+        assert!(matches!(
+            "read:eio:x=1".parse::<FaultSpec>(),
+            Err(FaultSpecError::Unknown(u)) if u.what == "fault option" && u.value == "x"
+        ));
+        assert_eq!(
+            "read:eio:after".parse::<FaultSpec>().unwrap_err(),
+            FaultSpecError::BadOption("after".into())
+        );
+        assert_eq!(
+            "read:eio:count=-1"
+                .parse::<FaultSpec>()
+                .unwrap_err()
+                .to_string(),
+            "bad number in 'count=-1'"
+        );
     }
 
     #[test]

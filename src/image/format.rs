@@ -17,6 +17,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use log::warn;
 
@@ -80,11 +81,15 @@ fn has_qcow2_magic(path: &Path) -> Result<bool> {
 /// Opens the image described by `opts` for serving, locked as QEMU locks its images (see
 /// [`super::lock`]): the image, its backing files and its data file are locked right after
 /// each is opened, before anything is written, and stay locked as long as they are open.
-/// Returns the locks too, to give write access up and take it back later (migration).
+/// A file another process holds is waited for until `grace` has passed since the open began
+/// ([`lock::RELEASE_GRACE`] at a start, [`lock::HANDOVER_GRACE`] at a queue start's
+/// activation). Returns the locks too, to give write access up and take it back later
+/// (migration).
 pub fn open_image_locked(
     opts: &ImageOptions,
     metadata_cache: Option<u64>,
     locking: Locking,
+    grace: Duration,
 ) -> Result<(Arc<dyn BlockImage>, ImageLocks)> {
     if locking == Locking::Off {
         warn!(
@@ -93,7 +98,7 @@ pub fn open_image_locked(
             opts.path.display()
         );
     }
-    lock::with_locks(locking, true, lock::RELEASE_GRACE, || {
+    lock::with_locks(locking, true, grace, || {
         open_image_cached(opts, metadata_cache)
     })
 }

@@ -578,12 +578,14 @@ struct Scope {
     active: bool,
     /// Whether files are locked: decided at the first file from `locking` and the kernel.
     enabled: Option<bool>,
-    /// How long a conflicting lock may take to go away before the open fails.
-    grace: Duration,
+    /// When a conflicting lock stops being waited for and the open fails (the open's start
+    /// plus its grace: one bound for all its files).
+    deadline: Instant,
     locks: Vec<ImageLock>,
 }
 
-/// How long the daemon's start waits for a conflicting lock to go away before it gives up.
+/// How long the daemon's start and a control `activate` wait for a conflicting lock to go
+/// away before they give up.
 ///
 /// A daemon killed with I/O in flight does not drop its locks when its process is reaped: the
 /// kernel tears its io_uring down afterwards, and the in-flight requests keep the image's open
@@ -593,18 +595,26 @@ struct Scope {
 /// are gone, no write of the dead daemon can still land under the new one.
 pub const RELEASE_GRACE: Duration = Duration::from_secs(3);
 
+/// How long a queue start on an inactive device (`Device::start_queue`: a migration's
+/// destination, or a device handed over with `ctl deactivate`) waits for the image's
+/// previous holder to let it go: the only wait on that path, the device does not retry.
+/// Longer than [`RELEASE_GRACE`]: the frontend has started the device and cannot be asked to
+/// come back later (a failure leaves the queue idle until its next kick), and the holder,
+/// e.g. a migration source, is expected to let go.
+pub const HANDOVER_GRACE: Duration = Duration::from_secs(8);
+
 /// How often a waiting start tests the locks again.
 const RETRY_EVERY: Duration = Duration::from_millis(20);
 
-/// [`ImageLock::acquire`], tried again until `grace` has passed while another holder conflicts.
-fn acquire_within(file: &File, path: &Path, role: Role, grace: Duration) -> Result<ImageLock> {
-    let deadline = Instant::now() + grace;
+/// [`ImageLock::acquire`], tried again until `deadline` while another holder conflicts.
+fn acquire_until(file: &File, path: &Path, role: Role, deadline: Instant) -> Result<ImageLock> {
     let mut logged = false;
     loop {
         match ImageLock::acquire(file, path, role) {
             Err(e @ Error::ImageInUse { .. }) if Instant::now() < deadline => {
                 if !logged {
-                    debug!("{e}; waiting up to {grace:?} for the holder to go away");
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    debug!("{e}; waiting up to {left:?} for the holder to go away");
                     logged = true;
                 }
                 std::thread::sleep(RETRY_EVERY);
@@ -619,9 +629,11 @@ thread_local! {
 }
 
 /// Runs `open` so that every file [`claim`]ed during it on this thread is locked (taken now
-/// if `active`, waiting up to `grace` for a conflicting holder to go away; else only
-/// prepared), and returns what it returned with those locks. If `open`
-/// fails, the locks taken so far are released with the descriptors the failed open drops.
+/// if `active`, else only prepared), and returns what it returned with those locks. A file
+/// another process holds is tried again until `grace` has passed since `open` began (one
+/// bound for the image, its backing files and its data file together; see
+/// [`RELEASE_GRACE`], [`HANDOVER_GRACE`]). If `open` fails, the locks taken so far are
+/// released with the descriptors the failed open drops.
 pub fn with_locks<T>(
     locking: Locking,
     active: bool,
@@ -641,7 +653,7 @@ pub fn with_locks<T>(
         locking,
         active,
         enabled: None,
-        grace,
+        deadline: Instant::now() + grace,
         locks: Vec::new(),
     };
     let mut restore = Restore(Some(SCOPE.with(|s| s.replace(Some(scope)))));
@@ -671,7 +683,7 @@ pub fn claim(file: &File, path: &Path, role: Role) -> Result<()> {
             return Ok(());
         }
         let lock = if scope.active {
-            acquire_within(file, path, role, scope.grace)?
+            acquire_until(file, path, role, scope.deadline)?
         } else {
             ImageLock::inactive(file, path, role)?
         };
@@ -982,6 +994,50 @@ mod tests {
             || claim(&other, &path, role),
         ));
         assert!(msg.contains("failed to get \"write\" lock"), "{msg}");
+    }
+
+    #[test]
+    fn the_grace_bounds_the_whole_open_not_each_file() {
+        // Another process holds an image and its backing file, and lets go of the image 1.5 s
+        // into the open's 2 s grace, never of the backing file: the open gives up at 2 s, not
+        // 2 s after it got the image.
+        let dir = tempfile::tempdir().unwrap();
+        let paths = [tmpfile(&dir, "img"), tmpfile(&dir, "backing")];
+        let role = Role::RawImage { writable: true };
+        // Their open file descriptions and locks, per file (a lock goes with the last of them).
+        let mut theirs: Vec<(File, ImageLock)> = paths
+            .iter()
+            .map(|p| {
+                let f = open(p);
+                let l = ImageLock::acquire(&f, p, role).unwrap();
+                (f, l)
+            })
+            .collect();
+        let first = theirs.remove(0);
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1500));
+            drop(first);
+        });
+        let ours: Vec<File> = paths.iter().map(|p| open(p)).collect();
+        let start = Instant::now();
+        let msg = in_use(with_locks(
+            Locking::Auto,
+            true,
+            Duration::from_secs(2),
+            || {
+                ours.iter()
+                    .zip(&paths)
+                    .try_for_each(|(f, p)| claim(f, p, role))
+            },
+        ));
+        let took = start.elapsed();
+        release.join().unwrap();
+        assert!(msg.contains("backing"), "{msg}");
+        assert!(
+            took >= Duration::from_secs(2) && took < Duration::from_secs(3),
+            "the open took {took:?}"
+        );
+        drop(theirs);
     }
 
     #[test]

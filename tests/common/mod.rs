@@ -9,7 +9,8 @@
 //! * [`process`]: child processes that cannot outlive their test ([`ChildGuard`], [`Proc`],
 //!   [`run_bin`]).
 //! * [`tagged`]: sectors that name the write they came from (the crash tests' data).
-//! * [`qemu_img`]: the one way to run `qemu-img` ([`qemu_img`], [`qemu_img_output`]),
+//! * [`qemu_img`]: the one way to run `qemu-img` ([`qemu_img`], [`qemu_img_output`], with an
+//!   `_in` variant of each for another working directory),
 //!   `qemu-img check` and `create_qcow2`.
 //!
 //! Every wait in here is bounded (10 s) and panics with a message that says what was awaited.

@@ -4,21 +4,23 @@ use std::ffi::OsStr;
 use std::path::Path;
 use std::process::{Command, Output};
 
-/// Runs `qemu-img ARGS` (bounded by the time qemu-img needs; it does not block on anything
-/// external) and returns what it did, success or not.
+/// Runs `qemu-img ARGS` in `dir` (None: the test's working directory), the one place that
+/// starts qemu-img: bounded by the time qemu-img needs (it does not block on anything
+/// external, a lock conflict included), standard input closed.
 #[track_caller]
-pub fn qemu_img_output<S: AsRef<OsStr>>(args: &[S]) -> Output {
-    Command::new("qemu-img")
-        .args(args)
+fn run<S: AsRef<OsStr>>(dir: Option<&Path>, args: &[S]) -> Output {
+    let mut cmd = Command::new("qemu-img");
+    if let Some(dir) = dir {
+        cmd.current_dir(dir);
+    }
+    cmd.args(args)
         .output()
         .unwrap_or_else(|e| panic!("cannot run qemu-img (install qemu-utils: ci/setup.sh): {e}"))
 }
 
-/// Runs `qemu-img ARGS`, which must succeed (else panics with its output); returns its
-/// standard output.
+/// Panics with qemu-img's output unless it succeeded; returns its standard output.
 #[track_caller]
-pub fn qemu_img<S: AsRef<OsStr>>(args: &[S]) -> String {
-    let out = qemu_img_output(args);
+fn succeeded<S: AsRef<OsStr>>(args: &[S], out: &Output) -> String {
     assert!(
         out.status.success(),
         "qemu-img {:?} failed ({}): {}{}",
@@ -28,6 +30,34 @@ pub fn qemu_img<S: AsRef<OsStr>>(args: &[S]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `qemu-img ARGS` and returns what it did, success or not (for tests that inspect a
+/// failure, e.g. a lock conflict).
+#[track_caller]
+pub fn qemu_img_output<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    run(None, args)
+}
+
+/// [`qemu_img_output`] with `dir` as the working directory: qemu-img resolves a relative
+/// data file name against it (our engine, like QEMU for backing files, against the image's
+/// directory).
+#[track_caller]
+pub fn qemu_img_output_in<S: AsRef<OsStr>>(dir: &Path, args: &[S]) -> Output {
+    run(Some(dir), args)
+}
+
+/// Runs `qemu-img ARGS`, which must succeed (else panics with its output); returns its
+/// standard output.
+#[track_caller]
+pub fn qemu_img<S: AsRef<OsStr>>(args: &[S]) -> String {
+    succeeded(args, &run(None, args))
+}
+
+/// [`qemu_img`] with `dir` as the working directory (see [`qemu_img_output_in`]).
+#[track_caller]
+pub fn qemu_img_in<S: AsRef<OsStr>>(dir: &Path, args: &[S]) -> String {
+    succeeded(args, &run(Some(dir), args))
 }
 
 /// Result of `qemu-img check`: exit code (0 clean, 1 check failed, 2 corruption, 3 leaks only)
