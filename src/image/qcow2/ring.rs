@@ -12,8 +12,9 @@
 //! write-zeroes. Each completes before the next request is taken. Since the synchronous path
 //! finishes every reservation it makes before it returns, the worker never waits for itself.
 //!
-//! A flush never runs on the worker: with no metadata to write back it is a sync of the data
-//! file in the ring, otherwise the flusher thread's (flusher.rs). Writes that allocate wait
+//! A flush runs on the worker only when the queue has nothing else in flight. Otherwise, with
+//! no metadata to write back it is a sync of the data file in the ring, else the flusher
+//! thread's (flusher.rs). Writes that allocate wait
 //! while the flusher has a flush, whose table write-back waits for reserved entries.
 //!
 //! Reuse: a request in the ring may still read or write the host cluster its plan named after
