@@ -44,49 +44,12 @@
 //!   `alloc::Clusters`: atomics in fixed-size segments reached through a preallocated
 //!   array of `OnceLock`s, so lookups are lock-free and growing never blocks readers.
 //!
-//! # Crash safety
+//! # Rules
 //!
-//! The dirty bit is set in the on-disk header (and synced) before the first metadata change
-//! after open. A flush syncs data, writes refcount blocks and L2 tables, syncs, writes the L1
-//! table and header fields, and syncs again; L2 tables are snapshotted before the first sync,
-//! so every entry written points at data that was durable first. Clusters unmapped by
-//! discard or copy-on-write are unreferenced only after the flush that made the unmapping
-//! durable, so on-disk refcounts are never lower than the on-disk references. A dirty image
-//! opened writable has its refcounts rebuilt from the metadata. A copy-on-write or discard
-//! puts the old host clusters on the pending list only after the new entry is stored and
-//! its table marked dirty, so the flush that unreferences them is one that wrote the table.
-//!
-//! A crash of the daemon alone (the host and its page cache survive) must not lose a write
-//! that completed: its data is in the file, and its new L2 entry, not yet written back, is in
-//! the mapping journal (journal.rs), appended before the entry is stored. A restarted daemon
-//! replays the journal onto the dirty image after rebuilding the refcounts (replay.rs).
-//! Without a journal (`--no-journal`), a write, discard or write-zeroes flushes before it
-//! completes whenever a mapping changed since the last completed flush (its own, or one it
-//! may have written through).
-//!
-//! # Reuse
-//!
-//! A request may have looked up a mapping before a discard or copy-on-write replaced it and
-//! still be reading or writing the old host cluster. So a cluster freed by a flush is
-//! handed out again only after every request that was in flight when it was freed has
-//! finished: each queue handle owns a slot (an `AtomicU64` registered at `queue_handle`)
-//! where it publishes the epoch its current request started at (0 when idle; one store and
-//! a fence per request, no shared write). A flush that drops clusters to refcount zero bumps
-//! the epoch and keeps them in a deferred list tagged with the old epoch; each flush moves
-//! to the free bitmap those whose tag is below the start epoch of every busy slot. Freed
-//! clusters are also no longer metadata at once, so overlap protection does not fire for
-//! a late write to an old L2 table cluster.
-//!
-//! # Hostile images
-//!
-//! At open, metadata structures (header, L1, refcount table and blocks, active L2 tables,
-//! snapshot and bitmap structures) must lie inside the file and must not share clusters.
-//! An L2 table is checked when first loaded into a writable image: every host cluster an
-//! entry references must lie inside the file, must not be metadata and must have a nonzero
-//! refcount; otherwise the request fails and nothing is written or unreferenced.
-//! Overlap protection (refusing guest data writes to metadata) only sets an in-memory flag
-//! while an entry may be reserved; the header's corrupt bit is written once nothing is
-//! reserved, or by the next flush or close.
+//! The rules this module keeps (crash safety and the dirty bit, the mapping journal, writes
+//! completing in any order, reuse of freed clusters, overlap protection, hostile images) are
+//! written once, in docs/ARCHITECTURE.md, section "qcow2"; each file's doc names the part it
+//! implements.
 
 mod alloc;
 mod bitmap;
