@@ -295,8 +295,11 @@ impl Driver<'_> {
     }
 
     /// Writes `(sector, nsec)` ranges (which must not overlap) all in flight at once on the
-    /// engine; each is recorded as done when the engine completes it.
-    fn write_batch(&mut self, writes: &[(u64, u64)]) {
+    /// engine; each is recorded as done when the engine completes it. With `flush`, a flush
+    /// follows them into the engine while they are in flight (so it takes the engine's
+    /// asynchronous paths: a data sync in the ring, or the flusher thread); it covers what
+    /// completed before it was submitted.
+    fn write_batch(&mut self, writes: &[(u64, u64)], flush: bool) {
         const SLOT: u64 = 128 * KIB;
         let mut ids = Vec::new();
         let mut pending = 0;
@@ -330,6 +333,18 @@ impl Driver<'_> {
             });
         }
         let first = self.ops.len() - writes.len();
+        let flush_tag = writes.len() as u16;
+        let mut flush_started = None;
+        if flush {
+            flush_started = Some(self.now());
+            self.rec.mark("flush (ring, writes in flight)");
+            self.engine
+                .as_mut()
+                .unwrap()
+                .0
+                .submit(flush_tag, EngineOp::Flush);
+            pending += 1;
+        }
         let deadline = Instant::now() + std::time::Duration::from_secs(30);
         let mut out = Vec::new();
         while pending > 0 {
@@ -340,6 +355,14 @@ impl Driver<'_> {
             out.clear();
             self.engine.as_mut().unwrap().0.reap(&mut out);
             for (tag, r) in out.drain(..) {
+                if let (true, Some(started)) = (tag == flush_tag, flush_started) {
+                    r.unwrap_or_else(|e| panic!("flush in the ring: {e}"));
+                    let done = Some(self.now());
+                    self.rec.mark("flush (ring) done");
+                    self.flushes.push(Flush { started, done });
+                    pending -= 1;
+                    continue;
+                }
                 let k = usize::from(tag);
                 r.unwrap_or_else(|e| panic!("write #{}: {e}", ids[k]));
                 self.ops[first + k].done = Some(self.now());
@@ -709,7 +732,9 @@ fn record(w: Workload, seed: u64, root: &Path) -> Recording {
                         batch.push((sector, nsec));
                     }
                 }
-                d.write_batch(&batch);
+                // A third of the batches carry a flush into the engine.
+                let flush = rng.range(0, 3) == 0;
+                d.write_batch(&batch, flush);
             }
             (Workload::Shrink, _) => match step % 8 {
                 0..=4 => {
