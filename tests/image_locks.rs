@@ -87,24 +87,17 @@ impl Ran {
 fn run(cmd: &mut Command) -> Ran {
     let mut out = tempfile::tempfile().expect("temp file");
     let mut err = tempfile::tempfile().expect("temp file");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().expect("dup"))
-        .stderr(err.try_clone().expect("dup"))
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    let until = Instant::now() + DEADLINE;
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("try_wait") {
-            break st;
-        }
-        if Instant::now() > until {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{cmd:?} did not finish within {DEADLINE:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let mut child = ChildGuard::new(
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone().expect("dup"))
+            .stderr(err.try_clone().expect("dup"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")),
+    );
+    // Past the deadline the guard kills and reaps it as the panic unwinds.
+    let status = child
+        .wait_timeout(DEADLINE)
+        .unwrap_or_else(|| panic!("{cmd:?} did not finish within {DEADLINE:?}"));
     let read = |f: &mut File| {
         let mut t = String::new();
         f.seek(SeekFrom::Start(0)).expect("seek");
