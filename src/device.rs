@@ -419,8 +419,6 @@ fn queue_list(mask: u64) -> String {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
-
     use std::sync::atomic::AtomicUsize;
 
     use super::*;

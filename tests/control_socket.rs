@@ -1806,16 +1806,11 @@ fn activate_fails_while_another_process_holds_the_image() {
         json!(true)
     );
     // qemu-io keeps the image open, writable and unshared, while it waits for commands.
-    let mut holder = common::ChildGuard::new(
-        Command::new("qemu-io")
-            .args(["-f", "raw"])
-            .arg(&s.image)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("run qemu-io (install qemu-utils: ci/setup.sh)"),
-    );
+    let mut holder = common::ChildGuard::new(common::qemu_io_interactive(&[
+        "-f",
+        "raw",
+        s.image.to_str().unwrap(),
+    ]));
     assert!(!locked(&s.image), "still locked after deactivate");
     let deadline = Instant::now() + WAIT;
     while !locked(&s.image) {
@@ -1923,11 +1918,13 @@ fn a_client_after_deactivate_reactivates_the_image() {
         json!(true)
     );
     // Another program writes (and allocates) while the daemon has let go.
-    let out = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 0x5a 5M 64k"])
-        .arg(&s.image)
-        .output()
-        .expect("run qemu-io");
+    let out = common::qemu_io_output(&[
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0x5a 5M 64k",
+        s.image.to_str().unwrap(),
+    ]);
     assert!(
         out.status.success(),
         "qemu-io on the handed-over image: {}",

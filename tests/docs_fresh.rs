@@ -5,34 +5,32 @@
 // A test reports a failure by panicking: unwrap and expect are how it does so.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use common::ChildGuard;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-blk");
 
 /// Runs the binary with `args` (bounded, output to a file in `dir`) and returns its stdout.
 fn generate(dir: &Path, args: &[&str]) -> Vec<u8> {
     let out = dir.join(args.join("-"));
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out).expect("create output file"))
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn vhost-user-blk");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("vhost-user-blk {args:?} did not finish within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let mut child = ChildGuard::new(
+        Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).expect("create output file"))
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn vhost-user-blk"),
+    );
+    // Past the deadline the guard kills and reaps it as the panic unwinds.
+    let status = child
+        .wait_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("vhost-user-blk {args:?} did not finish within 30 s"));
     assert!(status.success(), "vhost-user-blk {args:?} failed: {status}");
     std::fs::read(&out).expect("read generated output")
 }

@@ -25,7 +25,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -87,24 +87,17 @@ impl Ran {
 fn run(cmd: &mut Command) -> Ran {
     let mut out = tempfile::tempfile().expect("temp file");
     let mut err = tempfile::tempfile().expect("temp file");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().expect("dup"))
-        .stderr(err.try_clone().expect("dup"))
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    let until = Instant::now() + DEADLINE;
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("try_wait") {
-            break st;
-        }
-        if Instant::now() > until {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{cmd:?} did not finish within {DEADLINE:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let mut child = ChildGuard::new(
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone().expect("dup"))
+            .stderr(err.try_clone().expect("dup"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")),
+    );
+    // Past the deadline the guard kills and reaps it as the panic unwinds.
+    let status = child
+        .wait_timeout(DEADLINE)
+        .unwrap_or_else(|| panic!("{cmd:?} did not finish within {DEADLINE:?}"));
     let read = |f: &mut File| {
         let mut t = String::new();
         f.seek(SeekFrom::Start(0)).expect("seek");
@@ -118,15 +111,20 @@ fn run(cmd: &mut Command) -> Ran {
     }
 }
 
+impl From<Output> for Ran {
+    fn from(out: Output) -> Ran {
+        Ran {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
 /// `qemu-img ARGS`, success or not (refusals for a lock are what these tests look at).
 #[track_caller]
 fn qemu_img_run(args: &[&str]) -> Ran {
-    let out = qemu_img_output(args);
-    Ran {
-        status: out.status,
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    qemu_img_output(args).into()
 }
 
 /// Our daemon serving `image` from its own directory `dir/name` (socket and log there).
@@ -592,8 +590,13 @@ fn a_held_dirty_qcow2_is_not_repaired() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let image = qcow2(d, "dirty.qcow2", &[]);
-    let r =
-        run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 7 0 128k", s(&image)]));
+    let r = Ran::from(qemu_io_output(&[
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 7 0 128k",
+        s(&image),
+    ]));
     assert!(r.status.success(), "qemu-io: {}", r.text());
     set_dirty_bit(&image);
     // Unheld, opening it writes (the refcount repair), so the check below can fail.

@@ -55,7 +55,7 @@ use std::time::Instant;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use common::tagged::{decode, initial_contents, tagged, Initial, Rng};
-use common::{create_qcow2, qemu_img, qemu_img_in, qemu_img_output_in, SECTOR};
+use common::{create_qcow2, qemu_img, qemu_img_in, qemu_img_output_in, qemu_io_output, SECTOR};
 use vhost_user_blk::image::engine::{EngineOp, GuestBuffers, IoEngine};
 use vhost_user_blk::image::qcow2::JournalMode;
 use vhost_user_blk::image::storage::record::{set_mutation, Event, Op};
@@ -603,10 +603,7 @@ fn record(w: Workload, seed: u64, root: &Path) -> Recording {
     let img_path = make_image(w, &dir, seed);
     if w == Workload::Snapshot {
         // Data, then a snapshot sharing it; the workload's writes copy it on write.
-        let io = std::process::Command::new("qemu-io")
-            .args(["-f", "qcow2", "-c", "write -P 0 0 2M", p(&img_path)])
-            .output()
-            .unwrap();
+        let io = qemu_io_output(&["-f", "qcow2", "-c", "write -P 0 0 2M", p(&img_path)]);
         assert!(io.status.success(), "{io:?}");
         qemu_img(&["snapshot", "-c", "s1", p(&img_path)]);
     }

@@ -12,42 +12,16 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use common::{assert_bytes_eq, create_qcow2, pattern, qemu_img, qemu_img_check, qemu_img_output};
+use common::{
+    assert_bytes_eq, create_qcow2, pattern, qemu_img, qemu_img_check, qemu_img_output, qemu_io,
+    qemu_io_opts,
+};
 
 use vhost_user_blk::image::qcow2::Qcow2Image;
 use vhost_user_blk::image::{
     create_image, open_image, BlockImage, ImageFormat, ImageOptions, ImageQueue,
 };
 use vm_memory::VolatileSlice;
-
-fn qemu_io(img: &Path, cmds: &[&str]) {
-    qemu_io_opts(img, &[], cmds);
-}
-
-/// `qemu-io -f qcow2 OPTS -c CMD... IMG`; fails if a command fails.
-fn qemu_io_opts(img: &Path, opts: &[&str], cmds: &[&str]) {
-    let mut args = vec!["-f", "qcow2"];
-    args.extend_from_slice(opts);
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    let p = img.to_str().unwrap();
-    args.push(p);
-    let out = Command::new("qemu-io")
-        .args(&args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run qemu-io (install qemu-utils): {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && !text.contains("failed"),
-        "qemu-io {args:?}: {text}"
-    );
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

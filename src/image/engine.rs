@@ -21,9 +21,8 @@ use std::sync::Arc;
 use vm_memory::VolatileSlice;
 
 use super::uring::Ring;
-use super::{GuestSlice, ImageQueue};
+use super::{GuestMem, GuestSlice, ImageQueue};
 use crate::error::UnknownValue;
-use crate::virtio_blk::GuestMem;
 
 /// The guest buffers of one request, with the guest memory map they point into kept alive for
 /// as long as the request is in flight (a memory table update may replace the map meanwhile;
@@ -273,7 +272,7 @@ pub mod testing {
     use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
     use super::{EngineOp, GuestBuffers, IoEngine};
-    use crate::virtio_blk::GuestMem;
+    use crate::image::{unlogged, GuestMem};
 
     /// `len` bytes of guest memory at guest address 0 (page aligned).
     pub fn memory(len: usize) -> Arc<GuestMem> {
@@ -284,7 +283,7 @@ pub mod testing {
     pub fn buffers(mem: &Arc<GuestMem>, ranges: &[(u64, usize)]) -> GuestBuffers {
         let slices: Vec<_> = ranges
             .iter()
-            .map(|&(a, l)| crate::virtio_blk::unlogged(&mem.get_slice(GuestAddress(a), l).unwrap()))
+            .map(|&(a, l)| unlogged(&mem.get_slice(GuestAddress(a), l).unwrap()))
             .collect();
         GuestBuffers::new(mem.clone(), &slices)
     }

@@ -18,7 +18,8 @@ pub mod uring;
 
 use std::io;
 
-use vm_memory::VolatileSlice;
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vm_memory::{GuestMemoryMmap, VolatileSlice};
 
 pub use format::{
     create_image, open_image, open_image_cached, open_image_locked, ImageFormat, ImageOptions,
@@ -30,6 +31,26 @@ pub use lock::{ImageLocks, Locking};
 /// The slice points into the guest's mapped memory; it stays valid while the request that
 /// produced it holds its guest-memory guard.
 pub type GuestSlice<'a> = VolatileSlice<'a, ()>;
+
+/// Guest memory as the backend maps it. Each region carries the dirty log the frontend may
+/// install for a live migration (`VHOST_USER_SET_LOG_BASE`); writes through vm-memory (status
+/// bytes, GET_ID data, the used ring) mark it themselves, data the engines write through raw
+/// pointers is marked by the request layer (`virtio_blk::chain::mark_written`) when its
+/// request completes.
+///
+/// Defined here, below the request layer, because the engines keep the map alive while a
+/// request is in flight ([`engine::GuestBuffers`]); `virtio_blk` re-exports it.
+pub type GuestMem = GuestMemoryMmap<BitmapMmapRegion>;
+
+/// The same bytes as `s`, without its dirty-log bitmap: a [`GuestSlice`]. The engines read
+/// into guest buffers through raw pointers (`preadv`, io_uring), which no bitmap would see
+/// anyway; the request layer logs those bytes once the request completes.
+pub fn unlogged<'m>(s: &VolatileSlice<'m, BitmapMmapRegion>) -> GuestSlice<'m> {
+    // SAFETY: `s` is a valid slice of `s.len()` bytes of guest memory mapped for at least
+    // 'm (the lifetime of the memory map it was taken from); the new slice covers exactly
+    // those bytes for the same lifetime, and volatile slices may alias.
+    unsafe { VolatileSlice::new(s.ptr_guard_mut().as_ptr(), s.len()) }
+}
 
 /// Format-specific figures for the control socket's `stats`; `None` where a format has no
 /// such thing.

@@ -9,29 +9,12 @@
 
 use std::ops::Deref;
 
-use vhost_user_backend::bitmap::BitmapMmapRegion;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::image::GuestSlice;
-
-/// Guest memory as the backend maps it. Each region carries the dirty log the frontend may
-/// install for a live migration (`VHOST_USER_SET_LOG_BASE`); writes through vm-memory (status
-/// bytes, GET_ID data, the used ring) mark it themselves, data the engines write through raw
-/// pointers is marked by [`mark_written`] when its request completes.
-pub type GuestMem = GuestMemoryMmap<BitmapMmapRegion>;
-
-/// The same bytes as `s`, without its dirty-log bitmap: the image layer's [`GuestSlice`]. The
-/// engines read into guest buffers through raw pointers (`preadv`, io_uring), which no
-/// bitmap would see anyway; [`mark_written`] logs those bytes once the request completes.
-pub fn unlogged<'m>(s: &VolatileSlice<'m, BitmapMmapRegion>) -> GuestSlice<'m> {
-    // SAFETY: `s` is a valid slice of `s.len()` bytes of guest memory mapped for at least
-    // 'm (the lifetime of the memory map it was taken from); the new slice covers exactly
-    // those bytes for the same lifetime, and volatile slices may alias.
-    unsafe { VolatileSlice::new(s.ptr_guard_mut().as_ptr(), s.len()) }
-}
+use crate::image::{unlogged, GuestMem, GuestSlice};
 
 /// Marks every device-writable byte of a chain (`segs`) dirty in the frontend's migration log,
 /// if it installed one. Called when a request completes while logging is on: its data and
@@ -315,11 +298,8 @@ mod tests {
     use super::*;
 
     fn mem() -> GuestMem {
-        GuestMemoryMmap::from_ranges(&[
-            (GuestAddress(0), 0x10000),
-            (GuestAddress(0x10000), 0x10000),
-        ])
-        .unwrap()
+        GuestMem::from_ranges(&[(GuestAddress(0), 0x10000), (GuestAddress(0x10000), 0x10000)])
+            .unwrap()
     }
 
     #[test]
@@ -392,7 +372,7 @@ mod head_chain_tests {
     const TABLE: u64 = 0x1000;
 
     fn mem() -> GuestMem {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap()
+        GuestMem::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap()
     }
 
     fn put(m: &GuestMem, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {

@@ -11,6 +11,6 @@ pub mod request;
 #[cfg(test)]
 mod tests;
 
-pub use chain::{unlogged, GuestMem};
+pub use crate::image::{unlogged, GuestMem};
 pub use config::{DetectZeroes, DeviceOptions, DeviceParams, DiscardPolicy};
 pub use request::{chains_waiting, ChainTracker, DeviceState, QueueRun, RequestHandler};

@@ -17,7 +17,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::chain::{
-    byte_addr, gather, mark_written, scatter, slices, ChainError, ChainLayout, GuestMem, Segment,
+    byte_addr, gather, mark_written, scatter, slices, ChainError, ChainLayout, Segment,
 };
 use super::config::{
     features, status, DetectZeroes, DeviceParams, DiscardPolicy, ID_BYTES, SECTOR_SHIFT,
@@ -25,7 +25,7 @@ use super::config::{
 };
 use super::header::{DwzSegment, RequestHeader, RequestType};
 use crate::image::engine::{EngineOp, GuestBuffers, IoEngine};
-use crate::image::GuestSlice;
+use crate::image::{GuestMem, GuestSlice};
 use crate::stats::{now_ns, QueueCounters, ReqKind};
 
 /// Size of the request header in the device-readable stream.

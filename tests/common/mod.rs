@@ -11,7 +11,8 @@
 //! * [`tagged`]: sectors that name the write they came from (the crash tests' data).
 //! * [`qemu_img`]: the one way to run `qemu-img` ([`qemu_img`], [`qemu_img_output`], with an
 //!   `_in` variant of each for another working directory),
-//!   `qemu-img check` and `create_qcow2`.
+//!   `qemu-img check` and `create_qcow2`; and the one way to run `qemu-io` ([`qemu_io`],
+//!   [`qemu_io_opts`], [`qemu_io_output`], [`qemu_io_interactive`]).
 //!
 //! Every wait in here is bounded (10 s) and panics with a message that says what was awaited.
 

@@ -1,8 +1,13 @@
-//! qemu-img, the reference implementation the tests check images against.
+//! qemu-img and qemu-io, the reference implementation the tests check images against.
 
 use std::ffi::OsStr;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+
+/// Panic message when `tool` (qemu-img, qemu-io) cannot be started.
+fn missing(tool: &str, e: std::io::Error) -> String {
+    format!("cannot run {tool} (install qemu-utils: ci/setup.sh): {e}")
+}
 
 /// Runs `qemu-img ARGS` in `dir` (None: the test's working directory), the one place that
 /// starts qemu-img: bounded by the time qemu-img needs (it does not block on anything
@@ -15,7 +20,7 @@ fn run<S: AsRef<OsStr>>(dir: Option<&Path>, args: &[S]) -> Output {
     }
     cmd.args(args)
         .output()
-        .unwrap_or_else(|e| panic!("cannot run qemu-img (install qemu-utils: ci/setup.sh): {e}"))
+        .unwrap_or_else(|e| panic!("{}", missing("qemu-img", e)))
 }
 
 /// Panics with qemu-img's output unless it succeeded; returns its standard output.
@@ -121,4 +126,60 @@ pub fn create_qcow2(image: impl AsRef<Path>, opts: &str, size: &str) {
     }
     args.extend([image.as_ref().as_os_str(), size.as_ref()]);
     qemu_img(&args);
+}
+
+/// Runs `qemu-io ARGS` to its end and returns what it did, success or not; the one place,
+/// with [`qemu_io_interactive`], that starts qemu-io. Like qemu-img, it does not block on
+/// anything external; standard input is closed, so it runs only the `-c` commands.
+#[track_caller]
+pub fn qemu_io_output<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    Command::new("qemu-io")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{}", missing("qemu-io", e)))
+}
+
+/// `qemu-io -f qcow2 -c CMD... IMAGE`, which must succeed, every command included (see
+/// [`qemu_io_opts`]).
+#[track_caller]
+pub fn qemu_io(image: &Path, cmds: &[&str]) {
+    qemu_io_opts(image, &[], cmds);
+}
+
+/// `qemu-io -f qcow2 OPTS -c CMD... IMAGE`; panics with its output unless it succeeded and
+/// no command printed a failure (e.g. a `read -P` that found other bytes).
+#[track_caller]
+pub fn qemu_io_opts(image: &Path, opts: &[&str], cmds: &[&str]) {
+    let mut args = vec!["-f", "qcow2"];
+    args.extend_from_slice(opts);
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(image.to_str().expect("image path is UTF-8"));
+    let out = qemu_io_output(&args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "qemu-io {args:?}: {text}"
+    );
+}
+
+/// Starts `qemu-io ARGS` waiting for commands on a piped standard input, its output
+/// discarded: it keeps its image open (and locked as QEMU locks it) until that input closes
+/// or it is killed. The caller owns the child (wrap it in a [`super::ChildGuard`]).
+#[track_caller]
+pub fn qemu_io_interactive<S: AsRef<OsStr>>(args: &[S]) -> Child {
+    Command::new("qemu-io")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}", missing("qemu-io", e)))
 }

@@ -181,7 +181,7 @@ impl Qcow2Shared {
         if self.read_only {
             return;
         }
-        let Ok(mut st) = self.state.try_lock() else {
+        let Some(mut st) = crate::sync::try_lock(&self.state) else {
             return;
         };
         let r = self.flush_with(&mut st);

@@ -26,8 +26,9 @@ pub fn decode_block(bytes: &[u8], order: u32) -> Vec<u64> {
 ///
 /// Runs at every flush that changed refcounts, over a whole block (32768 entries for 64 KiB
 /// blocks of 16-bit refcounts): each width has its own loop with a fixed-size store, so no
-/// entry costs a `memcpy` call (that variable-length copy was 19% of the worker's time on
-/// 4 KiB write+flush over a backing file), and zero entries are skipped.
+/// entry costs a `memcpy` call (a variable-length copy per entry was a large share of the
+/// worker's time on small writes with flushes: docs/PERFORMANCE.md, "Cheap refcount
+/// write-back"), and zero entries are skipped.
 pub fn encode_block(values: &[u64], order: u32, out: &mut [u8]) {
     out.fill(0);
     match order {

@@ -339,7 +339,7 @@ impl Qcow2Shared {
         loop {
             if j.pressure() {
                 // Make room before writers have to wait, if no flush is running already.
-                if let Ok(mut st) = self.state.try_lock() {
+                if let Some(mut st) = crate::sync::try_lock(&self.state) {
                     if let Err(e) = self.flush_with(&mut st) {
                         debug!("{}: journal write-back failed: {e}", self.path.display());
                     }
