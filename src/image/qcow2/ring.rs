@@ -912,7 +912,7 @@ mod tests {
     use crate::image::qcow2::testing::{assert_qemu_img_check, pattern, qemu_img, qemu_img_create};
     use crate::image::qcow2::Qcow2Image;
     use crate::image::uring::Ring;
-    use crate::virtio_blk::GuestMem;
+    use crate::image::GuestMem;
 
     const MIB: u64 = 1 << 20;
 
