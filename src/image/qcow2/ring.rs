@@ -14,8 +14,12 @@
 //!
 //! A flush runs on the worker only when the queue has nothing else in flight. Otherwise, with
 //! no metadata to write back it is a sync of the data file in the ring, else the flusher
-//! thread's (flusher.rs). Writes that allocate wait
-//! while the flusher has a flush, whose table write-back waits for reserved entries.
+//! thread's (flusher.rs). Writes that allocate wait while the flusher has a flush, whose
+//! table write-back waits for reserved entries.
+//!
+//! An L2 table a request needs and the cache lacks is claimed (a loading marker in its slot)
+//! and read in the ring, or copied at once when the host page cache has it; the request
+//! waits for it and the queue goes on.
 //!
 //! Reuse: a request in the ring may still read or write the host cluster its plan named after
 //! another request unmapped it. Clusters a flush frees are handed out again only once every
