@@ -100,8 +100,8 @@ impl Image {
     pub fn lookup(&self, guest: u64) -> stdio::Result<Option<u64>> {
         let s = &self.shared;
         let (i, j, in_off) = s.locate(GuestOffset(guest));
-        let (e, _) = s.load_entry(&**s.table(i)?, j);
-        match e.decode(s.cluster_bits, s.extended) {
+        let word = s.load_entry(&**s.table(i)?, j).word;
+        match word.decode(s.cluster_bits, s.extended) {
             Ok(Mapping::Data(h)) => Ok(Some(h + in_off)),
             _ => Ok(None),
         }

@@ -160,7 +160,7 @@ impl Qcow2Shared {
                     } else {
                         0
                     });
-                    self.check_entry(entry, bitmap)
+                    self.check_entry(Entry::new(entry, bitmap))
                         .and_then(|()| self.check_refs(entry))
                 };
                 r.map_err(|m| corrupt(format!("L2 table at {off:#x}, entry {g}: {m}")))?;
@@ -274,12 +274,11 @@ impl Qcow2Shared {
         self.entry_refs(entry).into_iter().try_for_each(one)
     }
 
-    pub(super) fn check_entry(
-        &self,
-        entry: L2Entry,
-        bitmap: SubclusterBitmap,
-    ) -> std::result::Result<(), BadEntry> {
-        let m = self.decode(entry)?;
+    /// Checks an entry read from the image (or the journal) before it is trusted: its word
+    /// decodes and, with extended L2, its bitmap agrees with it.
+    pub(super) fn check_entry(&self, entry: Entry) -> std::result::Result<(), BadEntry> {
+        let m = self.decode(entry.word)?;
+        let bitmap = entry.bitmap;
         if self.extended {
             match m {
                 Mapping::Compressed { .. } if bitmap != SubclusterBitmap::EMPTY => {
@@ -299,9 +298,9 @@ impl Qcow2Shared {
 
     /// Loads entry `g` of a table (the bitmap too with extended L2), waiting out
     /// reservations.
-    pub(super) fn load_entry(&self, t: &L2Table, g: usize) -> (L2Entry, SubclusterBitmap) {
+    pub(super) fn load_entry(&self, table: &L2Table, g: usize) -> Entry {
         loop {
-            if let Some(entry) = self.try_load_entry(t, g) {
+            if let Some(entry) = self.try_load_entry(table, g) {
                 return entry;
             }
             std::thread::yield_now();
@@ -311,23 +310,19 @@ impl Qcow2Shared {
     /// Loads entry `g` of a table (the bitmap too with extended L2); `None` while it is
     /// reserved.
     #[inline]
-    pub(super) fn try_load_entry(
-        &self,
-        t: &L2Table,
-        g: usize,
-    ) -> Option<(L2Entry, SubclusterBitmap)> {
+    pub(super) fn try_load_entry(&self, table: &L2Table, g: usize) -> Option<Entry> {
         let w = g * self.words;
         loop {
-            let entry = L2Entry(t.entries[w].load(Ordering::Acquire));
-            if entry.is_reserved() {
+            let word = L2Entry(table.entries[w].load(Ordering::Acquire));
+            if word.is_reserved() {
                 return None;
             }
             if !self.extended {
-                return Some((entry, SubclusterBitmap::EMPTY));
+                return Some(Entry::plain(word));
             }
-            let bitmap = SubclusterBitmap(t.entries[w + 1].load(Ordering::Acquire));
-            if t.entries[w].load(Ordering::Acquire) == entry.0 {
-                return Some((entry, bitmap));
+            let bitmap = SubclusterBitmap(table.entries[w + 1].load(Ordering::Acquire));
+            if table.entries[w].load(Ordering::Acquire) == word.0 {
+                return Some(Entry::new(word, bitmap));
             }
         }
     }

@@ -117,8 +117,8 @@ fn check(
             if geo.data_file {
                 continue;
             }
-            for (le, _) in l2::table_entries(&buf, geo.extended) {
-                for c in le.host_clusters(geo.cluster_bits, geo.extended) {
+            for entry in l2::table_entries(&buf, geo.extended) {
+                for c in entry.word.host_clusters(geo.cluster_bits, geo.extended) {
                     hit(c, &mut holes, "by an L2 entry");
                 }
             }

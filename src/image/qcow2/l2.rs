@@ -337,6 +337,33 @@ impl SubclusterBitmap {
     }
 }
 
+/// An L2 entry as read from a table: its first word and, with extended L2 entries, its
+/// subcluster bitmap ([`SubclusterBitmap::EMPTY`] without). Kept together because every
+/// decision about a guest cluster (how it reads, whether a write may go in place, whether
+/// it changed) needs both words, and a pair of loose values invites swapping or dropping
+/// the bitmap.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Entry {
+    /// The entry's first word: host offset, flags, or the allocation sentinel.
+    pub word: L2Entry,
+    /// The subcluster bitmap (extended L2 only; [`SubclusterBitmap::EMPTY`] otherwise).
+    pub bitmap: SubclusterBitmap,
+}
+
+impl Entry {
+    /// The entry with first word `word` and subcluster bitmap `bitmap`.
+    #[inline]
+    pub const fn new(word: L2Entry, bitmap: SubclusterBitmap) -> Entry {
+        Entry { word, bitmap }
+    }
+
+    /// The entry with first word `word` and an empty bitmap (as without extended L2).
+    #[inline]
+    pub const fn plain(word: L2Entry) -> Entry {
+        Entry::new(word, SubclusterBitmap::EMPTY)
+    }
+}
+
 /// Host clusters (indices) holding the data of a compressed cluster.
 pub fn compressed_clusters(offset: u64, len: u64, cluster_bits: u32) -> RangeInclusive<u64> {
     let first = offset >> cluster_bits;
@@ -346,18 +373,15 @@ pub fn compressed_clusters(offset: u64, len: u64, cluster_bits: u32) -> RangeInc
 
 /// The entries of an L2 table as stored in the file (`table` is the whole cluster), in order:
 /// each entry's first word and, with extended L2 entries, its subcluster bitmap (else empty).
-pub fn table_entries(
-    table: &[u8],
-    extended: bool,
-) -> impl Iterator<Item = (L2Entry, SubclusterBitmap)> + '_ {
+pub fn table_entries(table: &[u8], extended: bool) -> impl Iterator<Item = Entry> + '_ {
     let width = if extended { 16 } else { 8 };
-    table.chunks_exact(width).map(move |e| {
+    table.chunks_exact(width).map(move |raw| {
         let word = |i: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&e[i * 8..i * 8 + 8]);
-            u64::from_be_bytes(b)
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(&raw[i * 8..i * 8 + 8]);
+            u64::from_be_bytes(bytes)
         };
-        (
+        Entry::new(
             L2Entry(word(0)),
             SubclusterBitmap(if extended { word(1) } else { 0 }),
         )
@@ -620,13 +644,13 @@ mod tests {
         assert_eq!(
             plain,
             [(COPIED | 0x30000, 0), (0xff, 0), (0x50000, 0), (0, 0)]
-                .map(|(e, b)| (L2Entry(e), SubclusterBitmap(b)))
+                .map(|(word, bitmap)| Entry::new(L2Entry(word), SubclusterBitmap(bitmap)))
         );
         let extended: Vec<_> = table_entries(&t, true).collect();
         assert_eq!(
             extended,
             [(COPIED | 0x30000, 0xff), (0x50000, 0)]
-                .map(|(e, b)| (L2Entry(e), SubclusterBitmap(b)))
+                .map(|(word, bitmap)| Entry::new(L2Entry(word), SubclusterBitmap(bitmap)))
         );
     }
 

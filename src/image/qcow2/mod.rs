@@ -91,7 +91,7 @@ use vm_memory::VolatileSlice;
 
 use self::alloc::{Clusters, HostCluster};
 use self::header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
-use self::l2::{BadEntry, L1Entry, L2Entry, L2Table, Mapping, SubclusterBitmap};
+use self::l2::{BadEntry, Entry, L1Entry, L2Entry, L2Table, Mapping, SubclusterBitmap};
 use super::engine::{Aio, IoEngine, SyncEngine};
 use super::lock::{self, Role};
 use super::options::ImageOptions;
@@ -385,18 +385,18 @@ impl Qcow2Shared {
         }
     }
 
-    /// True if the guest cluster described by `entry` (and `bitmap`, with extended L2)
-    /// reads as zeros throughout.
-    fn reads_as_zeros(&self, entry: L2Entry, bitmap: SubclusterBitmap) -> bool {
-        if entry.is_compressed() || entry.is_reserved() {
+    /// True if the guest cluster described by `entry` reads as zeros throughout.
+    fn reads_as_zeros(&self, entry: Entry) -> bool {
+        let Entry { word, bitmap } = entry;
+        if word.is_compressed() || word.is_reserved() {
             return false;
         }
         if self.extended {
-            !self.has_host(entry)
+            !self.has_host(word)
                 && bitmap.allocated() == 0
                 && (self.backing.is_none() || bitmap.is_all_zero())
         } else {
-            entry.zero_flag() || (!self.has_host(entry) && self.backing.is_none())
+            word.zero_flag() || (!self.has_host(word) && self.backing.is_none())
         }
     }
 }
@@ -1001,12 +1001,13 @@ mod tests {
         a.write(0, &mut vec![1u8; sub as usize]).unwrap();
         let s = a.shared.clone();
         let t = s.table(0).unwrap();
-        let (e, b) = s.load_entry(&t, 0);
-        assert_eq!(b, super::SubclusterBitmap(1));
+        let seen = s.load_entry(&t, 0);
+        assert_eq!(seen.bitmap, super::SubclusterBitmap(1));
         // Another queue writes part of subcluster 1 and all of subcluster 2 meanwhile.
         a.write(sub + 1000, &mut vec![2u8; (2 * sub - 1000) as usize])
             .unwrap();
-        assert_eq!(s.load_entry(&t, 0), (e, super::SubclusterBitmap(0b111)));
+        let both = super::Entry::new(seen.word, super::SubclusterBitmap(0b111));
+        assert_eq!(s.load_entry(&t, 0), both);
         // Our write, with what we saw before: 100 bytes at the start of subcluster 1.
         let mut d = [3u8; 100];
         let bufs = [vm_memory::VolatileSlice::from(&mut d[..])];
@@ -1016,8 +1017,7 @@ mod tests {
             &mut scratch,
             &t,
             0,
-            e,
-            b,
+            seen,
             sub,
             100,
             &bufs,
@@ -1026,11 +1026,7 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        assert_eq!(
-            s.load_entry(&t, 0),
-            (e, super::SubclusterBitmap(0b111)),
-            "allocation bits kept"
-        );
+        assert_eq!(s.load_entry(&t, 0), both, "allocation bits kept");
         let mut back = vec![0u8; 3 * sub as usize];
         a.read(0, &mut back).unwrap();
         let mut want = vec![1u8; sub as usize];

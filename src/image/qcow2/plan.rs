@@ -113,10 +113,10 @@ impl Qcow2Shared {
             let g = off + done;
             let (i, j, in_off) = self.locate(GuestOffset(g));
             let n = (cs - in_off).min(len - done);
-            let Some((entry, bitmap)) = self.try_load_entry(&**self.table(i)?, j) else {
+            let Some(entry) = self.try_load_entry(&**self.table(i)?, j) else {
                 return Ok(Plan::Busy);
             };
-            let Ok(m) = self.decode(entry) else {
+            let Ok(m) = self.decode(entry.word) else {
                 return Ok(Plan::Sync);
             };
             let cluster_guest = g - in_off;
@@ -127,7 +127,7 @@ impl Qcow2Shared {
                     let o = in_off + sub;
                     let sc = o / scs;
                     let k = (scs - o % scs).min(n - sub);
-                    let Ok(sm) = subcluster(m, bitmap, sc) else {
+                    let Ok(sm) = subcluster(m, entry.bitmap, sc) else {
                         return Ok(Plan::Sync);
                     };
                     if !self.plan_mapped(&mut plan, cluster_guest, sm, o, k, done + sub) {
@@ -225,11 +225,11 @@ impl Qcow2Shared {
             let g = off + done;
             let (i, j, in_off) = self.locate(GuestOffset(g));
             let n = (cs - in_off).min(len - done);
-            let Some((entry, bitmap)) = self.try_load_entry(&**self.table(i)?, j) else {
+            let Some(entry) = self.try_load_entry(&**self.table(i)?, j) else {
                 return Ok(Plan::Busy);
             };
-            if self.in_place(entry, bitmap, self.touched(in_off, n)) {
-                let h = entry.host_offset();
+            if self.in_place(entry, self.touched(in_off, n)) {
+                let h = entry.word.host_offset();
                 if let Err(err) = self.check_overlap(h) {
                     self.persist_corrupt();
                     return Err(err);
@@ -248,8 +248,8 @@ impl Qcow2Shared {
                 }
             } else if !self.extended
                 && self.data_file.is_none()
-                && !self.has_host(entry)
-                && self.reads_as_zeros(entry, bitmap)
+                && !self.has_host(entry.word)
+                && self.reads_as_zeros(entry)
             {
                 plan.push(WriteExtent::Allocate {
                     pos: done,
@@ -257,7 +257,7 @@ impl Qcow2Shared {
                     in_off,
                     i,
                     j,
-                    e: entry,
+                    e: entry.word,
                 });
             } else {
                 return Ok(Plan::Sync);

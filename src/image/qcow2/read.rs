@@ -29,13 +29,12 @@ impl Qcow2Shared {
             let g = off + done;
             let (i, j, in_off) = self.locate(GuestOffset(g));
             let n = (cs - in_off).min(len - done);
-            let (entry, bitmap) = self.load_entry(&**self.table(i)?, j);
+            let entry = self.load_entry(&**self.table(i)?, j);
             self.read_in_cluster(
                 file,
                 scratch,
                 g - in_off,
                 entry,
-                bitmap,
                 in_off,
                 n,
                 bufs,
@@ -47,21 +46,20 @@ impl Qcow2Shared {
     }
 
     /// Reads `[in_off, in_off + n)` of the guest cluster at `cluster_guest` described by
-    /// `entry` (and `bitmap`, with extended L2) into request bytes at `pos`.
+    /// `entry` into request bytes at `pos`.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn read_in_cluster(
         &self,
         file: &HostFile,
         scratch: &mut Scratch,
         cluster_guest: u64,
-        entry: L2Entry,
-        bitmap: SubclusterBitmap,
+        entry: Entry,
         in_off: u64,
         n: u64,
         bufs: &[GuestSlice<'_>],
         pos: u64,
     ) -> stdio::Result<()> {
-        let m = self.decode(entry).map_err(corrupt)?;
+        let m = self.decode(entry.word).map_err(corrupt)?;
         if self.extended {
             if let Mapping::Data(_) | Mapping::Unallocated = m {
                 // Subcluster by subcluster.
@@ -71,7 +69,7 @@ impl Qcow2Shared {
                     let o = in_off + done;
                     let sc = o / scs;
                     let k = (scs - o % scs).min(n - done);
-                    let sm = plan::subcluster(m, bitmap, sc).map_err(corrupt)?;
+                    let sm = plan::subcluster(m, entry.bitmap, sc).map_err(corrupt)?;
                     self.read_mapped(file, scratch, cluster_guest, sm, o, k, bufs, pos + done)?;
                     done += k;
                 }

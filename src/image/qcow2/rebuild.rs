@@ -386,13 +386,13 @@ pub fn walk_l2(
             }
             visit(off / cs, true, is_active)?;
             qio::read_bytes(&s.file, off, &mut buf)?;
-            for (g, (le, b)) in super::l2::table_entries(&buf, s.extended).enumerate() {
-                s.check_entry(le, b).map_err(|m| {
+            for (g, entry) in super::l2::table_entries(&buf, s.extended).enumerate() {
+                s.check_entry(entry).map_err(|m| {
                     OpenError::Invalid(format!("L2 table at {off:#x}, entry {g}: {m}"))
                 })?;
                 // Data clusters in an external data file are not refcounted here.
                 if s.data_file.is_none() {
-                    for c in le.host_clusters(s.cluster_bits, s.extended) {
+                    for c in entry.word.host_clusters(s.cluster_bits, s.extended) {
                         visit(c, false, is_active)?;
                     }
                 }

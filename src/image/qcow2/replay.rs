@@ -19,7 +19,7 @@ use log::error;
 
 use super::alloc::HostCluster;
 use super::journal::Record;
-use super::l2::{BadEntry, L2Entry, SubclusterBitmap};
+use super::l2::{BadEntry, Entry, L2Entry, SubclusterBitmap};
 use super::rebuild::OpenError;
 use super::{lock, GuestOffset, Qcow2Shared};
 
@@ -30,11 +30,13 @@ pub fn apply(s: &Qcow2Shared, records: &[Record]) -> Result<usize, OpenError> {
         last.insert(r.cluster, (r.entry, r.bitmap));
     }
     let mut applied = 0;
-    for (&cluster, &(e, b)) in &last {
-        match apply_one(s, cluster, L2Entry(e), SubclusterBitmap(b))? {
+    for (&cluster, &(word, bitmap)) in &last {
+        let entry = Entry::new(L2Entry(word), SubclusterBitmap(bitmap));
+        match apply_one(s, cluster, entry)? {
             Ok(()) => applied += 1,
             Err(why) => error!(
-                "{}: journal record for guest cluster {cluster} ({e:#x}, {b:#x}) skipped: {why}",
+                "{}: journal record for guest cluster {cluster} ({word:#x}, {bitmap:#x}) \
+                 skipped: {why}",
                 s.path.display()
             ),
         }
@@ -78,8 +80,7 @@ enum Refused {
 fn apply_one(
     s: &Qcow2Shared,
     cluster: u64,
-    e: L2Entry,
-    b: SubclusterBitmap,
+    new_entry: Entry,
 ) -> Result<Result<(), Refused>, OpenError> {
     let n = s.l2_entries();
     let Some(guest) = cluster.checked_mul(s.cluster_size()) else {
@@ -88,25 +89,26 @@ fn apply_one(
     if cluster / n >= s.l1_len.load(Ordering::Acquire) as u64 {
         return Ok(Err(Refused::OutsideL1));
     }
-    if e.is_reserved() || e.is_compressed() {
+    let Entry { word, bitmap } = new_entry;
+    if word.is_reserved() || word.is_compressed() {
         return Ok(Err(Refused::NotWritten));
     }
-    if !s.extended && b != SubclusterBitmap::EMPTY {
+    if !s.extended && bitmap != SubclusterBitmap::EMPTY {
         return Ok(Err(Refused::BitmapWithoutExtendedL2));
     }
-    if let Err(m) = s.check_entry(e, b) {
+    if let Err(m) = s.check_entry(new_entry) {
         return Ok(Err(m.into()));
     }
     let (i, j, _) = s.locate(GuestOffset(guest));
-    let t = s.table(i)?;
-    let (oe, ob) = s.load_entry(&t, j);
-    if (oe, ob) == (e, b) {
+    let table = s.table(i)?;
+    let old_entry = s.load_entry(&table, j);
+    if old_entry == new_entry {
         return Ok(Ok(()));
     }
     let clusters = s.clusters()?;
-    let old = s.entry_refs(oe);
+    let old = s.entry_refs(old_entry.word);
     let new: Vec<HostCluster> = s
-        .entry_refs(e)
+        .entry_refs(word)
         .into_iter()
         .filter(|c| !old.contains(c))
         .collect();
@@ -131,23 +133,23 @@ fn apply_one(
             return Ok(Err(Refused::NotFree(c.0)));
         }
     }
-    if !t.pin() {
+    if !table.pin() {
         // A table just loaded at open is never evicted before it is used.
         return Err(OpenError::Invalid(
             "L2 table evicted during journal replay".into(),
         ));
     }
     let w = j * s.words;
-    t.mark_dirty(w);
+    table.mark_dirty(w);
     if s.extended {
-        t.store_bitmap(w, b);
+        table.store_bitmap(w, bitmap);
     }
-    t.store_entry(w, e);
-    t.unpin();
+    table.store_entry(w, word);
+    table.unpin();
     s.meta_dirty.store(true, Ordering::Release);
     let gone: Vec<HostCluster> = old
         .into_iter()
-        .filter(|c| !s.entry_refs(e).contains(c))
+        .filter(|c| !s.entry_refs(word).contains(c))
         .collect();
     if !gone.is_empty() {
         lock(&s.pending).extend(gone);

@@ -142,16 +142,17 @@ impl Qcow2Shared {
         ((1u64 << (last + 1)) - 1) & !((1u64 << first) - 1)
     }
 
-    /// True if a write to the subclusters `mask` of the cluster (`entry`, `bitmap`) may go
+    /// True if a write to the subclusters `mask` of the cluster described by `entry` may go
     /// straight to its host cluster without changing the entry.
     #[inline]
-    pub(super) fn in_place(&self, entry: L2Entry, bitmap: SubclusterBitmap, mask: u64) -> bool {
-        entry.is_copied()
-            && self.has_host(entry)
+    pub(super) fn in_place(&self, entry: Entry, mask: u64) -> bool {
+        let Entry { word, bitmap } = entry;
+        word.is_copied()
+            && self.has_host(word)
             && if self.extended {
                 bitmap.allocated() & mask == mask
             } else {
-                !entry.zero_flag()
+                !word.zero_flag()
             }
     }
 
@@ -174,16 +175,16 @@ impl Qcow2Shared {
         let mask = self.touched(in_off, n);
         let (mut credit, mut credited) = (None, false);
         loop {
-            let t = self.table(i)?;
-            let (entry, bitmap) = self.load_entry(&t, j);
-            if self.in_place(entry, bitmap, mask) {
-                let h = entry.host_offset();
-                if let Err(err) = self.check_overlap(h) {
-                    drop(t);
+            let table = self.table(i)?;
+            let entry = self.load_entry(&table, j);
+            if self.in_place(entry, mask) {
+                let host = entry.word.host_offset();
+                if let Err(err) = self.check_overlap(host) {
+                    drop(table);
                     self.persist_corrupt();
                     return Err(err);
                 }
-                return io::write_pieces(file, h + in_off, bufs, pos, n);
+                return io::write_pieces(file, host + in_off, bufs, pos, n);
             }
             // Before reserving: setting the dirty bit and taking a journal credit may wait
             // for a flush, and a flush waits for reserved entries.
@@ -197,10 +198,9 @@ impl Qcow2Shared {
             if let Some(r) = self.write_reserved(
                 file,
                 scratch,
-                &t,
+                &table,
                 j,
                 entry,
-                bitmap,
                 g,
                 n,
                 bufs,
@@ -213,19 +213,17 @@ impl Qcow2Shared {
         }
     }
 
-    /// The allocating part of [`Qcow2Shared::write_in_cluster`]: reserves entry `j` of table
-    /// `t`, last seen as (`e`, `b`: entry and bitmap), writes the request's data and stores
-    /// the new entry.
+    /// The allocating part of [`Qcow2Shared::write_in_cluster`]: reserves entry `j` of
+    /// `table`, last seen as `seen`, writes the request's data and stores the new entry.
     /// `None` if the table was evicted or the entry changed since (look it up again).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn write_reserved(
         &self,
         file: &HostFile,
         scratch: &mut Scratch,
-        t: &L2Table,
+        table: &L2Table,
         j: usize,
-        e: L2Entry,
-        b: SubclusterBitmap,
+        seen: Entry,
         g: u64,
         n: u64,
         bufs: &[GuestSlice<'_>],
@@ -235,48 +233,55 @@ impl Qcow2Shared {
         let w = j * self.words;
         let in_off = g & (self.cluster_size() - 1);
         let mask = self.touched(in_off, n);
+        let old_word = seen.word;
         // Pinned, the table cannot be evicted while we change it.
-        if !t.pin() {
+        if !table.pin() {
             return None;
         }
-        if !t.reserve(w, e) {
-            t.unpin();
+        if !table.reserve(w, old_word) {
+            table.unpin();
             return None;
         }
         // The entry word may have come back to the value we saw after someone else changed
         // only the bitmap (a subcluster write keeps the host offset), so the bitmap we saw
         // may be stale: reread it now that nobody else can change it.
-        let b = if self.extended {
-            SubclusterBitmap(t.entries[w + 1].load(Ordering::Acquire))
+        let old = if self.extended {
+            Entry::new(
+                old_word,
+                SubclusterBitmap(table.entries[w + 1].load(Ordering::Acquire)),
+            )
         } else {
-            b
+            seen
         };
-        let by_subcluster =
-            self.extended && !e.is_compressed() && (e.host_offset() == 0 || e.is_copied());
+        let by_subcluster = self.extended
+            && !old_word.is_compressed()
+            && (old_word.host_offset() == 0 || old_word.is_copied());
+        let cluster_guest = g - in_off;
         let r = if by_subcluster {
-            self.write_subclusters(file, scratch, g - in_off, e, b, in_off, n, bufs, pos)
-                .map(|new_e| (new_e, b.with_allocated(mask)))
+            self.write_subclusters(file, scratch, cluster_guest, old, in_off, n, bufs, pos)
+                .map(|word| Entry::new(word, old.bitmap.with_allocated(mask)))
         } else {
-            self.cow_cluster(file, scratch, g - in_off, e, b, in_off, n, bufs, pos)
-                .map(|new_e| (new_e, SubclusterBitmap::ALL_ALLOCATED))
+            self.cow_cluster(file, scratch, cluster_guest, old, in_off, n, bufs, pos)
+                .map(|word| Entry::new(word, SubclusterBitmap::ALL_ALLOCATED))
         };
         let r = match r {
-            Ok((new_e, new_b)) if new_e == e && (!self.extended || new_b == b) => {
+            Ok(new) if new.word == old_word && (!self.extended || new.bitmap == old.bitmap) => {
                 // All touched subclusters were allocated after all: written in place,
                 // nothing changed.
-                t.store_entry(w, e);
+                table.store_entry(w, old_word);
                 Ok(())
             }
-            Ok((new_e, new_b)) => {
-                self.publish(t, w, g >> self.cluster_bits, new_e, new_b, credit.take());
+            Ok(new) => {
+                let cluster = g >> self.cluster_bits;
+                self.publish(table, w, cluster, new.word, new.bitmap, credit.take());
                 // Only now, with the new entry stored and the table dirty, may the old host
                 // clusters go to `pending`: a flush that takes them then also writes this
                 // table (it snapshots dirty tables after taking `pending`), so they are
                 // unreferenced only once the on-disk entry no longer points at them. (A
                 // fresh allocation or a subcluster write has nothing to unreference and
                 // takes no shared lock.)
-                if new_e.host_offset() != e.host_offset() || e.is_compressed() {
-                    let refs = self.entry_refs(e);
+                if new.word.host_offset() != old_word.host_offset() || old_word.is_compressed() {
+                    let refs = self.entry_refs(old_word);
                     if !refs.is_empty() {
                         lock(&self.pending).extend(refs);
                     }
@@ -284,11 +289,11 @@ impl Qcow2Shared {
                 Ok(())
             }
             Err(err) => {
-                t.store_entry(w, e);
+                table.store_entry(w, old_word);
                 Err(err)
             }
         };
-        t.unpin();
+        table.unpin();
         if r.is_err() {
             // Overlap protection may have tripped while we held the reservation; the header
             // bit is written only now that nothing waits on us.
@@ -358,7 +363,7 @@ impl Qcow2Shared {
     }
 
     /// Extended L2: writes request bytes `[pos, pos + n)` to `[in_off, in_off + n)` of the
-    /// guest cluster at `cluster_guest`, described by `e` and `b`, which is unallocated (a
+    /// guest cluster at `cluster_guest`, described by `entry`, which is unallocated (a
     /// host cluster is allocated) or exclusively owned (written in place). Only the touched
     /// subclusters are written: a partly touched subcluster that was not allocated is
     /// completed from its old contents (backing file or zeros), one that was is written
@@ -370,16 +375,15 @@ impl Qcow2Shared {
         file: &HostFile,
         scratch: &mut Scratch,
         cluster_guest: u64,
-        e: L2Entry,
-        b: SubclusterBitmap,
+        entry: Entry,
         in_off: u64,
         n: u64,
         bufs: &[GuestSlice<'_>],
         pos: u64,
     ) -> stdio::Result<L2Entry> {
-        let keep = e.host_offset() != 0;
-        self.write_to_target(cluster_guest, e, keep, |host, fresh| {
-            self.fill_subclusters(file, scratch, cluster_guest, e, b, host, fresh, in_off, n)?;
+        let keep = entry.word.host_offset() != 0;
+        self.write_to_target(cluster_guest, entry.word, keep, |host, fresh| {
+            self.fill_subclusters(file, scratch, cluster_guest, entry, host, fresh, in_off, n)?;
             io::write_pieces(file, host + in_off, bufs, pos, n)
         })
     }
@@ -393,8 +397,7 @@ impl Qcow2Shared {
         file: &HostFile,
         scratch: &mut Scratch,
         cluster_guest: u64,
-        e: L2Entry,
-        b: SubclusterBitmap,
+        entry: Entry,
         host: u64,
         fresh: bool,
         in_off: u64,
@@ -406,11 +409,11 @@ impl Qcow2Shared {
         let end = in_off + n;
         // The parts of the first and last touched subclusters outside the request.
         for (sc, from, to) in [(first, first * scs, in_off), (last, end, (last + 1) * scs)] {
-            if from == to || b.is_allocated(sc) {
+            if from == to || entry.bitmap.is_allocated(sc) {
                 // Nothing to complete, or the subcluster already holds its data.
                 continue;
             }
-            if fresh && (b.is_zero(sc) || self.backing.is_none()) {
+            if fresh && (entry.bitmap.is_zero(sc) || self.backing.is_none()) {
                 // Old contents are zeros and so are the bytes of a cluster past the end of
                 // the file: nothing to write, the file stays sparse.
                 continue;
@@ -419,7 +422,7 @@ impl Qcow2Shared {
             buf.resize((to - from) as usize, 0);
             let r = (|| {
                 let s = [VolatileSlice::from(&mut buf[..])];
-                self.read_in_cluster(file, scratch, cluster_guest, e, b, from, to - from, &s, 0)?;
+                self.read_in_cluster(file, scratch, cluster_guest, entry, from, to - from, &s, 0)?;
                 io::write_bytes(file, host + from, &buf)
             })();
             scratch.cluster = buf;
@@ -429,19 +432,19 @@ impl Qcow2Shared {
     }
 
     /// Runs `write(host, fresh)` against the host cluster a rewrite of the guest cluster at
-    /// `cluster_guest` (entry `e`) goes to: its current one with `keep`, else a new one
+    /// `cluster_guest` (entry word `word`) goes to: its current one with `keep`, else a new one
     /// ([`Qcow2Shared::alloc_data`]; `fresh` as there). Overlap protection is checked first.
     /// A new cluster is released (at the next flush) if anything fails. Returns the new
     /// entry word.
     pub(super) fn write_to_target(
         &self,
         cluster_guest: u64,
-        e: L2Entry,
+        word: L2Entry,
         keep: bool,
         write: impl FnOnce(u64, bool) -> stdio::Result<()>,
     ) -> stdio::Result<L2Entry> {
         let (host, fresh) = if keep {
-            (e.host_offset(), false)
+            (word.host_offset(), false)
         } else {
             self.alloc_data(cluster_guest)?
         };
@@ -461,17 +464,17 @@ impl Qcow2Shared {
         file: &HostFile,
         scratch: &mut Scratch,
         cluster_guest: u64,
-        e: L2Entry,
-        b: SubclusterBitmap,
+        entry: Entry,
         in_off: u64,
         n: u64,
         bufs: &[GuestSlice<'_>],
         pos: u64,
     ) -> stdio::Result<L2Entry> {
         let cs = self.cluster_size();
-        let keep = e.is_copied() && !e.is_compressed() && e.host_offset() != 0;
-        let zeros = self.reads_as_zeros(e, b);
-        self.write_to_target(cluster_guest, e, keep, |host, fresh| {
+        let word = entry.word;
+        let keep = word.is_copied() && !word.is_compressed() && word.host_offset() != 0;
+        let zeros = self.reads_as_zeros(entry);
+        self.write_to_target(cluster_guest, word, keep, |host, fresh| {
             if fresh && zeros {
                 // The new cluster's bytes already read as zeros (holes or past EOF) and so do
                 // the old contents: write only the request's bytes, straight from guest
@@ -486,7 +489,16 @@ impl Qcow2Shared {
                         buf.fill(0);
                     } else {
                         let whole = [VolatileSlice::from(&mut buf[..])];
-                        self.read_in_cluster(file, scratch, cluster_guest, e, b, 0, cs, &whole, 0)?;
+                        self.read_in_cluster(
+                            file,
+                            scratch,
+                            cluster_guest,
+                            entry,
+                            0,
+                            cs,
+                            &whole,
+                            0,
+                        )?;
                     }
                 }
                 io::copy_from_pieces(bufs, pos, &mut buf[in_off as usize..(in_off + n) as usize])?;
@@ -517,32 +529,27 @@ impl Qcow2Shared {
         }
     }
 
-    /// Sets a whole guest cluster's entry to (`new_e`, `new_b`), dropping its old host
-    /// references after the next flush.
-    pub(super) fn set_cluster(
-        &self,
-        g: u64,
-        new_e: L2Entry,
-        new_b: SubclusterBitmap,
-    ) -> stdio::Result<()> {
-        let settled = |e, b| {
-            if (e, b) == (new_e, new_b) {
+    /// Sets a whole guest cluster's entry to `new`, dropping its old host references after
+    /// the next flush.
+    pub(super) fn set_cluster(&self, g: u64, new: Entry) -> stdio::Result<()> {
+        let settled = |entry| {
+            if entry == new {
                 ControlFlow::Break(())
             } else {
                 ControlFlow::Continue(())
             }
         };
-        let ControlFlow::Continue(e) = self.change_entry(g, settled, |_, _| (new_e, new_b))? else {
+        let ControlFlow::Continue(old) = self.change_entry(g, settled, |_| new)? else {
             return Ok(());
         };
-        let refs = self.entry_refs(e);
+        let refs = self.entry_refs(old);
         if !refs.is_empty() {
             lock(&self.pending).extend(refs);
         }
-        if self.has_host(e) && !self.has_host(new_e) {
+        if self.has_host(old) && !self.has_host(new.word) {
             // No longer mapped: free the space in the data file (as QEMU passes discards
             // through to it). Without a data file the cluster is reused instead.
-            self.punch_data(e.host_offset(), self.cluster_size());
+            self.punch_data(old.host_offset(), self.cluster_size());
         }
         Ok(())
     }
@@ -550,22 +557,22 @@ impl Qcow2Shared {
     /// Changes the entry of the guest cluster at `g` without writing data: sets the dirty
     /// bit and takes a journal credit first (either may wait for a flush, which waits for
     /// reserved entries, so never while holding one), looks at the entry again after
-    /// waiting, reserves it and publishes `change(entry, bitmap)`. `settled` is asked each
-    /// time the entry is looked at; `Break(r)` ends it there with nothing changed.
-    /// `Continue(old entry)` once the new one is published.
+    /// waiting, reserves it and publishes `change(entry)`. `settled` is asked each time the
+    /// entry is looked at; `Break(r)` ends it there with nothing changed.
+    /// `Continue(old entry word)` once the new one is published.
     pub(super) fn change_entry<R>(
         &self,
         g: u64,
-        mut settled: impl FnMut(L2Entry, SubclusterBitmap) -> ControlFlow<R>,
-        change: impl FnOnce(L2Entry, SubclusterBitmap) -> (L2Entry, SubclusterBitmap),
+        mut settled: impl FnMut(Entry) -> ControlFlow<R>,
+        change: impl FnOnce(Entry) -> Entry,
     ) -> stdio::Result<ControlFlow<R, L2Entry>> {
         let (i, j, _) = self.locate(GuestOffset(g));
         let w = j * self.words;
         let (mut credit, mut credited) = (None, false);
         loop {
-            let t = self.table(i)?;
-            let (e, b) = self.load_entry(&t, j);
-            if let ControlFlow::Break(r) = settled(e, b) {
+            let table = self.table(i)?;
+            let seen = self.load_entry(&table, j);
+            if let ControlFlow::Break(r) = settled(seen) {
                 return Ok(ControlFlow::Break(r));
             }
             self.ensure_dirty()?;
@@ -574,35 +581,40 @@ impl Qcow2Shared {
                 credited = true;
                 continue;
             }
-            if !t.pin() {
+            if !table.pin() {
                 std::thread::yield_now();
                 continue;
             }
-            if !t.reserve(w, e) {
-                t.unpin();
+            if !table.reserve(w, seen.word) {
+                table.unpin();
                 continue;
             }
             // Reread: the bitmap may have changed while the entry word kept its value.
-            let b = if self.extended {
-                SubclusterBitmap(t.entries[w + 1].load(Ordering::Acquire))
+            let old = if self.extended {
+                Entry::new(
+                    seen.word,
+                    SubclusterBitmap(table.entries[w + 1].load(Ordering::Acquire)),
+                )
             } else {
-                b
+                seen
             };
-            let (new_e, new_b) = change(e, b);
-            self.publish(&t, w, g >> self.cluster_bits, new_e, new_b, credit.take());
-            t.unpin();
-            return Ok(ControlFlow::Continue(e));
+            let new = change(old);
+            let cluster = g >> self.cluster_bits;
+            self.publish(&table, w, cluster, new.word, new.bitmap, credit.take());
+            table.unpin();
+            return Ok(ControlFlow::Continue(old.word));
         }
     }
 
-    /// Entry values for a whole cluster that reads as zeros.
-    pub(super) fn zero_entry(&self) -> Option<(L2Entry, SubclusterBitmap)> {
+    /// The entry for a whole cluster that reads as zeros (`None` if there is none: v2 with
+    /// a backing file).
+    pub(super) fn zero_entry(&self) -> Option<Entry> {
         if self.extended {
-            Some((L2Entry::UNALLOCATED, SubclusterBitmap::ALL_ZERO))
+            Some(Entry::new(L2Entry::UNALLOCATED, SubclusterBitmap::ALL_ZERO))
         } else if self.hdr.version >= 3 {
-            Some((L2Entry::ZERO, SubclusterBitmap::EMPTY))
+            Some(Entry::plain(L2Entry::ZERO))
         } else if self.backing.is_none() {
-            Some((L2Entry::UNALLOCATED, SubclusterBitmap::EMPTY))
+            Some(Entry::plain(L2Entry::UNALLOCATED))
         } else {
             None
         }

@@ -23,23 +23,23 @@ impl Qcow2Shared {
             // deallocate the data in the file, which then reads as zeros, like the disk.
             for c in first..last {
                 let (i, j, _) = self.locate(GuestOffset(c * cs));
-                let (entry, _) = self.load_entry(&**self.table(i)?, j);
-                if self.has_host(entry) {
-                    self.punch_data(entry.host_offset(), cs);
+                let word = self.load_entry(&**self.table(i)?, j).word;
+                if self.has_host(word) {
+                    self.punch_data(word.host_offset(), cs);
                 }
             }
             return Ok(());
         }
-        let (ne, nb) = if self.backing.is_some() {
+        let new = if self.backing.is_some() {
             match self.zero_entry() {
-                Some(z) => z,
+                Some(zero) => zero,
                 None => return Ok(()),
             }
         } else {
-            (L2Entry::UNALLOCATED, SubclusterBitmap::EMPTY)
+            Entry::plain(L2Entry::UNALLOCATED)
         };
         for c in first..last {
-            self.set_cluster(c * cs, ne, nb)?;
+            self.set_cluster(c * cs, new)?;
         }
         Ok(())
     }
@@ -68,7 +68,7 @@ impl Qcow2Shared {
             let n = (cs - in_off).min(end - g);
             let whole = in_off == 0 && (n == cs || g + n == size);
             match zero {
-                Some((ze, zb)) if whole => self.set_cluster(g, ze, zb)?,
+                Some(zero) if whole => self.set_cluster(g, zero)?,
                 _ if self.extended
                     && !self.data_raw
                     && self.zero_in_cluster(file, scratch, g, n)? => {}
@@ -143,16 +143,19 @@ impl Qcow2Shared {
     /// sets their zero bits and clears their allocation bits (a host cluster stays
     /// referenced by the entry). False if the cluster is compressed (it has no bitmap).
     pub(super) fn zero_subclusters(&self, g: u64, mask: u64) -> stdio::Result<bool> {
-        let settled = |e: L2Entry, b: SubclusterBitmap| {
-            if e.is_compressed() {
+        let settled = |entry: Entry| {
+            let bitmap = entry.bitmap;
+            if entry.word.is_compressed() {
                 ControlFlow::Break(false)
-            } else if b.allocated() & mask == 0 && b.zeroed() & mask == mask {
+            } else if bitmap.allocated() & mask == 0 && bitmap.zeroed() & mask == mask {
                 ControlFlow::Break(true)
             } else {
                 ControlFlow::Continue(())
             }
         };
-        let r = self.change_entry(g, settled, |e, b| (e, b.with_zeroed(mask)))?;
+        let r = self.change_entry(g, settled, |old| {
+            Entry::new(old.word, old.bitmap.with_zeroed(mask))
+        })?;
         Ok(match r {
             ControlFlow::Break(done) => done,
             ControlFlow::Continue(_) => true,
