@@ -29,8 +29,8 @@ pub(super) enum Plan<T> {
 pub(super) enum WriteExtent {
     /// Overwrite in place: request bytes `[pos, pos + len)` go to this host offset.
     Data { pos: u64, len: u64, host: u64 },
-    /// The guest cluster (L1 index `i`, L2 index `j`, entry `e`) reads as zeros and has no
-    /// host cluster: give it one, write request bytes `[pos, pos + len)` at `in_off` in it
+    /// The guest cluster (L1 index `i`, L2 index `j`, entry word `seen`) reads as zeros and
+    /// has no host cluster: give it one, write request bytes `[pos, pos + len)` at `in_off` in it
     /// (zeros around them), then publish the entry.
     Allocate {
         pos: u64,
@@ -38,7 +38,7 @@ pub(super) enum WriteExtent {
         in_off: u64,
         i: usize,
         j: usize,
-        e: L2Entry,
+        seen: L2Entry,
     },
 }
 
@@ -257,7 +257,7 @@ impl Qcow2Shared {
                     in_off,
                     i,
                     j,
-                    e: entry.word,
+                    seen: entry.word,
                 });
             } else {
                 return Ok(Plan::Sync);

@@ -36,7 +36,7 @@ use super::cache::Claim;
 use super::flush::DataSync;
 use super::flusher::Flusher;
 use super::journal::HeldCredit;
-use super::l2::{L2Entry, L2Table, SubclusterBitmap};
+use super::l2::{Entry, L2Entry, L2Table, SubclusterBitmap};
 use super::plan::{Plan, Source, WriteExtent};
 use super::{Backing, GuestOffset, Qcow2Queue, Qcow2Shared, DATA_SYNC_POINT};
 use crate::image::engine::{run_sync, EngineOp, GuestBuffers, IoEngine};
@@ -618,7 +618,7 @@ impl Qcow2Ring {
         let mut taken: Vec<(Alloc, (u64, bool))> = Vec::with_capacity(n);
         let mut credits = credits.into_iter();
         for x in plan {
-            let WriteExtent::Allocate { i, j, e, .. } = *x else {
+            let WriteExtent::Allocate { i, j, seen, .. } = *x else {
                 continue;
             };
             let t = match shared.table(i) {
@@ -633,7 +633,7 @@ impl Qcow2Ring {
                 self.release(taken);
                 return Ok(None);
             }
-            if !t.reserve(w, e) {
+            if !t.reserve(w, seen) {
                 t.unpin();
                 self.release(taken);
                 return Ok(None);
@@ -644,7 +644,7 @@ impl Qcow2Ring {
                 table: t,
                 w,
                 cluster: gc,
-                old: e,
+                old: seen,
                 host: 0,
                 credit: credits.next(),
             };
@@ -795,14 +795,8 @@ impl Qcow2Ring {
                     (Some(j), Some(c)) => Some(j.redeem(c)),
                     _ => None,
                 };
-                self.shared.publish(
-                    &a.table,
-                    a.w,
-                    a.cluster,
-                    L2Entry::owned(a.host),
-                    SubclusterBitmap::ALL_ALLOCATED,
-                    credit,
-                );
+                let new = Entry::new(L2Entry::owned(a.host), SubclusterBitmap::ALL_ALLOCATED);
+                self.shared.publish(&a.table, a.w, a.cluster, new, credit);
                 a.table.unpin();
                 self.reserved -= 1;
             } else {

@@ -273,7 +273,7 @@ impl Qcow2Shared {
             }
             Ok(new) => {
                 let cluster = g >> self.cluster_bits;
-                self.publish(table, w, cluster, new.word, new.bitmap, credit.take());
+                self.publish(table, w, cluster, new, credit.take());
                 // Only now, with the new entry stored and the table dirty, may the old host
                 // clusters go to `pending`: a flush that takes them then also writes this
                 // table (it snapshots dirty tables after taking `pending`), so they are
@@ -302,21 +302,20 @@ impl Qcow2Shared {
         Some(r)
     }
 
-    /// Makes a new value of the reserved entry at word `w` of `t` (guest cluster `cluster`)
-    /// visible: marks the table dirty, appends the change to the mapping journal, then stores
+    /// Makes `new`, the new value of the reserved entry at word `w` of `table` (guest cluster
+    /// `cluster`), visible: marks the table dirty, appends the change to the mapping journal, then stores
     /// the bitmap word and last the entry word, which ends the reservation. The order is the
     /// journal protocol's (journal.rs): a flush that reads the journal cursor after the append
     /// finds the table dirty, and changes of one entry reach the journal in their order.
     pub(super) fn publish(
         &self,
-        t: &L2Table,
+        table: &L2Table,
         w: usize,
         cluster: u64,
-        new_e: L2Entry,
-        new_b: SubclusterBitmap,
+        new: Entry,
         credit: Option<journal::Credit<'_>>,
     ) {
-        t.mark_dirty(w);
+        table.mark_dirty(w);
         self.meta_dirty.store(true, Ordering::Release);
         if self.journal.is_none() {
             self.published.fetch_add(1, Ordering::AcqRel);
@@ -324,14 +323,14 @@ impl Qcow2Shared {
         if let Some(c) = credit {
             c.commit(journal::Record {
                 cluster,
-                entry: new_e.0,
-                bitmap: if self.extended { new_b.0 } else { 0 },
+                entry: new.word.0,
+                bitmap: if self.extended { new.bitmap.0 } else { 0 },
             });
         }
         if self.extended {
-            t.store_bitmap(w, new_b);
+            table.store_bitmap(w, new.bitmap);
         }
-        t.store_entry(w, new_e);
+        table.store_entry(w, new.word);
     }
 
     /// A journal credit for one mapping change (`None` without a journal). Taken before the
@@ -600,7 +599,7 @@ impl Qcow2Shared {
             };
             let new = change(old);
             let cluster = g >> self.cluster_bits;
-            self.publish(&table, w, cluster, new.word, new.bitmap, credit.take());
+            self.publish(&table, w, cluster, new, credit.take());
             table.unpin();
             return Ok(ControlFlow::Continue(old.word));
         }
