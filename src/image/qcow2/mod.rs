@@ -56,7 +56,6 @@ mod bitmap;
 mod cache;
 mod compress;
 mod flush;
-mod flusher;
 pub mod header;
 mod holes;
 mod io;

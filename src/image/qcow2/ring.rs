@@ -12,10 +12,9 @@
 //! write-zeroes. Each completes before the next request is taken. Since the synchronous path
 //! finishes every reservation it makes before it returns, the worker never waits for itself.
 //!
-//! A flush runs on the worker only when the queue has nothing else in flight. Otherwise, with
-//! no metadata to write back it is a sync of the data file in the ring, else the flusher
-//! thread's (flusher.rs). Writes that allocate wait while the flusher has a flush, whose
-//! table write-back waits for reserved entries.
+//! A flush with other requests of the queue in flight and no metadata to write back is a
+//! sync of the data file in the ring, while the queue goes on; any other flush runs on the
+//! worker.
 //!
 //! An L2 table a request needs and the cache lacks is claimed (a loading marker in its slot)
 //! and read in the ring, or copied at once when the host page cache has it; the request
@@ -34,7 +33,6 @@ use std::sync::Arc;
 
 use super::cache::Claim;
 use super::flush::DataSync;
-use super::flusher::Flusher;
 use super::journal::HeldCredit;
 use super::l2::{Entry, L2Entry, L2Table, SubclusterBitmap};
 use super::plan::{Plan, Source, WriteExtent};
@@ -154,20 +152,15 @@ pub(super) struct Qcow2Ring {
     reserved: usize,
     /// Requests waiting for an entry someone else (or this engine) holds reserved.
     parked: VecDeque<(u16, EngineOp)>,
-    /// Flushes that write metadata back, off the worker (started on first use).
-    flusher: Option<Flusher>,
-    /// Writes that allocate, waiting for the flusher to finish.
-    after_flush: VecDeque<(u16, EngineOp)>,
     /// Requests that ended without the ring.
     done: Vec<(u16, io::Result<()>)>,
     /// Transfer results (reused).
     ended: Vec<(usize, io::Result<()>)>,
-    /// Reads and writes run from a plan, requests run on the synchronous path, flushes
-    /// that only synced data in the ring, and flushes handed to the flusher.
+    /// Reads and writes run from a plan, requests run on the synchronous path, and flushes
+    /// that only synced data in the ring.
     planned: u64,
     synchronous: u64,
     ring_flushes: u64,
-    background_flushes: u64,
     /// L2 tables loaded, and of those read in the ring (the others were in the page cache).
     table_loads: u64,
     ring_loads: u64,
@@ -210,14 +203,11 @@ impl Qcow2Ring {
             },
             reserved: 0,
             parked: VecDeque::new(),
-            flusher: None,
-            after_flush: VecDeque::new(),
             done: Vec::new(),
             ended: Vec::new(),
             planned: 0,
             synchronous: 0,
             ring_flushes: 0,
-            background_flushes: 0,
             table_loads: 0,
             ring_loads: 0,
             table_buf: Vec::new(),
@@ -242,24 +232,18 @@ impl Qcow2Ring {
         }
     }
 
-    /// A flush. With nothing else of this queue in flight it runs on the worker, which then
-    /// holds nothing back (a handoff would only add latency). Otherwise: when no metadata
-    /// changed since the last flush, only the data file needs a sync, which runs in the ring;
-    /// else the flusher thread writes the metadata back (flusher.rs). Either way the queue's
-    /// other requests go on meanwhile, except writes that allocate, which wait for the
-    /// flusher (see [`Qcow2Ring::write`]).
+    /// A flush. With other requests of the queue in flight and no metadata changed since the
+    /// last flush, only the data file needs a sync, which runs in the ring while the queue
+    /// goes on. Otherwise it runs on the worker: with nothing else in flight there is nothing
+    /// to hold back, and a metadata write-back waits for reserved entries.
     fn flush(&mut self, tag: u16) {
-        if self.shared.read_only || self.idle() {
-            return self.run_sync(tag, EngineOp::Flush);
-        }
-        // Behind a flush already with the flusher, this one waits its turn there.
-        let clean = if self.flushes_pending() == 0 {
-            self.shared.begin_data_sync()
-        } else {
+        let clean = if self.shared.read_only || self.idle() {
             None
+        } else {
+            self.shared.begin_data_sync()
         };
         let Some(sync) = clean else {
-            return self.flush_in_background(tag);
+            return self.run_sync(tag, EngineOp::Flush);
         };
         let r = self.reqs.insert(Req {
             tag,
@@ -402,45 +386,10 @@ impl Qcow2Ring {
         self.parked.extend(waiting);
     }
 
-    /// Hands flush `tag` to the flusher thread (started on first use), or runs it on the
-    /// worker if the thread cannot be had.
-    fn flush_in_background(&mut self, tag: u16) {
-        if self.flusher.is_none() {
-            match Flusher::new(self.shared.clone(), self.io.event_fd()) {
-                Ok(f) => self.flusher = Some(f),
-                Err(e) => log::warn!("no flusher thread, flushing on the queue's worker: {e}"),
-            }
-        }
-        if self.flusher.as_mut().is_some_and(|f| f.start(tag)) {
-            self.background_flushes += 1;
-        } else {
-            self.run_sync(tag, EngineOp::Flush);
-        }
-    }
-
     /// True when no request of this queue is in flight or waiting (completed ones not yet
     /// reaped do not count: nothing waits for them).
     fn idle(&self) -> bool {
-        self.reqs.is_empty()
-            && self.parked.is_empty()
-            && self.waiting_n == 0
-            && self.flushes_pending() == 0
-            && self.after_flush.is_empty()
-    }
-
-    /// Flushes with the flusher thread.
-    fn flushes_pending(&self) -> usize {
-        self.flusher.as_ref().map_or(0, Flusher::pending)
-    }
-
-    /// Collects the flusher's finished flushes; once none is left with it, starts the writes
-    /// that waited for it.
-    fn collect_flushes(&mut self) {
-        let Some(f) = &mut self.flusher else { return };
-        f.collect(&mut self.done);
-        if f.pending() == 0 && !self.after_flush.is_empty() {
-            self.parked.extend(self.after_flush.drain(..));
-        }
+        self.reqs.is_empty() && self.parked.is_empty() && self.waiting_n == 0
     }
 
     /// Runs `op` on the synchronous handle. That path waits for reserved entries (and a
@@ -504,18 +453,6 @@ impl Qcow2Ring {
             .check_writable()
             .and_then(|()| self.shared.plan_write(offset, bufs.len()));
         let plan = match planned {
-            // While the flusher writes tables back it waits for every entry reserved in
-            // them: new reservations of this queue would keep it waiting, so writes that
-            // allocate wait for the flush instead (reads and overwrites go on).
-            Ok(Plan::Ready(plan))
-                if self.flushes_pending() > 0
-                    && plan
-                        .iter()
-                        .any(|x| matches!(x, WriteExtent::Allocate { .. })) =>
-            {
-                self.epochs.end(epoch);
-                return self.after_flush.push_back((tag, op(bufs)));
-            }
             Ok(Plan::Ready(plan)) => plan,
             Ok(Plan::Busy) => {
                 self.epochs.end(epoch);
@@ -859,7 +796,6 @@ impl IoEngine for Qcow2Ring {
 
     fn reap(&mut self, out: &mut Vec<(u16, io::Result<()>)>) {
         self.complete();
-        self.collect_flushes();
         if !self.parked.is_empty() {
             self.retry_parked();
             // Parked on another queue's reservation with nothing of ours in the ring, no
@@ -883,18 +819,11 @@ impl IoEngine for Qcow2Ring {
     }
 
     fn completions_ready(&mut self) -> bool {
-        !self.done.is_empty()
-            || self.io.completions_ready()
-            || self.flusher.as_ref().is_some_and(Flusher::ready)
+        !self.done.is_empty() || self.io.completions_ready()
     }
 
     fn in_flight(&self) -> usize {
-        self.reqs.len() - self.loads
-            + self.waiting_n
-            + self.parked.len()
-            + self.done.len()
-            + self.flushes_pending()
-            + self.after_flush.len()
+        self.reqs.len() - self.loads + self.waiting_n + self.parked.len() + self.done.len()
     }
 }
 
@@ -1297,61 +1226,6 @@ mod tests {
         img.close().unwrap();
         drop(img);
         assert_qemu_img_check(&path, false);
-    }
-
-    /// A flush with metadata to write back runs on the flusher thread: reads submitted after
-    /// it complete first (the data sync has 256 MiB of allocating writes to put on the disk),
-    /// writes that allocate wait for it and then complete, and the image holds all of it.
-    #[test]
-    fn a_flush_that_writes_metadata_back_does_not_hold_back_reads() {
-        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-        let path = dir.path().join("img.qcow2");
-        qemu_img_create(&path, "cluster_size=65536", "260M");
-        let img = open(&path, false);
-        let mut e = engine(&img);
-        let mem = write_then_flush_and_read(&mut e);
-        put(&mem, 2 * MIB, &pattern(1, 4 * 4096));
-        for k in 0..4u64 {
-            let bufs = buffers(&mem, &[(2 * MIB + k * 4096, 4096)]);
-            let offset = 256 * MIB + k * 65536;
-            let op = EngineOp::Write {
-                offset,
-                bufs,
-                durable: false,
-            };
-            e.submit(9 + k as u16, op);
-        }
-        let order = completion_order(&mut e, 13);
-        assert_eq!(e.in_flight(), 0);
-        let at = |tag: u16| order.iter().position(|&t| t == tag).unwrap();
-        assert!(
-            (1..=8).all(|t| at(t) < at(0)),
-            "reads behind the flush: {order:?}"
-        );
-        assert!(
-            (9..=12).all(|t| at(t) > at(0)),
-            "allocations waited: {order:?}"
-        );
-        assert_eq!(e.background_flushes, 1);
-        check_reads(&mem);
-        drop(e);
-        img.close().unwrap();
-        drop(img);
-        assert_qemu_img_check(&path, false);
-        let disk = oracle(&path, dir.path());
-        let all = pattern(1, 4 * 4096);
-        for k in 0..4usize {
-            let off = (256 * MIB) as usize + k * 65536;
-            assert_eq!(
-                disk[off..off + 4096],
-                all[k * 4096..(k + 1) * 4096],
-                "write {k}"
-            );
-        }
-        assert_eq!(
-            disk[5 * MIB as usize..6 * MIB as usize],
-            pattern(0, MIB as usize)[..]
-        );
     }
 
     /// Syncs `path` and drops its pages from the host page cache.
