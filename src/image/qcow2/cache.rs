@@ -142,32 +142,30 @@ impl Qcow2Shared {
         buf: &[u8],
     ) -> stdio::Result<L2Table> {
         let (cw, cm) = (i / 64, 1u64 << (i % 64));
-        {
-            if self.checked[cw].load(Ordering::Acquire) & cm != 0 {
-                return Ok(L2Table::from_bytes(buf));
-            }
-            // Bits that must be clear in a plain entry (unallocated, or data with an aligned
-            // offset): such entries skip the full decode, which is most of a load's cost.
-            let bad = !(COPIED | OFFSET_MASK) | (self.cluster_size() - 1);
-            for g in 0..self.l2_entries() as usize {
-                let entry = L2Entry(be64_at(buf, g * self.words));
-                let plain = entry.0 & bad == 0 && (entry.0 == 0 || entry.host_offset() != 0);
-                let r = if !self.extended && plain {
-                    self.check_refs(entry)
-                } else {
-                    let bitmap = SubclusterBitmap(if self.extended {
-                        be64_at(buf, g * 2 + 1)
-                    } else {
-                        0
-                    });
-                    self.check_entry(Entry::new(entry, bitmap))
-                        .and_then(|()| self.check_refs(entry))
-                };
-                r.map_err(|m| corrupt(format!("L2 table at {off:#x}, entry {g}: {m}")))?;
-            }
-            self.checked[cw].fetch_or(cm, Ordering::AcqRel);
-            Ok(L2Table::from_bytes(buf))
+        if self.checked[cw].load(Ordering::Acquire) & cm != 0 {
+            return Ok(L2Table::from_bytes(buf));
         }
+        // Bits that must be clear in a plain entry (unallocated, or data with an aligned
+        // offset): such entries skip the full decode, which is most of a load's cost.
+        let bad = !(COPIED | OFFSET_MASK) | (self.cluster_size() - 1);
+        for g in 0..self.l2_entries() as usize {
+            let entry = L2Entry(be64_at(buf, g * self.words));
+            let plain = entry.0 & bad == 0 && (entry.0 == 0 || entry.host_offset() != 0);
+            let r = if !self.extended && plain {
+                self.check_refs(entry)
+            } else {
+                let bitmap = SubclusterBitmap(if self.extended {
+                    be64_at(buf, g * 2 + 1)
+                } else {
+                    0
+                });
+                self.check_entry(Entry::new(entry, bitmap))
+                    .and_then(|()| self.check_refs(entry))
+            };
+            r.map_err(|m| corrupt(format!("L2 table at {off:#x}, entry {g}: {m}")))?;
+        }
+        self.checked[cw].fetch_or(cm, Ordering::AcqRel);
+        Ok(L2Table::from_bytes(buf))
     }
 
     /// Evicts clean, unpinned tables (second-chance clock) until the cache is within its

@@ -3,8 +3,7 @@
 
 use super::*;
 
-/// A flush whose metadata was already durable when it started (see
-/// [`Qcow2Shared::begin_data_sync`]): the journal cursor and publication count it covers.
+/// What a flush covers: the journal cursor and publication count read when it started.
 pub(super) struct DataSync {
     upto: Option<u64>,
     published: u64,
@@ -44,21 +43,15 @@ impl Qcow2Shared {
             return None;
         }
         let mut st = crate::sync::try_lock(&self.state)?;
-        self.persist_corrupt_locked(&mut st);
-        let upto = self.journal.as_ref().map(|j| {
-            let c = j.cursor();
-            j.wait_committed(c);
-            c
-        });
-        let published = self.published.load(Ordering::Acquire);
+        let covered = self.flush_covers(&mut st);
         if self.meta_dirty.load(Ordering::Acquire) {
             return None;
         }
-        Some(DataSync { upto, published })
+        Some(covered)
     }
 
-    /// The data sync of a flush begun by [`Qcow2Shared::begin_data_sync`] completed: drops
-    /// the journal records it covers, as [`Qcow2Shared::flush_with`] does.
+    /// A flush (begun by [`Qcow2Shared::begin_data_sync`] or [`Qcow2Shared::flush_with`])
+    /// completed: drops the journal records it covers.
     pub(super) fn end_data_sync(&self, sync: DataSync) {
         if let (Some(j), Some(c)) = (&self.journal, sync.upto) {
             j.advance(c);
@@ -70,16 +63,7 @@ impl Qcow2Shared {
     /// Flush with the flush lock held: writes the metadata back if any changed (else only
     /// syncs data), and drops the journal records the flush made durable.
     pub(super) fn flush_with(&self, st: &mut MetaState) -> stdio::Result<()> {
-        self.persist_corrupt_locked(st);
-        // Journal protocol (journal.rs): the cursor is read, and every record below it
-        // committed, before the dirty tables are snapshotted.
-        let upto = self.journal.as_ref().map(|j| {
-            let c = j.cursor();
-            j.wait_committed(c);
-            c
-        });
-        // Likewise without a journal: changes published before this are in the snapshot.
-        let published = self.published.load(Ordering::Acquire);
+        let covered = self.flush_covers(st);
         let r = if self.meta_dirty.swap(false, Ordering::AcqRel) {
             let r = self.flush_locked(st);
             if r.is_err() {
@@ -92,12 +76,24 @@ impl Qcow2Shared {
             self.sync_guest_data()
         };
         if r.is_ok() {
-            if let (Some(j), Some(c)) = (&self.journal, upto) {
-                j.advance(c);
-            }
-            self.written_back.fetch_max(published, Ordering::AcqRel);
+            self.end_data_sync(covered);
         }
         r
+    }
+
+    /// The start of every flush, under the flush lock: the corrupt bit made durable if it is
+    /// due, and what the flush will cover. Journal protocol (journal.rs): the cursor is read,
+    /// and every record below it committed, before the dirty tables are snapshotted; likewise
+    /// without a journal, changes published before this are in the snapshot.
+    fn flush_covers(&self, st: &mut MetaState) -> DataSync {
+        self.persist_corrupt_locked(st);
+        let upto = self.journal.as_ref().map(|j| {
+            let c = j.cursor();
+            j.wait_committed(c);
+            c
+        });
+        let published = self.published.load(Ordering::Acquire);
+        DataSync { upto, published }
     }
 
     pub(super) fn flush_locked(&self, st: &mut MetaState) -> stdio::Result<()> {
