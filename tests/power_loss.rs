@@ -119,6 +119,10 @@ enum Workload {
     /// flight at once (allocating, sharing clusters, overwriting), with discards and flushes
     /// between batches so that freed clusters are reused by writes in the ring.
     Ring,
+    /// The same over a qcow2 backing file that maps the first MiB itself and leaves the rest
+    /// to its raw backing file: first writes into a cluster copy the backing bytes around
+    /// them in the ring, from either layer.
+    RingBacking,
     /// Sequential writes (allocating at the end of the file), then a discard of the last ones
     /// and flushes, so that freed clusters at the end are cut off the file; the next writes
     /// take them again.
@@ -146,6 +150,7 @@ const ALL: &[Workload] = &[
     Workload::Refcount64,
     Workload::RawWriteThrough,
     Workload::Ring,
+    Workload::RingBacking,
     Workload::Shrink,
 ];
 
@@ -158,6 +163,11 @@ impl Workload {
         *ALL.iter()
             .find(|w| w.name() == n)
             .unwrap_or_else(|| panic!("no workload {n}"))
+    }
+
+    /// Written through the queue's io_uring engine.
+    fn ring(self) -> bool {
+        matches!(self, Workload::Ring | Workload::RingBacking)
     }
 
     fn raw(self) -> bool {
@@ -194,7 +204,8 @@ impl Workload {
             | Workload::Resize
             | Workload::ResizeExtendedL2
             | Workload::ResizeQcow2Backing
-            | Workload::ExtendedL2 => Initial::Backing,
+            | Workload::ExtendedL2
+            | Workload::RingBacking => Initial::Backing,
             Workload::Compressed => Initial::Compressed,
             _ => Initial::Zeros,
         }
@@ -259,7 +270,7 @@ struct Driver<'a> {
     img: Arc<dyn BlockImage>,
     q: Box<dyn ImageQueue>,
     /// The queue's io_uring engine and the guest memory its requests point into
-    /// (`Workload::Ring`).
+    /// (`Workload::ring`).
     engine: Option<(Box<dyn IoEngine>, Arc<GuestMem>)>,
     seed: u64,
     next_id: u32,
@@ -510,6 +521,32 @@ fn make_image(w: Workload, dir: &Path, seed: u64) -> PathBuf {
                 p(&b)
             ));
         }
+        Workload::RingBacking => {
+            // The middle image maps the first MiB itself and leaves the rest to its raw
+            // backing file (the writes keep to the first 2 MiB: both layers).
+            let raw = backing_raw(disk);
+            let mid = dir.join("backing.qcow2");
+            let head = dir.join("head.raw");
+            std::fs::write(&head, &std::fs::read(&raw).unwrap()[..MIB as usize]).unwrap();
+            qemu_img(&[
+                "convert",
+                "-q",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                p(&head),
+                p(&mid),
+            ]);
+            std::fs::remove_file(&head).unwrap();
+            qemu_img(&["resize", "-q", "-f", "qcow2", p(&mid), &disk.to_string()]);
+            qemu_img(&["rebase", "-u", "-q", "-b", p(&raw), "-F", "raw", p(&mid)]);
+            create(&format!(
+                "cluster_size={},backing_file={},backing_fmt=qcow2",
+                w.cluster(),
+                p(&mid)
+            ));
+        }
         Workload::CowQcow2Backing => {
             let raw = backing_raw(disk);
             let b = dir.join("backing.qcow2");
@@ -625,7 +662,7 @@ fn record(w: Workload, seed: u64, root: &Path) -> Recording {
         .collect();
     let img = open(&img_path, w, JournalMode::Default, Some(rec.clone())).unwrap();
     let q = img.queue_handle().unwrap();
-    let engine = (w == Workload::Ring).then(|| {
+    let engine = w.ring().then(|| {
         let e = img.engine().unwrap();
         assert!(e.event_fd().is_some(), "the io_uring engine");
         let mem: Arc<GuestMem> =
@@ -659,7 +696,7 @@ fn record(w: Workload, seed: u64, root: &Path) -> Recording {
         // in 4 KiB granules not yet dirty.
         let span = if matches!(
             w,
-            Workload::Bitmap | Workload::BitmapDataFile | Workload::Ring
+            Workload::Bitmap | Workload::BitmapDataFile | Workload::Ring | Workload::RingBacking
         ) {
             2 * MIB / SECTOR
         } else {
@@ -710,12 +747,12 @@ fn record(w: Workload, seed: u64, root: &Path) -> Recording {
                     _ => d.zero(c, n, false),
                 }
             }
-            (Workload::Ring, _) if rng.range(0, 5) == 0 => {
+            (Workload::Ring | Workload::RingBacking, _) if rng.range(0, 5) == 0 => {
                 let n = csec * rng.range(1, 3);
                 let c = csec * rng.range(0, (span - n) / csec);
                 d.discard(c, n);
             }
-            (Workload::Ring, _) => {
+            (Workload::Ring | Workload::RingBacking, _) => {
                 // Up to 8 writes that do not overlap, in 2 MiB (32 clusters): several share
                 // a cluster, so some wait for an entry another one holds reserved.
                 let mut batch: Vec<(u64, u64)> = Vec::new();

@@ -1,11 +1,18 @@
 //! Turning a guest request into an I/O plan: the extents of host I/O (and zero fills) that
 //! carry it out, computed from the L2 tables without touching data. The io_uring engine
-//! (`ring.rs`) executes plans; what a plan cannot express (a compressed cluster, a qcow2
-//! backing file, a write that changes a mapping) runs on the synchronous path instead.
+//! (`ring.rs`) executes plans; what a plan cannot express (a compressed cluster, a write to a
+//! cluster the image shares or with extended L2 or a data file) runs on the synchronous path
+//! instead.
+//!
+//! Reads through a backing chain are planned through it: a guest range the image leaves
+//! unallocated is planned in its backing image, down to the layer that has it, and names that
+//! layer's data file. A copy-on-write is planned as the backing bytes around the request's.
 //!
 //! Planning takes no lock and writes nothing shared: it only loads entries. An L2 table not in
-//! memory would be read first, the one blocking step; the engine loads missing tables in its
-//! ring before it plans (ring.rs), so that happens only to a table evicted in between.
+//! memory would be read first, the one blocking step; the engine loads missing tables of the
+//! image in its ring before it plans (ring.rs), so that happens only to a table evicted in
+//! between, or to a table of a backing image (read-only, loaded once and kept while the cache
+//! has room).
 
 use std::io as stdio;
 
@@ -29,9 +36,10 @@ pub(super) enum Plan<T> {
 pub(super) enum WriteExtent {
     /// Overwrite in place: request bytes `[pos, pos + len)` go to this host offset.
     Data { pos: u64, len: u64, host: u64 },
-    /// The guest cluster (L1 index `i`, L2 index `j`, entry word `seen`) reads as zeros and
-    /// has no host cluster: give it one, write request bytes `[pos, pos + len)` at `in_off` in it
-    /// (zeros around them), then publish the entry.
+    /// The guest cluster (L1 index `i`, L2 index `j`, entry word `seen`) has no host cluster:
+    /// give it one, write request bytes `[pos, pos + len)` at `in_off` in it, with what the
+    /// cluster reads as around them (zeros, or with `from_backing` the backing file's bytes:
+    /// a copy-on-write), then publish the entry.
     Allocate {
         pos: u64,
         len: u64,
@@ -39,6 +47,7 @@ pub(super) enum WriteExtent {
         i: usize,
         j: usize,
         seen: L2Entry,
+        from_backing: bool,
     },
 }
 
@@ -47,8 +56,9 @@ pub(super) enum WriteExtent {
 pub(super) enum Source {
     /// This host offset of the file guest data lives in (the image or its data file).
     Data(u64),
-    /// This offset of the raw backing file.
-    Backing(u64),
+    /// Offset `at` of the data file of backing layer `layer`: 0 is the image's backing file,
+    /// 1 that file's backing file, and so on; a raw layer is its own data file.
+    Backing { layer: usize, at: u64 },
     /// Zeros (reads only).
     Zero,
 }
@@ -70,7 +80,9 @@ fn push(plan: &mut Vec<Extent>, e: Extent) {
     if let Some(last) = plan.last_mut() {
         let joined = match (last.src, e.src) {
             (Source::Data(a), Source::Data(b)) => a + last.len == b,
-            (Source::Backing(a), Source::Backing(b)) => a + last.len == b,
+            (Source::Backing { layer: l, at: a }, Source::Backing { layer: m, at: b }) => {
+                l == m && a + last.len == b
+            }
             (Source::Zero, Source::Zero) => true,
             _ => false,
         };
@@ -101,13 +113,41 @@ pub(super) fn subcluster(
     }
 }
 
+impl<T> Plan<T> {
+    /// The same verdict for a plan of another kind (`Ready` itself has nothing to carry over).
+    fn unready<U>(self) -> Option<Plan<U>> {
+        match self {
+            Plan::Ready(_) => None,
+            Plan::Busy => Some(Plan::Busy),
+            Plan::Sync => Some(Plan::Sync),
+        }
+    }
+}
+
 impl Qcow2Shared {
-    /// The plan of a read of guest bytes `[off, off + len)`, or `None` when part of it needs
-    /// the synchronous path (a compressed cluster, a qcow2 backing file, an entry the plan
-    /// does not understand: the synchronous path reports it).
+    /// The plan of a read of guest bytes `[off, off + len)`, or `Sync` when part of it needs
+    /// the synchronous path (a compressed cluster, an entry the plan does not understand: the
+    /// synchronous path reports it).
     pub(super) fn plan_read(&self, off: u64, len: u64) -> stdio::Result<Plan<Vec<Extent>>> {
-        let cs = self.cluster_size();
         let mut plan = Vec::new();
+        Ok(match self.plan_range(&mut plan, off, len, 0, 0)? {
+            Plan::Ready(()) => Plan::Ready(plan),
+            p => p.unready().unwrap_or(Plan::Sync),
+        })
+    }
+
+    /// Adds the extents of guest bytes `[off, off + len)` of this image, at request offset
+    /// `pos`, to `plan`. `depth` is this image's place in the chain being planned: 0 for the
+    /// image a request is for, `d` for its `d`-th backing image (whose data is layer `d - 1`).
+    fn plan_range(
+        &self,
+        plan: &mut Vec<Extent>,
+        off: u64,
+        len: u64,
+        pos: u64,
+        depth: usize,
+    ) -> stdio::Result<Plan<()>> {
+        let cs = self.cluster_size();
         let mut done = 0;
         while done < len {
             let g = off + done;
@@ -130,93 +170,125 @@ impl Qcow2Shared {
                     let Ok(sm) = subcluster(m, entry.bitmap, sc) else {
                         return Ok(Plan::Sync);
                     };
-                    if !self.plan_mapped(&mut plan, cluster_guest, sm, o, k, done + sub) {
-                        return Ok(Plan::Sync);
+                    let at = pos + done + sub;
+                    let p = self.plan_mapped(plan, cluster_guest + o, sm, k, at, depth)?;
+                    if let Some(p) = p.unready() {
+                        return Ok(p);
                     }
                     sub += k;
                 }
-            } else if !self.plan_mapped(&mut plan, cluster_guest, m, in_off, n, done) {
-                return Ok(Plan::Sync);
+            } else {
+                let p = self.plan_mapped(plan, g, m, n, pos + done, depth)?;
+                if let Some(p) = p.unready() {
+                    return Ok(p);
+                }
             }
             done += n;
         }
-        Ok(Plan::Ready(plan))
+        Ok(Plan::Ready(()))
     }
 
-    /// Adds the extents of bytes `[in_off, in_off + n)` of the guest cluster at
-    /// `cluster_guest`, mapped by `m`, at request offset `pos`. False if they need the
-    /// synchronous path.
+    /// Adds the extents of guest bytes `[g, g + n)` (within one cluster), mapped by `m`, at
+    /// request offset `pos`.
     fn plan_mapped(
         &self,
         plan: &mut Vec<Extent>,
-        cluster_guest: u64,
+        g: u64,
         m: Mapping,
-        in_off: u64,
         n: u64,
         pos: u64,
-    ) -> bool {
-        match m {
-            Mapping::Data(h) => push(
-                plan,
-                Extent {
-                    pos,
-                    len: n,
-                    src: Source::Data(h + in_off),
-                },
-            ),
-            Mapping::Zero => push(
-                plan,
-                Extent {
-                    pos,
-                    len: n,
-                    src: Source::Zero,
-                },
-            ),
-            Mapping::Unallocated => match &self.backing {
-                None => push(
+        depth: usize,
+    ) -> stdio::Result<Plan<()>> {
+        let in_off = g & (self.cluster_size() - 1);
+        let src = match m {
+            Mapping::Data(h) if depth == 0 => Source::Data(h + in_off),
+            Mapping::Data(h) => Source::Backing {
+                layer: depth - 1,
+                at: h + in_off,
+            },
+            Mapping::Zero => Source::Zero,
+            Mapping::Unallocated => return self.plan_backing(plan, g, n, pos, depth),
+            Mapping::Compressed { .. } => return Ok(Plan::Sync),
+        };
+        push(plan, Extent { pos, len: n, src });
+        Ok(Plan::Ready(()))
+    }
+
+    /// Adds the extents of guest bytes `[g, g + n)` as this image's backing file has them (zeros
+    /// without one, and past its end), at request offset `pos`.
+    fn plan_backing(
+        &self,
+        plan: &mut Vec<Extent>,
+        g: u64,
+        n: u64,
+        pos: u64,
+        depth: usize,
+    ) -> stdio::Result<Plan<()>> {
+        let have = match &self.backing {
+            Some(b) if g < b.size() => n.min(b.size() - g),
+            _ => 0,
+        };
+        if have > 0 {
+            match &self.backing {
+                Some(Backing::Raw { .. }) => push(
                     plan,
                     Extent {
                         pos,
-                        len: n,
-                        src: Source::Zero,
+                        len: have,
+                        src: Source::Backing {
+                            layer: depth,
+                            at: g,
+                        },
                     },
                 ),
-                Some(Backing::Raw { size, .. }) => {
-                    let at = cluster_guest + in_off;
-                    let have = if at >= *size { 0 } else { n.min(size - at) };
-                    if have > 0 {
-                        push(
-                            plan,
-                            Extent {
-                                pos,
-                                len: have,
-                                src: Source::Backing(at),
-                            },
-                        );
-                    }
-                    if have < n {
-                        push(
-                            plan,
-                            Extent {
-                                pos: pos + have,
-                                len: n - have,
-                                src: Source::Zero,
-                            },
-                        );
+                Some(Backing::Qcow2(s)) => {
+                    if let Some(p) = s.plan_range(plan, g, have, pos, depth + 1)?.unready() {
+                        return Ok(p);
                     }
                 }
-                Some(Backing::Qcow2(_)) => return false,
-            },
-            Mapping::Compressed { .. } => return false,
+                None => {}
+            }
         }
-        true
+        if have < n {
+            let zeros = Extent {
+                pos: pos + have,
+                len: n - have,
+                src: Source::Zero,
+            };
+            push(plan, zeros);
+        }
+        Ok(Plan::Ready(()))
+    }
+
+    /// The plan of a copy-on-write's reads: the backing file's bytes of the guest cluster at
+    /// `cluster_guest` outside `[in_off, in_off + len)` (the request's part), at their offsets
+    /// in the cluster. Zero extents are left out: the cluster buffer starts as zeros.
+    pub(super) fn plan_copy(
+        &self,
+        cluster_guest: u64,
+        in_off: u64,
+        len: u64,
+    ) -> stdio::Result<Plan<Vec<Extent>>> {
+        let cs = self.cluster_size();
+        let mut plan = Vec::new();
+        for (a, b) in [(0, in_off), (in_off + len, cs)] {
+            if b > a {
+                let p = self.plan_backing(&mut plan, cluster_guest + a, b - a, a, 0)?;
+                if let Some(p) = p.unready() {
+                    return Ok(p);
+                }
+            }
+        }
+        plan.retain(|e| e.src != Source::Zero);
+        Ok(Plan::Ready(plan))
     }
 
     /// The plan of a write of guest bytes `[off, off + len)`: in-place overwrites of clusters
-    /// the image owns exclusively, and allocations of clusters that read as zeros and have
-    /// no host cluster (without extended L2 or a data file). Anything else (copy-on-write,
-    /// subclusters, a backing file to copy from) is for the synchronous path. A target that
-    /// is metadata trips overlap protection (an error).
+    /// the image owns exclusively, and allocations of clusters with no host cluster (zeros
+    /// around the request's bytes, or a copy-on-write from the backing file), without extended
+    /// L2 or a data file. Anything else (a shared or compressed cluster to copy, subclusters)
+    /// is for the synchronous path. A target that is metadata trips overlap protection (an
+    /// error).
     pub(super) fn plan_write(&self, off: u64, len: u64) -> stdio::Result<Plan<Vec<WriteExtent>>> {
         let cs = self.cluster_size();
         let mut plan = Vec::new();
@@ -249,8 +321,11 @@ impl Qcow2Shared {
             } else if !self.extended
                 && self.data_file.is_none()
                 && !self.has_host(entry.word)
-                && self.reads_as_zeros(entry)
+                && !entry.word.is_compressed()
             {
+                // Nothing under a zero cluster, and nothing left of the cluster to copy when
+                // the request covers it.
+                let from_backing = !self.reads_as_zeros(entry) && n < cs;
                 plan.push(WriteExtent::Allocate {
                     pos: done,
                     len: n,
@@ -258,6 +333,7 @@ impl Qcow2Shared {
                     i,
                     j,
                     seen: entry.word,
+                    from_backing,
                 });
             } else {
                 return Ok(Plan::Sync);

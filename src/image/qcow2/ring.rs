@@ -5,11 +5,15 @@
 //! the plan's extents then run as transfers on the queue's ring (`uring::transfer`), and the
 //! request completes when the last of them does. Zero extents are filled at once.
 //!
+//! A write into a cluster the image leaves to its backing chain is a copy-on-write in two
+//! steps: the backing bytes around the request's are read into a cluster buffer (which holds
+//! the request's bytes already), then the cluster is written and its entry published.
+//!
 //! What a plan cannot express runs on the queue's synchronous handle, on the worker, while
-//! the ring's requests go on: reads of compressed clusters or through a qcow2 backing file,
-//! writes that copy a cluster or allocate with extended L2 (or any write without a mapping
-//! journal, or in write-through mode, which flush before completing), discard and
-//! write-zeroes. Each completes before the next request is taken. Since the synchronous path
+//! the ring's requests go on: reads of compressed clusters (also in a backing image), writes
+//! that copy a shared or compressed cluster or allocate with extended L2 or a data file (or
+//! any write without a mapping journal, or in write-through mode, which flush before
+//! completing), discard and write-zeroes. Each completes before the next request is taken. Since the synchronous path
 //! finishes every reservation it makes before it returns, the worker never waits for itself.
 //!
 //! A flush with other requests of the queue in flight and no metadata to write back is a
@@ -35,7 +39,7 @@ use super::cache::Claim;
 use super::flush::DataSync;
 use super::journal::HeldCredit;
 use super::l2::{Entry, L2Entry, L2Table, SubclusterBitmap};
-use super::plan::{Plan, Source, WriteExtent};
+use super::plan::{Extent, Plan, Source, WriteExtent};
 use super::{Backing, GuestOffset, Qcow2Queue, Qcow2Shared, DATA_SYNC_POINT};
 use crate::image::engine::{run_sync, EngineOp, GuestBuffers, IoEngine};
 use crate::image::storage::{mutated, Dir, HostFile};
@@ -109,9 +113,12 @@ struct Req {
     load: Option<TableLoad>,
     /// Clusters to publish when the data is written.
     allocs: Vec<Alloc>,
-    /// Whole-cluster buffers (zeros around the request's bytes) of allocations into
-    /// clusters that may hold old data.
+    /// Whole-cluster buffers (zeros or backing bytes around the request's bytes) of
+    /// allocations into clusters that may hold old data, and of copies-on-write.
     buffers: Vec<Vec<u8>>,
+    /// Where `buffers` go once the backing bytes of copies-on-write are read into them (the
+    /// extents in the ring are those reads until then).
+    then_write: Vec<u64>,
 }
 
 /// An L2 table the engine is reading into the cache slot it claimed.
@@ -132,8 +139,8 @@ pub(super) struct Qcow2Ring {
     /// The file guest data lives in, as the ring reads and writes it (O_DIRECT with
     /// `--direct`).
     data: Arc<HostFile>,
-    /// The raw backing file, if any.
-    backing: Option<Arc<HostFile>>,
+    /// The data files of the backing chain, by layer (plan.rs, `Source::Backing`).
+    backing: Vec<Arc<HostFile>>,
     /// The image file, as L2 tables are read from it.
     meta: Arc<HostFile>,
     /// Requests waiting for an L2 table this engine is loading, by L1 index.
@@ -179,10 +186,20 @@ impl Qcow2Ring {
         direct: Option<usize>,
         ring: Ring,
     ) -> io::Result<Qcow2Ring> {
-        let backing = match &shared.backing {
-            Some(Backing::Raw { file, .. }) => Some(Arc::new(file.try_clone()?)),
-            _ => None,
-        };
+        let mut backing = Vec::new();
+        let mut layer = &shared.backing;
+        while let Some(b) = layer {
+            match b {
+                Backing::Raw { file, .. } => {
+                    backing.push(Arc::new(file.try_clone()?));
+                    break;
+                }
+                Backing::Qcow2(s) => {
+                    backing.push(Arc::new(s.data_io().try_clone()?));
+                    layer = &s.backing;
+                }
+            }
+        }
         let slot = shared.register_slot();
         let meta = Arc::new(shared.file.try_clone()?);
         Ok(Qcow2Ring {
@@ -255,6 +272,7 @@ impl Qcow2Ring {
             load: None,
             allocs: Vec::new(),
             buffers: Vec::new(),
+            then_write: Vec::new(),
         });
         self.ring_flushes += 1;
         if mutated(DATA_SYNC_POINT) {
@@ -351,6 +369,7 @@ impl Qcow2Ring {
             load: Some(load),
             allocs: Vec::new(),
             buffers: vec![vec![0u8; self.shared.cluster_size() as usize]],
+            then_write: Vec::new(),
         });
         let Some(buf) = self.reqs.get_mut(r).and_then(|q| q.buffers.first_mut()) else {
             return;
@@ -418,7 +437,16 @@ impl Qcow2Ring {
         match self.shared.plan_read(offset, bufs.len()) {
             Ok(Plan::Ready(plan)) => {
                 let xs = plan.iter().map(|e| (e.pos, e.len, e.src)).collect();
-                self.launch(tag, bufs, epoch, xs, Vec::new(), Vec::new(), Dir::Read)
+                self.launch(
+                    tag,
+                    bufs,
+                    epoch,
+                    xs,
+                    Vec::new(),
+                    Vec::new(),
+                    Vec::new(),
+                    Dir::Read,
+                )
             }
             Ok(Plan::Busy) => {
                 self.epochs.end(epoch);
@@ -467,6 +495,33 @@ impl Qcow2Ring {
                 return self.done.push((tag, Err(e)));
             }
         };
+        // The backing bytes each copy-on-write needs, planned before anything is reserved.
+        let mut copies = Vec::new();
+        for x in &plan {
+            if let WriteExtent::Allocate {
+                pos,
+                len,
+                in_off,
+                from_backing: true,
+                ..
+            } = *x
+            {
+                let cluster_guest = offset + pos - in_off;
+                match self.shared.plan_copy(cluster_guest, in_off, len) {
+                    Ok(Plan::Ready(reads)) => copies.push(reads),
+                    // A compressed cluster in a backing image (or anything else the plan
+                    // does not express).
+                    Ok(_) => {
+                        self.epochs.end(epoch);
+                        return self.run_sync(tag, op(bufs));
+                    }
+                    Err(e) => {
+                        self.epochs.end(epoch);
+                        return self.done.push((tag, Err(e)));
+                    }
+                }
+            }
+        }
         let allocs = match self.reserve(&plan) {
             Ok(Some(a)) => a,
             Ok(None) => {
@@ -485,17 +540,30 @@ impl Qcow2Ring {
         }
         let cs = self.shared.cluster_size();
         let mut buffers = Vec::new();
+        let mut fills = Vec::new();
+        let mut copies = copies.into_iter();
         let mut xs = Vec::with_capacity(plan.len());
         let mut k = 0;
         for x in &plan {
             match *x {
                 WriteExtent::Data { pos, len, host } => xs.push((pos, len, Source::Data(host))),
                 WriteExtent::Allocate {
-                    pos, len, in_off, ..
+                    pos,
+                    len,
+                    in_off,
+                    from_backing,
+                    ..
                 } => {
                     let (host, fresh) = allocs[k].1;
                     k += 1;
-                    if fresh {
+                    if from_backing {
+                        // Copy-on-write: the request's bytes, and the backing file's around
+                        // them once they are read; written whole.
+                        let mut b = vec![0u8; cs as usize];
+                        copy_in(&bufs, pos, &mut b[in_off as usize..(in_off + len) as usize]);
+                        fills.push((buffers.len(), copies.next().unwrap_or_default()));
+                        buffers.push((b, host));
+                    } else if fresh {
                         // Past the end of the file at open: the rest of the cluster reads as
                         // zeros already. Only the request's bytes are written.
                         xs.push((pos, len, Source::Data(host + in_off)));
@@ -510,7 +578,7 @@ impl Qcow2Ring {
         }
         let allocs = allocs.into_iter().map(|(a, _)| a).collect();
         let dir = Dir::Write { durable: false };
-        self.launch(tag, bufs, epoch, xs, buffers, allocs, dir);
+        self.launch(tag, bufs, epoch, xs, buffers, fills, allocs, dir);
     }
 
     /// Reserves the entries of `plan`'s allocations and gives each a host cluster (with
@@ -624,7 +692,9 @@ impl Qcow2Ring {
     }
 
     /// Starts request `tag`: extents `(pos, len, source)` of `bufs`, and whole-cluster
-    /// `buffers` written at their host offsets; `allocs` are published when all are done.
+    /// `buffers` written at their host offsets, once the backing reads `fills` (buffer index,
+    /// extents at offsets in that buffer) have filled them in; `allocs` are published when all
+    /// are done.
     #[allow(clippy::too_many_arguments)]
     fn launch(
         &mut self,
@@ -633,48 +703,90 @@ impl Qcow2Ring {
         epoch: u64,
         xs: Vec<(u64, u64, Source)>,
         buffers: Vec<(Vec<u8>, u64)>,
+        fills: Vec<(usize, Vec<Extent>)>,
         allocs: Vec<Alloc>,
         dir: Dir,
     ) {
         self.planned += 1;
         let iov = bufs.iov().to_vec();
-        let transfers = xs.iter().filter(|x| !matches!(x.2, Source::Zero)).count() + buffers.len();
+        let moved = xs.iter().filter(|x| x.2 != Source::Zero).count();
+        let reads: usize = fills.iter().map(|(_, f)| f.len()).sum();
         let (bufs_owned, hosts): (Vec<Vec<u8>>, Vec<u64>) = buffers.into_iter().unzip();
+        // The buffers are written now, or when the reads that fill them end.
+        let (first, now, then_write) = if reads == 0 {
+            (moved + hosts.len(), hosts, Vec::new())
+        } else {
+            (moved + reads, Vec::new(), hosts)
+        };
         let r = self.reqs.insert(Req {
             tag,
             bufs: Some(bufs),
-            left: transfers,
+            left: first,
             result: Ok(()),
             epoch: Some(epoch),
             sync: None,
             load: None,
             allocs,
             buffers: bufs_owned,
+            then_write,
         });
         for (pos, len, src) in xs {
-            let (file, offset) = match src {
-                Source::Zero => {
-                    zero_range(&iov, pos, len);
-                    continue;
-                }
-                Source::Data(h) => (self.data.clone(), h),
-                Source::Backing(at) => match &self.backing {
-                    Some(b) => (b.clone(), at),
-                    None => {
-                        // Planned only with a raw backing file, which the engine has.
-                        self.end_extent(r, Err(io::Error::from_raw_os_error(libc::EIO)));
-                        continue;
-                    }
-                },
-            };
-            self.io.start(Transfer {
-                file,
-                offset,
-                iov: sub_iov(&iov, pos, len),
-                dir,
-                owner: r,
-            });
+            if src == Source::Zero {
+                zero_range(&iov, pos, len);
+                continue;
+            }
+            self.start_extent(r, src, sub_iov(&iov, pos, len), dir);
         }
+        for (b, extents) in fills {
+            let Some(buf) = self.reqs.get_mut(r).and_then(|q| q.buffers.get_mut(b)) else {
+                continue;
+            };
+            // plan_copy's extents lie within the cluster, which the buffer holds whole; the
+            // buffer stays in the request, unmoved, until the request ends.
+            let iovs: Vec<libc::iovec> = extents
+                .iter()
+                .map(|e| {
+                    let at = &mut buf[e.pos as usize..(e.pos + e.len) as usize];
+                    libc::iovec {
+                        iov_base: at.as_mut_ptr().cast(),
+                        iov_len: at.len(),
+                    }
+                })
+                .collect();
+            for (e, v) in extents.iter().zip(iovs) {
+                self.start_extent(r, e.src, vec![v], Dir::Read);
+            }
+        }
+        self.write_buffers(r, now);
+        if first == 0 {
+            self.finish(r);
+        }
+    }
+
+    /// Starts the transfer of one extent of request `r` between `iov` and `src`.
+    fn start_extent(&mut self, r: usize, src: Source, iov: Vec<libc::iovec>, dir: Dir) {
+        let (file, offset) = match src {
+            Source::Data(h) => (self.data.clone(), h),
+            Source::Backing { layer, at } => match self.backing.get(layer) {
+                Some(b) => (b.clone(), at),
+                None => {
+                    // Planned only through the chain the engine has.
+                    return self.end_extent(r, Err(io::Error::from_raw_os_error(libc::EIO)));
+                }
+            },
+            Source::Zero => return self.end_extent(r, Ok(())),
+        };
+        self.io.start(Transfer {
+            file,
+            offset,
+            iov,
+            dir,
+            owner: r,
+        });
+    }
+
+    /// Writes request `r`'s whole-cluster buffers at `hosts` (counted in its `left`).
+    fn write_buffers(&mut self, r: usize, hosts: Vec<u64>) {
         let whole: Vec<libc::iovec> = match self.reqs.get_mut(r) {
             Some(req) => req
                 .buffers
@@ -691,12 +803,9 @@ impl Qcow2Ring {
                 file: self.data.clone(),
                 offset: host,
                 iov: vec![v],
-                dir,
+                dir: Dir::Write { durable: false },
                 owner: r,
             });
-        }
-        if transfers == 0 {
-            self.finish(r);
         }
     }
 
@@ -709,9 +818,16 @@ impl Qcow2Ring {
             req.result = res;
         }
         req.left = req.left.saturating_sub(1);
-        if req.left == 0 {
-            self.finish(r);
+        if req.left > 0 {
+            return;
         }
+        if req.result.is_ok() && !req.then_write.is_empty() {
+            // The copies-on-write's backing bytes are in: write the clusters.
+            let hosts = std::mem::take(&mut req.then_write);
+            req.left = hosts.len();
+            return self.write_buffers(r, hosts);
+        }
+        self.finish(r);
     }
 
     /// Request `r` has all its data written or read: publishes its allocations (or, if
@@ -1002,9 +1118,10 @@ mod tests {
     }
 
     /// Every kind of mapping a plan covers (data, zero clusters and subclusters, unallocated
-    /// over a raw backing file, past the backing file's end), with and without extended L2,
-    /// reads through the ring as the oracle reads it; compressed clusters and a qcow2
-    /// backing file go the synchronous way and read the same.
+    /// over a raw backing file, past the backing file's end, through a qcow2 backing image
+    /// over that), with and without extended L2, reads through the ring as the oracle reads
+    /// it; compressed clusters, in the image or a backing image, go the synchronous way and
+    /// read the same.
     #[test]
     fn every_mapping_reads_like_the_oracle() {
         for extended in [false, true] {
@@ -1043,7 +1160,23 @@ mod tests {
             drop(e);
             drop(q);
 
-            // Compressed clusters, and the overlay over a qcow2 base.
+            // An overlay over this image (over the raw file): planned through the chain.
+            let top = dir.path().join("top.qcow2");
+            let opts = format!("backing_file={},backing_fmt=qcow2", img.display());
+            qemu_img_create(&top, &opts, "4M");
+            qemu_io(&top, "qcow2", &["write -P 0x66 1m 64k", "write -z 2m 4k"]);
+            let q = open(&top, false);
+            let mut e = engine(&q);
+            let got = read_all(&mut e, 4 * MIB);
+            assert!(
+                got == oracle(&top, dir.path()),
+                "extended={extended}: chain reads differ"
+            );
+            assert_eq!(e.synchronous, 0, "chain reads planned");
+            drop(e);
+            drop(q);
+
+            // Compressed clusters, in the image or in its backing image.
             let comp = dir.path().join("comp.qcow2");
             qemu_img(&[
                 "convert",
@@ -1053,11 +1186,11 @@ mod tests {
                 img.to_str().unwrap(),
                 comp.to_str().unwrap(),
             ]);
-            let top = dir.path().join("top.qcow2");
+            let over = dir.path().join("over.qcow2");
             let opts = format!("backing_file={},backing_fmt=qcow2", comp.display());
-            qemu_img_create(&top, &opts, "4M");
-            qemu_io(&top, "qcow2", &["write -P 0x55 1m 64k"]);
-            for (path, name) in [(&comp, "compressed"), (&top, "qcow2 backing")] {
+            qemu_img_create(&over, &opts, "4M");
+            qemu_io(&over, "qcow2", &["write -P 0x55 1m 64k"]);
+            for (path, name) in [(&comp, "compressed"), (&over, "over compressed")] {
                 let q = open(path, false);
                 let mut e = engine(&q);
                 let got = read_all(&mut e, 4 * MIB);
@@ -1071,6 +1204,80 @@ mod tests {
     /// cluster at once (the later ones wait for the first one's reservation, then write in
     /// place), writes into fresh clusters, and into clusters reused after a discard (which
     /// held other data: the rest of the cluster must read as zeros, not as the old data).
+    /// Partial writes into clusters the image leaves to its backing chain (a qcow2 image
+    /// over a raw file), all in flight at once: over data of either layer, past the end of
+    /// the chain, two into one cluster, one over a whole cluster, one across two clusters.
+    /// Each copy-on-write reads the backing bytes around the request in the ring, writes the
+    /// cluster and publishes it; none takes the synchronous path. The disk reads as the
+    /// writes over the chain, buffered and O_DIRECT, and the image checks clean.
+    #[test]
+    fn copies_on_write_run_in_the_ring() {
+        for direct in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let base = dir.path().join("base.raw");
+            std::fs::write(&base, pattern(0x5a, 3 << 20)).unwrap();
+            let mid = dir.path().join("mid.qcow2");
+            let opts = format!("backing_file={},backing_fmt=raw", base.display());
+            qemu_img_create(&mid, &opts, "4M");
+            qemu_io(
+                &mid,
+                "qcow2",
+                &["write -P 0x21 0 256k", "write -z 320k 64k"],
+            );
+            let top = dir.path().join("top.qcow2");
+            let opts = format!(
+                "cluster_size=65536,backing_file={},backing_fmt=qcow2",
+                mid.display()
+            );
+            qemu_img_create(&top, &opts, "4M");
+            let mut want = oracle(&top, dir.path());
+            let img = open(&top, direct);
+            let mut e = engine(&img);
+            let mem = memory(4 << 20);
+            let writes: [(u64, usize); 8] = [
+                (4096, 4096),                // over the qcow2 layer
+                (65536 + 512, 1024),         // the same, unaligned in the cluster
+                (330 * 1024, 4096),          // a zero cluster of the middle image
+                (MIB + 8192, 8192),          // over the raw layer
+                (MIB + 40960, 4096),         // the same cluster again
+                (2 * MIB, 65536),            // a whole cluster
+                (3 * MIB - 4096, 8192),      // across two clusters and the raw file's end
+                (3 * MIB + 65536 + 100, 50), // past the end of the chain
+            ];
+            let mut ops = Vec::new();
+            for (k, &(off, len)) in writes.iter().enumerate() {
+                let addr = k as u64 * 65536;
+                let data = pattern(off ^ 0xc0, len);
+                put(&mem, addr, &data);
+                want[off as usize..off as usize + len].copy_from_slice(&data);
+                ops.push(EngineOp::Write {
+                    offset: off,
+                    bufs: buffers(&mem, &[(addr, len)]),
+                    durable: false,
+                });
+            }
+            let r = run(&mut e, ops);
+            assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+            assert_eq!(e.synchronous, 0, "direct={direct}: no synchronous path");
+            assert_eq!(e.reserved, 0);
+            let got = read_all(&mut e, 4 * MIB);
+            assert!(
+                got == want,
+                "direct={direct}: reads differ after the writes"
+            );
+            let r = run(&mut e, vec![EngineOp::Flush]);
+            assert!(r[0].is_ok());
+            drop(e);
+            img.close().unwrap();
+            drop(img);
+            assert_qemu_img_check(&top, false);
+            assert!(
+                oracle(&top, dir.path()) == want,
+                "direct={direct}: the oracle reads otherwise"
+            );
+        }
+    }
+
     #[test]
     fn allocating_writes_run_in_the_ring_and_never_expose_old_data() {
         for direct in [false, true] {
