@@ -177,6 +177,28 @@ pub struct Transfers {
     shuffle: u64,
 }
 
+impl Drop for Transfers {
+    /// Waits for the transfers still in the ring: the kernel may write into their buffers
+    /// (guest memory, bounce buffers, an engine's cluster buffers) until they end, so none
+    /// of them may be freed before (`Ring::push`'s contract). Engines are dropped with
+    /// requests in flight only when a queue stops without them (GET_VRING_BASE gave up
+    /// waiting).
+    fn drop(&mut self) {
+        let mut out = Vec::new();
+        while self.busy > 0 {
+            if let Err(e) = self.wait() {
+                warn!(
+                    "waiting for {} transfer(s) in the ring to end: {e}",
+                    self.busy
+                );
+                return;
+            }
+            self.reap(&mut out);
+            out.clear();
+        }
+    }
+}
+
 impl Transfers {
     /// Transfers on `ring`; `direct` is the memory alignment of O_DIRECT files (`None` for
     /// buffered ones).
