@@ -119,9 +119,9 @@ enum Workload {
     /// flight at once (allocating, sharing clusters, overwriting), with discards and flushes
     /// between batches so that freed clusters are reused by writes in the ring.
     Ring,
-    /// The same over a qcow2 backing file that maps the first MiB itself and leaves the rest
-    /// to its raw backing file: first writes into a cluster copy the backing bytes around
-    /// them in the ring, from either layer.
+    /// The same over a qcow2 backing file that maps the first MiB itself, compressed, and
+    /// leaves the rest to its raw backing file: first writes into a cluster copy the backing
+    /// bytes around them in the ring (read, and inflated, from either layer).
     RingBacking,
     /// Sequential writes (allocating at the end of the file), then a discard of the last ones
     /// and flushes, so that freed clusters at the end are cut off the file; the next writes
@@ -522,8 +522,8 @@ fn make_image(w: Workload, dir: &Path, seed: u64) -> PathBuf {
             ));
         }
         Workload::RingBacking => {
-            // The middle image maps the first MiB itself and leaves the rest to its raw
-            // backing file (the writes keep to the first 2 MiB: both layers).
+            // The middle image maps the first MiB itself, compressed, and leaves the rest to
+            // its raw backing file (the writes keep to the first 2 MiB: both layers).
             let raw = backing_raw(disk);
             let mid = dir.join("backing.qcow2");
             let head = dir.join("head.raw");
@@ -531,6 +531,7 @@ fn make_image(w: Workload, dir: &Path, seed: u64) -> PathBuf {
             qemu_img(&[
                 "convert",
                 "-q",
+                "-c",
                 "-f",
                 "raw",
                 "-O",

@@ -1,8 +1,8 @@
 //! Turning a guest request into an I/O plan: the extents of host I/O (and zero fills) that
 //! carry it out, computed from the L2 tables without touching data. The io_uring engine
-//! (`ring.rs`) executes plans; what a plan cannot express (a compressed cluster, a write to a
-//! cluster the image shares or with extended L2 or a data file) runs on the synchronous path
-//! instead.
+//! (`ring.rs`) executes plans; what a plan cannot express (a write to a compressed or shared
+//! cluster, or with extended L2 or a data file) runs on the synchronous path instead. A
+//! compressed cluster is an extent too: its stored bytes, inflated by the engine.
 //!
 //! Reads through a backing chain are planned through it: a guest range the image leaves
 //! unallocated is planned in its backing image, down to the layer that has it, and names that
@@ -61,6 +61,15 @@ pub(super) enum Source {
     Backing { layer: usize, at: u64 },
     /// Zeros (reads only).
     Zero,
+    /// Bytes `[in_off, in_off + len)` of the compressed cluster stored at `at` (at most
+    /// `stored` bytes) in the image file of chain member `depth`: 0 is the image itself, `d`
+    /// its `d`-th backing image. Read, then inflated on the worker.
+    Compressed {
+        depth: usize,
+        at: u64,
+        stored: u64,
+        in_off: u64,
+    },
 }
 
 /// Bytes `[pos, pos + len)` of a request.
@@ -126,8 +135,8 @@ impl<T> Plan<T> {
 
 impl Qcow2Shared {
     /// The plan of a read of guest bytes `[off, off + len)`, or `Sync` when part of it needs
-    /// the synchronous path (a compressed cluster, an entry the plan does not understand: the
-    /// synchronous path reports it).
+    /// the synchronous path (an entry the plan does not understand: the synchronous path
+    /// reports it).
     pub(super) fn plan_read(&self, off: u64, len: u64) -> stdio::Result<Plan<Vec<Extent>>> {
         let mut plan = Vec::new();
         Ok(match self.plan_range(&mut plan, off, len, 0, 0)? {
@@ -208,7 +217,14 @@ impl Qcow2Shared {
             },
             Mapping::Zero => Source::Zero,
             Mapping::Unallocated => return self.plan_backing(plan, g, n, pos, depth),
-            Mapping::Compressed { .. } => return Ok(Plan::Sync),
+            // Not allowed there: the synchronous path reports it.
+            Mapping::Compressed { .. } if self.data_file.is_some() => return Ok(Plan::Sync),
+            Mapping::Compressed { offset, len } => Source::Compressed {
+                depth,
+                at: offset,
+                stored: len,
+                in_off,
+            },
         };
         push(plan, Extent { pos, len: n, src });
         Ok(Plan::Ready(()))

@@ -556,6 +556,11 @@ pub fn zero_range(iov: &[libc::iovec], pos: u64, len: u64) {
     zero(&sub_iov(iov, pos, len));
 }
 
+/// Copies `src` into bytes `[pos, pos + src.len())` of the buffers `iov` describes.
+pub fn copy_to_range(iov: &[libc::iovec], pos: u64, src: &[u8]) {
+    scatter(src, &sub_iov(iov, pos, src.len() as u64));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
