@@ -1083,17 +1083,27 @@ impl IoEngine for Qcow2Ring {
     }
 
     fn reap(&mut self, out: &mut Vec<(u16, io::Result<()>)>) {
-        self.complete();
-        if !self.parked.is_empty() {
-            self.retry_parked();
-            // Parked on another queue's reservation with nothing of ours in the ring, no
-            // completion will come to retry it: wait here for that queue (which never
-            // waits for us while it holds a reservation).
-            while !self.parked.is_empty() && self.reqs.is_empty() {
-                std::thread::yield_now();
+        loop {
+            self.complete();
+            if !self.parked.is_empty() {
                 self.retry_parked();
+                // Parked on another queue's reservation with nothing of ours in the ring, no
+                // completion will come to retry it: wait here for that queue (which never
+                // waits for us while it holds a reservation).
+                while !self.parked.is_empty() && self.reqs.is_empty() {
+                    std::thread::yield_now();
+                    self.retry_parked();
+                }
             }
+            // What completions moved on (a copy-on-write's cluster write after its reads,
+            // parked requests started again) goes to the kernel now: the worker may sleep
+            // after this.
             self.io.submit();
+            // And what of it ended at once (a non-blocking copy) is handled now: no event
+            // comes for it.
+            if !self.io.ended_at_once() {
+                break;
+            }
         }
         out.append(&mut self.done);
     }

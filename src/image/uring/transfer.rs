@@ -231,6 +231,12 @@ impl Transfers {
         !self.ended.is_empty() || self.ring.has_completions()
     }
 
+    /// Whether transfers ended without the ring (non-blocking copies, errors at the start)
+    /// wait for [`Transfers::reap`]: no completion event comes for them.
+    pub fn ended_at_once(&self) -> bool {
+        !self.ended.is_empty()
+    }
+
     /// Transfers not yet returned by [`Transfers::reap`].
     pub fn pending(&self) -> usize {
         self.busy + self.ended.len()
