@@ -51,6 +51,9 @@ use crate::image::uring::transfer::{
 };
 use crate::image::uring::Ring;
 
+/// Bytes of inflated compressed clusters an engine keeps (`Qcow2Ring::inflated`).
+const INFLATED_BYTES: usize = 1 << 20;
+
 /// The start epochs of a queue's requests in flight, and the slot where the oldest is
 /// published for reclaim.
 struct Epochs {
@@ -130,8 +133,9 @@ struct Req {
 
 /// A compressed cluster a request reads part of.
 struct Inflate {
-    /// The chain member it is stored in (plan.rs, `Source::Compressed`).
+    /// The chain member it is stored in (plan.rs, `Source::Compressed`), and where.
     depth: usize,
+    at: u64,
     /// Its stored bytes, as read.
     input: Vec<u8>,
     /// The part the request needs: `[in_off, in_off + len)` of the cluster.
@@ -181,8 +185,15 @@ pub(super) struct Qcow2Ring {
     /// By chain depth (0: this image), where compressed clusters are read from; `None` for
     /// a raw backing file.
     packed: Vec<Option<Packed>>,
-    /// A cluster inflated (reused).
-    inflated: Vec<u8>,
+    /// The clusters inflated last, by chain depth and stored offset, oldest first (at most
+    /// `INFLATED_BYTES` of them, and at least one): reads of the rest of a cluster, as a
+    /// guest reading a compressed image in order makes them, need no read or inflation.
+    /// The daemon never writes compressed clusters, so stored bytes at an offset never
+    /// change while the image is open (and locked).
+    inflated: VecDeque<((usize, u64), Vec<u8>)>,
+    /// Compressed clusters inflated, and parts of them served from `inflated`.
+    inflations: u64,
+    inflated_hits: u64,
     /// Requests waiting for an L2 table this engine is loading, by L1 index.
     waiting: HashMap<usize, Vec<(u16, EngineOp)>>,
     /// Requests in `waiting`.
@@ -257,7 +268,9 @@ impl Qcow2Ring {
             backing,
             meta,
             packed,
-            inflated: Vec::new(),
+            inflated: VecDeque::new(),
+            inflations: 0,
+            inflated_hits: 0,
             waiting: HashMap::new(),
             waiting_n: 0,
             loads: 0,
@@ -856,6 +869,22 @@ impl Qcow2Ring {
         else {
             return self.end_extent(r, Ok(()));
         };
+        if let Some(k) = self
+            .inflated
+            .iter()
+            .position(|(key, _)| *key == (depth, at))
+        {
+            self.inflated_hits += 1;
+            let (in_off, len) = (in_off as usize, len as usize);
+            let res = match (self.reqs.get_mut(r), self.inflated.get(k)) {
+                (Some(req), Some((_, c))) => match c.get(in_off..in_off + len) {
+                    Some(part) => deliver(req, &to, part),
+                    None => Err(io::Error::from_raw_os_error(libc::EIO)),
+                },
+                _ => Ok(()),
+            };
+            return self.end_extent(r, res);
+        }
         let Some(Some(p)) = self.packed.get(depth) else {
             // Planned only in the chain's qcow2 members, which the engine has.
             return self.end_extent(r, Err(io::Error::from_raw_os_error(libc::EIO)));
@@ -875,6 +904,7 @@ impl Qcow2Ring {
         // The input's heap buffer does not move with the `Inflate` holding it.
         req.inflate.push(Inflate {
             depth,
+            at,
             input,
             in_off: in_off as usize,
             len: len as usize,
@@ -895,30 +925,37 @@ impl Qcow2Ring {
             return Ok(());
         };
         for c in std::mem::take(&mut req.inflate) {
-            let Some(Some(p)) = self.packed.get(c.depth) else {
-                return Err(io::Error::from_raw_os_error(libc::EIO));
-            };
-            self.inflated.resize(p.cluster_size, 0);
-            compress::decompress(p.kind, &c.input, &mut self.inflated)?;
-            let Some(part) = self.inflated.get(c.in_off..c.in_off + c.len) else {
-                return Err(io::Error::from_raw_os_error(libc::EIO));
-            };
-            match c.to {
-                Dest::Guest(pos) => {
-                    if let Some(b) = &req.bufs {
-                        copy_to_range(b.iov(), pos, part);
-                    }
+            let key = (c.depth, c.at);
+            let k = match self.inflated.iter().position(|(k, _)| *k == key) {
+                // Inflated meanwhile for another request.
+                Some(k) => k,
+                None => {
+                    let Some(Some(p)) = self.packed.get(c.depth) else {
+                        return Err(io::Error::from_raw_os_error(libc::EIO));
+                    };
+                    let kept: usize = self.inflated.iter().map(|(_, b)| b.len()).sum();
+                    let mut out = if kept + p.cluster_size > INFLATED_BYTES {
+                        self.inflated
+                            .pop_front()
+                            .map(|(_, b)| b)
+                            .unwrap_or_default()
+                    } else {
+                        Vec::new()
+                    };
+                    out.resize(p.cluster_size, 0);
+                    compress::decompress(p.kind, &c.input, &mut out)?;
+                    self.inflations += 1;
+                    self.inflated.push_back((key, out));
+                    self.inflated.len() - 1
                 }
-                Dest::Buffer(b, at) => {
-                    let out = req
-                        .buffers
-                        .get_mut(b)
-                        .and_then(|b| b.get_mut(at..at + c.len));
-                    match out {
-                        Some(out) => out.copy_from_slice(part),
-                        None => return Err(io::Error::from_raw_os_error(libc::EIO)),
-                    }
-                }
+            };
+            let part = self
+                .inflated
+                .get(k)
+                .and_then(|(_, b)| b.get(c.in_off..c.in_off + c.len));
+            match part {
+                Some(part) => deliver(req, &c.to, part)?,
+                None => return Err(io::Error::from_raw_os_error(libc::EIO)),
             }
         }
         Ok(())
@@ -1033,6 +1070,25 @@ impl Qcow2Ring {
             };
             self.start(tag, op);
         }
+    }
+}
+
+/// Copies inflated bytes `part` where they go in request `req`.
+fn deliver(req: &mut Req, to: &Dest, part: &[u8]) -> io::Result<()> {
+    match *to {
+        Dest::Guest(pos) => {
+            if let Some(b) = &req.bufs {
+                copy_to_range(b.iov(), pos, part);
+            }
+            Ok(())
+        }
+        Dest::Buffer(b, at) => match req.buffers.get_mut(b).and_then(|b| b.get_mut(at..)) {
+            Some(out) if out.len() >= part.len() => {
+                out[..part.len()].copy_from_slice(part);
+                Ok(())
+            }
+            _ => Err(io::Error::from_raw_os_error(libc::EIO)),
+        },
     }
 }
 
@@ -1545,6 +1601,33 @@ mod tests {
             oracle(&path, dir.path()) == want,
             "the writes are in the image"
         );
+    }
+
+    /// A guest reading a compressed image in order, 4 KiB at a time (one request after the
+    /// other, as a boot does): each cluster is read and inflated once, the rest of its reads
+    /// are served from the inflated copy, and all read what the oracle reads.
+    #[test]
+    fn reads_in_order_inflate_each_compressed_cluster_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("src.raw");
+        std::fs::write(&raw, pattern(0x42, 1 << 20)).unwrap();
+        let path = dir.path().join("packed.qcow2");
+        let (r, p) = (raw.to_str().unwrap(), path.to_str().unwrap());
+        qemu_img(&["convert", "-c", "-f", "raw", "-O", "qcow2", r, p]);
+        let want = std::fs::read(&raw).unwrap();
+        let img = open(&path, false);
+        let mut e = engine(&img);
+        let mem = memory(1 << 20);
+        for k in 0..256u64 {
+            let op = EngineOp::Read {
+                offset: k * 4096,
+                bufs: buffers(&mem, &[(k * 4096, 4096)]),
+            };
+            assert!(run(&mut e, vec![op])[0].is_ok());
+        }
+        assert!(get(&mem, 0, 1 << 20) == want, "reads differ");
+        assert_eq!((e.inflations, e.inflated_hits), (16, 240));
+        assert_eq!(e.synchronous, 0);
     }
 
     /// A compressed cluster whose stored bytes are garbage fails its read (an I/O error for
