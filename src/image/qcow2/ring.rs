@@ -178,7 +178,8 @@ pub(super) struct Qcow2Ring {
     /// The file guest data lives in, as the ring reads and writes it (O_DIRECT with
     /// `--direct`).
     data: Arc<HostFile>,
-    /// The data files of the backing chain, by layer (plan.rs, `Source::Backing`).
+    /// The data files of the backing chain, by layer (plan.rs, `Source::Backing`); opened
+    /// with O_DIRECT under `--direct` where the layer allows it (`direct_layer`).
     backing: Vec<Arc<HostFile>>,
     /// The image file, as L2 tables are read from it.
     meta: Arc<HostFile>,
@@ -243,18 +244,26 @@ impl Qcow2Ring {
             kind: s.hdr.compression,
             cluster_size: s.cluster_size() as usize,
         };
+        // With O_DIRECT, the backing chain's data is read with it too (as QEMU's cache=none
+        // does for the whole chain), where the layer allows it.
+        let layer_file = |f: &HostFile, raw_size: Option<u64>| -> io::Result<Arc<HostFile>> {
+            match direct.and_then(|_| direct_layer(f, raw_size)) {
+                Some(d) => Ok(Arc::new(d)),
+                None => Ok(Arc::new(f.try_clone()?)),
+            }
+        };
         let mut packed = vec![Some(packed_of(&shared, meta.clone()))];
         let mut backing = Vec::new();
         let mut layer = &shared.backing;
         while let Some(b) = layer {
             match b {
-                Backing::Raw { file, .. } => {
-                    backing.push(Arc::new(file.try_clone()?));
+                Backing::Raw { file, size } => {
+                    backing.push(layer_file(file, Some(*size))?);
                     packed.push(None);
                     break;
                 }
                 Backing::Qcow2(s) => {
-                    backing.push(Arc::new(s.data_io().try_clone()?));
+                    backing.push(layer_file(s.data_io(), None)?);
                     packed.push(Some(packed_of(s, Arc::new(s.file.try_clone()?))));
                     layer = &s.backing;
                 }
@@ -640,6 +649,14 @@ impl Qcow2Ring {
                     }
                 }
             }
+        }
+        // Give each new cluster its blocks first, on the worker (one cheap call each): a
+        // write in the ring past the end of the file, or into a hole, takes the inode's lock
+        // exclusively in ext4 and goes to the ring's worker threads, where such writes queue
+        // behind each other. Into allocated blocks it runs beside the others. Best effort:
+        // without fallocate the writes still land (the range reads as zeros either way).
+        for (a, _) in &allocs {
+            let _ = self.data.fallocate(0, a.host, cs);
         }
         let allocs = allocs.into_iter().map(|(a, _)| a).collect();
         let dir = Dir::Write { durable: false };
@@ -1071,6 +1088,26 @@ impl Qcow2Ring {
             self.start(tag, op);
         }
     }
+}
+
+/// A backing layer's data file opened again with O_DIRECT, for the ring's reads. `None`
+/// (read it buffered) where the file system refuses O_DIRECT or a read could be unaligned:
+/// offsets that need more than 512-byte alignment (guest extents are 512-byte multiples), or
+/// a raw file (`raw_size`) that ends off a 512-byte boundary (its last read would).
+/// Compressed clusters, at any byte offset, are read buffered.
+fn direct_layer(file: &HostFile, raw_size: Option<u64>) -> Option<HostFile> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(format!("/proc/self/fd/{}", file.fd()))
+        .ok()?;
+    let block_device = f.metadata().ok()?.file_type().is_block_device();
+    let (_, offset_align) = crate::image::storage::direct_alignment(&f, block_device);
+    if offset_align > 512 || raw_size.is_some_and(|s| s % 512 != 0) {
+        return None;
+    }
+    Some(HostFile::new(f, None, "backing"))
 }
 
 /// Copies inflated bytes `part` where they go in request `req`.
@@ -1512,6 +1549,16 @@ mod tests {
                     bufs: buffers(&mem, &[(addr, len)]),
                     durable: false,
                 });
+            }
+            // Under --direct the chain's data files are read with O_DIRECT too.
+            for f in &e.backing {
+                // SAFETY: F_GETFL on an open descriptor reads its flags.
+                let flags = unsafe { libc::fcntl(f.fd(), libc::F_GETFL) };
+                assert_eq!(
+                    flags & libc::O_DIRECT != 0,
+                    direct,
+                    "backing layer O_DIRECT"
+                );
             }
             let r = run(&mut e, ops);
             assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
