@@ -276,24 +276,16 @@ impl Qcow2Shared {
         Ok(Plan::Ready(()))
     }
 
-    /// The plan of a copy-on-write's reads: the backing file's bytes of the guest cluster at
-    /// `cluster_guest` outside `[in_off, in_off + len)` (the request's part), at their offsets
-    /// in the cluster. Zero extents are left out: the cluster buffer starts as zeros.
-    pub(super) fn plan_copy(
-        &self,
-        cluster_guest: u64,
-        in_off: u64,
-        len: u64,
-    ) -> stdio::Result<Plan<Vec<Extent>>> {
-        let cs = self.cluster_size();
+    /// The plan of a copy-on-write's reads: the backing file's bytes of the whole guest
+    /// cluster at `cluster_guest`, at their offsets in the cluster. The request's bytes are
+    /// copied over them once they are in: one read of the cluster, where reading only around
+    /// the request would take two. Zero extents are left out: the cluster buffer starts as
+    /// zeros.
+    pub(super) fn plan_copy(&self, cluster_guest: u64) -> stdio::Result<Plan<Vec<Extent>>> {
         let mut plan = Vec::new();
-        for (a, b) in [(0, in_off), (in_off + len, cs)] {
-            if b > a {
-                let p = self.plan_backing(&mut plan, cluster_guest + a, b - a, a, 0)?;
-                if let Some(p) = p.unready() {
-                    return Ok(p);
-                }
-            }
+        let p = self.plan_backing(&mut plan, cluster_guest, self.cluster_size(), 0, 0)?;
+        if let Some(p) = p.unready() {
+            return Ok(p);
         }
         plan.retain(|e| e.src != Source::Zero);
         Ok(Plan::Ready(plan))

@@ -127,6 +127,9 @@ struct Req {
     /// Where `buffers` go once the backing bytes of copies-on-write are read into them (the
     /// extents in the ring are those reads until then).
     then_write: Vec<u64>,
+    /// Request bytes copied over the backing bytes in `buffers` before they are written:
+    /// (buffer, request offset, offset in the buffer, length).
+    then_copy: Vec<(usize, u64, usize, usize)>,
     /// Compressed clusters being read, inflated when every extent has ended.
     inflate: Vec<Inflate>,
 }
@@ -158,6 +161,17 @@ struct Packed {
     file: Arc<HostFile>,
     kind: Compression,
     cluster_size: usize,
+}
+
+/// The whole-cluster buffers of a write (copies-on-write, allocations into clusters that may
+/// hold old data): written at their host offsets once the backing reads `fills` (buffer
+/// index, extents at offsets in that buffer) have filled them in and the request's bytes
+/// `recopy` (buffer, request offset, offset in the buffer, length) are copied over those.
+#[derive(Default)]
+struct Cow {
+    buffers: Vec<(Vec<u8>, u64)>,
+    fills: Vec<(usize, Vec<Extent>)>,
+    recopy: Vec<(usize, u64, usize, usize)>,
 }
 
 /// An L2 table the engine is reading into the cache slot it claimed.
@@ -345,6 +359,7 @@ impl Qcow2Ring {
             allocs: Vec::new(),
             buffers: Vec::new(),
             then_write: Vec::new(),
+            then_copy: Vec::new(),
             inflate: Vec::new(),
         });
         self.ring_flushes += 1;
@@ -443,6 +458,7 @@ impl Qcow2Ring {
             allocs: Vec::new(),
             buffers: vec![vec![0u8; self.shared.cluster_size() as usize]],
             then_write: Vec::new(),
+            then_copy: Vec::new(),
             inflate: Vec::new(),
         });
         let Some(buf) = self.reqs.get_mut(r).and_then(|q| q.buffers.first_mut()) else {
@@ -511,16 +527,7 @@ impl Qcow2Ring {
         match self.shared.plan_read(offset, bufs.len()) {
             Ok(Plan::Ready(plan)) => {
                 let xs = plan.iter().map(|e| (e.pos, e.len, e.src)).collect();
-                self.launch(
-                    tag,
-                    bufs,
-                    epoch,
-                    xs,
-                    Vec::new(),
-                    Vec::new(),
-                    Vec::new(),
-                    Dir::Read,
-                )
+                self.launch(tag, bufs, epoch, xs, Cow::default(), Vec::new(), Dir::Read)
             }
             Ok(Plan::Busy) => {
                 self.epochs.end(epoch);
@@ -574,14 +581,13 @@ impl Qcow2Ring {
         for x in &plan {
             if let WriteExtent::Allocate {
                 pos,
-                len,
                 in_off,
                 from_backing: true,
                 ..
             } = *x
             {
                 let cluster_guest = offset + pos - in_off;
-                match self.shared.plan_copy(cluster_guest, in_off, len) {
+                match self.shared.plan_copy(cluster_guest) {
                     Ok(Plan::Ready(reads)) => copies.push(reads),
                     // A compressed cluster in a backing image (or anything else the plan
                     // does not express).
@@ -615,6 +621,7 @@ impl Qcow2Ring {
         let cs = self.shared.cluster_size();
         let mut buffers = Vec::new();
         let mut fills = Vec::new();
+        let mut recopy = Vec::new();
         let mut copies = copies.into_iter();
         let mut xs = Vec::with_capacity(plan.len());
         let mut k = 0;
@@ -631,11 +638,17 @@ impl Qcow2Ring {
                     let (host, fresh) = allocs[k].1;
                     k += 1;
                     if from_backing {
-                        // Copy-on-write: the request's bytes, and the backing file's around
-                        // them once they are read; written whole.
+                        // Copy-on-write: the backing file's bytes of the cluster, the
+                        // request's copied over them once they are read (and now, in case
+                        // there is nothing to read); written whole.
                         let mut b = vec![0u8; cs as usize];
-                        copy_in(&bufs, pos, &mut b[in_off as usize..(in_off + len) as usize]);
-                        fills.push((buffers.len(), copies.next().unwrap_or_default()));
+                        let (at, n) = (in_off as usize, len as usize);
+                        copy_in(&bufs, pos, &mut b[at..at + n]);
+                        let reads = copies.next().unwrap_or_default();
+                        if !reads.is_empty() {
+                            recopy.push((buffers.len(), pos, at, n));
+                        }
+                        fills.push((buffers.len(), reads));
                         buffers.push((b, host));
                     } else if fresh {
                         // Past the end of the file at open: the rest of the cluster reads as
@@ -660,7 +673,12 @@ impl Qcow2Ring {
         }
         let allocs = allocs.into_iter().map(|(a, _)| a).collect();
         let dir = Dir::Write { durable: false };
-        self.launch(tag, bufs, epoch, xs, buffers, fills, allocs, dir);
+        let cow = Cow {
+            buffers,
+            fills,
+            recopy,
+        };
+        self.launch(tag, bufs, epoch, xs, cow, allocs, dir);
     }
 
     /// Reserves the entries of `plan`'s allocations and gives each a host cluster (with
@@ -773,10 +791,8 @@ impl Qcow2Ring {
         }
     }
 
-    /// Starts request `tag`: extents `(pos, len, source)` of `bufs`, and whole-cluster
-    /// `buffers` written at their host offsets, once the backing reads `fills` (buffer index,
-    /// extents at offsets in that buffer) have filled them in; `allocs` are published when all
-    /// are done.
+    /// Starts request `tag`: extents `(pos, len, source)` of `bufs`, and the whole-cluster
+    /// buffers of `cow`; `allocs` are published when all are done.
     #[allow(clippy::too_many_arguments)]
     fn launch(
         &mut self,
@@ -784,11 +800,15 @@ impl Qcow2Ring {
         bufs: GuestBuffers,
         epoch: u64,
         xs: Vec<(u64, u64, Source)>,
-        buffers: Vec<(Vec<u8>, u64)>,
-        fills: Vec<(usize, Vec<Extent>)>,
+        cow: Cow,
         allocs: Vec<Alloc>,
         dir: Dir,
     ) {
+        let Cow {
+            buffers,
+            fills,
+            recopy,
+        } = cow;
         self.planned += 1;
         let iov = bufs.iov().to_vec();
         let moved = xs.iter().filter(|x| x.2 != Source::Zero).count();
@@ -811,6 +831,7 @@ impl Qcow2Ring {
             allocs,
             buffers: bufs_owned,
             then_write,
+            then_copy: recopy,
             inflate: Vec::new(),
         });
         for (pos, len, src) in xs {
@@ -1025,7 +1046,15 @@ impl Qcow2Ring {
             return;
         };
         if req.result.is_ok() && !req.then_write.is_empty() {
-            // The copies-on-write's backing bytes are in: write the clusters.
+            // The copies-on-write's backing bytes are in: the request's go over them, then
+            // the clusters are written.
+            for (b, pos, at, n) in std::mem::take(&mut req.then_copy) {
+                if let (Some(guest), Some(out)) = (&req.bufs, req.buffers.get_mut(b)) {
+                    if let Some(out) = out.get_mut(at..at + n) {
+                        copy_in(guest, pos, out);
+                    }
+                }
+            }
             let hosts = std::mem::take(&mut req.then_write);
             req.left = hosts.len();
             return self.write_buffers(r, hosts);
