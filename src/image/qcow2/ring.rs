@@ -260,8 +260,8 @@ impl Qcow2Ring {
         };
         // With O_DIRECT, the backing chain's data is read with it too (as QEMU's cache=none
         // does for the whole chain), where the layer allows it.
-        let layer_file = |f: &HostFile, raw_size: Option<u64>| -> io::Result<Arc<HostFile>> {
-            match direct.and_then(|_| direct_layer(f, raw_size)) {
+        let layer_file = |f: &HostFile, size: Option<u64>| -> io::Result<Arc<HostFile>> {
+            match direct.and_then(|_| direct_layer(f, size)) {
                 Some(d) => Ok(Arc::new(d)),
                 None => Ok(Arc::new(f.try_clone()?)),
             }
@@ -277,7 +277,8 @@ impl Qcow2Ring {
                     break;
                 }
                 Backing::Qcow2(s) => {
-                    backing.push(layer_file(s.data_io(), None)?);
+                    // Reads end at its virtual size, which may be off a 512-byte boundary.
+                    backing.push(layer_file(s.data_io(), Some(b.size()))?);
                     packed.push(Some(packed_of(s, Arc::new(s.file.try_clone()?))));
                     layer = &s.backing;
                 }
@@ -511,9 +512,11 @@ impl Qcow2Ring {
         self.done.push((tag, r));
     }
 
-    /// Waits for the ring until this engine holds no reserved entry.
+    /// Waits for the ring until this engine holds no reserved entry and loads no table.
     fn drain(&mut self) {
-        while self.reserved > 0 {
+        // Its table loads too: the synchronous path would wait for a table this engine is
+        // loading (the loading marker in its slot), and only this worker reaps the load.
+        while self.reserved > 0 || self.loads > 0 {
             if let Err(e) = self.io.wait() {
                 log::warn!("waiting for the ring: {e}");
                 std::thread::yield_now();
@@ -589,8 +592,7 @@ impl Qcow2Ring {
                 let cluster_guest = offset + pos - in_off;
                 match self.shared.plan_copy(cluster_guest) {
                     Ok(Plan::Ready(reads)) => copies.push(reads),
-                    // A compressed cluster in a backing image (or anything else the plan
-                    // does not express).
+                    // An entry the plan does not understand: the synchronous path reports it.
                     Ok(_) => {
                         self.epochs.end(epoch);
                         return self.run_sync(tag, op(bufs));
@@ -971,15 +973,16 @@ impl Qcow2Ring {
                     let Some(Some(p)) = self.packed.get(c.depth) else {
                         return Err(io::Error::from_raw_os_error(libc::EIO));
                     };
-                    let kept: usize = self.inflated.iter().map(|(_, b)| b.len()).sum();
-                    let mut out = if kept + p.cluster_size > INFLATED_BYTES {
-                        self.inflated
-                            .pop_front()
-                            .map(|(_, b)| b)
-                            .unwrap_or_default()
-                    } else {
-                        Vec::new()
-                    };
+                    // Room for it: the oldest go (chain members may differ in cluster size).
+                    let mut kept: usize = self.inflated.iter().map(|(_, b)| b.len()).sum();
+                    let mut out = Vec::new();
+                    while kept + p.cluster_size > INFLATED_BYTES {
+                        let Some((_, b)) = self.inflated.pop_front() else {
+                            break;
+                        };
+                        kept -= b.len();
+                        out = b;
+                    }
                     out.resize(p.cluster_size, 0);
                     compress::decompress(p.kind, &c.input, &mut out)?;
                     self.inflations += 1;
@@ -1122,9 +1125,10 @@ impl Qcow2Ring {
 /// A backing layer's data file opened again with O_DIRECT, for the ring's reads. `None`
 /// (read it buffered) where the file system refuses O_DIRECT or a read could be unaligned:
 /// offsets that need more than 512-byte alignment (guest extents are 512-byte multiples), or
-/// a raw file (`raw_size`) that ends off a 512-byte boundary (its last read would).
+/// a layer whose size (`size`: a raw file's, a qcow2 image's virtual size) ends off a 512-byte
+/// boundary (its last read would).
 /// Compressed clusters, at any byte offset, are read buffered.
-fn direct_layer(file: &HostFile, raw_size: Option<u64>) -> Option<HostFile> {
+fn direct_layer(file: &HostFile, size: Option<u64>) -> Option<HostFile> {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -1133,7 +1137,7 @@ fn direct_layer(file: &HostFile, raw_size: Option<u64>) -> Option<HostFile> {
         .ok()?;
     let block_device = f.metadata().ok()?.file_type().is_block_device();
     let (_, offset_align) = crate::image::storage::direct_alignment(&f, block_device);
-    if offset_align > 512 || raw_size.is_some_and(|s| s % 512 != 0) {
+    if offset_align > 512 || size.is_some_and(|s| s % 512 != 0) {
         return None;
     }
     Some(HostFile::new(f, None, "backing"))
@@ -1757,6 +1761,43 @@ mod tests {
             }
         }
         assert_eq!(e.synchronous, 0);
+    }
+
+    /// A discard (synchronous path) behind a read whose L2 table this engine is loading in
+    /// the ring: the discard waits for the load instead of waiting forever on the table's
+    /// loading marker, which only this worker could clear.
+    #[test]
+    fn a_discard_behind_a_table_load_waits_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img.qcow2");
+        qemu_img_create(&path, "cluster_size=65536", "8G");
+        let at = 512 * MIB + 65536;
+        qemu_io(&path, "qcow2", &[&format!("write -P 7 {at} 64k")]);
+        let img = Arc::new(open(&path, false));
+        img.set_cache_bytes(4 * 65536);
+        drop_from_page_cache(&path);
+        let mut e = engine(&img);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mem = memory(MIB as usize);
+            let read = EngineOp::Read {
+                offset: at,
+                bufs: buffers(&mem, &[(0, 4096)]),
+            };
+            let discard = EngineOp::Discard {
+                segs: vec![(at, 65536)],
+                durable: false,
+            };
+            let r = run(&mut e, vec![read, discard]);
+            let ok = r.iter().all(|r| r.is_ok());
+            tx.send((ok, e.ring_loads)).unwrap();
+        });
+        let got = rx.recv_timeout(std::time::Duration::from_secs(30));
+        let Ok((ok, ring_loads)) = got else {
+            panic!("the queue hung: {got:?}");
+        };
+        assert!(ok, "both requests succeed");
+        assert!(ring_loads >= 1, "the table was loaded in the ring");
     }
 
     #[test]
